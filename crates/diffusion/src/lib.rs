@@ -1,0 +1,450 @@
+//! `diffusion`: the mathematics of denoising diffusion, and nothing of the network.
+//!
+//! This crate owns the noise schedules ([`Schedule`]), the forward process q(x_t | x_0), the
+//! training loss, the DDPM reverse step with both posterior variances, DDIM steps, and the
+//! reverse-process loops. The network is anything that implements [`NoisePredictor`], so the
+//! crate never depends on the UNet.
+//!
+//! Conventions follow the PyTorch reference: timesteps are 0-based indices `0..T`, tensors are
+//! NCHW f32 in [-1, 1], and coefficients are f32 computed in the reference's operation order.
+
+pub mod rng;
+pub mod schedule;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use rng::{NoiseRng, RngState};
+pub use schedule::{BetaSchedule, Schedule, ScheduleConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiffusionError {
+    #[error("diffusion config: {0}")]
+    Config(String),
+    #[error("timestep {t} is out of range 0..{num_steps}")]
+    Timestep { t: usize, num_steps: usize },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, DiffusionError>;
+
+/// A network that predicts the noise in `x_t`: `eps = f(x_t, t)`, with `t` a u32 tensor of
+/// shape `[B]` (one 0-based step per sample).
+pub trait NoisePredictor {
+    fn predict_noise(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl<F> NoisePredictor for F
+where
+    F: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+{
+    fn predict_noise(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        self(x_t, t)
+    }
+}
+
+/// The reverse-process variance sigma_t^2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variance {
+    /// sigma^2 = beta_t (the reference's `posterior_choice = 0`).
+    Beta,
+    /// sigma^2 = beta-tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) (`posterior_choice = 1`).
+    BetaTilde,
+}
+
+impl Variance {
+    /// The reference's file suffix: `sample_0.png` is beta, `sample_1.png` is beta-tilde.
+    pub fn index(self) -> usize {
+        match self {
+            Variance::Beta => 0,
+            Variance::BetaTilde => 1,
+        }
+    }
+}
+
+/// Whether the last reverse step (t = 0) adds noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FinalStepNoise {
+    /// The DDPM paper (Algorithm 2): x_0 is the mean, no noise at t = 0.
+    #[default]
+    Paper,
+    /// The reference adds sigma_0 z at t = 0 too (0.01 z for sigma^2 = beta).
+    Reference,
+}
+
+/// The scalar coefficients of one DDPM reverse step:
+/// `x_{t-1} = mean_scale * (x_t - eps_scale * eps) + sigma * z`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DdpmCoefficients {
+    pub mean_scale: f32,
+    pub eps_scale: f32,
+    pub sigma: f32,
+}
+
+/// The scalar coefficients of one DDIM step from `t` to `t_prev`:
+/// `x_prev = x0_scale * (x_t - x0_eps_scale * eps) + dir_scale * eps + sigma * z`
+/// where the first term is `sqrt(abar_prev) * x0_pred`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DdimCoefficients {
+    /// sqrt(abar_prev) / sqrt(abar_t)
+    pub x0_scale: f32,
+    /// sqrt(1 - abar_t)
+    pub x0_eps_scale: f32,
+    /// sqrt(1 - abar_prev - sigma^2)
+    pub dir_scale: f32,
+    pub sigma: f32,
+}
+
+impl DdimCoefficients {
+    /// The same step written as DDPM's `mean_scale * (x_t - eps_scale * eps)`: lets tests compare
+    /// DDIM (eta = 1, every step) with DDPM (beta-tilde) coefficient for coefficient.
+    pub fn as_ddpm(&self) -> DdpmCoefficients {
+        let mean_scale = self.x0_scale as f64;
+        // x_prev = m x_t - (m * c + d) eps  with m = x0_scale, c = x0_eps_scale, d = dir_scale
+        let eps_total = self.x0_scale as f64 * self.x0_eps_scale as f64 - self.dir_scale as f64;
+        DdpmCoefficients { mean_scale: mean_scale as f32, eps_scale: (eps_total / mean_scale) as f32, sigma: self.sigma }
+    }
+}
+
+fn per_sample(values: Vec<f32>, device: &Device) -> candle_core::Result<Tensor> {
+    let n = values.len();
+    Tensor::from_vec(values, (n, 1, 1, 1), device)
+}
+
+impl Schedule {
+    /// Forward process: `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise`, one `t` per sample.
+    pub fn q_sample(&self, x0: &Tensor, t: &[u32], noise: &Tensor) -> Result<Tensor> {
+        let b = x0.dim(0)?;
+        if t.len() != b {
+            return Err(DiffusionError::Config(format!("q_sample: {} timesteps for a batch of {b}", t.len())));
+        }
+        for &ti in t {
+            self.check_t(ti as usize)?;
+        }
+        let a = per_sample(t.iter().map(|&i| self.alphas_cumprod_sqrt[i as usize]).collect(), x0.device())?;
+        let s = per_sample(t.iter().map(|&i| self.one_minus_alphas_cumprod_sqrt[i as usize]).collect(), x0.device())?;
+        let a = a.to_dtype(x0.dtype())?;
+        let s = s.to_dtype(x0.dtype())?;
+        Ok(x0.broadcast_mul(&a)?.add(&noise.broadcast_mul(&s)?)?)
+    }
+
+    /// Forward process with the same `t` for the whole batch.
+    pub fn q_sample_at(&self, x0: &Tensor, t: usize, noise: &Tensor) -> Result<Tensor> {
+        self.check_t(t)?;
+        let a = self.alphas_cumprod_sqrt[t] as f64;
+        let s = self.one_minus_alphas_cumprod_sqrt[t] as f64;
+        Ok(x0.affine(a, 0.0)?.add(&noise.affine(s, 0.0)?)?)
+    }
+
+    /// The training objective: MSE between `noise` and the network's prediction from `x_t`.
+    pub fn loss(&self, model: &dyn NoisePredictor, x0: &Tensor, t: &[u32], noise: &Tensor) -> Result<Tensor> {
+        let x_t = self.q_sample(x0, t, noise)?;
+        let t_tensor = Tensor::from_slice(t, t.len(), x0.device())?;
+        let eps = model.predict_noise(&x_t, &t_tensor)?;
+        Ok(mse(&eps, noise)?)
+    }
+
+    pub fn ddpm_coefficients(&self, t: usize, variance: Variance, final_noise: FinalStepNoise) -> Result<DdpmCoefficients> {
+        self.check_t(t)?;
+        let eps_scale = (1.0 - self.alphas[t]) / self.one_minus_alphas_cumprod_sqrt[t];
+        let mean_scale = 1.0 / self.alphas_sqrt[t];
+        let sigma = if t == 0 && final_noise == FinalStepNoise::Paper {
+            0.0
+        } else {
+            match variance {
+                Variance::Beta => self.betas[t].sqrt(),
+                Variance::BetaTilde => self.posterior_variance[t].sqrt(),
+            }
+        };
+        Ok(DdpmCoefficients { mean_scale, eps_scale, sigma })
+    }
+
+    /// One DDPM reverse step from `x_t` given the predicted noise; `z` is the fresh Gaussian noise
+    /// (ignored when sigma is 0).
+    pub fn ddpm_step(
+        &self,
+        eps: &Tensor,
+        x_t: &Tensor,
+        t: usize,
+        z: Option<&Tensor>,
+        variance: Variance,
+        final_noise: FinalStepNoise,
+    ) -> Result<Tensor> {
+        let c = self.ddpm_coefficients(t, variance, final_noise)?;
+        // Same operation order as the reference: (1/sqrt(a)) * (x_t - coef * eps) + sigma * z.
+        let mean = x_t.sub(&eps.affine(c.eps_scale as f64, 0.0)?)?.affine(c.mean_scale as f64, 0.0)?;
+        match z {
+            Some(z) if c.sigma != 0.0 || final_noise == FinalStepNoise::Reference => {
+                Ok(mean.add(&z.affine(c.sigma as f64, 0.0)?)?)
+            }
+            _ => Ok(mean),
+        }
+    }
+
+    /// Coefficients of a DDIM step from `t` to `t_prev` (`None` = to x_0).
+    pub fn ddim_coefficients(&self, t: usize, t_prev: Option<usize>, eta: f64) -> Result<DdimCoefficients> {
+        self.check_t(t)?;
+        if let Some(p) = t_prev {
+            if p >= t {
+                return Err(DiffusionError::Config(format!("DDIM step must go down in t: {t} -> {p}")));
+            }
+        }
+        if !(0.0..=1.0).contains(&eta) {
+            return Err(DiffusionError::Config(format!("DDIM eta must be in [0, 1], got {eta}")));
+        }
+        let a_t = self.alphas_cumprod[t] as f64;
+        let a_prev = t_prev.map(|p| self.alphas_cumprod[p] as f64).unwrap_or(1.0);
+        let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).max(0.0).sqrt();
+        let dir = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
+        Ok(DdimCoefficients {
+            x0_scale: (a_prev.sqrt() / a_t.sqrt()) as f32,
+            x0_eps_scale: (1.0 - a_t).sqrt() as f32,
+            dir_scale: dir as f32,
+            sigma: sigma as f32,
+        })
+    }
+
+    /// One DDIM step (Song et al. 2021, eq. 12); `z` is used when eta > 0.
+    pub fn ddim_step(&self, eps: &Tensor, x_t: &Tensor, t: usize, t_prev: Option<usize>, eta: f64, z: Option<&Tensor>) -> Result<Tensor> {
+        let c = self.ddim_coefficients(t, t_prev, eta)?;
+        let x0_part = x_t.sub(&eps.affine(c.x0_eps_scale as f64, 0.0)?)?.affine(c.x0_scale as f64, 0.0)?;
+        let mut out = x0_part.add(&eps.affine(c.dir_scale as f64, 0.0)?)?;
+        if c.sigma > 0.0 {
+            if let Some(z) = z {
+                out = out.add(&z.affine(c.sigma as f64, 0.0)?)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The prediction of x_0 from `x_t` and the predicted noise.
+    pub fn predict_x0(&self, eps: &Tensor, x_t: &Tensor, t: usize) -> Result<Tensor> {
+        self.check_t(t)?;
+        let a = self.alphas_cumprod_sqrt[t] as f64;
+        let s = self.one_minus_alphas_cumprod_sqrt[t] as f64;
+        Ok(x_t.sub(&eps.affine(s, 0.0)?)?.affine(1.0 / a, 0.0)?)
+    }
+}
+
+/// Mean squared error over all elements, as `F.mse_loss`.
+pub fn mse(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    a.sub(b)?.sqr()?.mean_all()
+}
+
+/// `steps` timesteps for DDIM, evenly spaced from T-1 down to 0 (both ends included when
+/// `steps >= 2`), descending and without repeats.
+pub fn ddim_timesteps(num_steps: usize, steps: usize) -> Result<Vec<usize>> {
+    if steps == 0 || steps > num_steps {
+        return Err(DiffusionError::Config(format!("DDIM steps must be in 1..={num_steps}, got {steps}")));
+    }
+    if steps == 1 {
+        return Ok(vec![num_steps - 1]);
+    }
+    let mut ts: Vec<usize> = (0..steps)
+        .map(|i| ((i as f64) * (num_steps - 1) as f64 / (steps - 1) as f64).round() as usize)
+        .collect();
+    ts.dedup();
+    ts.reverse();
+    Ok(ts)
+}
+
+/// How the reverse process runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SamplerKind {
+    Ddpm { variance: Variance, #[serde(default)] final_noise: FinalStepNoise },
+    Ddim { steps: usize, eta: f64 },
+}
+
+/// Runs the reverse process from `x_start` at step `t_start` down to x_0.
+///
+/// `on_step(i, n, t, &x)` is called after each step with the new x (the state at `t`'s
+/// predecessor; `t` is the step just taken). The noise for step k comes from `rng`, so a seed
+/// fixes the whole trajectory.
+#[allow(clippy::too_many_arguments)]
+pub fn reverse_process(
+    schedule: &Schedule,
+    model: &dyn NoisePredictor,
+    x_start: &Tensor,
+    t_start: usize,
+    kind: &SamplerKind,
+    rng: &mut NoiseRng,
+    mut on_step: impl FnMut(usize, usize, usize, &Tensor),
+) -> Result<Tensor> {
+    schedule.check_t(t_start)?;
+    let b = x_start.dim(0)?;
+    let device = x_start.device().clone();
+    let shape = x_start.shape().clone();
+    let mut x = x_start.clone();
+    match kind {
+        SamplerKind::Ddpm { variance, final_noise } => {
+            let n = t_start + 1;
+            for (i, t) in (0..=t_start).rev().enumerate() {
+                let tt = Tensor::full(t as u32, b, &device)?;
+                let eps = model.predict_noise(&x, &tt)?;
+                let needs_noise = t > 0 || *final_noise == FinalStepNoise::Reference;
+                let z = if needs_noise { Some(rng.randn(shape.clone(), &device)?.to_dtype(x.dtype())?) } else { None };
+                x = schedule.ddpm_step(&eps, &x, t, z.as_ref(), *variance, *final_noise)?;
+                on_step(i, n, t, &x);
+            }
+        }
+        SamplerKind::Ddim { steps, eta } => {
+            let ts: Vec<usize> = ddim_timesteps(schedule.num_steps(), *steps)?
+                .into_iter()
+                .filter(|&t| t <= t_start)
+                .collect();
+            let mut ts = ts;
+            if ts.first() != Some(&t_start) {
+                ts.insert(0, t_start);
+            }
+            let n = ts.len();
+            for i in 0..n {
+                let t = ts[i];
+                let t_prev = ts.get(i + 1).copied();
+                let tt = Tensor::full(t as u32, b, &device)?;
+                let eps = model.predict_noise(&x, &tt)?;
+                let z = if *eta > 0.0 && t_prev.is_some() { Some(rng.randn(shape.clone(), &device)?.to_dtype(x.dtype())?) } else { None };
+                x = schedule.ddim_step(&eps, &x, t, t_prev, *eta, z.as_ref())?;
+                on_step(i, n, t, &x);
+            }
+        }
+    }
+    Ok(x)
+}
+
+/// Number of network evaluations `kind` needs to go from `t_start` to x_0.
+pub fn num_evaluations(schedule: &Schedule, kind: &SamplerKind, t_start: usize) -> Result<usize> {
+    Ok(match kind {
+        SamplerKind::Ddpm { .. } => t_start + 1,
+        SamplerKind::Ddim { steps, .. } => {
+            let ts = ddim_timesteps(schedule.num_steps(), *steps)?;
+            let k = ts.iter().filter(|&&t| t <= t_start).count();
+            if ts.contains(&t_start) { k } else { k + 1 }
+        }
+    })
+}
+
+/// Spherical interpolation between two noises (for latent walks); `w` in [0, 1].
+pub fn slerp(a: &Tensor, b: &Tensor, w: f64) -> Result<Tensor> {
+    let af = a.flatten_all()?.to_dtype(DType::F64)?;
+    let bf = b.flatten_all()?.to_dtype(DType::F64)?;
+    let dot = af.mul(&bf)?.sum_all()?.to_scalar::<f64>()?;
+    let na = af.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let nb = bf.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let cos = (dot / (na * nb)).clamp(-1.0, 1.0);
+    let theta = cos.acos();
+    let out = if theta.abs() < 1e-6 {
+        a.affine(1.0 - w, 0.0)?.add(&b.affine(w, 0.0)?)?
+    } else {
+        let s = theta.sin();
+        a.affine(((1.0 - w) * theta).sin() / s, 0.0)?.add(&b.affine((w * theta).sin() / s, 0.0)?)?
+    };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ddim_timesteps_cover_the_range() {
+        assert_eq!(ddim_timesteps(1000, 1000).unwrap(), (0..1000).rev().collect::<Vec<_>>());
+        let ts = ddim_timesteps(1000, 10).unwrap();
+        assert_eq!(ts.len(), 10);
+        assert_eq!(ts[0], 999);
+        assert_eq!(*ts.last().unwrap(), 0);
+        assert!(ts.windows(2).all(|w| w[0] > w[1]));
+        assert!(ddim_timesteps(1000, 0).is_err());
+        assert!(ddim_timesteps(1000, 1001).is_err());
+    }
+
+    #[test]
+    fn ddim_eta_one_all_steps_is_ddpm_beta_tilde() {
+        let s = Schedule::reference();
+        for t in [1usize, 2, 10, 500, 998, 999] {
+            let ddim = s.ddim_coefficients(t, Some(t - 1), 1.0).unwrap().as_ddpm();
+            let ddpm = s.ddpm_coefficients(t, Variance::BetaTilde, FinalStepNoise::Paper).unwrap();
+            let rel = |a: f32, b: f32| ((a - b) / b).abs();
+            assert!(rel(ddim.mean_scale, ddpm.mean_scale) < 1e-5, "t={t} mean {ddim:?} vs {ddpm:?}");
+            assert!(rel(ddim.eps_scale, ddpm.eps_scale) < 1e-4, "t={t} eps {ddim:?} vs {ddpm:?}");
+            assert!(rel(ddim.sigma, ddpm.sigma) < 1e-4, "t={t} sigma {ddim:?} vs {ddpm:?}");
+        }
+        // Last step: both deterministic (paper convention).
+        let last = s.ddim_coefficients(0, None, 1.0).unwrap();
+        assert_eq!(last.sigma, 0.0);
+    }
+
+    #[test]
+    fn ddim_eta_zero_is_deterministic() {
+        let s = Schedule::reference();
+        let c = s.ddim_coefficients(500, Some(400), 0.0).unwrap();
+        assert_eq!(c.sigma, 0.0);
+        assert!(s.ddim_coefficients(500, Some(600), 0.0).is_err());
+        assert!(s.ddim_coefficients(500, Some(400), 1.5).is_err());
+    }
+
+    #[test]
+    fn final_step_noise_conventions() {
+        let s = Schedule::reference();
+        let paper = s.ddpm_coefficients(0, Variance::Beta, FinalStepNoise::Paper).unwrap();
+        let reference = s.ddpm_coefficients(0, Variance::Beta, FinalStepNoise::Reference).unwrap();
+        assert_eq!(paper.sigma, 0.0);
+        assert!((reference.sigma - 0.01).abs() < 1e-7);
+        let tilde = s.ddpm_coefficients(0, Variance::BetaTilde, FinalStepNoise::Reference).unwrap();
+        assert_eq!(tilde.sigma, 0.0);
+    }
+
+    #[test]
+    fn reverse_process_with_exact_noise_oracle_recovers_x0() {
+        // A predictor that knows x0 returns the exact noise; DDIM eta=0 then recovers x0.
+        let dev = Device::Cpu;
+        let s = Schedule::reference();
+        let mut rng = NoiseRng::new(0);
+        let x0 = rng.randn((2, 3, 4, 4), &dev).unwrap().tanh().unwrap();
+        let oracle = |x_t: &Tensor, t: &Tensor| -> candle_core::Result<Tensor> {
+            let t0 = t.to_vec1::<u32>()?[0] as usize;
+            let a = s.alphas_cumprod_sqrt[t0] as f64;
+            let b = s.one_minus_alphas_cumprod_sqrt[t0] as f64;
+            x_t.sub(&x0.affine(a, 0.0)?)?.affine(1.0 / b, 0.0)
+        };
+        let noise = rng.randn((2, 3, 4, 4), &dev).unwrap();
+        let x_t = s.q_sample_at(&x0, 300, &noise).unwrap();
+        let kind = SamplerKind::Ddim { steps: 20, eta: 0.0 };
+        let mut calls = 0;
+        let out = reverse_process(&s, &oracle, &x_t, 300, &kind, &mut rng, |_, _, _, _| calls += 1).unwrap();
+        assert_eq!(calls, num_evaluations(&s, &kind, 300).unwrap());
+        let err = out.sub(&x0).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 1e-3, "{err}");
+    }
+
+    #[test]
+    fn loss_of_perfect_predictor_is_zero() {
+        let dev = Device::Cpu;
+        let s = Schedule::reference();
+        let mut rng = NoiseRng::new(1);
+        let x0 = rng.randn((3, 3, 4, 4), &dev).unwrap();
+        let noise = rng.randn((3, 3, 4, 4), &dev).unwrap();
+        let t = [0u32, 10, 999];
+        let n2 = noise.clone();
+        let cheat = move |_x: &Tensor, _t: &Tensor| -> candle_core::Result<Tensor> { Ok(n2.clone()) };
+        let l = s.loss(&cheat, &x0, &t, &noise).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(l, 0.0);
+        let zero = |x: &Tensor, _t: &Tensor| x.zeros_like();
+        let l = s.loss(&zero, &x0, &t, &noise).unwrap().to_scalar::<f32>().unwrap();
+        assert!(l > 0.5);
+    }
+
+    #[test]
+    fn slerp_endpoints() {
+        let dev = Device::Cpu;
+        let mut rng = NoiseRng::new(2);
+        let a = rng.randn((1, 3, 4, 4), &dev).unwrap();
+        let b = rng.randn((1, 3, 4, 4), &dev).unwrap();
+        let d = |x: &Tensor, y: &Tensor| x.sub(y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d(&slerp(&a, &b, 0.0).unwrap(), &a) < 1e-5);
+        assert!(d(&slerp(&a, &b, 1.0).unwrap(), &b) < 1e-5);
+    }
+}
