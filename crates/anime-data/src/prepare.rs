@@ -1,0 +1,485 @@
+//! `prepare`: raw images -> `<out>/images/*` (size x size RGB) + `<out>/packed.safetensors`.
+//!
+//! * Inputs are the regular files of the raw folder, sorted by name. Files whose extension is
+//!   not an image extension ([`IMAGE_EXTENSIONS`]) are skipped with a reason; `limit` takes the
+//!   first N image files.
+//! * Output names: `.jpg`/`.jpeg` inputs keep their name and are written as JPEG quality 100
+//!   (4:4:4, like the reference's `save(quality=100)` but without chroma subsampling); every
+//!   other input (`.png`, `.webp`, `.bmp`, `.gif`, `.tif`) is written as lossless PNG named
+//!   `<stem>.png`. When two inputs map to one output name, the one already named so wins and the
+//!   other is skipped. The format of an input is sniffed from its content, not its name.
+//! * Every output is written to a hidden temporary name in the same folder and renamed, so no
+//!   reader ever sees a half-written file; stale temporaries of a killed run are removed.
+//! * Re-running reuses an output that exists, is not older than its input and decodes to
+//!   size x size (unless `force`, or the size/crop settings changed since the last run, which
+//!   `<out>/prepare.json` records); the packed file is always rebuilt from all outputs.
+//! * The packed pixels are the pixels of the output files as decoded (for JPEG outputs, the
+//!   encoded bytes are decoded back in memory), so a fresh run and a re-run give the same file.
+//! * Bad inputs never stop the run: each is skipped with a reason (also written to
+//!   `<out>/skipped.txt`); a panic in a decoder is caught and becomes a skip reason. Only I/O
+//!   errors on the output side stop the run.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::imaging::{decode_rgb, extension, process_bytes, Crop, OutputFormat, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS};
+use crate::packed::{write_small_atomic, PackedDataset};
+use crate::DataError;
+
+/// File name of the packed dataset inside the output folder.
+pub const PACKED_FILE: &str = "packed.safetensors";
+/// File name of the list of skipped inputs inside the output folder.
+pub const SKIPPED_FILE: &str = "skipped.txt";
+/// File name of the settings stamp inside the output folder.
+pub const SETTINGS_FILE: &str = "prepare.json";
+
+/// What [`prepare`] does.
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    /// Folder with the raw images (not searched recursively).
+    pub raw: PathBuf,
+    /// Output folder: receives `images/`, `packed.safetensors`, `skipped.txt`, `prepare.json`.
+    pub out: PathBuf,
+    /// Side of the square outputs.
+    pub size: u32,
+    /// Redo every output even when a valid one exists.
+    pub force: bool,
+    /// How non-square inputs become square.
+    pub crop: Crop,
+    /// Only the first N image files (in sorted order).
+    pub limit: Option<usize>,
+    /// Inputs with more pixels than this are skipped without being decoded.
+    pub max_pixels: u64,
+}
+
+impl PrepareOptions {
+    /// Defaults: size 64, no crop, no force, no limit, 40 MP limit.
+    pub fn new(raw: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        PrepareOptions {
+            raw: raw.into(),
+            out: out.into(),
+            size: 64,
+            force: false,
+            crop: Crop::None,
+            limit: None,
+            max_pixels: DEFAULT_MAX_PIXELS,
+        }
+    }
+}
+
+/// One input that was not turned into an output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    /// The input's name (file name, or parquet file and row).
+    pub name: String,
+    pub reason: String,
+}
+
+/// What [`prepare`] did.
+#[derive(Clone, Debug)]
+pub struct PrepareReport {
+    /// Input files looked at (image files and others).
+    pub inputs: usize,
+    /// Outputs written in this run.
+    pub processed: usize,
+    /// Valid outputs of an earlier run that were kept.
+    pub reused: usize,
+    /// Of the processed, how many were smaller than size x size (on either axis).
+    pub upscaled: usize,
+    /// Skipped inputs, with reasons, in name order.
+    pub skipped: Vec<Skipped>,
+    /// Images in the packed file.
+    pub packed: usize,
+    pub size: u32,
+    pub out: PathBuf,
+    pub packed_path: PathBuf,
+    /// `<out>/skipped.txt` when anything was skipped.
+    pub skipped_path: Option<PathBuf>,
+    /// Wall time of the whole run (including writing the packed file).
+    pub elapsed: Duration,
+    /// Of which, writing the packed file.
+    pub pack_time: Duration,
+}
+
+impl PrepareReport {
+    /// Inputs handled per second over the whole run.
+    pub fn images_per_sec(&self) -> f64 {
+        self.inputs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// How many skipped files the summary names.
+pub const SUMMARY_SKIPPED: usize = 20;
+
+impl std::fmt::Display for PrepareReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = self.packed as f64 * f64::from(self.size * self.size * 3) / 1e6;
+        writeln!(
+            f,
+            "prepared {} images of {s}x{s} in {} ({}: {:.0} MB)",
+            self.packed,
+            self.out.join("images").display(),
+            self.packed_path.display(),
+            mb,
+            s = self.size
+        )?;
+        write!(
+            f,
+            "  {} inputs: processed {} ({} upscaled), reused {}, skipped {}; {:.2} s, {:.0} images/s",
+            self.inputs,
+            self.processed,
+            self.upscaled,
+            self.reused,
+            self.skipped.len(),
+            self.elapsed.as_secs_f64(),
+            self.images_per_sec()
+        )?;
+        if !self.skipped.is_empty() {
+            let shown = self.skipped.len().min(SUMMARY_SKIPPED);
+            write!(f, "\n  skipped")?;
+            if shown < self.skipped.len() {
+                write!(f, " (first {shown} of {})", self.skipped.len())?;
+            }
+            if let Some(p) = &self.skipped_path {
+                write!(f, ", all listed in {}", p.display())?;
+            }
+            write!(f, ":")?;
+            for s in &self.skipped[..shown] {
+                write!(f, "\n    {}: {}", s.name, s.reason)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the bytes of one input come from.
+#[cfg_attr(not(feature = "hub"), allow(dead_code))]
+pub(crate) enum SourceData {
+    File { path: PathBuf },
+    Bytes(Vec<u8>),
+}
+
+/// One input and the output it becomes.
+pub(crate) struct Source {
+    /// Name in messages (the input file name, or `file.parquet#row`).
+    pub input: String,
+    /// Output file name (inside `<out>/images`).
+    pub output: String,
+    pub data: SourceData,
+}
+
+enum Outcome {
+    Processed { upscaled: bool },
+    Reused,
+    Skipped(String),
+}
+
+/// Output name for an input name: `.jpg`/`.jpeg` unchanged, everything else `<stem>.png`.
+pub fn output_name(input: &str) -> String {
+    match OutputFormat::for_name(input) {
+        OutputFormat::Jpeg => input.to_string(),
+        OutputFormat::Png => match input.rsplit_once('.') {
+            Some((stem, ext)) if !stem.is_empty() && ext.eq_ignore_ascii_case("png") => input.to_string(),
+            Some((stem, _)) if !stem.is_empty() => format!("{stem}.png"),
+            _ => format!("{input}.png"),
+        },
+    }
+}
+
+/// Runs the preparation of a raw folder: see the module documentation. `progress` shows an
+/// indicatif bar on stderr (drawn only when stderr is a terminal).
+pub fn prepare(opts: &PrepareOptions, progress: bool) -> Result<PrepareReport, DataError> {
+    let start = Instant::now();
+    let (sources, mut pre_skipped, inputs) = list_raw(opts)?;
+    run(sources, &mut pre_skipped, inputs, opts, progress, start)
+}
+
+/// Lists the raw folder: image files become sources, others are skipped with a reason.
+fn list_raw(opts: &PrepareOptions) -> Result<(Vec<Source>, Vec<Skipped>, usize), DataError> {
+    let raw = &opts.raw;
+    let entries = match std::fs::read_dir(raw) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(DataError::RawMissing { path: raw.clone() })
+        }
+        Err(e) => return Err(DataError::io("cannot list", raw, e)),
+    };
+    let mut files = Vec::new();
+    let mut subdirs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| DataError::io("cannot list", raw, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Follow symlinks.
+        match std::fs::metadata(entry.path()) {
+            Ok(m) if m.is_file() => files.push(name),
+            Ok(m) if m.is_dir() => subdirs.push(name),
+            _ => {}
+        }
+    }
+    files.sort();
+    subdirs.sort();
+    let (mut images, mut other): (Vec<String>, Vec<String>) = files
+        .into_iter()
+        .partition(|n| extension(n).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())));
+    if images.is_empty() {
+        let mut hint = String::new();
+        if let Some(d) = subdirs.first() {
+            hint = format!(" (it has a subfolder '{d}': did you mean --raw {}?)", raw.join(d).display());
+        } else if let Some(o) = other.first() {
+            hint = format!(" (only {} other file(s), e.g. '{o}')", other.len());
+        }
+        return Err(DataError::RawEmpty { path: raw.clone(), hint });
+    }
+    if let Some(limit) = opts.limit {
+        images.truncate(limit);
+        // With a limit, other files are reported only if they sort before the last image taken.
+        let last = images.last().cloned().unwrap_or_default();
+        other.retain(|o| *o <= last);
+    }
+    let skipped: Vec<Skipped> = other
+        .iter()
+        .map(|n| Skipped {
+            name: n.clone(),
+            reason: match extension(n) {
+                Some(e) => format!("not an image file (extension .{e})"),
+                None => "not an image file (no extension)".into(),
+            },
+        })
+        .collect();
+    let inputs = images.len() + skipped.len();
+    let sources = images
+        .into_iter()
+        .map(|n| Source { output: output_name(&n), data: SourceData::File { path: raw.join(&n) }, input: n })
+        .collect();
+    Ok((sources, skipped, inputs))
+}
+
+/// Settings that make earlier outputs unusable when they change.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+struct Settings {
+    size: u32,
+    crop: String,
+}
+
+/// The shared second half: dedupe output names, process in parallel, pack, report.
+pub(crate) fn run(
+    sources: Vec<Source>,
+    skipped: &mut Vec<Skipped>,
+    inputs: usize,
+    opts: &PrepareOptions,
+    progress: bool,
+    start: Instant,
+) -> Result<PrepareReport, DataError> {
+    if opts.size == 0 || opts.size > 4096 {
+        return Err(DataError::Invalid(format!("--size must be in 1..=4096, got {}", opts.size)));
+    }
+    let out = &opts.out;
+    let img_dir = out.join("images");
+    std::fs::create_dir_all(&img_dir).map_err(|e| DataError::io("cannot create", &img_dir, e))?;
+    remove_stale_temporaries(&img_dir);
+
+    // Settings stamp: a change of size or crop invalidates earlier outputs.
+    let settings = Settings { size: opts.size, crop: opts.crop.to_string() };
+    let settings_path = out.join(SETTINGS_FILE);
+    let mut force = opts.force;
+    if let Ok(text) = std::fs::read_to_string(&settings_path) {
+        match serde_json::from_str::<Settings>(&text) {
+            Ok(old) if old == settings => {}
+            _ => {
+                if !force {
+                    tracing::info!("settings changed since the last run ({}): redoing every output", text.trim());
+                }
+                force = true;
+            }
+        }
+    }
+
+    let sources = dedupe_outputs(sources, skipped);
+    let s = opts.size as usize;
+    let stride = s * s * 3;
+    let mut pixels = vec![0u8; sources.len() * stride];
+
+    let bar = if progress { ProgressBar::with_draw_target(Some(sources.len() as u64), ProgressDrawTarget::stderr()) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {wide_bar} {pos}/{len} images, {per_sec}, ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+
+    let outcomes: Vec<Outcome> = sources
+        .par_iter()
+        .zip(pixels.par_chunks_mut(stride))
+        .map(|(src, slot)| {
+            let out_path = img_dir.join(&src.output);
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| handle(src, &out_path, slot, opts, force)));
+            bar.inc(1);
+            match result {
+                Ok(r) => r,
+                Err(panic) => {
+                    let msg = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Ok(Outcome::Skipped(format!("decoder panicked: {msg}")))
+                }
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    bar.finish_and_clear();
+
+    // Compact the pixel buffer to the images that made it, in name order.
+    let (mut processed, mut reused, mut upscaled) = (0, 0, 0);
+    let mut names = Vec::with_capacity(sources.len());
+    for (i, (src, outcome)) in sources.iter().zip(outcomes).enumerate() {
+        match outcome {
+            Outcome::Skipped(reason) => {
+                skipped.push(Skipped { name: src.input.clone(), reason });
+                // Do not leave an output of an earlier run that the packed file no longer has.
+                let _ = std::fs::remove_file(img_dir.join(&src.output));
+                continue;
+            }
+            Outcome::Processed { upscaled: up } => {
+                processed += 1;
+                upscaled += usize::from(up);
+            }
+            Outcome::Reused => reused += 1,
+        }
+        let j = names.len();
+        if i != j {
+            pixels.copy_within(i * stride..(i + 1) * stride, j * stride);
+        }
+        names.push(src.output.clone());
+    }
+    pixels.truncate(names.len() * stride);
+    skipped.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let skipped_path = out.join(SKIPPED_FILE);
+    if skipped.is_empty() {
+        let _ = std::fs::remove_file(&skipped_path);
+    } else {
+        let text: String = skipped.iter().map(|s| format!("{}\t{}\n", s.name, s.reason)).collect();
+        write_small_atomic(&skipped_path, text.as_bytes()).map_err(|e| DataError::io("cannot write", &skipped_path, e))?;
+    }
+    if names.is_empty() {
+        return Err(DataError::NothingToPack { total: inputs, skipped: skipped.len(), skipped_file: skipped_path });
+    }
+
+    let pack_start = Instant::now();
+    let packed_path = out.join(PACKED_FILE);
+    let packed = names.len();
+    PackedDataset::from_images(names, s, pixels)?.save(&packed_path)?;
+    let pack_time = pack_start.elapsed();
+    let stamp = serde_json::to_string(&settings).expect("serialises");
+    write_small_atomic(&settings_path, stamp.as_bytes()).map_err(|e| DataError::io("cannot write", &settings_path, e))?;
+
+    Ok(PrepareReport {
+        inputs,
+        processed,
+        reused,
+        upscaled,
+        skipped_path: (!skipped.is_empty()).then_some(skipped_path),
+        skipped: std::mem::take(skipped),
+        packed,
+        size: opts.size,
+        out: out.clone(),
+        packed_path,
+        elapsed: start.elapsed(),
+        pack_time,
+    })
+}
+
+/// Keeps one source per output name: the one whose input is already named so, else the first.
+fn dedupe_outputs(mut sources: Vec<Source>, skipped: &mut Vec<Skipped>) -> Vec<Source> {
+    sources.sort_by(|a, b| a.output.cmp(&b.output).then_with(|| a.input.cmp(&b.input)));
+    let mut winner: HashMap<&str, usize> = HashMap::new();
+    for (i, s) in sources.iter().enumerate() {
+        match winner.get(s.output.as_str()) {
+            None => {
+                winner.insert(&s.output, i);
+            }
+            Some(&w) if sources[w].input != sources[w].output && s.input == s.output => {
+                winner.insert(&s.output, i);
+            }
+            Some(_) => {}
+        }
+    }
+    let keep: Vec<bool> = (0..sources.len()).map(|i| winner.get(sources[i].output.as_str()) == Some(&i)).collect();
+    let mut kept = Vec::with_capacity(sources.len());
+    let owners: HashMap<String, String> =
+        winner.iter().map(|(out, &i)| (out.to_string(), sources[i].input.clone())).collect();
+    for (s, k) in sources.into_iter().zip(keep) {
+        if k {
+            kept.push(s);
+        } else {
+            let reason = format!("output name {} already taken by {}", s.output, owners[&s.output]);
+            skipped.push(Skipped { name: s.input, reason });
+        }
+    }
+    kept
+}
+
+/// Removes `.<name>.<pid>.tmp` files left by a killed run.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// One input: reuse a valid output, or decode/resize/encode/write. Writes the packed pixels
+/// into `slot`. `Err` only for failures to write the output.
+fn handle(src: &Source, out_path: &Path, slot: &mut [u8], opts: &PrepareOptions, force: bool) -> Result<Outcome, DataError> {
+    let size = opts.size;
+    if !force {
+        let fresh = match &src.data {
+            SourceData::File { path } => match (mtime(out_path), mtime(path)) {
+                (Some(o), Some(i)) => o >= i,
+                _ => false,
+            },
+            SourceData::Bytes(_) => out_path.exists(),
+        };
+        if fresh {
+            if let Ok(bytes) = std::fs::read(out_path) {
+                if let Ok(img) = decode_rgb(&bytes, opts.max_pixels) {
+                    if img.dimensions() == (size, size) {
+                        slot.copy_from_slice(img.as_raw());
+                        return Ok(Outcome::Reused);
+                    }
+                }
+            }
+        }
+    }
+    let owned;
+    let bytes: &[u8] = match &src.data {
+        SourceData::File { path } => match std::fs::read(path) {
+            Ok(b) => {
+                owned = b;
+                &owned
+            }
+            Err(e) => return Ok(Outcome::Skipped(format!("cannot read: {e}"))),
+        },
+        SourceData::Bytes(b) => b,
+    };
+    let format = OutputFormat::for_name(&src.output);
+    match process_bytes(bytes, size, opts.crop, format, opts.max_pixels) {
+        Err(reason) => Ok(Outcome::Skipped(reason)),
+        Ok(p) => {
+            write_small_atomic(out_path, &p.encoded).map_err(|e| DataError::io("cannot write", out_path, e))?;
+            slot.copy_from_slice(&p.pixels);
+            Ok(Outcome::Processed { upscaled: p.upscaled })
+        }
+    }
+}
