@@ -197,7 +197,11 @@ impl Schedule {
         }
         let a_t = self.alphas_cumprod[t] as f64;
         let a_prev = t_prev.map(|p| self.alphas_cumprod[p] as f64).unwrap_or(1.0);
-        let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).max(0.0).sqrt();
+        // 1 - abar_t/abar_prev from the betas in f64: the ratio of two f32 cumulative products
+        // loses most digits to cancellation at small t.
+        let first = t_prev.map_or(0, |p| p + 1);
+        let ratio: f64 = self.betas[first..=t].iter().map(|&b| 1.0 - b as f64).product();
+        let sigma = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - ratio)).max(0.0).sqrt();
         let dir = (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
         Ok(DdimCoefficients {
             x0_scale: (a_prev.sqrt() / a_t.sqrt()) as f32,
@@ -364,13 +368,16 @@ mod tests {
     #[test]
     fn ddim_eta_one_all_steps_is_ddpm_beta_tilde() {
         let s = Schedule::reference();
-        for t in [1usize, 2, 10, 500, 998, 999] {
+        for t in [1usize, 2, 5, 10, 50, 500, 998, 999] {
             let ddim = s.ddim_coefficients(t, Some(t - 1), 1.0).unwrap().as_ddpm();
             let ddpm = s.ddpm_coefficients(t, Variance::BetaTilde, FinalStepNoise::Paper).unwrap();
             let rel = |a: f32, b: f32| ((a - b) / b).abs();
+            // At small t both sides divide by 1 - abar_t ~ 1e-4, formed from f32 abar as in the
+            // reference: f32 rounding (6e-8) then shows up at the 1e-3 relative level.
+            let tol = if t < 10 { 2e-3 } else { 1e-4 };
             assert!(rel(ddim.mean_scale, ddpm.mean_scale) < 1e-5, "t={t} mean {ddim:?} vs {ddpm:?}");
-            assert!(rel(ddim.eps_scale, ddpm.eps_scale) < 1e-4, "t={t} eps {ddim:?} vs {ddpm:?}");
-            assert!(rel(ddim.sigma, ddpm.sigma) < 1e-4, "t={t} sigma {ddim:?} vs {ddpm:?}");
+            assert!(rel(ddim.eps_scale, ddpm.eps_scale) < tol, "t={t} eps {ddim:?} vs {ddpm:?}");
+            assert!(rel(ddim.sigma, ddpm.sigma) < tol, "t={t} sigma {ddim:?} vs {ddpm:?}");
         }
         // Last step: both deterministic (paper convention).
         let last = s.ddim_coefficients(0, None, 1.0).unwrap();

@@ -1,1 +1,32 @@
-//! unet (placeholder)
+//! `unet`: the reference DDPM UNet (Hardswish, GroupNorm 32, attention at 16x16, frozen
+//! sinusoidal time table), its configs and presets, its weight files, and the import of the
+//! reference's PyTorch Lightning checkpoint.
+//!
+//! Parameter names are the reference's, exactly (e.g. `downblocks.3.net.weight`), so its
+//! checkpoint loads by name with no mapping table. The crate knows nothing of diffusion: the
+//! network maps `(x_t, t)` to predicted noise.
+
+pub mod config;
+pub mod lightning;
+pub mod model;
+pub mod weights;
+
+pub use config::UNetConfig;
+pub use model::{sinusoid_table, Intermediates, Mode, UNet, TIME_TABLE_KEY};
+pub use weights::{expected_shapes, new_trainable, parameter_counts, ModelWeights};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UNetError {
+    #[error("unet config: {0}")]
+    Config(String),
+    #[error("checkpoint is missing tensor '{name}' (expected shape {expected:?}): it is not a checkpoint of this architecture/config")]
+    MissingTensor { name: String, expected: Vec<usize> },
+    #[error("checkpoint tensor '{name}' has shape {found:?}, expected {expected:?}: it was trained with another config")]
+    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{path}: {reason}")]
+    Format { path: String, reason: String },
+    #[error("{path}: {source}")]
+    Io { path: String, #[source] source: std::io::Error },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

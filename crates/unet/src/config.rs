@@ -1,0 +1,109 @@
+//! The UNet's hyper-parameters and presets.
+
+use serde::{Deserialize, Serialize};
+
+use crate::UNetError;
+
+/// Architecture of the reference UNet (`[unet]` in the TOML configs). Field names follow the
+/// reference's `hparams.yaml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UNetConfig {
+    /// Image side in pixels (square images).
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    #[serde(default = "default_channels")]
+    pub image_channels: usize,
+    /// Number of diffusion steps: rows of the frozen sinusoidal time table.
+    pub num_steps: usize,
+    /// Base channel count.
+    pub ch: usize,
+    /// Channel multiplier per resolution level.
+    pub ch_mult: Vec<usize>,
+    /// Levels (indices into `ch_mult`) whose ResBlocks carry self-attention.
+    pub attn: Vec<usize>,
+    pub num_res_blocks: usize,
+    pub dropout: f32,
+}
+
+fn default_image_size() -> usize {
+    64
+}
+fn default_channels() -> usize {
+    3
+}
+
+/// GroupNorm groups everywhere in the network.
+pub const GROUPS: usize = 32;
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        Self::reference()
+    }
+}
+
+impl UNetConfig {
+    /// The reference's trained model: 25,368,963 parameters at 64x64.
+    pub fn reference() -> Self {
+        Self { image_size: 64, image_channels: 3, num_steps: 1000, ch: 64, ch_mult: vec![1, 2, 4, 4], attn: vec![2], num_res_blocks: 2, dropout: 0.1 }
+    }
+
+    /// The DDPM paper's CIFAR-10 model (35.7M parameters), here at 64x64 unless changed.
+    pub fn cifar10() -> Self {
+        Self { image_size: 64, image_channels: 3, num_steps: 1000, ch: 128, ch_mult: vec![1, 2, 2, 2], attn: vec![1], num_res_blocks: 2, dropout: 0.1 }
+    }
+
+    /// A small model for tests and the CPU demo (the fixtures' TINY config).
+    pub fn tiny() -> Self {
+        Self { image_size: 16, image_channels: 3, num_steps: 1000, ch: 32, ch_mult: vec![1, 2], attn: vec![1], num_res_blocks: 1, dropout: 0.1 }
+    }
+
+    /// The fixtures' MICRO config: one level pair, no resampling between attention levels.
+    pub fn micro() -> Self {
+        Self { image_size: 16, image_channels: 3, num_steps: 1000, ch: 32, ch_mult: vec![1, 1], attn: vec![1], num_res_blocks: 1, dropout: 0.1 }
+    }
+
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "reference" | "anime64" => Some(Self::reference()),
+            "cifar10" => Some(Self::cifar10()),
+            "tiny" => Some(Self::tiny()),
+            "micro" => Some(Self::micro()),
+            _ => None,
+        }
+    }
+
+    pub fn time_dim(&self) -> usize {
+        4 * self.ch
+    }
+
+    pub fn validate(&self) -> Result<(), UNetError> {
+        let bad = |m: String| Err(UNetError::Config(m));
+        if self.ch == 0 || self.ch % GROUPS != 0 {
+            return bad(format!("ch must be a positive multiple of {GROUPS} (GroupNorm groups), got {}", self.ch));
+        }
+        if self.ch < 4 {
+            return bad("ch must be at least 4 for the sinusoidal table".into());
+        }
+        if self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
+            return bad(format!("ch_mult must be non-empty and positive, got {:?}", self.ch_mult));
+        }
+        if let Some(a) = self.attn.iter().find(|&&a| a >= self.ch_mult.len()) {
+            return bad(format!("attn level {a} does not exist (ch_mult has {} levels)", self.ch_mult.len()));
+        }
+        if self.num_res_blocks == 0 {
+            return bad("num_res_blocks must be at least 1".into());
+        }
+        if self.num_steps == 0 {
+            return bad("num_steps must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
+        }
+        let down = 1usize << (self.ch_mult.len() - 1);
+        if self.image_size == 0 || self.image_size % down != 0 {
+            return bad(format!("image_size {} must be divisible by {down} ({} levels)", self.image_size, self.ch_mult.len()));
+        }
+        Ok(())
+    }
+}

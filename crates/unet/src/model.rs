@@ -1,0 +1,390 @@
+//! The reference UNet, block by block, with the reference's parameter names.
+
+use std::cell::Cell;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{UNetConfig, GROUPS};
+
+/// Name of the frozen sinusoidal table in the reference's state dict.
+pub const TIME_TABLE_KEY: &str = "time_embedding.time_embedding.0.weight";
+
+const GN_EPS: f64 = 1e-5;
+
+/// Whether dropout is active. Training masks are drawn from `seed` (per forward pass), so a
+/// training step is reproducible: on CPU bit for bit, on CUDA through the device's seeded RNG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Eval,
+    Train { seed: u64 },
+}
+
+/// Hands out one dropout mask per call site within a forward pass.
+struct DropoutMasks {
+    seed: Option<u64>,
+    next_stream: Cell<u64>,
+}
+
+impl DropoutMasks {
+    fn new(mode: Mode, device: &Device) -> Result<Self> {
+        let seed = match mode {
+            Mode::Eval => None,
+            Mode::Train { seed } => {
+                if !device.is_cpu() {
+                    device.set_seed(seed)?;
+                }
+                Some(seed)
+            }
+        };
+        Ok(Self { seed, next_stream: Cell::new(0) })
+    }
+
+    fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        let Some(seed) = self.seed else { return Ok(x.clone()) };
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let stream = self.next_stream.get();
+        self.next_stream.set(stream + 1);
+        let keep = 1.0 / (1.0 - p);
+        let mask = if x.device().is_cpu() {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(stream);
+            let m: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+            Tensor::from_vec(m, x.shape(), x.device())?
+        } else {
+            let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+            u.ge(p as f64)?.to_dtype(DType::F32)?.affine(keep as f64, 0.0)?
+        };
+        x.mul(&mask.to_dtype(x.dtype())?)
+    }
+}
+
+fn hardswish(x: &Tensor) -> Result<Tensor> {
+    // PyTorch: x * relu6(x + 3) / 6
+    x.mul(&x.affine(1.0, 3.0)?.clamp(0.0, 6.0)?.affine(1.0 / 6.0, 0.0)?)
+}
+
+/// The reference's sinusoid table: row t = [sin(t f_k) | cos(t f_k)], f_k = exp(-k ln(1e4)/(ch/2-1)),
+/// computed in f32 like the reference.
+pub fn sinusoid_table(num_steps: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let scale = -(10000f64.ln() as f32) / (half as f32 - 1.0);
+    let freqs: Vec<f32> = (0..half).map(|k| (k as f32 * scale).exp()).collect();
+    let mut data = Vec::with_capacity(num_steps * dim);
+    for t in 0..num_steps {
+        let angles = freqs.iter().map(|f| t as f32 * f);
+        data.extend(angles.clone().map(f32::sin));
+        data.extend(angles.map(f32::cos));
+    }
+    Tensor::from_vec(data, (num_steps, dim), device)
+}
+
+/// `time_embedding.time_embedding.{0,1,3}`: frozen table, Linear, Hardswish, Linear.
+pub struct TimeEmbedding {
+    table: Tensor,
+    lin1: Linear,
+    lin2: Linear,
+}
+
+impl TimeEmbedding {
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        let key = "0.weight";
+        // The table is a constant: taken from a checkpoint when it carries one, computed otherwise,
+        // and never a trainable variable.
+        let table = if vb.contains_tensor(key) {
+            vb.get((cfg.num_steps, cfg.ch), key)?.detach()
+        } else {
+            sinusoid_table(cfg.num_steps, cfg.ch, vb.device())?.to_dtype(vb.dtype())?
+        };
+        let lin1 = linear(cfg.ch, cfg.time_dim(), vb.pp("1"))?;
+        let lin2 = linear(cfg.time_dim(), cfg.time_dim(), vb.pp("3"))?;
+        Ok(Self { table, lin1, lin2 })
+    }
+
+    pub fn table(&self) -> &Tensor {
+        &self.table
+    }
+}
+
+impl Module for TimeEmbedding {
+    fn forward(&self, t: &Tensor) -> Result<Tensor> {
+        let e = self.table.index_select(t, 0)?;
+        self.lin2.forward(&hardswish(&self.lin1.forward(&e)?)?)
+    }
+}
+
+/// Single-head spatial self-attention with a GroupNorm pre-norm and a residual.
+pub struct AttnBlock {
+    norm: GroupNorm,
+    proj_q: Conv2d,
+    proj_k: Conv2d,
+    proj_v: Conv2d,
+    proj: Conv2d,
+}
+
+impl AttnBlock {
+    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        let c1 = Conv2dConfig::default();
+        Ok(Self {
+            norm: group_norm(GROUPS, c, GN_EPS, vb.pp("norm"))?,
+            proj_q: conv2d(c, c, 1, c1, vb.pp("proj_q"))?,
+            proj_k: conv2d(c, c, 1, c1, vb.pp("proj_k"))?,
+            proj_v: conv2d(c, c, 1, c1, vb.pp("proj_v"))?,
+            proj: conv2d(c, c, 1, c1, vb.pp("proj"))?,
+        })
+    }
+}
+
+impl Module for AttnBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = self.norm.forward(x)?;
+        let q = self.proj_q.forward(&n)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let k = self.proj_k.forward(&n)?.reshape((b, c, h * w))?;
+        let v = self.proj_v.forward(&n)?.reshape((b, c, h * w))?;
+        let scores = q.matmul(&k)?.affine((c as f64).powf(-0.5), 0.0)?;
+        // `softmax_last_dim` has no backward in candle 0.11: use the differentiable composite.
+        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // out[b, c, i] = sum_j v[b, c, j] attn[b, i, j]
+        let out = v.matmul(&attn.transpose(1, 2)?)?.reshape((b, c, h, w))?;
+        x.add(&self.proj.forward(&out)?)
+    }
+}
+
+/// The reference's ResBlock (attention, when present, is applied after the residual add).
+pub struct ResBlock {
+    temb_proj: Linear,
+    gn1: GroupNorm,
+    conv1: Conv2d,
+    gn2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    attn: Option<AttnBlock>,
+    dropout: f32,
+}
+
+impl ResBlock {
+    pub fn new(vb: VarBuilder, cin: usize, cout: usize, t_dim: usize, dropout: f32, use_attn: bool) -> Result<Self> {
+        let c3 = Conv2dConfig { padding: 1, ..Default::default() };
+        Ok(Self {
+            temb_proj: linear(t_dim, cout, vb.pp("temb_proj.1"))?,
+            gn1: group_norm(GROUPS, cin, GN_EPS, vb.pp("block1.0"))?,
+            conv1: conv2d(cin, cout, 3, c3, vb.pp("block1.2"))?,
+            gn2: group_norm(GROUPS, cout, GN_EPS, vb.pp("block2.0"))?,
+            conv2: conv2d(cout, cout, 3, c3, vb.pp("block2.3"))?,
+            shortcut: if cin != cout { Some(conv2d(cin, cout, 1, Conv2dConfig::default(), vb.pp("shortcut"))?) } else { None },
+            attn: if use_attn { Some(AttnBlock::new(vb.pp("attn"), cout)?) } else { None },
+            dropout,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor, masks: &DropoutMasks) -> Result<Tensor> {
+        let h = self.conv1.forward(&hardswish(&self.gn1.forward(x)?)?)?;
+        let t = self.temb_proj.forward(&hardswish(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = masks.apply(&hardswish(&self.gn2.forward(&h)?)?, self.dropout)?;
+        let h = self.conv2.forward(&h)?;
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        let out = skip.add(&h)?;
+        match &self.attn {
+            Some(a) => a.forward(&out),
+            None => Ok(out),
+        }
+    }
+}
+
+/// 3x3 stride-2 convolution.
+pub struct DownSample {
+    net: Conv2d,
+}
+
+impl DownSample {
+    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        let cfg = Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
+        Ok(Self { net: conv2d(c, c, 3, cfg, vb.pp("net"))? })
+    }
+}
+
+impl Module for DownSample {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.net.forward(x)
+    }
+}
+
+/// Nearest-neighbour x2, then a 3x3 convolution.
+pub struct UpSample {
+    net: Conv2d,
+}
+
+impl UpSample {
+    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        Ok(Self { net: conv2d(c, c, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb.pp("net"))? })
+    }
+}
+
+impl Module for UpSample {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        self.net.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+}
+
+/// One index of `downblocks` / `upblocks`.
+pub enum Block {
+    Res(ResBlock),
+    Down(DownSample),
+    Up(UpSample),
+}
+
+/// Activations besides the output, for parity tests.
+pub struct Intermediates {
+    pub temb: Tensor,
+    pub mid: Tensor,
+}
+
+/// The reference UNet: predicts the noise in `x_t` at step `t`.
+pub struct UNet {
+    config: UNetConfig,
+    time_embedding: TimeEmbedding,
+    head: Conv2d,
+    downblocks: Vec<Block>,
+    middle_blocks: Vec<ResBlock>,
+    upblocks: Vec<Block>,
+    tail_norm: GroupNorm,
+    tail_conv: Conv2d,
+}
+
+impl UNet {
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::wrap)?;
+        let t_dim = cfg.time_dim();
+        let c3 = Conv2dConfig { padding: 1, ..Default::default() };
+        let time_embedding = TimeEmbedding::new(vb.pp("time_embedding.time_embedding"), cfg)?;
+        let head = conv2d(cfg.image_channels, cfg.ch, 3, c3, vb.pp("head"))?;
+
+        let mut skip_ch = vec![cfg.ch];
+        let mut c = cfg.ch;
+        let mut downblocks = Vec::new();
+        let vbd = vb.pp("downblocks");
+        for (lvl, &m) in cfg.ch_mult.iter().enumerate() {
+            for _ in 0..cfg.num_res_blocks {
+                let i = downblocks.len();
+                downblocks.push(Block::Res(ResBlock::new(vbd.pp(i), c, cfg.ch * m, t_dim, cfg.dropout, cfg.attn.contains(&lvl))?));
+                c = cfg.ch * m;
+                skip_ch.push(c);
+            }
+            if lvl + 1 < cfg.ch_mult.len() {
+                let i = downblocks.len();
+                downblocks.push(Block::Down(DownSample::new(vbd.pp(i), c)?));
+                skip_ch.push(c);
+            }
+        }
+        let vbm = vb.pp("middle_blocks");
+        let middle_blocks = vec![
+            ResBlock::new(vbm.pp(0), c, c, t_dim, cfg.dropout, true)?,
+            ResBlock::new(vbm.pp(1), c, c, t_dim, cfg.dropout, false)?,
+        ];
+        let mut upblocks = Vec::new();
+        let vbu = vb.pp("upblocks");
+        for lvl in (0..cfg.ch_mult.len()).rev() {
+            let cout = cfg.ch * cfg.ch_mult[lvl];
+            for _ in 0..=cfg.num_res_blocks {
+                let skip = skip_ch.pop().expect("the skip stack matches the down path");
+                let i = upblocks.len();
+                upblocks.push(Block::Res(ResBlock::new(vbu.pp(i), c + skip, cout, t_dim, cfg.dropout, cfg.attn.contains(&lvl))?));
+                c = cout;
+            }
+            if lvl > 0 {
+                let i = upblocks.len();
+                upblocks.push(Block::Up(UpSample::new(vbu.pp(i), c)?));
+            }
+        }
+        debug_assert!(skip_ch.is_empty());
+        let tail_norm = group_norm(GROUPS, c, GN_EPS, vb.pp("tail.0"))?;
+        let tail_conv = conv2d(c, cfg.image_channels, 3, c3, vb.pp("tail.2"))?;
+        Ok(Self { config: cfg.clone(), time_embedding, head, downblocks, middle_blocks, upblocks, tail_norm, tail_conv })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// The frozen time table (saved under [`TIME_TABLE_KEY`] so checkpoints match the reference).
+    pub fn time_table(&self) -> &Tensor {
+        self.time_embedding.table()
+    }
+
+    /// `x`: [B, C, H, W]; `t`: u32/i64 steps of shape [B] (or [1], broadcast over the batch).
+    pub fn forward_t(&self, x: &Tensor, t: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(self.forward_with_intermediates(x, t, mode)?.0)
+    }
+
+    pub fn forward_with_intermediates(&self, x: &Tensor, t: &Tensor, mode: Mode) -> Result<(Tensor, Intermediates)> {
+        let masks = DropoutMasks::new(mode, x.device())?;
+        let temb = self.time_embedding.forward(t)?;
+        let mut h = self.head.forward(x)?;
+        let mut skips = vec![h.clone()];
+        for blk in &self.downblocks {
+            h = match blk {
+                Block::Res(r) => r.forward(&h, &temb, &masks)?,
+                Block::Down(d) => d.forward(&h)?,
+                Block::Up(_) => unreachable!("no upsampling on the down path"),
+            };
+            skips.push(h.clone());
+        }
+        for blk in &self.middle_blocks {
+            h = blk.forward(&h, &temb, &masks)?;
+        }
+        let mid = h.clone();
+        for blk in &self.upblocks {
+            h = match blk {
+                Block::Res(r) => {
+                    let skip = skips.pop().expect("the skip stack matches the up path");
+                    r.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb, &masks)?
+                }
+                Block::Up(u) => u.forward(&h)?,
+                Block::Down(_) => unreachable!("no downsampling on the up path"),
+            };
+        }
+        let out = self.tail_conv.forward(&hardswish(&self.tail_norm.forward(&h)?)?)?;
+        Ok((out, Intermediates { temb, mid }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardswish_matches_definition() {
+        let x = Tensor::new(&[-4f32, -3.0, -1.5, 0.0, 1.0, 3.0, 5.0], &Device::Cpu).unwrap();
+        let y = hardswish(&x).unwrap().to_vec1::<f32>().unwrap();
+        let expect: Vec<f32> = [-4f32, -3.0, -1.5, 0.0, 1.0, 3.0, 5.0].iter().map(|&v| v * (v + 3.0).clamp(0.0, 6.0) / 6.0).collect();
+        assert_eq!(y, expect);
+    }
+
+    #[test]
+    fn dropout_masks_are_reproducible_and_scaled() {
+        let x = Tensor::ones((4, 1000), DType::F32, &Device::Cpu).unwrap();
+        let a = DropoutMasks::new(Mode::Train { seed: 7 }, &Device::Cpu).unwrap();
+        let b = DropoutMasks::new(Mode::Train { seed: 7 }, &Device::Cpu).unwrap();
+        let ya = a.apply(&x, 0.1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let yb = b.apply(&x, 0.1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(ya, yb);
+        let zeros = ya.iter().filter(|&&v| v == 0.0).count();
+        assert!((300..500).contains(&zeros), "{zeros} of 4000 dropped");
+        assert!(ya.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+        // A second call site draws a different mask.
+        let yc = a.apply(&x, 0.1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_ne!(ya, yc);
+        let eval = DropoutMasks::new(Mode::Eval, &Device::Cpu).unwrap();
+        assert_eq!(eval.apply(&x, 0.1).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 4000.0);
+    }
+}

@@ -1,0 +1,240 @@
+//! Model weight files: our safetensors format, shape checks against a config, and
+//! deterministic PyTorch-style initialisation.
+//!
+//! A model file is one safetensors file whose tensors use the reference's parameter names
+//! (the frozen time table included) and whose `__metadata__` carries the UNet config as JSON
+//! under `unet_config`. Optional EMA weights sit beside them under the prefix `ema.`.
+//! Other metadata entries (e.g. `diffusion_config`) pass through untouched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::{Init, VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::{UNet, UNetConfig, UNetError};
+
+pub const UNET_CONFIG_KEY: &str = "unet_config";
+pub const EMA_PREFIX: &str = "ema.";
+
+/// Weights plus the config they belong to.
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    pub config: UNetConfig,
+    pub tensors: HashMap<String, Tensor>,
+    /// Free-form metadata carried in the file (besides the UNet config).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ModelWeights {
+    pub fn has_ema(&self) -> bool {
+        self.tensors.keys().any(|k| k.starts_with(EMA_PREFIX))
+    }
+
+    /// The plain weights, or the EMA copy of every trainable tensor when `ema` is true
+    /// (constants such as the time table are shared).
+    pub fn select(&self, ema: bool) -> HashMap<String, Tensor> {
+        let mut out: HashMap<String, Tensor> =
+            self.tensors.iter().filter(|(k, _)| !k.starts_with(EMA_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        if ema {
+            for (k, v) in &self.tensors {
+                if let Some(base) = k.strip_prefix(EMA_PREFIX) {
+                    out.insert(base.to_string(), v.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks every tensor the config needs is present with the right shape, naming the first
+    /// one that is not.
+    pub fn check(&self) -> Result<(), UNetError> {
+        check_tensors(&self.config, &self.select(false))?;
+        if self.has_ema() {
+            check_tensors(&self.config, &self.select(true))?;
+        }
+        Ok(())
+    }
+
+    /// Builds the network on `device` (weights become plain tensors: no gradient graph).
+    pub fn build(&self, device: &Device, ema: bool) -> Result<UNet, UNetError> {
+        let tensors = self.select(ema);
+        check_tensors(&self.config, &tensors)?;
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(device)?.to_dtype(DType::F32)?)))
+            .collect::<candle_core::Result<HashMap<_, _>>>()?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        Ok(UNet::new(vb, &self.config)?)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, UNetError> {
+        let bytes = std::fs::read(path).map_err(|e| UNetError::Io { path: path.display().to_string(), source: e })?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, UNetError> {
+        let what = || path.display().to_string();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| UNetError::Format { path: what(), reason: format!("not a safetensors model file ({e})") })?;
+        let mut metadata: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        let cfg_json = metadata.remove(UNET_CONFIG_KEY).ok_or_else(|| UNetError::Format {
+            path: what(),
+            reason: format!("no '{UNET_CONFIG_KEY}' in its metadata: not a model file written by this toolkit (import a Lightning checkpoint with `cargo xtask import-checkpoint`)"),
+        })?;
+        let config: UNetConfig = serde_json::from_str(&cfg_json)
+            .map_err(|e| UNetError::Format { path: what(), reason: format!("bad unet_config: {e}") })?;
+        config.validate()?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+            .map_err(|e| UNetError::Format { path: what(), reason: format!("unreadable tensors ({e})") })?;
+        Ok(Self { config, tensors, metadata })
+    }
+
+    /// Writes atomically (temporary file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<(), UNetError> {
+        let mut meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        meta.insert(UNET_CONFIG_KEY.into(), serde_json::to_string(&self.config).expect("config serialises"));
+        save_safetensors_atomic(path, &self.tensors, meta)
+    }
+}
+
+/// Serialises `tensors` (sorted by name) with `metadata` and writes them atomically.
+pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<(), UNetError> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let views: Vec<(String, Tensor)> = names
+        .into_iter()
+        .map(|k| Ok((k.clone(), tensors[k].to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let data = safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+        .map_err(|e| UNetError::Format { path: path.display().to_string(), reason: e.to_string() })?;
+    write_atomic(path, &data)
+}
+
+/// Write to `path.tmp`, fsync, rename over `path`, fsync the folder: a crash leaves either the
+/// old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), UNetError> {
+    let io = |e| UNetError::Io { path: path.display().to_string(), source: e };
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(data).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Records the name and shape of every tensor the model asks for, without allocating them.
+struct ShapeRecorder(Arc<Mutex<Vec<(String, Shape)>>>);
+
+impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
+    fn get(&self, s: Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.lock().unwrap().push((name.to_string(), s.clone()));
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape recorder cannot serve unchecked tensor {name}")
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        // Report the frozen table as present so that it is recorded too.
+        name.ends_with(crate::TIME_TABLE_KEY)
+    }
+}
+
+/// Every tensor of the reference state dict for `cfg`, in construction order, with its shape.
+pub fn expected_shapes(cfg: &UNetConfig) -> Result<Vec<(String, Vec<usize>)>, UNetError> {
+    cfg.validate()?;
+    let rec = Arc::new(Mutex::new(Vec::new()));
+    let vb = VarBuilder::from_backend(Box::new(ShapeRecorder(rec.clone())), DType::F32, Device::Cpu);
+    UNet::new(vb, cfg)?;
+    let v = rec.lock().unwrap().iter().map(|(n, s)| (n.clone(), s.dims().to_vec())).collect();
+    Ok(v)
+}
+
+/// Total parameter count (time table included) and trainable count (without it).
+pub fn parameter_counts(cfg: &UNetConfig) -> Result<(usize, usize), UNetError> {
+    let shapes = expected_shapes(cfg)?;
+    let total: usize = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let frozen = cfg.num_steps * cfg.ch;
+    Ok((total, total - frozen))
+}
+
+fn check_tensors(cfg: &UNetConfig, tensors: &HashMap<String, Tensor>) -> Result<(), UNetError> {
+    for (name, shape) in expected_shapes(cfg)? {
+        match tensors.get(&name) {
+            None => return Err(UNetError::MissingTensor { name, expected: shape }),
+            Some(t) if t.dims() != shape.as_slice() => {
+                return Err(UNetError::ShapeMismatch { name, expected: shape, found: t.dims().to_vec() })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A fresh trainable model: the variables live in the returned `VarMap` (the frozen time table
+/// does not), initialised as PyTorch's defaults do from `seed`.
+pub fn new_trainable(cfg: &UNetConfig, device: &Device, seed: u64) -> Result<(UNet, VarMap), UNetError> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = UNet::new(vb, cfg)?;
+    init_pytorch_default(&varmap, seed)?;
+    Ok((model, varmap))
+}
+
+/// Re-initialises every variable as `torch.nn` does by default, but from a seed: conv and linear
+/// weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)),
+/// GroupNorm weight 1 and bias 0. Names are visited in sorted order, so a seed fixes the result.
+pub fn init_pytorch_default(varmap: &VarMap, seed: u64) -> Result<(), UNetError> {
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let values: Vec<f32> = if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+        } else {
+            let weight_name = name.strip_suffix("bias").map(|p| format!("{p}weight"));
+            let paired = weight_name.as_ref().and_then(|w| data.get(w)).map(|w| w.dims().to_vec());
+            match (name.ends_with("weight"), paired) {
+                (true, _) => vec![1.0; n],                       // GroupNorm scale
+                (false, Some(w)) if w.len() >= 2 => {
+                    let fan_in: usize = w[1..].iter().product();
+                    let bound = 1.0 / (fan_in as f32).sqrt();
+                    (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+                }
+                _ => vec![0.0; n],                               // GroupNorm shift
+            }
+        };
+        var.set(&Tensor::from_vec(values, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
+/// The current values of a trainable model plus its frozen table: the full reference state dict.
+pub fn state_dict(model: &UNet, varmap: &VarMap) -> Result<HashMap<String, Tensor>, UNetError> {
+    let mut out: HashMap<String, Tensor> =
+        varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    out.insert(crate::TIME_TABLE_KEY.to_string(), model.time_table().clone());
+    Ok(out)
+}
