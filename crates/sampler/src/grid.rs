@@ -1,0 +1,75 @@
+//! Image grids in torchvision's `make_grid` layout.
+
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+
+use crate::Result;
+
+/// `[N, 3, H, W]` in [-1, 1] to 8-bit RGB images (rounded as `(x + 1) / 2 * 255`).
+pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
+    let (n, c, h, w) = images.dims4()?;
+    if c != 3 {
+        return Err(crate::SamplerError::Invalid(format!("expected 3 channels, got {c}")));
+    }
+    let data = images
+        .to_dtype(DType::F32)?
+        .clamp(-1f32, 1f32)?
+        .affine(127.5, 127.5)?
+        .permute((0, 2, 3, 1))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let per = h * w * 3;
+    Ok((0..n)
+        .map(|i| {
+            let px: Vec<u8> = data[i * per..(i + 1) * per].iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect();
+            RgbImage::from_raw(w as u32, h as u32, px).expect("buffer size matches")
+        })
+        .collect())
+}
+
+/// torchvision `make_grid(images, nrow=ncol, padding)`: `padding` black pixels around and
+/// between cells (so 16x16 cells of 64 px with padding 2 give 1058x1058).
+pub fn make_grid(images: &[RgbImage], ncol: usize, padding: usize) -> RgbImage {
+    let n = images.len();
+    if n == 0 {
+        return RgbImage::new(0, 0);
+    }
+    let ncol = ncol.max(1).min(n);
+    let nrow = n.div_ceil(ncol);
+    let (w, h) = (images[0].width() as usize, images[0].height() as usize);
+    let gw = ncol * (w + padding) + padding;
+    let gh = nrow * (h + padding) + padding;
+    let mut grid = RgbImage::new(gw as u32, gh as u32);
+    for (i, img) in images.iter().enumerate() {
+        let x0 = padding + (i % ncol) * (w + padding);
+        let y0 = padding + (i / ncol) * (h + padding);
+        image::imageops::replace(&mut grid, img, x0 as i64, y0 as i64);
+    }
+    grid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_geometry_matches_torchvision() {
+        let imgs: Vec<RgbImage> = (0..256).map(|_| RgbImage::from_pixel(64, 64, image::Rgb([255, 0, 0]))).collect();
+        let g = make_grid(&imgs, 16, 2);
+        assert_eq!((g.width(), g.height()), (1058, 1058));
+        assert_eq!(g.get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(g.get_pixel(2, 2).0, [255, 0, 0]);
+        assert_eq!(g.get_pixel(66, 10).0, [0, 0, 0]);
+        assert_eq!(g.get_pixel(68, 10).0, [255, 0, 0]);
+        // A partial last row still takes a full row.
+        let g = make_grid(&imgs[..10], 4, 2);
+        assert_eq!((g.width(), g.height()), (4 * 66 + 2, 3 * 66 + 2));
+    }
+
+    #[test]
+    fn pixel_mapping() {
+        let t = Tensor::from_vec(vec![-1f32, 0.0, 1.0], (1, 3, 1, 1), &candle_core::Device::Cpu).unwrap();
+        let imgs = tensor_to_images(&t).unwrap();
+        assert_eq!(imgs[0].get_pixel(0, 0).0, [0, 128, 255]);
+    }
+}
