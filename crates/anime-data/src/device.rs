@@ -8,9 +8,11 @@
 //! 2. for horizontal flips, an `index_select` with a precomputed reversed index along the W axis,
 //!    merged per image with `where_cond` and a per-image mask (skipped when nothing is flipped,
 //!    a single `index_select` when everything is);
-//! 3. `permute` to NCHW and `contiguous` (still u8);
+//! 3. `permute` to NCHW and cast to u32 (one strided kernel);
 //! 4. the u8 -> f32 mapping `v / 127.5 - 1` through a 256-entry lookup table (`index_select`
-//!    with u8 ids), which is exact: 0 -> -1.0 and 255 -> 1.0 precisely.
+//!    with u32 ids), which is exact: 0 -> -1.0 and 255 -> 1.0 precisely (`to_dtype(F32)` +
+//!    `affine(2/255, -1)` gives 1.0000001 for 255 where the GPU fuses the multiply-add).
+//!    u8 ids cannot be used: candle's `index_select` reads the maximum id (255) as padding.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -89,7 +91,9 @@ impl DeviceImages {
             let mask = Tensor::from_vec(mask, (b, 1, 1, 1), device)?.broadcast_as(x.shape())?;
             x = mask.where_cond(&flipped, &x)?;
         }
-        let x = x.permute((0, 3, 1, 2))?.contiguous()?.flatten_all()?;
+        // NCHW and u8 -> u32 in one strided cast (u32 ids: candle's index_select treats the
+        // maximum id value as "padding" and returns 0, so u8 ids would map 255 to 0).
+        let x = x.permute((0, 3, 1, 2))?.to_dtype(DType::U32)?.flatten_all()?;
         Ok(self.lut.index_select(&x, 0)?.reshape((b, 3, s, s))?)
     }
 }
