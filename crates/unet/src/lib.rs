@@ -7,6 +7,7 @@
 //! network maps `(x_t, t)` to predicted noise.
 
 pub mod config;
+pub mod conv;
 pub mod lightning;
 pub mod model;
 pub mod weights;

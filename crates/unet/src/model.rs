@@ -3,7 +3,9 @@
 use std::cell::Cell;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+
+use crate::conv::Conv2d;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -128,13 +130,12 @@ pub struct AttnBlock {
 
 impl AttnBlock {
     pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
-        let c1 = Conv2dConfig::default();
         Ok(Self {
             norm: group_norm(GROUPS, c, GN_EPS, vb.pp("norm"))?,
-            proj_q: conv2d(c, c, 1, c1, vb.pp("proj_q"))?,
-            proj_k: conv2d(c, c, 1, c1, vb.pp("proj_k"))?,
-            proj_v: conv2d(c, c, 1, c1, vb.pp("proj_v"))?,
-            proj: conv2d(c, c, 1, c1, vb.pp("proj"))?,
+            proj_q: Conv2d::new(vb.pp("proj_q"), c, c, 1, 1, 0)?,
+            proj_k: Conv2d::new(vb.pp("proj_k"), c, c, 1, 1, 0)?,
+            proj_v: Conv2d::new(vb.pp("proj_v"), c, c, 1, 1, 0)?,
+            proj: Conv2d::new(vb.pp("proj"), c, c, 1, 1, 0)?,
         })
     }
 }
@@ -169,14 +170,13 @@ pub struct ResBlock {
 
 impl ResBlock {
     pub fn new(vb: VarBuilder, cin: usize, cout: usize, t_dim: usize, dropout: f32, use_attn: bool) -> Result<Self> {
-        let c3 = Conv2dConfig { padding: 1, ..Default::default() };
         Ok(Self {
             temb_proj: linear(t_dim, cout, vb.pp("temb_proj.1"))?,
             gn1: group_norm(GROUPS, cin, GN_EPS, vb.pp("block1.0"))?,
-            conv1: conv2d(cin, cout, 3, c3, vb.pp("block1.2"))?,
+            conv1: Conv2d::new(vb.pp("block1.2"), cin, cout, 3, 1, 1)?,
             gn2: group_norm(GROUPS, cout, GN_EPS, vb.pp("block2.0"))?,
-            conv2: conv2d(cout, cout, 3, c3, vb.pp("block2.3"))?,
-            shortcut: if cin != cout { Some(conv2d(cin, cout, 1, Conv2dConfig::default(), vb.pp("shortcut"))?) } else { None },
+            conv2: Conv2d::new(vb.pp("block2.3"), cout, cout, 3, 1, 1)?,
+            shortcut: if cin != cout { Some(Conv2d::new(vb.pp("shortcut"), cin, cout, 1, 1, 0)?) } else { None },
             attn: if use_attn { Some(AttnBlock::new(vb.pp("attn"), cout)?) } else { None },
             dropout,
         })
@@ -207,8 +207,7 @@ pub struct DownSample {
 
 impl DownSample {
     pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
-        let cfg = Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
-        Ok(Self { net: conv2d(c, c, 3, cfg, vb.pp("net"))? })
+        Ok(Self { net: Conv2d::new(vb.pp("net"), c, c, 3, 2, 1)? })
     }
 }
 
@@ -225,7 +224,7 @@ pub struct UpSample {
 
 impl UpSample {
     pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
-        Ok(Self { net: conv2d(c, c, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb.pp("net"))? })
+        Ok(Self { net: Conv2d::new(vb.pp("net"), c, c, 3, 1, 1)? })
     }
 }
 
@@ -265,9 +264,8 @@ impl UNet {
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::wrap)?;
         let t_dim = cfg.time_dim();
-        let c3 = Conv2dConfig { padding: 1, ..Default::default() };
         let time_embedding = TimeEmbedding::new(vb.pp("time_embedding.time_embedding"), cfg)?;
-        let head = conv2d(cfg.image_channels, cfg.ch, 3, c3, vb.pp("head"))?;
+        let head = Conv2d::new(vb.pp("head"), cfg.image_channels, cfg.ch, 3, 1, 1)?;
 
         let mut skip_ch = vec![cfg.ch];
         let mut c = cfg.ch;
@@ -308,7 +306,7 @@ impl UNet {
         }
         debug_assert!(skip_ch.is_empty());
         let tail_norm = group_norm(GROUPS, c, GN_EPS, vb.pp("tail.0"))?;
-        let tail_conv = conv2d(c, cfg.image_channels, 3, c3, vb.pp("tail.2"))?;
+        let tail_conv = Conv2d::new(vb.pp("tail.2"), c, cfg.image_channels, 3, 1, 1)?;
         Ok(Self { config: cfg.clone(), time_embedding, head, downblocks, middle_blocks, upblocks, tail_norm, tail_conv })
     }
 
