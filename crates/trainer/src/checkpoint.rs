@@ -1,0 +1,258 @@
+//! Checkpoints: atomic, checksummed, resumable.
+//!
+//! ```text
+//! <run>/checkpoints/step_00001234/
+//!     model.safetensors      ModelWeights format: trainable tensors + the frozen time table,
+//!                            `ema.<name>` copies when EMA is on; metadata unet_config,
+//!                            diffusion_config (JSON of diffusion::ScheduleConfig), step, epoch
+//!     optimizer.safetensors  Adam moments `m.<name>`, `v.<name>`; metadata step
+//!     state.json             written last: step, epoch, position in the epoch order, RNG
+//!                            state, the run config, and the size + CRC-32 of both files
+//! ```
+//!
+//! The folder is written as `step_XXXXXXXX.tmp/` (each file atomically, fsynced) and renamed
+//! when complete; a checkpoint whose `state.json` is missing, unreadable, or disagrees with a
+//! file's size or checksum is corrupt, and loading falls back to the previous one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use unet::weights::{write_atomic, UNET_CONFIG_KEY};
+use unet::ModelWeights;
+
+use crate::{RunConfig, TrainError};
+
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const STATE_FORMAT: &str = "ddpm-anime-trainer-checkpoint/1";
+/// Metadata key of the diffusion schedule config in model files.
+pub const DIFFUSION_CONFIG_KEY: &str = "diffusion_config";
+
+/// A file of the checkpoint, as recorded in `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// Where the run stands: everything besides the tensors needed to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format: String,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// The epoch in progress (0-based); after an epoch end, the next one with `position` 0.
+    pub epoch: u64,
+    /// Images of this epoch's order already trained on (index into `epoch_order`).
+    pub position: usize,
+    /// The training noise stream (flips, timesteps, noise, dropout seeds).
+    pub rng: diffusion::RngState,
+    /// Training images in the split (a check that the data did not change).
+    pub train_images: usize,
+    /// Seconds of training over all sessions.
+    pub elapsed_s: f64,
+    /// Why it was written: epoch, periodic, stop, max-steps, time-limit, finished.
+    pub reason: String,
+    /// Unix time of writing.
+    pub saved_unix: u64,
+    pub config: RunConfig,
+    pub files: Vec<FileEntry>,
+}
+
+/// A checkpoint read back and verified.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub state: TrainState,
+    pub model: ModelWeights,
+    pub optimizer: HashMap<String, Tensor>,
+}
+
+pub fn checkpoint_dir(run: &Path, step: u64) -> PathBuf {
+    run.join(CHECKPOINTS_DIR).join(format!("step_{step:08}"))
+}
+
+/// Serialises named tensors (sorted) with metadata into safetensors bytes.
+pub fn serialize(tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<Vec<u8>, TrainError> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let views: Vec<(String, Tensor)> = names
+        .into_iter()
+        .map(|k| Ok((k.clone(), tensors[k].to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+        .map_err(|e| TrainError::Invalid(format!("cannot serialise tensors: {e}")))
+}
+
+/// The bytes of a model file in the `unet::ModelWeights` format.
+pub fn model_bytes(w: &ModelWeights) -> Result<Vec<u8>, TrainError> {
+    let mut meta: HashMap<String, String> = w.metadata.clone().into_iter().collect();
+    meta.insert(UNET_CONFIG_KEY.into(), serde_json::to_string(&w.config).expect("config serialises"));
+    serialize(&w.tensors, meta)
+}
+
+fn write(path: &Path, data: &[u8]) -> Result<(), TrainError> {
+    write_atomic(path, data).map_err(|e| TrainError::Checkpoint(e.to_string()))
+}
+
+pub fn save_png_atomic(path: &Path, img: &image::RgbImage) -> Result<(), TrainError> {
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| TrainError::Invalid(format!("cannot encode {}: {e}", path.display())))?;
+    write(path, &png)
+}
+
+fn fsync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Writes a complete checkpoint for `state` (its `files` are filled in here), refreshes
+/// `<run>/model.safetensors`, and deletes all but the last `keep` checkpoints.
+pub fn save(
+    run: &Path,
+    mut state: TrainState,
+    model: &ModelWeights,
+    optimizer: &HashMap<String, Tensor>,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let final_dir = checkpoint_dir(run, state.step);
+    let tmp_dir = final_dir.with_extension("tmp");
+    let io = |what: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |e| TrainError::io(what, &p, e)
+    };
+    if tmp_dir.exists() {
+        std::fs::remove_dir_all(&tmp_dir).map_err(io("cannot remove", &tmp_dir))?;
+    }
+    std::fs::create_dir_all(&tmp_dir).map_err(io("cannot create", &tmp_dir))?;
+
+    let model_data = model_bytes(model)?;
+    let mut opt_meta = HashMap::new();
+    opt_meta.insert("step".to_string(), state.step.to_string());
+    opt_meta.insert("optimizer".to_string(), "adam".to_string());
+    let opt_data = serialize(optimizer, opt_meta)?;
+    state.files.clear();
+    for (name, data) in [(MODEL_FILE, &model_data), (OPTIMIZER_FILE, &opt_data)] {
+        write(&tmp_dir.join(name), data)?;
+        state.files.push(FileEntry { name: name.into(), bytes: data.len() as u64, crc32: crc32fast::hash(data) });
+    }
+    let json = serde_json::to_vec_pretty(&state).expect("state serialises");
+    write(&tmp_dir.join(STATE_FILE), &json)?;
+    fsync_dir(&tmp_dir);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io("cannot replace", &final_dir))?;
+    }
+    std::fs::rename(&tmp_dir, &final_dir).map_err(io("cannot rename", &tmp_dir))?;
+    fsync_dir(final_dir.parent().expect("checkpoints folder"));
+    // What `cargo xtask sample --checkpoint <run>` loads.
+    write(&run.join(MODEL_FILE), &model_data)?;
+    prune(run, keep)?;
+    Ok(final_dir)
+}
+
+/// Complete checkpoint folders (`step_XXXXXXXX`, not `.tmp`), by ascending step.
+pub fn list(run: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(run.join(CHECKPOINTS_DIR)) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(n) = name.strip_prefix("step_") {
+                if let Ok(step) = n.parse::<u64>() {
+                    if e.path().is_dir() {
+                        out.push((step, e.path()));
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn prune(run: &Path, keep: usize) -> Result<(), TrainError> {
+    let all = list(run);
+    let n = all.len();
+    for (_, dir) in all.into_iter().take(n.saturating_sub(keep)) {
+        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io("cannot delete old checkpoint", &dir, e))?;
+    }
+    // Leftovers of an interrupted save.
+    if let Ok(rd) = std::fs::read_dir(run.join(CHECKPOINTS_DIR)) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") && e.path().is_dir() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads `state.json` and checks every file's size and checksum.
+pub fn verify(dir: &Path) -> Result<TrainState, String> {
+    let text = std::fs::read(dir.join(STATE_FILE)).map_err(|e| format!("no readable {STATE_FILE} ({e})"))?;
+    let state: TrainState = serde_json::from_slice(&text).map_err(|e| format!("bad {STATE_FILE}: {e}"))?;
+    if state.format != STATE_FORMAT {
+        return Err(format!("unknown checkpoint format '{}'", state.format));
+    }
+    for name in [MODEL_FILE, OPTIMIZER_FILE] {
+        let entry = state.files.iter().find(|f| f.name == name).ok_or_else(|| format!("{STATE_FILE} lists no {name}"))?;
+        let data = std::fs::read(dir.join(name)).map_err(|e| format!("cannot read {name} ({e})"))?;
+        if data.len() as u64 != entry.bytes {
+            return Err(format!("{name} has {} bytes, expected {} (truncated?)", data.len(), entry.bytes));
+        }
+        let crc = crc32fast::hash(&data);
+        if crc != entry.crc32 {
+            return Err(format!("{name} checksum {crc:08x} != {:08x} (corrupt)", entry.crc32));
+        }
+    }
+    Ok(state)
+}
+
+/// Loads one verified checkpoint.
+pub fn load(dir: &Path) -> Result<Loaded, String> {
+    let state = verify(dir)?;
+    let model = ModelWeights::load(&dir.join(MODEL_FILE)).map_err(|e| e.to_string())?;
+    let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu).map_err(|e| e.to_string())?;
+    Ok(Loaded { dir: dir.to_path_buf(), state, model, optimizer })
+}
+
+/// The newest checkpoint that verifies, and a warning for each newer one that did not.
+/// `Ok(None)` when the run has no checkpoint at all; an error when it has some but none is usable.
+pub fn load_latest(run: &Path) -> Result<Option<(Loaded, Vec<String>)>, TrainError> {
+    let all = list(run);
+    if all.is_empty() {
+        return Ok(None);
+    }
+    let mut warnings = Vec::new();
+    for (_, dir) in all.iter().rev() {
+        match load(dir) {
+            Ok(l) => return Ok(Some((l, warnings))),
+            Err(reason) => {
+                let w = format!("checkpoint {} is unusable: {reason}; falling back to the previous one", dir.display());
+                tracing::warn!("{w}");
+                warnings.push(w);
+            }
+        }
+    }
+    Err(TrainError::Checkpoint(format!(
+        "none of the {} checkpoints in {} is usable ({}); move the folder away to start over",
+        all.len(),
+        run.join(CHECKPOINTS_DIR).display(),
+        warnings.join("; ")
+    )))
+}
+
+/// Metadata of the model files: the diffusion config and where in training they come from.
+pub fn model_metadata(cfg: &RunConfig, step: u64, epoch: u64) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert(DIFFUSION_CONFIG_KEY.to_string(), serde_json::to_string(&cfg.diffusion).expect("config serialises"));
+    m.insert("step".to_string(), step.to_string());
+    m.insert("epoch".to_string(), epoch.to_string());
+    m.insert("producer".to_string(), "ddpm-anime trainer".to_string());
+    m
+}

@@ -1,0 +1,125 @@
+//! The loss curve PNG (plotters, bitmap backend).
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::TrainError;
+
+/// DejaVu Sans, for the axis labels. License: Bitstream Vera / DejaVu (public-domain changes),
+/// which permits redistribution with its notice: see `assets/DejaVuSans-LICENSE.txt`.
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// Exponential moving average of a series (for a readable training curve).
+pub fn smooth(values: &[f64], weight: f64) -> Vec<f64> {
+    let mut out = Vec::with_capacity(values.len());
+    let mut acc: Option<f64> = None;
+    for &v in values {
+        let a = match acc {
+            None => v,
+            Some(a) => weight * a + (1.0 - weight) * v,
+        };
+        acc = Some(a);
+        out.push(a);
+    }
+    out
+}
+
+/// Draws the training loss (raw and smoothed) and the validation loss against the step, on a
+/// log scale, into a `width x height` PNG at `path` (written atomically).
+pub fn loss_curve(path: &Path, title: &str, train: &[(u64, f64)], val: &[(u64, f64)], size: (u32, u32)) -> Result<(), TrainError> {
+    register_font();
+    let (w, h) = size;
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    let err = |e: String| TrainError::Invalid(format!("loss plot: {e}"));
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+        let pts: Vec<f64> = train.iter().chain(val).map(|p| p.1).filter(|v| v.is_finite() && *v > 0.0).collect();
+        let (lo, hi) = if pts.is_empty() {
+            (0.01, 1.0)
+        } else {
+            let lo = pts.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = pts.iter().cloned().fold(0.0, f64::max);
+            (lo * 0.9, (hi * 1.1).max(lo * 1.2))
+        };
+        let max_step = train.iter().chain(val).map(|p| p.0).max().unwrap_or(1).max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0u64..max_step, (lo..hi).log_scale())
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("MSE loss (log)")
+            .label_style(("sans-serif", 13))
+            .y_label_formatter(&|v| format!("{v:.3}"))
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        let ok = |p: &&(u64, f64)| p.1.is_finite() && p.1 > 0.0;
+        let raw: Vec<(u64, f64)> = train.iter().filter(ok).cloned().collect();
+        chart
+            .draw_series(LineSeries::new(raw.iter().cloned(), RGBColor(160, 190, 230).stroke_width(1)))
+            .map_err(|e| err(e.to_string()))?
+            .label("train loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(160, 190, 230)));
+        let sm = smooth(&raw.iter().map(|p| p.1).collect::<Vec<_>>(), 0.9);
+        chart
+            .draw_series(LineSeries::new(raw.iter().zip(sm).map(|(p, s)| (p.0, s)), BLUE.stroke_width(2)))
+            .map_err(|e| err(e.to_string()))?
+            .label("train loss (smoothed)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        let vals: Vec<(u64, f64)> = val.iter().filter(ok).cloned().collect();
+        if !vals.is_empty() {
+            chart
+                .draw_series(LineSeries::new(vals.iter().cloned(), RED.stroke_width(2)))
+                .map_err(|e| err(e.to_string()))?
+                .label("val loss")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+            chart
+                .draw_series(vals.iter().map(|p| Circle::new(*p, 3, RED.filled())))
+                .map_err(|e| err(e.to_string()))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        root.present().map_err(|e| err(e.to_string()))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buf).expect("buffer size");
+    crate::checkpoint::save_png_atomic(path, &img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_a_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("loss.png");
+        let train: Vec<(u64, f64)> = (1..200).map(|s| (s, 1.0 / (1.0 + s as f64 * 0.05))).collect();
+        loss_curve(&p, "test", &train, &[(100, 0.2), (199, 0.1)], (640, 400)).unwrap();
+        let img = image::open(&p).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (640, 400));
+        // Something other than white was drawn.
+        assert!(img.pixels().any(|px| px.0 != [255, 255, 255]));
+        loss_curve(&p, "empty", &[], &[], (320, 200)).unwrap();
+        assert_eq!(smooth(&[1.0, 0.0], 0.5), vec![1.0, 0.5]);
+    }
+}

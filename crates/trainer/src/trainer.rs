@@ -1,0 +1,736 @@
+//! The training loop.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anime_data::{DeviceImages, PackedDataset, Split};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use diffusion::{NoiseRng, SamplerKind, Schedule};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracing::{info, warn};
+use unet::{Mode, ModelWeights, UNet};
+
+use crate::adam::{clip_gradients, global_norm, warmup_lr, Adam, AdamParams};
+use crate::checkpoint::{self, TrainState};
+use crate::metrics::{MetricsLog, Record};
+use crate::tensorboard::EventWriter;
+use crate::{Precision, RunConfig, TrainError};
+
+/// Stream of the training noise (flips, timesteps, noise, dropout seeds) under `train.seed`.
+const TRAIN_STREAM: u64 = 1;
+/// Stream of the validation timesteps and noise: the same every epoch.
+const VAL_STREAM: u64 = 2;
+
+/// The resolved config of a run: `config` (a file or preset name) if given, else the run's
+/// saved `config.toml` if there is one, else the reference; then the `key=value` overrides.
+pub fn resolve_config(run_dir: &Path, config: Option<&str>, overrides: &[(String, String)]) -> Result<RunConfig, TrainError> {
+    let saved = run_dir.join("config.toml");
+    let mut cfg = match config {
+        Some(spec) => RunConfig::from_name_or_path(spec)?,
+        None if saved.exists() => RunConfig::load(&saved)?,
+        None => RunConfig::reference(),
+    };
+    for (k, v) in overrides {
+        cfg.set(k, v)?;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutput {
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: Option<f64>,
+    /// Learning rate used (after warm-up).
+    pub lr: f64,
+}
+
+/// The model, its optimizer and EMA: everything a training step changes except the data
+/// position and the noise stream.
+pub struct StepEngine {
+    pub cfg: RunConfig,
+    pub model: UNet,
+    pub varmap: VarMap,
+    pub opt: Adam,
+    /// EMA copies in the optimizer's (name-sorted) order, when EMA is on.
+    pub ema: Option<Vec<Tensor>>,
+    pub schedule: Schedule,
+    device: Device,
+}
+
+impl StepEngine {
+    /// A freshly initialised model (seeded by `train.seed`) with zero optimizer state.
+    pub fn new(cfg: &RunConfig, device: &Device) -> Result<Self, TrainError> {
+        cfg.validate()?;
+        if cfg.train.precision == Precision::Bf16 {
+            let msg = if device.is_cpu() {
+                "train.precision = \"bf16\" needs a CUDA device (and is not implemented yet); use \"f32\""
+            } else {
+                "train.precision = \"bf16\" (mixed precision) is not implemented yet; use \"f32\""
+            };
+            return Err(TrainError::Config(msg.into()));
+        }
+        let (model, varmap) = unet::new_trainable(&cfg.unet, device, cfg.train.seed)?;
+        let vars: Vec<(String, candle_core::Var)> =
+            varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let t = &cfg.train;
+        let params = AdamParams {
+            lr: t.lr,
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_eps,
+            weight_decay: t.weight_decay,
+            decoupled: t.decoupled_weight_decay,
+        };
+        let opt = Adam::new(vars, params)?;
+        let ema = match t.ema() {
+            Some(_) => Some(opt.vars().iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?),
+            None => None,
+        };
+        let schedule = Schedule::new(&cfg.diffusion)?;
+        Ok(Self { cfg: cfg.clone(), model, varmap, opt, ema, schedule, device: device.clone() })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// One optimizer step on the batch `x0` (`[B, 3, S, S]` in [-1, 1]): draws the timesteps,
+    /// the noise and the dropout seed from `rng` (in that order), computes the MSE loss on the
+    /// predicted noise, back-propagates, clips if configured, updates with Adam and the EMA.
+    /// Waits for the device (reads the loss), so it can be timed as is.
+    pub fn train_step(&mut self, x0: &Tensor, rng: &mut NoiseRng) -> Result<StepOutput, TrainError> {
+        let b = x0.dim(0)?;
+        let (ts, _) = rng.timesteps(b, self.schedule.num_steps(), &self.device)?;
+        let noise = rng.randn(x0.shape().clone(), &self.device)?;
+        let seed = rng.next_u64();
+        let step = self.opt.step_count();
+        let model = &self.model;
+        let predict = move |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Train { seed });
+        let loss = self.schedule.loss(&predict, x0, &ts, &noise)?;
+        let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !loss_v.is_finite() {
+            return Err(TrainError::NonFinite(format!("loss is {loss_v} at step {}", step + 1)));
+        }
+        let grads = loss.backward()?;
+        let mut g = self.opt.gradients(&grads)?;
+        drop(grads);
+        let norm = global_norm(&g)?;
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite(format!("gradient norm is {norm} at step {}", step + 1)));
+        }
+        if let Some(max) = self.cfg.train.clip() {
+            clip_gradients(&mut g, norm, max)?;
+        }
+        let lr = warmup_lr(self.cfg.train.lr, step, self.cfg.train.warmup_steps);
+        self.opt.step_with(&g, lr)?;
+        if let (Some(ema), Some(decay)) = (self.ema.as_mut(), self.cfg.train.ema()) {
+            // Warm-up: early on the average follows the weights closely.
+            let d = decay.min((1.0 + step as f64) / (10.0 + step as f64));
+            for (e, v) in ema.iter_mut().zip(self.opt.vars()) {
+                *e = e.affine(d, 0.0)?.add(&v.as_tensor().affine(1.0 - d, 0.0)?)?;
+            }
+        }
+        Ok(StepOutput { loss: loss_v, grad_norm: Some(norm), lr })
+    }
+
+    /// The model file contents: trainable tensors, the time table, and `ema.*` copies.
+    pub fn weights(&self, metadata: std::collections::BTreeMap<String, String>) -> Result<ModelWeights, TrainError> {
+        let mut tensors = unet::weights::state_dict(&self.model, &self.varmap)?;
+        if let Some(ema) = &self.ema {
+            for (name, t) in self.opt.names().iter().zip(ema) {
+                tensors.insert(format!("{}{name}", unet::weights::EMA_PREFIX), t.clone());
+            }
+        }
+        Ok(ModelWeights { config: self.cfg.unet.clone(), tensors, metadata })
+    }
+
+    /// Sets the trainable variables (and the EMA, when on) from a model file.
+    pub fn load_weights(&mut self, w: &ModelWeights) -> Result<(), TrainError> {
+        if w.config != self.cfg.unet {
+            return Err(TrainError::ConfigMismatch("the checkpoint's unet config differs from the run's".into()));
+        }
+        for (i, name) in self.opt.names().to_vec().iter().enumerate() {
+            let t = w.tensors.get(name).ok_or_else(|| TrainError::Checkpoint(format!("model file has no '{name}'")))?;
+            self.opt.vars()[i].set(&t.to_dtype(DType::F32)?.to_device(&self.device)?)?;
+            if let Some(ema) = self.ema.as_mut() {
+                let key = format!("{}{name}", unet::weights::EMA_PREFIX);
+                let e = w.tensors.get(&key).ok_or_else(|| TrainError::Checkpoint(format!("model file has no '{key}'")))?;
+                ema[i] = e.to_dtype(DType::F32)?.to_device(&self.device)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A plain (non-trainable) copy of the network, from the EMA weights when `ema` and EMA is on.
+    pub fn sampling_model(&self, ema: bool) -> Result<UNet, TrainError> {
+        let w = self.weights(Default::default())?;
+        Ok(w.build(&self.device, ema && self.ema.is_some())?)
+    }
+
+    /// Mean loss over `images` (in batches of `batch`) with the network in eval mode, with
+    /// timesteps and noise from a fresh `NoiseRng` stream: the same draws every call.
+    pub fn eval_loss(&self, data: &DeviceImages, images: &[usize], batch: usize, seed: u64) -> Result<f64, TrainError> {
+        let mut rng = NoiseRng::with_stream(seed, VAL_STREAM);
+        let mut total = 0.0;
+        for chunk in images.chunks(batch.max(1)) {
+            let x0 = data.batch(chunk, None)?;
+            let (ts, _) = rng.timesteps(chunk.len(), self.schedule.num_steps(), &self.device)?;
+            let noise = rng.randn(x0.shape().clone(), &self.device)?;
+            let model = &self.model;
+            let predict = move |x: &Tensor, t: &Tensor| model.forward_t(&x.detach(), t, Mode::Eval).map(|y| y.detach());
+            let l = self.schedule.loss(&predict, &x0, &ts, &noise)?.to_scalar::<f32>()?;
+            total += l as f64 * chunk.len() as f64;
+        }
+        Ok(total / images.len().max(1) as f64)
+    }
+}
+
+/// Reported to [`TrainOptions::on_step`] after each step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepMetrics {
+    /// Steps done, this one included.
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: Option<f64>,
+}
+
+/// How a run is driven (not part of the config: none of it changes the result).
+#[derive(Default)]
+pub struct TrainOptions {
+    /// indicatif progress bars on stderr.
+    pub progress: bool,
+    /// Fail when the run folder has no checkpoint (`--resume`); without it a run folder that
+    /// has checkpoints is resumed anyway, with a message.
+    pub require_resume: bool,
+    /// Called after every step (e.g. to set the stop flag, or to watch the loss).
+    pub on_step: Option<Box<dyn FnMut(&StepMetrics) + Send>>,
+    /// Testing aid: return right after this step without saving anything, as a `kill -9` would.
+    pub crash_after_step: Option<u64>,
+}
+
+/// Why [`Trainer::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// All `train.epochs` done.
+    Finished,
+    MaxSteps,
+    TimeLimit,
+    /// The stop flag was set (Ctrl-C).
+    Interrupted,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub reason: StopReason,
+    /// Steps done in total (all sessions).
+    pub steps: u64,
+    /// Epochs completed.
+    pub epochs: u64,
+    /// Steps done in this session.
+    pub session_steps: u64,
+    pub session_seconds: f64,
+    pub images_per_s: f64,
+    pub last_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    /// Step of the checkpoint this session resumed from.
+    pub resumed_from: Option<u64>,
+    pub last_checkpoint: Option<PathBuf>,
+    /// Warnings (corrupt checkpoints skipped, settings changed on resume).
+    pub warnings: Vec<String>,
+}
+
+/// A training run in a run folder.
+pub struct Trainer {
+    cfg: RunConfig,
+    run_dir: PathBuf,
+    engine: StepEngine,
+    data: DeviceImages,
+    split: Split,
+    rng: NoiseRng,
+    epoch: u64,
+    position: usize,
+    order: Vec<usize>,
+    order_epoch: Option<u64>,
+    step: u64,
+    elapsed_before: f64,
+    metrics: MetricsLog,
+    tb: Option<EventWriter>,
+    opts: TrainOptions,
+    last_saved: Option<(u64, PathBuf)>,
+    resumed_from: Option<u64>,
+    warnings: Vec<String>,
+    fixed_noise: Option<Tensor>,
+}
+
+/// `path` itself when it is a file, else `path/packed.safetensors`.
+fn packed_path(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(anime_data::PACKED_FILE)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+impl Trainer {
+    /// Opens (or creates) the run folder: resumes from its last complete checkpoint when it has
+    /// one (checking the config against it), else starts from seeded initial weights.
+    pub fn new(cfg: RunConfig, run_dir: &Path, device: &Device, opts: TrainOptions) -> Result<Self, TrainError> {
+        cfg.validate()?;
+        let packed = packed_path(Path::new(&cfg.data.path));
+        if !packed.exists() {
+            return Err(TrainError::Data(format!(
+                "no packed dataset at {}: run `cargo xtask prepare-data --out {}` first (or pass --data)",
+                packed.display(),
+                cfg.data.path
+            )));
+        }
+        let ds = PackedDataset::load(&packed)?;
+        if ds.size() != cfg.unet.image_size {
+            return Err(TrainError::Data(format!(
+                "{} holds {}x{} images but unet.image_size is {}",
+                packed.display(),
+                ds.size(),
+                ds.size(),
+                cfg.unet.image_size
+            )));
+        }
+        let split = anime_data::split_indices(ds.len(), cfg.data.split_seed, cfg.data.val_frac, cfg.data.test_frac);
+        if split.train.is_empty() {
+            return Err(TrainError::Data(format!("{} has no training images", packed.display())));
+        }
+        let data = DeviceImages::new(&ds, device)?;
+        drop(ds);
+
+        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io("cannot create", run_dir, e))?;
+        let mut engine = StepEngine::new(&cfg, device)?;
+        let mut rng = NoiseRng::with_stream(cfg.train.seed, TRAIN_STREAM);
+        let (mut epoch, mut position, mut step, mut elapsed_before) = (0, 0, 0, 0.0);
+        let mut warnings = Vec::new();
+        let mut resumed_from = None;
+        let mut last_saved = None;
+        match checkpoint::load_latest(run_dir)? {
+            Some((ck, skipped)) => {
+                warnings.extend(skipped);
+                let st = &ck.state;
+                for w in cfg.check_resume(&st.config, &ck.dir.join(checkpoint::STATE_FILE))? {
+                    warn!("{w}");
+                    warnings.push(w);
+                }
+                if st.train_images != split.train.len() {
+                    return Err(TrainError::ConfigMismatch(format!(
+                        "the run was trained on {} training images but {} has {}: same data needed to resume",
+                        st.train_images,
+                        packed.display(),
+                        split.train.len()
+                    )));
+                }
+                engine.load_weights(&ck.model)?;
+                engine.opt.load_state(&ck.optimizer, st.step)?;
+                rng = NoiseRng::from_state(&st.rng)?;
+                (epoch, position, step, elapsed_before) = (st.epoch, st.position, st.step, st.elapsed_s);
+                info!(
+                    "resuming {} from {} (step {}, epoch {}, image {} of the epoch)",
+                    run_dir.display(),
+                    ck.dir.display(),
+                    step,
+                    epoch + 1,
+                    position
+                );
+                resumed_from = Some(step);
+                last_saved = Some((step, ck.dir.clone()));
+            }
+            None if opts.require_resume => {
+                return Err(TrainError::Checkpoint(format!("nothing to resume: {} has no checkpoint", run_dir.display())));
+            }
+            None => {
+                let (total, trainable) = unet::parameter_counts(&cfg.unet)?;
+                info!(
+                    "new run in {}: {} training / {} validation images, UNet {trainable} trainable parameters ({total} with the time table)",
+                    run_dir.display(),
+                    split.train.len(),
+                    split.val.len()
+                );
+            }
+        }
+        unet::weights::write_atomic(&run_dir.join("config.toml"), cfg.to_toml_string().as_bytes())?;
+        let resume_epoch = epoch;
+        let metrics = MetricsLog::open(run_dir, |r| {
+            r.step < step || (r.step == step && (r.kind == "step" || r.epoch < resume_epoch))
+        })?;
+        let tb = if cfg.log.tensorboard { Some(EventWriter::create(&run_dir.join("tb"), Some(step))?) } else { None };
+        Ok(Self {
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            engine,
+            data,
+            split,
+            rng,
+            epoch,
+            position,
+            order: Vec::new(),
+            order_epoch: None,
+            step,
+            elapsed_before,
+            metrics,
+            tb,
+            opts,
+            last_saved,
+            resumed_from,
+            warnings,
+            fixed_noise: None,
+        })
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+    pub fn engine(&self) -> &StepEngine {
+        &self.engine
+    }
+    pub fn engine_mut(&mut self) -> &mut StepEngine {
+        &mut self.engine
+    }
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+    /// Steps done so far.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    pub fn split(&self) -> &Split {
+        &self.split
+    }
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    fn ensure_order(&mut self) {
+        if self.order_epoch != Some(self.epoch) {
+            self.order = anime_data::epoch_order(&self.split.train, self.cfg.train.seed, self.epoch);
+            self.order_epoch = Some(self.epoch);
+        }
+    }
+
+    fn steps_per_epoch(&self) -> u64 {
+        self.split.train.len().div_ceil(self.cfg.train.batch_size) as u64
+    }
+
+    /// One optimizer step on the next batch of the epoch order (the last batch of an epoch may be
+    /// smaller). Does not cross into the next epoch: call [`Trainer::end_epoch`] when
+    /// [`Trainer::epoch_done`]. This is what `run` does per step, minus logging and checkpoints.
+    pub fn step(&mut self) -> Result<StepOutput, TrainError> {
+        self.ensure_order();
+        if self.epoch_done() {
+            return Err(TrainError::Invalid("the epoch is over: call end_epoch first".into()));
+        }
+        let end = (self.position + self.cfg.train.batch_size).min(self.order.len());
+        let idx = &self.order[self.position..end];
+        let flips: Option<Vec<bool>> = if self.cfg.data.hflip {
+            Some((0..idx.len()).map(|_| self.rng.bernoulli(0.5)).collect())
+        } else {
+            None
+        };
+        let x0 = self.data.batch(idx, flips.as_deref())?;
+        let out = self.engine.train_step(&x0, &mut self.rng).map_err(|e| match e {
+            TrainError::NonFinite(m) => TrainError::NonFinite(format!(
+                "{m} (epoch {}): training diverged and stopped without saving; {}. Lower train.lr or set train.grad_clip",
+                self.epoch + 1,
+                match &self.last_saved {
+                    Some((s, d)) => format!("the last good checkpoint (step {s}) is kept in {}", d.display()),
+                    None => "no checkpoint had been written yet".into(),
+                }
+            )),
+            other => other,
+        })?;
+        self.position = end;
+        self.step += 1;
+        Ok(out)
+    }
+
+    pub fn epoch_done(&self) -> bool {
+        self.order_epoch == Some(self.epoch) && self.position >= self.order.len()
+    }
+
+    /// Moves to the next epoch.
+    pub fn end_epoch(&mut self) {
+        self.epoch += 1;
+        self.position = 0;
+    }
+
+    fn state(&self, reason: &str, session_s: f64) -> TrainState {
+        TrainState {
+            format: checkpoint::STATE_FORMAT.into(),
+            step: self.step,
+            epoch: self.epoch,
+            position: self.position,
+            rng: self.rng.state(),
+            train_images: self.split.train.len(),
+            elapsed_s: self.elapsed_before + session_s,
+            reason: reason.into(),
+            saved_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            config: self.cfg.clone(),
+            files: Vec::new(),
+        }
+    }
+
+    /// Writes a checkpoint of the current state (nothing when this step is already saved).
+    pub fn save_checkpoint(&mut self, reason: &str, session_s: f64) -> Result<PathBuf, TrainError> {
+        if let Some((s, d)) = &self.last_saved {
+            if *s == self.step && d.exists() {
+                return Ok(d.clone());
+            }
+        }
+        let meta = checkpoint::model_metadata(&self.cfg, self.step, self.epoch);
+        let weights = self.engine.weights(meta)?;
+        let opt = self.engine.opt.state_tensors();
+        let dir = checkpoint::save(&self.run_dir, self.state(reason, session_s), &weights, &opt, self.cfg.checkpoint.keep_last)?;
+        self.last_saved = Some((self.step, dir.clone()));
+        Ok(dir)
+    }
+
+    /// A grid of `count` samples (DDIM, `steps` steps, eta 0) from the fixed noise of `seed`.
+    pub fn sample_grid(&self, count: usize, steps: usize, seed: u64, ema: bool) -> Result<image::RgbImage, TrainError> {
+        let s = self.cfg.unet.image_size;
+        let noise = NoiseRng::new(seed).randn((count, self.cfg.unet.image_channels, s, s), self.engine.device())?;
+        self.sample_grid_from(&noise, steps, ema)
+    }
+
+    fn sample_grid_from(&self, noise: &Tensor, steps: usize, ema: bool) -> Result<image::RgbImage, TrainError> {
+        let model = self.engine.sampling_model(ema)?;
+        let kind = SamplerKind::Ddim { steps, eta: 0.0 };
+        let mut rng = NoiseRng::new(0);
+        let batch = self.cfg.train.batch_size.max(16);
+        let x0 = sampler::generate(&model, &self.engine.schedule, noise, &kind, &mut rng, batch, |_, _| {})?;
+        let imgs = sampler::tensor_to_images(&x0)?;
+        let ncol = (imgs.len() as f64).sqrt().ceil() as usize;
+        Ok(sampler::make_grid(&imgs, ncol, 2))
+    }
+
+    fn preview(&mut self) -> Result<PathBuf, TrainError> {
+        let l = &self.cfg.log;
+        if self.fixed_noise.is_none() {
+            let s = self.cfg.unet.image_size;
+            let n = NoiseRng::new(l.sample_seed).randn((l.sample_count, self.cfg.unet.image_channels, s, s), self.engine.device())?;
+            self.fixed_noise = Some(n);
+        }
+        let grid = self.sample_grid_from(self.fixed_noise.as_ref().unwrap(), l.sample_steps, l.sample_ema)?;
+        let path = self.run_dir.join("samples").join(format!("epoch_{:04}.png", self.epoch));
+        checkpoint::save_png_atomic(&path, &grid)?;
+        if let Some(tb) = self.tb.as_mut() {
+            tb.image(self.step, "samples", &grid)?;
+        }
+        Ok(path)
+    }
+
+    fn plot(&self) -> Result<(), TrainError> {
+        let (train, val) = self.metrics.curves();
+        let name = self.run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        crate::plot::loss_curve(&self.run_dir.join("loss.png"), &format!("{name}: training loss"), &train, &val, (900, 560))
+    }
+
+    /// Trains until all epochs are done, `train.max_steps` or `train.max_minutes` is reached, or
+    /// `stop` is set; each of these ends with a checkpoint. Errors (e.g. a non-finite loss)
+    /// return without saving, so the last checkpoint stays the last good state.
+    pub fn run(&mut self, stop: Arc<AtomicBool>) -> Result<TrainSummary, TrainError> {
+        let t0 = Instant::now();
+        let session_start_step = self.step;
+        let mut last_save = Instant::now();
+        let mut window = (Instant::now(), 0u64, 0.0f64, 0u64); // (since, images, loss sum, steps)
+        let mut last_loss = None;
+        let mut last_val = None;
+        let mut last_lr = self.cfg.train.lr;
+        let mut last_norm = None;
+        let mut session_images = 0u64;
+        let spe = self.steps_per_epoch();
+        let reason = 'outer: loop {
+            if self.epoch >= self.cfg.train.epochs {
+                break StopReason::Finished;
+            }
+            self.ensure_order();
+            let pb = if self.opts.progress {
+                let pb = ProgressBar::with_draw_target(Some(spe), ProgressDrawTarget::stderr());
+                pb.set_style(
+                    ProgressStyle::with_template("epoch {prefix} [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}")
+                        .expect("template")
+                        .progress_chars("=> "),
+                );
+                pb.set_prefix(format!("{}/{}", self.epoch + 1, self.cfg.train.epochs));
+                pb.set_position((self.position / self.cfg.train.batch_size) as u64);
+                pb
+            } else {
+                ProgressBar::hidden()
+            };
+            let epoch_t0 = Instant::now();
+            let (mut epoch_loss, mut epoch_steps, mut epoch_images) = (0.0f64, 0u64, 0u64);
+            while !self.epoch_done() {
+                let session_s = t0.elapsed().as_secs_f64();
+                if stop.load(Ordering::SeqCst) {
+                    pb.abandon();
+                    break 'outer StopReason::Interrupted;
+                }
+                if self.cfg.train.max_steps.is_some_and(|m| self.step >= m) {
+                    pb.abandon();
+                    break 'outer StopReason::MaxSteps;
+                }
+                if self.cfg.train.max_minutes.is_some_and(|m| session_s >= m * 60.0) {
+                    pb.abandon();
+                    break 'outer StopReason::TimeLimit;
+                }
+                let b = (self.order.len() - self.position).min(self.cfg.train.batch_size) as u64;
+                let out = self.step()?;
+                if self.opts.crash_after_step == Some(self.step) {
+                    return Err(TrainError::SimulatedCrash(self.step));
+                }
+                let m = StepMetrics { step: self.step, epoch: self.epoch, loss: out.loss, lr: out.lr, grad_norm: out.grad_norm };
+                if let Some(cb) = self.opts.on_step.as_mut() {
+                    cb(&m);
+                }
+                last_loss = Some(out.loss as f64);
+                last_lr = out.lr;
+                last_norm = out.grad_norm;
+                window.1 += b;
+                window.2 += out.loss as f64;
+                window.3 += 1;
+                epoch_loss += out.loss as f64;
+                epoch_steps += 1;
+                epoch_images += b;
+                session_images += b;
+                let ips = epoch_images as f64 / epoch_t0.elapsed().as_secs_f64().max(1e-9);
+                pb.set_message(format!("loss {:.4} {:.1} img/s", out.loss, ips));
+                pb.inc(1);
+                if self.step % self.cfg.log.every_steps.max(1) == 0 {
+                    let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+                    let rec = Record {
+                        kind: "step".into(),
+                        step: self.step,
+                        epoch: self.epoch,
+                        loss: window.2 / window.3 as f64,
+                        val_loss: None,
+                        lr: out.lr,
+                        grad_norm: out.grad_norm,
+                        images_per_s: window.1 as f64 / secs,
+                        time_s: self.elapsed_before + t0.elapsed().as_secs_f64(),
+                    };
+                    if let Some(tb) = self.tb.as_mut() {
+                        tb.scalar(self.step, "train/loss", rec.loss)?;
+                        tb.scalar(self.step, "train/lr", rec.lr)?;
+                        if let Some(n) = rec.grad_norm {
+                            tb.scalar(self.step, "train/grad_norm", n)?;
+                        }
+                        tb.scalar(self.step, "perf/images_per_s", rec.images_per_s)?;
+                    }
+                    self.metrics.push(rec)?;
+                    window = (Instant::now(), 0, 0.0, 0);
+                }
+                let c = &self.cfg.checkpoint;
+                let due_steps = c.every_steps > 0 && self.step % c.every_steps == 0;
+                let due_time = c.every_minutes > 0.0 && last_save.elapsed().as_secs_f64() >= c.every_minutes * 60.0;
+                if (due_steps || due_time) && !self.epoch_done() {
+                    let dir = self.save_checkpoint("periodic", t0.elapsed().as_secs_f64())?;
+                    pb.suspend(|| info!("checkpoint {}", dir.display()));
+                    last_save = Instant::now();
+                }
+            }
+            pb.finish_and_clear();
+            // Epoch end.
+            let ended = self.epoch;
+            let epoch_secs = epoch_t0.elapsed().as_secs_f64();
+            let val = if self.cfg.train.validate && !self.split.val.is_empty() {
+                Some(self.engine.eval_loss(&self.data, &self.split.val, self.cfg.train.batch_size, self.cfg.train.seed)?)
+            } else {
+                None
+            };
+            last_val = val.or(last_val);
+            let mean = if epoch_steps > 0 { epoch_loss / epoch_steps as f64 } else { f64::NAN };
+            let rec = Record {
+                kind: "epoch".into(),
+                step: self.step,
+                epoch: ended,
+                loss: mean,
+                val_loss: val,
+                lr: last_lr,
+                grad_norm: last_norm,
+                images_per_s: epoch_images as f64 / epoch_secs.max(1e-9),
+                time_s: self.elapsed_before + t0.elapsed().as_secs_f64(),
+            };
+            if let Some(tb) = self.tb.as_mut() {
+                if epoch_steps > 0 {
+                    tb.scalar(self.step, "epoch/train_loss", mean)?;
+                }
+                if let Some(v) = val {
+                    tb.scalar(self.step, "epoch/val_loss", v)?;
+                }
+            }
+            self.metrics.push(rec)?;
+            info!(
+                "epoch {}/{} done at step {}: train loss {:.4}{} ({:.1} img/s, {:.0} s)",
+                ended + 1,
+                self.cfg.train.epochs,
+                self.step,
+                mean,
+                val.map(|v| format!(", val loss {v:.4}")).unwrap_or_default(),
+                epoch_images as f64 / epoch_secs.max(1e-9),
+                epoch_secs
+            );
+            self.end_epoch();
+            let every = self.cfg.log.sample_every_epochs;
+            if every > 0 && (ended + 1) % every == 0 {
+                let p = self.preview()?;
+                info!("samples: {}", p.display());
+            }
+            self.plot()?;
+            self.save_checkpoint("epoch", t0.elapsed().as_secs_f64())?;
+            last_save = Instant::now();
+            if let Some(tb) = self.tb.as_mut() {
+                tb.flush()?;
+            }
+        };
+        let reason_str = match reason {
+            StopReason::Finished => "finished",
+            StopReason::MaxSteps => "max-steps",
+            StopReason::TimeLimit => "time-limit",
+            StopReason::Interrupted => "stop",
+        };
+        let dir = self.save_checkpoint(reason_str, t0.elapsed().as_secs_f64())?;
+        self.plot()?;
+        if let Some(tb) = self.tb.as_mut() {
+            tb.flush()?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let session_steps = self.step - session_start_step;
+        let ips = session_images as f64 / secs.max(1e-9);
+        info!("{}: stopped ({reason_str}) at step {}, checkpoint {}", self.run_dir.display(), self.step, dir.display());
+        Ok(TrainSummary {
+            run_dir: self.run_dir.clone(),
+            reason,
+            steps: self.step,
+            epochs: self.epoch,
+            session_steps,
+            session_seconds: secs,
+            images_per_s: ips,
+            last_loss,
+            last_val_loss: last_val,
+            resumed_from: self.resumed_from,
+            last_checkpoint: Some(dir),
+            warnings: self.warnings.clone(),
+        })
+    }
+}
+
+/// All tensors of a safetensors file (for comparing runs).
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, TrainError> {
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
+}

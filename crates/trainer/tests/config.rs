@@ -1,0 +1,55 @@
+//! The presets and the config plumbing.
+
+use trainer::{Precision, RunConfig, StepEngine};
+
+#[test]
+fn anime64_preset_is_the_reference_default() {
+    let c = RunConfig::from_name_or_path("anime64").unwrap();
+    assert_eq!(c, RunConfig::default());
+    assert_eq!(c.unet, unet::UNetConfig::reference());
+    let t = &c.train;
+    assert_eq!((t.batch_size, t.seed, t.epochs), (128, 999, 500));
+    assert_eq!((t.lr, t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay), (1e-4, 0.9, 0.999, 1e-8, 0.0));
+    assert_eq!((t.grad_clip, t.ema_decay, t.warmup_steps), (None, None, 0));
+    assert_eq!((c.data.val_frac, c.data.test_frac, c.data.split_seed, c.data.hflip), (0.025, 0.025, 999, false));
+    assert_eq!(c.log.sample_count, 256);
+    // The file on disk is the same as the one compiled in.
+    let disk = RunConfig::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/anime64.toml")).unwrap();
+    assert_eq!(disk, c);
+}
+
+#[test]
+fn every_preset_parses_and_validates() {
+    for (name, _) in trainer::config::PRESETS {
+        let c = RunConfig::from_name_or_path(name).unwrap();
+        c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        // Saved config.toml round-trips.
+        assert_eq!(RunConfig::from_toml_str(&c.to_toml_string(), name).unwrap(), c, "{name}");
+    }
+    let cifar = RunConfig::from_name_or_path("cifar10").unwrap();
+    assert_eq!(cifar.unet, unet::UNetConfig { image_size: 64, ..unet::UNetConfig::cifar10() });
+    assert_eq!((cifar.train.ema(), cifar.train.clip(), cifar.train.warmup_steps), (Some(0.9999), Some(1.0), 5000));
+}
+
+#[test]
+fn overrides_and_errors() {
+    let mut c = RunConfig::default();
+    c.set("train.lr", "2e-4").unwrap();
+    c.set("unet.ch_mult", "[1, 2]").unwrap();
+    c.set("data.path", "/tmp/some where").unwrap();
+    c.set("train.grad_clip", "1").unwrap();
+    assert_eq!((c.train.lr, c.unet.ch_mult.clone(), c.data.path.as_str(), c.train.clip()), (2e-4, vec![1, 2], "/tmp/some where", Some(1.0)));
+    assert!(c.set("train.nope", "1").unwrap_err().to_string().contains("nope"));
+    assert!(c.set("train.batch_size", "\"big\"").is_err());
+    let e = RunConfig::from_toml_str("[unet]\nch = 32\n", "x.toml").unwrap_err().to_string();
+    assert!(e.starts_with("config: x.toml") && !e.contains('\n'), "{e}");
+    let e = RunConfig::from_name_or_path("no-such-preset").unwrap_err().to_string();
+    assert!(e.contains("anime64"), "{e}");
+    let mut bad = RunConfig::default();
+    bad.diffusion.num_steps = 500;
+    assert!(bad.validate().unwrap_err().to_string().contains("num_steps"));
+    let mut bf = RunConfig::from_name_or_path("tiny").unwrap();
+    bf.train.precision = Precision::Bf16;
+    let e = StepEngine::new(&bf, &candle_core::Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("bf16"), "{e}");
+}
