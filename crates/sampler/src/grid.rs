@@ -48,6 +48,40 @@ pub fn make_grid(images: &[RgbImage], ncol: usize, padding: usize) -> RgbImage {
     grid
 }
 
+/// Height of the label band that [`with_column_labels`] adds above a grid.
+pub const LABEL_BAND: u32 = 16;
+
+/// Adds a black band above a `make_grid` grid with one white label centred over each column
+/// (drawn with the built-in 3x5 font at scale 2). `cell` is the cell width in pixels.
+pub fn with_column_labels(grid: &RgbImage, labels: &[String], cell: usize, padding: usize) -> RgbImage {
+    let band = LABEL_BAND;
+    let mut out = RgbImage::new(grid.width(), grid.height() + band);
+    image::imageops::replace(&mut out, grid, 0, band as i64);
+    for (j, label) in labels.iter().enumerate() {
+        // Scale 2 when it fits in the cell, else 1.
+        let scale = if crate::font::text_width(label, 2) as usize <= cell { 2 } else { 1 };
+        let w = crate::font::text_width(label, scale) as i64;
+        let x0 = (padding + j * (cell + padding)) as i64 + (cell as i64 - w) / 2;
+        let y0 = (band as i64 - crate::font::text_height(scale) as i64) / 2 + 1;
+        crate::font::draw_text(&mut out, label, x0, y0, scale, image::Rgb([255, 255, 255]));
+    }
+    out
+}
+
+/// Writes `img` as PNG, creating parent folders.
+pub fn save_png(img: &RgbImage, path: &std::path::Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| crate::SamplerError::Io { path: dir.display().to_string(), source: e })?;
+    }
+    img.save_with_format(path, image::ImageFormat::Png)
+        .map_err(|e| crate::SamplerError::Image { path: path.display().to_string(), reason: e.to_string() })
+}
+
+/// `[N, 3, H, W]` in [-1, 1] as a `make_grid` grid with `ncol` columns and 2 px padding.
+pub fn tensor_grid(images: &Tensor, ncol: usize) -> Result<RgbImage> {
+    Ok(make_grid(&tensor_to_images(images)?, ncol, 2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,6 +98,17 @@ mod tests {
         // A partial last row still takes a full row.
         let g = make_grid(&imgs[..10], 4, 2);
         assert_eq!((g.width(), g.height()), (4 * 66 + 2, 3 * 66 + 2));
+    }
+
+    #[test]
+    fn labels_add_a_band_on_top() {
+        let imgs: Vec<RgbImage> = (0..6).map(|_| RgbImage::from_pixel(64, 64, image::Rgb([9, 9, 9]))).collect();
+        let g = make_grid(&imgs, 3, 2);
+        let l = with_column_labels(&g, &["t=1000".into(), "t=500".into(), "t=0".into()], 64, 2);
+        assert_eq!((l.width(), l.height()), (g.width(), g.height() + LABEL_BAND));
+        assert_eq!(l.get_pixel(10, LABEL_BAND + 10).0, [9, 9, 9]);
+        let white = (0..LABEL_BAND).flat_map(|y| (0..l.width()).map(move |x| (x, y))).filter(|&(x, y)| l.get_pixel(x, y).0 == [255; 3]).count();
+        assert!(white > 50, "labels drawn: {white} white pixels");
     }
 
     #[test]

@@ -4,13 +4,34 @@
 //!
 //! It joins the `unet` network to the `diffusion` math; it never trains.
 
-pub mod grid;
+//!
+//! Randomness: image `i` of a run seeded with `s` draws its x_T and every per-step noise from
+//! its own stream (`diffusion::NoiseRng::with_stream(s, i)`, see [`noise`]), so a seed fixes the
+//! images whatever the batch size, and the first k images of a larger run are the k images of
+//! a smaller one.
+//!
+//! Entry points: [`Sampler`] (samples, process strips, recover, interpolation),
+//! [`sample_grid`] (for benchmarks), [`generate`] (trainer previews), [`load_model`] /
+//! [`resolve_checkpoint`] (model files), and the grid helpers in [`grid`].
 
-use candle_core::{Device, Tensor};
+pub mod checkpoint;
+pub mod font;
+pub mod grid;
+pub mod noise;
+pub mod progress;
+pub mod sampling;
+
+use candle_core::Tensor;
 use diffusion::{NoisePredictor, NoiseRng, SamplerKind, Schedule};
 use unet::{Mode, UNet};
 
-pub use grid::{make_grid, tensor_to_images};
+pub use checkpoint::{load_model, resolve_checkpoint, schedule_for, LoadedModel};
+pub use grid::{make_grid, save_png, tensor_grid, tensor_to_images, with_column_labels};
+pub use noise::ImageStreams;
+pub use progress::Progress;
+pub use sampling::{
+    default_batch, kind_name, output_tag, process_file_name, recover_file_name, sample_file_name, reverse_steps, sample_grid, validate_kind, ProcessStrip, RecoverMode, Recovered, Sampler,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SamplerError {
@@ -41,6 +62,10 @@ impl NoisePredictor for EvalModel<'_> {
 
 /// Runs the reverse process from the given `x_T` (`[N, C, H, W]`), `batch` images at a time
 /// (bounding memory), and returns x_0 in [-1, 1] (clamped) on the CPU.
+///
+/// One `u64` is drawn from `rng`; image i's per-step noise then comes from its own stream of
+/// that seed, so `batch` does not change the result. `on_step(i, n)` follows step i of n
+/// (0-based), for every batch.
 pub fn generate(
     model: &UNet,
     schedule: &Schedule,
@@ -48,19 +73,8 @@ pub fn generate(
     kind: &SamplerKind,
     rng: &mut NoiseRng,
     batch: usize,
-    mut on_step: impl FnMut(usize, usize),
+    on_step: impl FnMut(usize, usize),
 ) -> Result<Tensor> {
-    let n = x_t.dim(0)?;
-    let batch = batch.max(1);
-    let t_start = schedule.num_steps() - 1;
-    let mut outs = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = batch.min(n - start);
-        let chunk = x_t.narrow(0, start, len)?;
-        let x0 = diffusion::reverse_process(schedule, &EvalModel(model), &chunk, t_start, kind, rng, |i, total, _, _| on_step(i, total))?;
-        outs.push(x0.clamp(-1f32, 1f32)?.to_device(&Device::Cpu)?);
-        start += len;
-    }
-    Ok(Tensor::cat(&outs, 0)?)
+    let seed = rng.next_u64();
+    Sampler::for_unet(model, schedule).batch(batch).sample_from(x_t, kind, seed, on_step)
 }
