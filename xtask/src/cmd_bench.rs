@@ -1,4 +1,237 @@
-use anyhow::Result;
+//! `cargo xtask bench`: our forward pass, training step and DDIM sampling against the PyTorch
+//! reference (`scripts/bench_torch.py`, which reuses `../shared/bench/bench_cpu.py`'s timing
+//! functions), same cases, same thread count, back to back in one run, with the ratio.
+//!
+//! Each of our cases runs in a child process of this binary so that its peak memory (VmHWM)
+//! is its own.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use diffusion::{NoiseRng, SamplerKind, Schedule};
+use serde_json::{json, Value};
+use unet::{Mode, UNet, UNetConfig};
+
 #[derive(clap::Args)]
-pub struct BenchArgs {}
-pub fn run(_a: BenchArgs) -> Result<()> { anyhow::bail!("not yet implemented") }
+pub struct BenchArgs {
+    /// Comma-separated cases: forward, train8, train16, reduced-forward, reduced-train, ddim50 (or all).
+    #[arg(long, default_value = "all")]
+    cases: String,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Threads for both sides (RAYON_NUM_THREADS / torch.set_num_threads).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Python with torch for the side-by-side reference; `none` to skip it.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Folder holding the PyTorch reference's bench_cpu.py and ref_unet.py.
+    #[arg(long, default_value = "../shared/bench")]
+    torch_bench: PathBuf,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "target/bench/bench.json")]
+    out: PathBuf,
+    /// Internal: run one case in this process and print its JSON.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+}
+
+const ALL: [&str; 6] = ["forward", "train8", "train16", "reduced-forward", "reduced-train", "ddim50"];
+
+fn reduced() -> UNetConfig {
+    UNetConfig { image_size: 32, ch: 32, ch_mult: vec![1, 2, 2], attn: vec![1], num_res_blocks: 1, ..UNetConfig::reference() }
+}
+
+struct Case {
+    cfg: UNetConfig,
+    batch: usize,
+    kind: &'static str,
+}
+
+fn case(name: &str) -> Result<Case> {
+    let full = UNetConfig::reference();
+    Ok(match name {
+        "forward" => Case { cfg: full, batch: 16, kind: "forward" },
+        "train8" => Case { cfg: full, batch: 8, kind: "train" },
+        "train16" => Case { cfg: full, batch: 16, kind: "train" },
+        "reduced-forward" => Case { cfg: reduced(), batch: 32, kind: "forward" },
+        "reduced-train" => Case { cfg: reduced(), batch: 32, kind: "train" },
+        "ddim50" => Case { cfg: full, batch: 16, kind: "ddim50" },
+        other => bail!("unknown bench case '{other}' (known: {})", ALL.join(", ")),
+    })
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn time_runs(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f()?;
+            Ok(t.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
+}
+
+/// A frozen (no-grad) copy of a freshly initialised model.
+fn frozen(cfg: &UNetConfig, dev: &Device) -> Result<UNet> {
+    let (model, varmap) = unet::new_trainable(cfg, dev, 0)?;
+    let tensors = unet::weights::state_dict(&model, &varmap)?
+        .into_iter()
+        .map(|(k, v)| (k, v.detach()))
+        .collect();
+    Ok(UNet::new(VarBuilder::from_tensors(tensors, DType::F32, dev), cfg)?)
+}
+
+fn run_child(name: &str, warmup: usize, runs: usize) -> Result<Value> {
+    let c = case(name)?;
+    let dev = Device::Cpu;
+    let s = c.cfg.image_size;
+    let mut rng = NoiseRng::new(0);
+    let schedule = Schedule::reference();
+    let times = match c.kind {
+        "forward" => {
+            let model = frozen(&c.cfg, &dev)?;
+            let x = rng.randn((c.batch, 3, s, s), &dev)?;
+            let (_, t) = rng.timesteps(c.batch, 1000, &dev)?;
+            time_runs(warmup, runs, || {
+                model.forward_t(&x, &t, Mode::Eval)?;
+                Ok(())
+            })?
+        }
+        "train" => {
+            let (model, varmap) = unet::new_trainable(&c.cfg, &dev, 0)?;
+            let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut opt = trainer::Adam::new(vars, trainer::AdamParams::default())?;
+            let x0 = rng.randn((c.batch, 3, s, s), &dev)?.tanh()?;
+            time_runs(warmup, runs, || {
+                let (ts, _) = rng.timesteps(c.batch, 1000, &dev)?;
+                let noise = rng.randn((c.batch, 3, s, s), &dev)?;
+                let seed = rng.next_u64();
+                let pred = |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Train { seed });
+                let loss = schedule.loss(&pred, &x0, &ts, &noise)?;
+                let grads = loss.backward()?;
+                let g = opt.gradients(&grads)?;
+                opt.step_with(&g, 1e-4)?;
+                Ok(())
+            })?
+        }
+        "ddim50" => {
+            let model = frozen(&c.cfg, &dev)?;
+            let x_t = rng.randn((c.batch, 3, s, s), &dev)?;
+            let kind = SamplerKind::Ddim { steps: 50, eta: 0.0 };
+            time_runs(0, runs.min(1), || {
+                sampler::generate(&model, &schedule, &x_t, &kind, &mut rng, c.batch, |_, _| {})?;
+                Ok(())
+            })?
+        }
+        _ => unreachable!(),
+    };
+    let med = median(&times);
+    Ok(json!({
+        "case": name, "batch": c.batch, "median_s": med, "runs_s": times,
+        "images_per_s": c.batch as f64 / med, "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
+fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
+    if args.python == "none" {
+        return Ok(None);
+    }
+    if !args.torch_bench.join("bench_cpu.py").exists() {
+        eprintln!("PyTorch reference not found in {} (use --torch-bench): skipping it", args.torch_bench.display());
+        return Ok(None);
+    }
+    let o = Command::new(&args.python)
+        .arg("scripts/bench_torch.py")
+        .args(["--case", name, "--runs", &args.runs.to_string(), "--warmup", &args.warmup.to_string()])
+        .args(["--threads", &args.threads.to_string()])
+        .arg("--ref-dir")
+        .arg(&args.torch_bench)
+        .output()
+        .with_context(|| format!("running {} scripts/bench_torch.py", args.python))?;
+    if !o.status.success() {
+        eprintln!("PyTorch side of {name} failed (is torch installed for '{}'?): {}", args.python,
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_slice(&o.stdout).context("parsing bench_torch.py output")?))
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(name) = &args.child {
+        let v = run_child(name, args.warmup, args.runs)?;
+        println!("{v}");
+        return Ok(());
+    }
+    let names: Vec<String> = if args.cases == "all" {
+        ALL.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.cases.split(',').map(|s| s.trim().to_string()).collect()
+    };
+    for n in &names {
+        case(n)?;
+    }
+    let exe = std::env::current_exe()?;
+    println!("{:<16} {:>5} {:>10} {:>10} {:>8} {:>9} {:>9}", "case", "batch", "ours s", "torch s", "speedup", "ours MB", "torch MB");
+    let mut rows = Vec::new();
+    for name in &names {
+        // Back to back, same case: the machine's load drifts, so pairs are what compare.
+        let o = Command::new(&exe)
+            .args(["bench", "--child", name, "--runs", &args.runs.to_string(), "--warmup", &args.warmup.to_string()])
+            .env("RAYON_NUM_THREADS", args.threads.to_string())
+            .output()
+            .with_context(|| format!("running bench case {name}"))?;
+        if !o.status.success() {
+            bail!("bench case {name} failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
+        }
+        let ours: Value = serde_json::from_slice(&o.stdout).with_context(|| format!("parsing case {name} output"))?;
+        let torch = torch_case(&args, name)?;
+        let ours_s = ours["median_s"].as_f64().unwrap_or(f64::NAN);
+        let t = torch.as_ref().and_then(|r| r["median_s"].as_f64());
+        let tp = torch.as_ref().and_then(|r| r["peak_rss_mb"].as_f64());
+        println!(
+            "{:<16} {:>5} {:>10.3} {:>10} {:>8} {:>9.0} {:>9}",
+            name,
+            ours["batch"],
+            ours_s,
+            t.map(|x| format!("{x:.3}")).unwrap_or("-".into()),
+            t.map(|x| format!("{:.2}x", x / ours_s)).unwrap_or("-".into()),
+            ours["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+            tp.map(|x| format!("{x:.0}")).unwrap_or("-".into()),
+        );
+        rows.push(json!({"ours": ours, "torch": torch, "speedup": t.map(|x| x / ours_s)}));
+    }
+    println!("speedup = PyTorch time / our time (above 1: we are faster); threads = {}", args.threads);
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    let doc = json!({"threads": args.threads, "runs": args.runs, "warmup": args.warmup, "cpu": cpu, "rows": rows});
+    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}

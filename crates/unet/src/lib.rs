@@ -10,6 +10,7 @@ pub mod config;
 pub mod conv;
 pub mod lightning;
 pub mod model;
+pub mod norm;
 pub mod weights;
 
 pub use config::UNetConfig;

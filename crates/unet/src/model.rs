@@ -3,9 +3,10 @@
 use std::cell::Cell;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
 use crate::conv::Conv2d;
+use crate::norm::GroupNorm;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -65,7 +66,7 @@ impl DropoutMasks {
     }
 }
 
-fn hardswish(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn hardswish(x: &Tensor) -> Result<Tensor> {
     // PyTorch: x * relu6(x + 3) / 6
     x.mul(&x.affine(1.0, 3.0)?.clamp(0.0, 6.0)?.affine(1.0 / 6.0, 0.0)?)
 }
@@ -131,7 +132,7 @@ pub struct AttnBlock {
 impl AttnBlock {
     pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
         Ok(Self {
-            norm: group_norm(GROUPS, c, GN_EPS, vb.pp("norm"))?,
+            norm: GroupNorm::new(vb.pp("norm"), GROUPS, c, GN_EPS)?,
             proj_q: Conv2d::new(vb.pp("proj_q"), c, c, 1, 1, 0)?,
             proj_k: Conv2d::new(vb.pp("proj_k"), c, c, 1, 1, 0)?,
             proj_v: Conv2d::new(vb.pp("proj_v"), c, c, 1, 1, 0)?,
@@ -172,9 +173,9 @@ impl ResBlock {
     pub fn new(vb: VarBuilder, cin: usize, cout: usize, t_dim: usize, dropout: f32, use_attn: bool) -> Result<Self> {
         Ok(Self {
             temb_proj: linear(t_dim, cout, vb.pp("temb_proj.1"))?,
-            gn1: group_norm(GROUPS, cin, GN_EPS, vb.pp("block1.0"))?,
+            gn1: GroupNorm::new(vb.pp("block1.0"), GROUPS, cin, GN_EPS)?,
             conv1: Conv2d::new(vb.pp("block1.2"), cin, cout, 3, 1, 1)?,
-            gn2: group_norm(GROUPS, cout, GN_EPS, vb.pp("block2.0"))?,
+            gn2: GroupNorm::new(vb.pp("block2.0"), GROUPS, cout, GN_EPS)?,
             conv2: Conv2d::new(vb.pp("block2.3"), cout, cout, 3, 1, 1)?,
             shortcut: if cin != cout { Some(Conv2d::new(vb.pp("shortcut"), cin, cout, 1, 1, 0)?) } else { None },
             attn: if use_attn { Some(AttnBlock::new(vb.pp("attn"), cout)?) } else { None },
@@ -183,10 +184,10 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor, masks: &DropoutMasks) -> Result<Tensor> {
-        let h = self.conv1.forward(&hardswish(&self.gn1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.gn1.forward_hardswish(x)?)?;
         let t = self.temb_proj.forward(&hardswish(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = masks.apply(&hardswish(&self.gn2.forward(&h)?)?, self.dropout)?;
+        let h = masks.apply(&self.gn2.forward_hardswish(&h)?, self.dropout)?;
         let h = self.conv2.forward(&h)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
@@ -305,7 +306,7 @@ impl UNet {
             }
         }
         debug_assert!(skip_ch.is_empty());
-        let tail_norm = group_norm(GROUPS, c, GN_EPS, vb.pp("tail.0"))?;
+        let tail_norm = GroupNorm::new(vb.pp("tail.0"), GROUPS, c, GN_EPS)?;
         let tail_conv = Conv2d::new(vb.pp("tail.2"), c, cfg.image_channels, 3, 1, 1)?;
         Ok(Self { config: cfg.clone(), time_embedding, head, downblocks, middle_blocks, upblocks, tail_norm, tail_conv })
     }
@@ -351,7 +352,7 @@ impl UNet {
                 Block::Down(_) => unreachable!("no downsampling on the up path"),
             };
         }
-        let out = self.tail_conv.forward(&hardswish(&self.tail_norm.forward(&h)?)?)?;
+        let out = self.tail_conv.forward(&self.tail_norm.forward_hardswish(&h)?)?;
         Ok((out, Intermediates { temb, mid }))
     }
 }

@@ -1,0 +1,296 @@
+//! GroupNorm, optionally fused with the Hardswish that follows it everywhere in this network.
+//!
+//! candle's GroupNorm is about ten tensor ops, each keeping a full-size intermediate alive for
+//! the backward pass, and Hardswish adds four more. On CPU this op does one pass forward and
+//! one backward, and keeps only its input: the statistics are recomputed in the backward pass.
+//! Other devices use the composite ops (same maths).
+
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Parameter names as `torch.nn.GroupNorm`: `weight` (init 1) and `bias` (init 0).
+    pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if channels % groups != 0 {
+            candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
+        }
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.))?;
+        Ok(Self { weight, bias, groups, eps })
+    }
+
+    /// GroupNorm alone.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    /// `hardswish(group_norm(x))`.
+    pub fn forward_hardswish(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, act: bool) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 {
+            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act };
+            x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
+        } else {
+            let y = composite_group_norm(x, &self.weight, &self.bias, self.groups, self.eps)?;
+            if act { crate::model::hardswish(&y) } else { Ok(y) }
+        }
+    }
+}
+
+/// The unfused maths (candle_nn's GroupNorm), used off CPU and as the tests' reference.
+pub fn composite_group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    let per = x.elem_count() / (n * groups);
+    let xg = x.reshape((n, groups, per))?.to_dtype(DType::F32)?;
+    let mean = (xg.sum_keepdim(2)? / per as f64)?;
+    let xc = xg.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim(2)? / per as f64)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(x.dtype())?.reshape(dims.as_slice())?;
+    let mut wd = vec![1; dims.len()];
+    wd[1] = c;
+    xn.broadcast_mul(&w.reshape(wd.as_slice())?)?.broadcast_add(&b.reshape(wd.as_slice())?)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+    act: bool,
+}
+
+struct Dims {
+    n: usize,
+    c: usize,
+    hw: usize,
+    cpg: usize,
+}
+
+impl GroupNormOp {
+    fn dims(&self, l: &Layout) -> Dims {
+        let d = l.dims();
+        let (n, c) = (d[0], d[1]);
+        let hw = d[2..].iter().product();
+        Dims { n, c, hw, cpg: c / self.groups }
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => candle_core::bail!("group norm op expects contiguous inputs"),
+    }
+}
+
+/// Mean and 1/std of one group, accumulated in f64 (the group can hold 10^5 values).
+fn stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let len = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / len;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
+    (mean as f32, 1.0 / ((var as f32) + eps).sqrt())
+}
+
+#[inline]
+fn hardswish(y: f32) -> f32 {
+    y * (y + 3.0).clamp(0.0, 6.0) / 6.0
+}
+
+/// PyTorch's hardswish_backward: 0 below -3, y/3 + 1/2 up to 3, 1 above.
+#[inline]
+fn hardswish_grad(y: f32) -> f32 {
+    if y < -3.0 {
+        0.0
+    } else if y <= 3.0 {
+        y / 3.0 + 0.5
+    } else {
+        1.0
+    }
+}
+
+impl candle_core::CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        if self.act { "group-norm-hardswish" } else { "group-norm" }
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1);
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let group_len = d.cpg * d.hw;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(ng, (o, xs))| {
+            let g = ng % self.groups;
+            let (mean, rstd) = stats(xs, self.eps);
+            for ci in 0..d.cpg {
+                let c = g * d.cpg + ci;
+                let (scale, shift) = (w[c] * rstd, b[c] - mean * rstd * w[c]);
+                let range = ci * d.hw..(ci + 1) * d.hw;
+                for (ov, &xv) in o[range.clone()].iter_mut().zip(&xs[range]) {
+                    let y = xv * scale + shift;
+                    *ov = if self.act { hardswish(y) } else { y };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let op = GroupNormBackward(*self);
+        // One op computes all three gradients; it returns them packed as [dx | dw | db].
+        let packed = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[w, b], 0)?, &op)?;
+        let n = x.elem_count();
+        let c = w.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, c)?;
+        let db = packed.narrow(0, n + c, c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct GroupNormBackward(GroupNormOp);
+
+impl candle_core::CustomOp3 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "group-norm-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let d = op.dims(l1);
+        let (x, go, wb) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (w, b) = wb.split_at(d.c);
+        let group_len = d.cpg * d.hw;
+        let mut dx = vec![0f32; x.len()];
+        // Per (image, channel) partial sums of dL/dy and dL/dy * xhat, reduced over images below.
+        let mut partial = vec![0f32; d.n * d.c * 2];
+        dx.par_chunks_mut(group_len)
+            .zip(partial.par_chunks_mut(d.cpg * 2))
+            .enumerate()
+            .for_each(|(ng, (dxs, part))| {
+                let g = ng % op.groups;
+                let xs = &x[ng * group_len..(ng + 1) * group_len];
+                let gos = &go[ng * group_len..(ng + 1) * group_len];
+                let (mean, rstd) = stats(xs, op.eps);
+                // First pass: dL/dxhat into dxs, and the two group means it needs.
+                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                for ci in 0..d.cpg {
+                    let c = g * d.cpg + ci;
+                    let (mut db_c, mut dw_c) = (0f32, 0f32);
+                    let range = ci * d.hw..(ci + 1) * d.hw;
+                    for ((dv, &xv), &gv) in dxs[range.clone()].iter_mut().zip(&xs[range.clone()]).zip(&gos[range]) {
+                        let xhat = (xv - mean) * rstd;
+                        let gy = if op.act { gv * hardswish_grad(xhat * w[c] + b[c]) } else { gv };
+                        db_c += gy;
+                        dw_c += gy * xhat;
+                        let gxhat = gy * w[c];
+                        sum_g += gxhat as f64;
+                        sum_gx += (gxhat * xhat) as f64;
+                        *dv = gxhat;
+                    }
+                    part[2 * ci] = dw_c;
+                    part[2 * ci + 1] = db_c;
+                }
+                let len = group_len as f64;
+                let (mg, mgx) = ((sum_g / len) as f32, (sum_gx / len) as f32);
+                for (dv, &xv) in dxs.iter_mut().zip(xs) {
+                    let xhat = (xv - mean) * rstd;
+                    *dv = rstd * (*dv - mg - xhat * mgx);
+                }
+            });
+        let mut out = dx;
+        let mut dw = vec![0f32; d.c];
+        let mut db = vec![0f32; d.c];
+        for img in 0..d.n {
+            for c in 0..d.c {
+                dw[c] += partial[(img * d.c + c) * 2];
+                db[c] += partial[(img * d.c + c) * 2 + 1];
+            }
+        }
+        out.extend_from_slice(&dw);
+        out.extend_from_slice(&db);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64, scale: f32, offset: f32) -> Tensor {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale + offset
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        a.sub(b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn matches_composite_forward_and_backward() {
+        for act in [false, true] {
+            let x = Var::from_tensor(&rand(&[3, 8, 5, 4], 1, 3.0, 0.5)).unwrap();
+            let w = Var::from_tensor(&rand(&[8], 2, 1.0, 1.0)).unwrap();
+            let b = Var::from_tensor(&rand(&[8], 3, 1.0, 0.0)).unwrap();
+            let gn = GroupNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), groups: 4, eps: 1e-5 };
+            let ours = gn.apply(x.as_tensor(), act).unwrap();
+            let reference = composite_group_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 4, 1e-5).unwrap();
+            let reference = if act { crate::model::hardswish(&reference).unwrap() } else { reference };
+            assert!(max_diff(&ours, &reference) < 1e-5, "forward act={act}");
+            let r = rand(ours.dims(), 4, 1.0, 0.0);
+            let g1 = ours.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = reference.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                assert!(d < 1e-4, "grad {name} act={act}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let base = rand(&[2, 4, 3, 3], 7, 2.0, 0.0);
+        let w = rand(&[4], 8, 0.5, 1.0);
+        let b = rand(&[4], 9, 0.5, 0.0);
+        let r = rand(&[2, 4, 3, 3], 10, 1.0, 0.0);
+        let gn = GroupNorm { weight: w, bias: b, groups: 2, eps: 1e-5 };
+        let f = |x: &Tensor| gn.forward_hardswish(x).unwrap().mul(&r).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let xv = Var::from_tensor(&base).unwrap();
+        let grads = gn.forward_hardswish(xv.as_tensor()).unwrap().mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let flat = base.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for idx in [0usize, 5, 17, 40, 71] {
+            let eps = 1e-3f32;
+            let mut p = flat.clone();
+            p[idx] += eps;
+            let mut m = flat.clone();
+            m[idx] -= eps;
+            let tp = Tensor::from_vec(p, base.shape(), &Device::Cpu).unwrap();
+            let tm = Tensor::from_vec(m, base.shape(), &Device::Cpu).unwrap();
+            let fd = (f(&tp) - f(&tm)) / (2.0 * eps as f64);
+            assert!((fd - g[idx] as f64).abs() < 2e-2, "idx {idx}: fd {fd} vs {}", g[idx]);
+        }
+    }
+}
