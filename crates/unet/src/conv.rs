@@ -34,13 +34,17 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.weight, self.stride, self.padding)?;
-        let o = self.bias.dim(0)?;
-        y.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
+        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            // The bias is folded into the GEMM: no extra pass, no extra tensor kept for backward.
+            x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias, BiasedConvOp(ConvOp { stride: self.stride, padding: self.padding }))
+        } else {
+            let o = self.bias.dim(0)?;
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
+        }
     }
 }
 
-/// `x` [B, C, H, W] * `w` [O, C, k, k] with square stride and zero padding.
+/// `x` [B, C, H, W] * `w` [O, C, k, k] with square stride and zero padding, no bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
         x.contiguous()?.apply_op2(&w.contiguous()?, ConvOp { stride, padding })
@@ -223,6 +227,33 @@ struct ConvOp {
 }
 
 impl ConvOp {
+    fn forward(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, bias: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry(l1, l2)?;
+        let x = contiguous_f32(s1, l1)?;
+        let w = contiguous_f32(s2, l2)?;
+        let (img, hw, ckk) = (g.c * g.h * g.w, g.hw_out(), g.ckk());
+        let mut out = vec![0f32; g.b * g.o * hw];
+        let threads = gemm_threads(g.b);
+        out.par_chunks_mut(g.o * hw).enumerate().for_each(|(i, dst)| {
+            let xi = &x[i * img..(i + 1) * img];
+            if let Some(bias) = bias {
+                for (row, &bv) in dst.chunks_mut(hw).zip(bias) {
+                    row.fill(bv);
+                }
+            }
+            let acc = bias.is_some();
+            if g.is_pointwise() {
+                matmul(g.o, hw, ckk, dst, acc, w, false, xi, false, threads);
+            } else {
+                with_scratch(ckk * hw, |cols| {
+                    im2col(&g, xi, cols);
+                    matmul(g.o, hw, ckk, dst, acc, w, false, cols, false, threads);
+                });
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.ho(), g.wo()))))
+    }
+
     fn geometry(&self, x: &Layout, w: &Layout) -> Result<Geometry> {
         let (b, c, h, wd) = x.shape().dims4()?;
         let (o, c2, k, k2) = w.shape().dims4()?;
@@ -242,24 +273,7 @@ impl candle_core::CustomOp2 for ConvOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.geometry(l1, l2)?;
-        let x = contiguous_f32(s1, l1)?;
-        let w = contiguous_f32(s2, l2)?;
-        let (img, hw, ckk) = (g.c * g.h * g.w, g.hw_out(), g.ckk());
-        let mut out = vec![0f32; g.b * g.o * hw];
-        let threads = gemm_threads(g.b);
-        out.par_chunks_mut(g.o * hw).enumerate().for_each(|(i, dst)| {
-            let xi = &x[i * img..(i + 1) * img];
-            if g.is_pointwise() {
-                matmul(g.o, hw, ckk, dst, false, w, false, xi, false, threads);
-            } else {
-                with_scratch(ckk * hw, |cols| {
-                    im2col(&g, xi, cols);
-                    matmul(g.o, hw, ckk, dst, false, w, false, cols, false, threads);
-                });
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.ho(), g.wo()))))
+        self.forward(s1, l1, s2, l2, None)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -268,6 +282,27 @@ impl candle_core::CustomOp2 for ConvOp {
         let dx = grad.apply_op2_no_bwd(w, &ConvInputGrad { op: *self, c, h, w: wd })?;
         let dw = x.apply_op2_no_bwd(&grad, &ConvWeightGrad { op: *self, k: w.dim(2)? })?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Convolution plus bias as one op: `(x, w, b)`.
+#[derive(Debug, Clone, Copy)]
+struct BiasedConvOp(ConvOp);
+
+impl candle_core::CustomOp3 for BiasedConvOp {
+    fn name(&self) -> &'static str {
+        "conv2d-bias-im2col-gemm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let bias = contiguous_f32(s3, l3)?;
+        self.0.forward(s1, l1, s2, l2, Some(bias))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = candle_core::CustomOp2::bwd(&self.0, x, w, res, grad)?;
+        let db = grad.sum((0, 2, 3))?;
+        Ok((dx, dw, Some(db)))
     }
 }
 
@@ -405,6 +440,26 @@ mod tests {
         check(2, 5, 7, 3, 1, 2, 0);
         check(2, 4, 8, 4, 3, 2, 1);
         check(4, 2, 6, 3, 3, 1, 0);
+    }
+
+    #[test]
+    fn biased_module_matches_candle_conv_plus_bias() {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let mut conv = Conv2d::new(vb, 3, 4, 3, 1, 1).unwrap();
+        let w = Var::from_tensor(&randn(&[4, 3, 3, 3], 11)).unwrap();
+        let b = Var::from_tensor(&randn(&[4], 12)).unwrap();
+        conv.weight = w.as_tensor().clone();
+        conv.bias = b.as_tensor().clone();
+        let x = Var::from_tensor(&randn(&[2, 3, 6, 6], 13)).unwrap();
+        let ours = conv.forward(x.as_tensor()).unwrap();
+        let theirs = x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1).unwrap().broadcast_add(&b.as_tensor().reshape((1, 4, 1, 1)).unwrap()).unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-4);
+        let r = randn(ours.dims(), 14);
+        let g1 = ours.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = theirs.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w, &b] {
+            assert!(max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-3);
+        }
     }
 
     #[test]
