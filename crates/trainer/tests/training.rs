@@ -1,0 +1,237 @@
+//! End-to-end training tests on tiny configs and generated data (CPU).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anime_data::PackedDataset;
+use candle_core::{Device, Tensor};
+use trainer::checkpoint::{self, MODEL_FILE, OPTIMIZER_FILE};
+use trainer::{RunConfig, StopReason, TrainError, TrainOptions, Trainer};
+
+/// `n` generated `size`x`size` faces packed into `dir/packed.safetensors`.
+fn dataset(dir: &Path, n: usize, size: usize) -> PathBuf {
+    let imgs = anime_data::synthetic_faces(n, size, 7);
+    let names = (0..n).map(|i| format!("face_{i:05}.png")).collect();
+    let pixels: Vec<u8> = imgs.iter().flat_map(|im| im.as_raw().iter().copied()).collect();
+    let ds = PackedDataset::from_images(names, size, pixels).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    ds.save(&dir.join("packed.safetensors")).unwrap();
+    dir.to_path_buf()
+}
+
+/// The tiny preset at 8x8 with every optional feature on (EMA, clipping, warm-up, flips,
+/// validation), batch 4 over 22 training images: 6 steps per epoch, the last one a batch of 2.
+fn small_cfg(data: &Path) -> RunConfig {
+    let mut c = RunConfig::from_name_or_path("tiny").unwrap();
+    c.unet.image_size = 8;
+    c.data.path = data.display().to_string();
+    c.data.hflip = true;
+    c.data.val_frac = 0.1;
+    c.data.test_frac = 0.0;
+    c.train.batch_size = 4;
+    c.train.epochs = 3;
+    c.train.max_steps = Some(10);
+    c.train.grad_clip = Some(1.0);
+    c.train.warmup_steps = 3;
+    c.train.ema_decay = Some(0.99);
+    c.train.lr = 1e-3;
+    c.checkpoint.every_minutes = 0.0;
+    c.checkpoint.every_steps = 0;
+    c.checkpoint.keep_last = 3;
+    c.log.every_steps = 1;
+    c.log.sample_every_epochs = 0;
+    c.log.tensorboard = false;
+    c
+}
+
+fn run(cfg: &RunConfig, dir: &Path, opts: TrainOptions) -> Result<trainer::TrainSummary, TrainError> {
+    let mut t = Trainer::new(cfg.clone(), dir, &Device::Cpu, opts)?;
+    t.run(Arc::new(AtomicBool::new(false)))
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn assert_bit_equal(a: &Path, b: &Path) {
+    let (ta, tb) = (tensors(a), tensors(b));
+    let mut names: Vec<&String> = ta.keys().collect();
+    names.sort();
+    assert_eq!(names.len(), tb.len(), "{} vs {}", a.display(), b.display());
+    for name in names {
+        let x = ta[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = tb.get(name).unwrap_or_else(|| panic!("{name} missing in {}", b.display()));
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let same = x.len() == y.len() && x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same, "tensor {name} differs between {} and {}", a.display(), b.display());
+    }
+}
+
+#[test]
+fn resumed_runs_end_bit_for_bit_like_an_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(&tmp.path().join("data"), 24, 8);
+    let cfg = small_cfg(&data);
+
+    // A: uninterrupted, with preview grids and TensorBoard (neither may touch the training RNG).
+    let mut cfg_a = cfg.clone();
+    cfg_a.log.sample_every_epochs = 1;
+    cfg_a.log.sample_count = 4;
+    cfg_a.log.sample_steps = 3;
+    cfg_a.log.tensorboard = true;
+    let a = tmp.path().join("a");
+    let sa = run(&cfg_a, &a, TrainOptions::default()).unwrap();
+    assert_eq!(sa.reason, StopReason::MaxSteps);
+    assert_eq!(sa.steps, 10);
+    assert_eq!(sa.epochs, 1, "6 steps per epoch: the run stops inside the second epoch");
+
+    // B: stopped by the flag (Ctrl-C) after 3 steps, mid-epoch, then resumed.
+    let b = tmp.path().join("b");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let opts = TrainOptions {
+        on_step: Some(Box::new(move |m| {
+            if m.step == 3 {
+                flag.store(true, Ordering::SeqCst);
+            }
+        })),
+        ..Default::default()
+    };
+    let mut t = Trainer::new(cfg.clone(), &b, &Device::Cpu, opts).unwrap();
+    let sb = t.run(stop).unwrap();
+    assert_eq!((sb.reason, sb.steps), (StopReason::Interrupted, 3));
+    drop(t);
+    let sb = run(&cfg, &b, TrainOptions { require_resume: true, ..Default::default() }).unwrap();
+    assert_eq!((sb.resumed_from, sb.steps), (Some(3), 10));
+
+    // C: periodic checkpoints every 2 steps, then a crash after step 5 (no final save): resumes
+    // from step 4.
+    let c = tmp.path().join("c");
+    let mut cfg_c = cfg.clone();
+    cfg_c.checkpoint.every_steps = 2;
+    let err = run(&cfg_c, &c, TrainOptions { crash_after_step: Some(5), ..Default::default() }).unwrap_err();
+    assert!(matches!(err, TrainError::SimulatedCrash(5)));
+    assert_eq!(checkpoint::list(&c).last().unwrap().0, 4);
+    let sc = run(&cfg_c, &c, TrainOptions::default()).unwrap();
+    assert_eq!((sc.resumed_from, sc.steps), (Some(4), 10));
+
+    for other in [&b, &c] {
+        for file in [MODEL_FILE, OPTIMIZER_FILE] {
+            assert_bit_equal(&checkpoint::checkpoint_dir(&a, 10).join(file), &checkpoint::checkpoint_dir(other, 10).join(file));
+        }
+        let sa = checkpoint::verify(&checkpoint::checkpoint_dir(&a, 10)).unwrap();
+        let so = checkpoint::verify(&checkpoint::checkpoint_dir(other, 10)).unwrap();
+        assert_eq!((sa.rng, sa.epoch, sa.position), (so.rng, so.epoch, so.position));
+        assert_bit_equal(&a.join(MODEL_FILE), &other.join(MODEL_FILE));
+    }
+    // The model file is the sampler's: EMA copies and the diffusion config in its metadata.
+    let w = unet::ModelWeights::load(&a.join(MODEL_FILE)).unwrap();
+    assert!(w.has_ema());
+    assert!(w.metadata.contains_key("diffusion_config"));
+    w.build(&Device::Cpu, true).unwrap();
+    // Keep-last pruning, logs and previews.
+    assert!(checkpoint::list(&c).len() <= 3);
+    let metrics = std::fs::read_to_string(c.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=10).collect::<Vec<_>>(), "metrics after a crash are cut back to the checkpoint");
+    assert!(metrics.contains("val_loss"));
+    assert!(a.join("loss.png").exists());
+    assert!(a.join("samples/epoch_0001.png").exists());
+    assert!(a.join("config.toml").exists());
+    let tb: Vec<_> = std::fs::read_dir(a.join("tb")).unwrap().flatten().collect();
+    assert_eq!(tb.len(), 1);
+    let recs = trainer::tensorboard::parse_records(&std::fs::read(tb[0].path()).unwrap()).unwrap();
+    assert!(recs.len() > 30, "{} TensorBoard records", recs.len());
+}
+
+#[test]
+fn corrupt_latest_checkpoint_falls_back_mismatch_and_divergence_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(&tmp.path().join("data"), 24, 8);
+    let mut cfg = small_cfg(&data);
+    cfg.checkpoint.every_steps = 2;
+    cfg.train.max_steps = Some(4);
+    let dir = tmp.path().join("run");
+    run(&cfg, &dir, TrainOptions::default()).unwrap();
+    assert_eq!(checkpoint::list(&dir).iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4]);
+
+    // Truncate the latest checkpoint's optimizer file: the run resumes from step 2, warning.
+    let opt = checkpoint::checkpoint_dir(&dir, 4).join(OPTIMIZER_FILE);
+    let len = std::fs::metadata(&opt).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&opt).unwrap().set_len(len / 2).unwrap();
+    let t = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).unwrap();
+    assert_eq!(t.steps_done(), 2);
+    assert_eq!(t.warnings().len(), 1);
+    assert!(t.warnings()[0].contains("step_00000004") && t.warnings()[0].contains("truncated"), "{:?}", t.warnings());
+    drop(t);
+    // Continue to step 4 again (replacing the corrupt one).
+    run(&cfg, &dir, TrainOptions::default()).unwrap();
+    assert!(checkpoint::verify(&checkpoint::checkpoint_dir(&dir, 4)).is_ok());
+
+    // A different UNet on resume: one-line error naming the key.
+    let mut other = cfg.clone();
+    other.unet.ch = 64;
+    let msg = match Trainer::new(other, &dir, &Device::Cpu, TrainOptions::default()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("resumed with another unet"),
+    };
+    assert!(msg.contains("config mismatch") && msg.contains("unet.ch"), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+    // So is another batch size; a longer run is fine.
+    let mut other = cfg.clone();
+    other.train.batch_size = 8;
+    assert!(matches!(Trainer::new(other, &dir, &Device::Cpu, TrainOptions::default()), Err(TrainError::ConfigMismatch(_))));
+
+    // lr = 1e30 diverges: a clear error, and the last good checkpoint (step 4) stays the latest.
+    let before = std::fs::read(checkpoint::checkpoint_dir(&dir, 4).join(MODEL_FILE)).unwrap();
+    let mut bad = cfg.clone();
+    bad.train.lr = 1e30;
+    bad.train.grad_clip = None;
+    bad.train.warmup_steps = 0;
+    bad.train.max_steps = Some(20);
+    let err = run(&bad, &dir, TrainOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, TrainError::NonFinite(_)), "{msg}");
+    assert!(msg.contains("diverged") && msg.contains("step 4"), "{msg}");
+    assert_eq!(checkpoint::list(&dir).last().unwrap().0, 4);
+    assert_eq!(std::fs::read(checkpoint::checkpoint_dir(&dir, 4).join(MODEL_FILE)).unwrap(), before);
+    assert!(checkpoint::verify(&checkpoint::checkpoint_dir(&dir, 4)).is_ok());
+
+    // --resume on a folder without checkpoints.
+    let none = tmp.path().join("none");
+    let r = Trainer::new(cfg.clone(), &none, &Device::Cpu, TrainOptions { require_resume: true, ..Default::default() });
+    assert!(r.is_err());
+}
+
+#[test]
+fn tiny_preset_loss_falls() {
+    const STEPS: u64 = 60;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(&tmp.path().join("data"), 64, 16);
+    let mut cfg = RunConfig::from_name_or_path("tiny").unwrap();
+    cfg.data.path = data.display().to_string();
+    cfg.data.val_frac = 0.0;
+    cfg.train.max_steps = Some(STEPS);
+    cfg.train.batch_size = 8;
+    cfg.train.lr = 2e-3;
+    cfg.train.validate = false;
+    cfg.log.sample_every_epochs = 0;
+    cfg.log.tensorboard = false;
+    let losses = Arc::new(Mutex::new(Vec::new()));
+    let l2 = losses.clone();
+    let opts = TrainOptions { on_step: Some(Box::new(move |m| l2.lock().unwrap().push(m.loss))), ..Default::default() };
+    let s = run(&cfg, &tmp.path().join("run"), opts).unwrap();
+    assert_eq!(s.steps, STEPS);
+    let l = losses.lock().unwrap();
+    let first: f32 = l[..10].iter().sum::<f32>() / 10.0;
+    let last: f32 = l[l.len() - 10..].iter().sum::<f32>() / 10.0;
+    eprintln!("tiny preset: first 10 steps {first:.4}, last 10 {last:.4}, {:.1} img/s, {:.1} s", s.images_per_s, s.session_seconds);
+    assert!(last < 0.5 * first, "loss did not fall: {first} -> {last}");
+}
