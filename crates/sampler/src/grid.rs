@@ -60,6 +60,9 @@ pub fn with_column_labels(grid: &RgbImage, labels: &[String], cell: usize, paddi
     for (j, label) in labels.iter().enumerate() {
         // Scale 2 when it fits in the cell, else 1.
         let scale = if crate::font::text_width(label, 2) as usize <= cell { 2 } else { 1 };
+        if crate::font::text_width(label, scale) as usize > cell + padding {
+            continue; // too small a cell for this label
+        }
         let w = crate::font::text_width(label, scale) as i64;
         let x0 = (padding + j * (cell + padding)) as i64 + (cell as i64 - w) / 2;
         let y0 = (band as i64 - crate::font::text_height(scale) as i64) / 2 + 1;

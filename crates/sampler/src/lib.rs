@@ -27,6 +27,7 @@ use unet::{Mode, UNet};
 
 pub use checkpoint::{load_model, resolve_checkpoint, schedule_for, LoadedModel};
 pub use grid::{make_grid, save_png, tensor_grid, tensor_to_images, with_column_labels};
+pub use image::RgbImage;
 pub use noise::ImageStreams;
 pub use progress::Progress;
 pub use sampling::{
