@@ -1,4 +1,100 @@
-use anyhow::Result;
+//! `import-checkpoint`: the reference's Lightning `last.ckpt` -> our model file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
+use unet::lightning::{self, Imported};
+use unet::UNetError;
+
 #[derive(clap::Args)]
-pub struct ImportArgs {}
-pub fn run(_a: ImportArgs) -> Result<()> { anyhow::bail!("not yet implemented") }
+pub struct ImportArgs {
+    /// The PyTorch Lightning checkpoint (e.g. lightning_logs/version_0/checkpoints/last.ckpt).
+    pub ckpt: PathBuf,
+    /// Where to write the model file [default: checkpoints/<ckpt file stem>.safetensors].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Overwrite --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `checkpoints/<stem>.safetensors`.
+pub fn default_out(ckpt: &Path) -> PathBuf {
+    let stem = ckpt.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "imported".into());
+    PathBuf::from("checkpoints").join(format!("{stem}.safetensors"))
+}
+
+pub fn run(a: ImportArgs) -> Result<()> {
+    let out = a.out.clone().unwrap_or_else(|| default_out(&a.ckpt));
+    if out.exists() {
+        if !a.force {
+            bail!("{} already exists (pass --force to overwrite it)", out.display());
+        }
+        if same_file(&out, &a.ckpt) {
+            bail!("--out {} is the checkpoint itself", out.display());
+        }
+    }
+    // UNetError's Display is already the whole story (file and cause): flatten it, so that the
+    // `{:#}` in main does not print the io::Error source a second time.
+    let imported = lightning::import_report(&a.ckpt).map_err(|e| match e {
+        UNetError::Format { .. } | UNetError::Io { .. } => anyhow!("{e}"),
+        other => anyhow!("{}: {other}", a.ckpt.display()),
+    })?;
+    for key in &imported.ignored {
+        tracing::debug!("ignored state_dict entry '{key}' (not a unet.* tensor)");
+    }
+    imported.weights.save(&out).map_err(|e| anyhow!("cannot write the model file: {e}"))?;
+    print_summary(&a.ckpt, &out, &imported)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+fn print_summary(ckpt: &Path, out: &Path, r: &Imported) -> Result<()> {
+    let c = &r.weights.config;
+    let (total, trainable) = unet::parameter_counts(c)?;
+    let mut origin = Vec::new();
+    if let Some(v) = &r.lightning_version {
+        origin.push(format!("Lightning {v}"));
+    }
+    if let Some(e) = r.epoch {
+        origin.push(format!("epoch {e}"));
+    }
+    if let Some(s) = r.global_step {
+        origin.push(format!("step {s}"));
+    }
+    let origin = if origin.is_empty() { String::new() } else { format!(" ({})", origin.join(", ")) };
+    println!("imported {}{origin}", ckpt.display());
+    println!(
+        "  config (from {}): image {}x{}x{}, num_steps {}, ch {}, ch_mult {:?}, attn {:?}, num_res_blocks {}, dropout {}",
+        r.config_source, c.image_channels, c.image_size, c.image_size, c.num_steps, c.ch, c.ch_mult, c.attn, c.num_res_blocks, c.dropout
+    );
+    if !r.defaulted.is_empty() {
+        println!("  not in the checkpoint, reference default used: {}", r.defaulted.join(", "));
+    }
+    let dtypes: Vec<String> = r.source_dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+    println!(
+        "  parameters: {} ({} trainable), {} tensors (stored as {}), {} other state_dict entries ignored",
+        thousands(total),
+        thousands(trainable),
+        r.weights.tensors.len(),
+        dtypes.join(", "),
+        r.ignored.len()
+    );
+    println!("  wrote {}", out.display());
+    println!("  sample from it: cargo xtask sample --checkpoint {}", out.display());
+    Ok(())
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}

@@ -689,7 +689,7 @@ fn infer_config(shapes: &HashMap<String, Vec<usize>>) -> PartialConfig {
             }
         } else if let Some(w) = shapes.get(&format!("{p}block1.2.weight")) {
             let cout = w[0];
-            if cout % ch != 0 {
+            if !cout.is_multiple_of(ch) {
                 return c;
             }
             let attn = shapes.contains_key(&format!("{p}attn.proj.weight"));
@@ -1477,7 +1477,7 @@ pub mod pickle {
     }
 
     fn pairs(v: &[Id]) -> Option<Vec<(Id, Id)>> {
-        (v.len() % 2 == 0).then(|| v.chunks(2).map(|c| (c[0], c[1])).collect())
+        v.len().is_multiple_of(2).then(|| v.chunks(2).map(|c| (c[0], c[1])).collect())
     }
 
     /// LONG1 / LONG4: little-endian two's complement.

@@ -271,8 +271,11 @@ fn write_hp(p: &mut Pk, cfg: &UNetConfig, attribute_dict: bool) {
     }
 }
 
+/// Zip entries: (name, bytes).
+type Entries = Vec<(String, Vec<u8>)>;
+
 /// Writes the checkpoint's entries; returns them with the tensors the import must produce.
-fn build(spec: &Spec) -> (Vec<(String, Vec<u8>)>, HashMap<String, Vec<f32>>) {
+fn build(spec: &Spec) -> (Entries, HashMap<String, Vec<f32>>) {
     let (proto, big_endian, rich) = match spec.style {
         Style::Plain => (2, false, false),
         Style::Lightning { big_endian } => (4, big_endian, true),
