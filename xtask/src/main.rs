@@ -42,7 +42,18 @@ enum Command {
     Bench(cmd_bench::BenchArgs),
 }
 
+/// Keep freed memory instead of returning it to the OS: a training step frees and re-allocates
+/// the same few hundred MB each iteration, and re-faulting those pages cost ~15% of a CPU step.
+fn keep_freed_memory() {
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a process-wide allocator option before any threads are started.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     common::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -301,8 +301,31 @@ impl candle_core::CustomOp3 for BiasedConvOp {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = candle_core::CustomOp2::bwd(&self.0, x, w, res, grad)?;
-        let db = grad.sum((0, 2, 3))?;
+        let db = grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)?;
         Ok((dx, dw, Some(db)))
+    }
+}
+
+/// Sum of [B, C, H, W] over B, H and W (candle's strided reduce is slow for this layout).
+struct ChannelSum;
+
+impl candle_core::CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "channel-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let g = contiguous_f32(s, l)?;
+        let hw = h * w;
+        let mut out = vec![0f32; c];
+        for img in 0..b {
+            for (ch, o) in out.iter_mut().enumerate() {
+                let start = (img * c + ch) * hw;
+                *o += g[start..start + hw].iter().sum::<f32>();
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(c)))
     }
 }
 
