@@ -52,7 +52,8 @@ impl std::fmt::Display for Crop {
 /// The file format an output is written in, chosen from its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputFormat {
-    /// `.jpg` / `.jpeg`: baseline JPEG, quality 100, 4:4:4 (no chroma subsampling).
+    /// `.jpg` / `.jpeg`: baseline JPEG, quality 100, 4:2:0 chroma subsampling, as the
+    /// reference's Pillow `save(path, quality=100)` writes.
     Jpeg,
     /// Everything else: lossless PNG.
     Png,
@@ -95,8 +96,11 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
     let Some(format) = reader.format() else {
         return Err("not an image (unrecognised content)".into());
     };
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err("truncated JPEG (no end-of-image marker after the scan data)".into());
+    if format == ImageFormat::Jpeg {
+        if !jpeg_is_complete(bytes) {
+            return Err("truncated JPEG (no end-of-image marker after the scan data)".into());
+        }
+        return decode_jpeg(bytes, max_pixels);
     }
     // Read the header without limits (no pixel buffer is allocated yet), check the size,
     // then decode under limits.
@@ -107,19 +111,51 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
     if w == 0 || h == 0 {
         return Err(format!("empty image ({w}x{h})"));
     }
-    let pixels = u64::from(w) * u64::from(h);
-    if pixels > max_pixels {
-        return Err(format!(
-            "too large: {w}x{h} = {:.1} MP, over the {:.1} MP limit",
-            pixels as f64 / 1e6,
-            max_pixels as f64 / 1e6
-        ));
+    if let Some(reason) = too_large(w as usize, h as usize, max_pixels) {
+        return Err(reason);
     }
     let mut limits = image::Limits::default();
     limits.max_alloc = Some((max_pixels * 8).max(64 << 20));
     decoder.set_limits(limits).map_err(|e| format!("over the decoder limits: {e}"))?;
     let img = DynamicImage::from_decoder(decoder).map_err(|e| format!("corrupt {format:?}: {e}"))?;
     Ok(to_rgb8(img))
+}
+
+fn too_large(w: usize, h: usize, max_pixels: u64) -> Option<String> {
+    let pixels = w as u64 * h as u64;
+    (pixels > max_pixels).then(|| {
+        format!("too large: {w}x{h} = {:.1} MP, over the {:.1} MP limit", pixels as f64 / 1e6, max_pixels as f64 / 1e6)
+    })
+}
+
+/// JPEG straight through zune-jpeg (the decoder the image crate wraps, without the wrapper's
+/// second header parse and copies): grayscale, YCbCr, RGB, CMYK and YCCK inputs become RGB.
+fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
+    use zune_core::colorspace::ColorSpace;
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(usize::from(u16::MAX))
+        .set_max_height(usize::from(u16::MAX));
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(zune_core::bytestream::ZCursor::new(bytes), options);
+    decoder.decode_headers().map_err(|e| format!("bad JPEG header: {e:?}"))?;
+    let (w, h) = decoder.dimensions().ok_or("bad JPEG header")?;
+    if w == 0 || h == 0 {
+        return Err(format!("empty image ({w}x{h})"));
+    }
+    if let Some(reason) = too_large(w, h, max_pixels) {
+        return Err(reason);
+    }
+    let gray = decoder.input_colorspace() == Some(ColorSpace::Luma);
+    let out = if gray { ColorSpace::Luma } else { ColorSpace::RGB };
+    decoder.set_options(options.jpeg_set_out_colorspace(out));
+    let data = decoder.decode().map_err(|e| format!("corrupt JPEG: {e:?}"))?;
+    let (w, h) = (w as u32, h as u32);
+    let expected = w as usize * h as usize * if gray { 1 } else { 3 };
+    if data.len() != expected {
+        return Err(format!("corrupt JPEG: decoded {} bytes, expected {expected}", data.len()));
+    }
+    let rgb = if gray { data.iter().flat_map(|&v| [v, v, v]).collect() } else { data };
+    Ok(RgbImage::from_raw(w, h, rgb).expect("length checked"))
 }
 
 /// Any decoded image to 8-bit RGB; alpha is composited on a white background.
@@ -164,7 +200,8 @@ fn jpeg_is_complete(b: &[u8]) -> bool {
                 let len = usize::from(b[i + 2]) << 8 | usize::from(b[i + 3]);
                 let next = i + 2 + len;
                 if marker == 0xDA {
-                    return next <= b.len() && b[next..].windows(2).any(|w| w == [0xFF, 0xD9]);
+                    // Search from the end: the EOI is normally the last two bytes.
+                    return next <= b.len() && b[next..].windows(2).rev().any(|w| w == [0xFF, 0xD9]);
                 }
                 i = next;
             }
@@ -234,63 +271,118 @@ fn clip8(v: i32) -> u8 {
 
 /// Resizes the `(x0, y0, w, h)` region of an RGB image to `out_w x out_h` with Pillow's BICUBIC
 /// (Catmull-Rom, antialiased) filter: horizontal pass into an 8-bit buffer, then vertical pass,
-/// as Pillow does.
+/// as Pillow does, with the same integer arithmetic (so the result is bit-identical).
+///
+/// Both passes are written as weighted sums of whole contiguous rows (the horizontal pass works
+/// on a transposed copy), which the compiler vectorises; on x86-64 CPUs with AVX2 a copy
+/// compiled for AVX2 is used (runtime detection).
 pub fn resize_rgb(src: &RgbImage, region: (u32, u32, u32, u32), out_w: u32, out_h: u32) -> RgbImage {
     let (x0, y0, rw, rh) = region;
     let (sw, sh) = src.dimensions();
     assert!(x0 + rw <= sw && y0 + rh <= sh && rw > 0 && rh > 0, "region outside the image");
-    let (out_w, out_h) = (out_w as usize, out_h as usize);
-    let (sw, sh) = (sw as usize, sh as usize);
-    let data = src.as_raw();
-    if (x0, y0, rw as usize, rh as usize) == (0, 0, out_w, out_h) && (sw, sh) == (out_w, out_h) {
+    assert!(out_w > 0 && out_h > 0, "empty output");
+    if (x0, y0, rw, rh) == (0, 0, out_w, out_h) && (sw, sh) == (out_w, out_h) {
         return src.clone();
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { resize_avx2(src, region, out_w, out_h) };
+    }
+    resize_impl(src, region, out_w, out_h)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn resize_avx2(src: &RgbImage, region: (u32, u32, u32, u32), out_w: u32, out_h: u32) -> RgbImage {
+    resize_impl(src, region, out_w, out_h)
+}
+
+/// `acc[i] += row[i] * w` over whole rows: the kernel of both passes.
+#[inline(always)]
+fn accumulate(acc: &mut [i32], row: &[u8], w: i32) {
+    for (a, &v) in acc.iter_mut().zip(row) {
+        *a += i32::from(v) * w;
+    }
+}
+
+#[inline(always)]
+fn store_clipped(out: &mut [u8], acc: &[i32]) {
+    for (o, &a) in out.iter_mut().zip(acc) {
+        *o = clip8(a);
+    }
+}
+
+/// `dst[x][y] = src[y][x]` for 3-byte pixels; `src` is `rows x cols`.
+#[inline(always)]
+fn transpose3(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    for y in 0..rows {
+        let srow = &src[y * cols * 3..(y + 1) * cols * 3];
+        for (x, p) in srow.chunks_exact(3).enumerate() {
+            let d = (x * rows + y) * 3;
+            dst[d..d + 3].copy_from_slice(p);
+        }
+    }
+}
+
+#[inline(always)]
+fn resize_impl(src: &RgbImage, region: (u32, u32, u32, u32), out_w: u32, out_h: u32) -> RgbImage {
+    let (x0, y0, rw, rh) = region;
+    let (sw, sh) = (src.width() as usize, src.height() as usize);
+    let (out_w, out_h) = (out_w as usize, out_h as usize);
+    let data = src.as_raw();
     let round = 1i32 << (PRECISION_BITS - 1);
 
-    // Rows of the source that the vertical pass will read.
     let cv = coeffs(sh, f64::from(y0), f64::from(y0 + rh), out_h);
+    let ch = coeffs(sw, f64::from(x0), f64::from(x0 + rw), out_w);
+    // The source rows and columns the filters read.
     let ymin = cv.bounds.iter().map(|b| b.0).min().unwrap_or(0);
     let ymax = cv.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(0);
+    let xmin = ch.bounds.iter().map(|b| b.0).min().unwrap_or(0);
+    let xmax = ch.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(0);
+    let (rows, cols) = (ymax - ymin, xmax - xmin);
 
-    // Horizontal pass: rows ymin..ymax, sw -> out_w.
-    let ch = coeffs(sw, f64::from(x0), f64::from(x0 + rw), out_w);
-    let tmp_rows = ymax - ymin;
-    let mut tmp = vec![0u8; tmp_rows * out_w * 3];
-    for (ty, trow) in tmp.chunks_exact_mut(out_w * 3).enumerate() {
-        let srow = &data[(ymin + ty) * sw * 3..(ymin + ty + 1) * sw * 3];
-        for (xx, px) in trow.chunks_exact_mut(3).enumerate() {
-            let (start, n) = ch.bounds[xx];
-            let w = &ch.weights[xx * ch.ksize..xx * ch.ksize + n];
-            let s = &srow[start * 3..(start + n) * 3];
-            let (mut r, mut g, mut b) = (round, round, round);
-            for (k, p) in w.iter().zip(s.chunks_exact(3)) {
-                r += i32::from(p[0]) * k;
-                g += i32::from(p[1]) * k;
-                b += i32::from(p[2]) * k;
-            }
-            px[0] = clip8(r);
-            px[1] = clip8(g);
-            px[2] = clip8(b);
+    // Transposed source window: `cols` rows of `rows` pixels.
+    let mut t = vec![0u8; rows * cols * 3];
+    for y in 0..rows {
+        let srow = &data[((ymin + y) * sw + xmin) * 3..((ymin + y) * sw + xmax) * 3];
+        for (x, p) in srow.chunks_exact(3).enumerate() {
+            let d = (x * rows + y) * 3;
+            t[d..d + 3].copy_from_slice(p);
         }
     }
 
-    // Vertical pass: tmp_rows -> out_h.
+    // Horizontal pass on the transposed window: output column x is a weighted sum of rows of t.
+    let tlen = rows * 3;
+    let mut tmp_t = vec![0u8; out_w * tlen];
+    let mut acc = vec![0i32; tlen.max(out_w * 3)];
+    for (xx, out_row) in tmp_t.chunks_exact_mut(tlen).enumerate() {
+        let (start, n) = ch.bounds[xx];
+        let acc = &mut acc[..tlen];
+        acc.fill(round);
+        for (k, &w) in ch.weights[xx * ch.ksize..xx * ch.ksize + n].iter().enumerate() {
+            let r = start - xmin + k;
+            accumulate(acc, &t[r * tlen..(r + 1) * tlen], w);
+        }
+        store_clipped(out_row, acc);
+    }
+
+    // Back to row-major: `rows` rows of `out_w` pixels.
+    let mut tmp = vec![0u8; rows * out_w * 3];
+    transpose3(&tmp_t, out_w, rows, &mut tmp);
+
+    // Vertical pass: output row y is a weighted sum of rows of tmp.
     let row_len = out_w * 3;
     let mut out = vec![0u8; out_h * row_len];
-    let mut acc = vec![0i32; row_len];
+    let acc = &mut acc[..row_len];
     for (yy, orow) in out.chunks_exact_mut(row_len).enumerate() {
         let (start, n) = cv.bounds[yy];
-        let w = &cv.weights[yy * cv.ksize..yy * cv.ksize + n];
         acc.fill(round);
-        for (k, &wk) in w.iter().enumerate() {
-            let trow = &tmp[(start - ymin + k) * row_len..(start - ymin + k + 1) * row_len];
-            for (a, &t) in acc.iter_mut().zip(trow) {
-                *a += i32::from(t) * wk;
-            }
+        for (k, &w) in cv.weights[yy * cv.ksize..yy * cv.ksize + n].iter().enumerate() {
+            let r = start - ymin + k;
+            accumulate(acc, &tmp[r * row_len..(r + 1) * row_len], w);
         }
-        for (o, &a) in orow.iter_mut().zip(&acc) {
-            *o = clip8(a);
-        }
+        store_clipped(orow, acc);
     }
     RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("buffer length matches dimensions")
 }
@@ -311,7 +403,19 @@ pub fn encode(img: &RgbImage, format: OutputFormat) -> Result<Vec<u8>, image::Im
     let mut buf = Vec::with_capacity(img.as_raw().len() + 1024);
     match format {
         OutputFormat::Jpeg => {
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 100).encode_image(img)?;
+            // Quality 100 with 4:2:0 chroma subsampling: what Pillow's save(quality=100) writes.
+            let mut enc = jpeg_encoder::Encoder::new(&mut buf, 100);
+            enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+            let (w, h) = img.dimensions();
+            let (w, h) = (u16::try_from(w), u16::try_from(h));
+            let (Ok(w), Ok(h)) = (w, h) else {
+                return Err(image::ImageError::Parameter(image::error::ParameterError::from_kind(
+                    image::error::ParameterErrorKind::DimensionMismatch,
+                )));
+            };
+            enc.encode(img.as_raw(), w, h, jpeg_encoder::ColorType::Rgb).map_err(|e| {
+                image::ImageError::Encoding(image::error::EncodingError::new(ImageFormat::Jpeg.into(), e))
+            })?;
         }
         OutputFormat::Png => {
             img.write_with_encoder(image::codecs::png::PngEncoder::new(&mut buf))?;
@@ -347,9 +451,8 @@ pub fn process_bytes(
     let encoded = encode(&small, format).map_err(|e| format!("cannot encode: {e}"))?;
     let pixels = match format {
         OutputFormat::Png => small.into_raw(),
-        OutputFormat::Jpeg => image::load_from_memory_with_format(&encoded, ImageFormat::Jpeg)
+        OutputFormat::Jpeg => decode_jpeg(&encoded, u64::MAX)
             .map_err(|e| format!("cannot decode our own JPEG: {e}"))?
-            .into_rgb8()
             .into_raw(),
     };
     Ok(Processed { encoded, pixels, upscaled })

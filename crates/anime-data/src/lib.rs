@@ -17,6 +17,7 @@
 //! * With the `hub` feature: [`hub::prepare_from_parquet`] and [`hub::prepare_from_hub`] prepare
 //!   image-parquet datasets (Hugging Face `datasets` layout) through the same code path.
 
+pub mod bench;
 mod device;
 mod error;
 pub mod imaging;

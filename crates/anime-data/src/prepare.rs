@@ -4,7 +4,7 @@
 //!   not an image extension ([`IMAGE_EXTENSIONS`]) are skipped with a reason; `limit` takes the
 //!   first N image files.
 //! * Output names: `.jpg`/`.jpeg` inputs keep their name and are written as JPEG quality 100
-//!   (4:4:4, like the reference's `save(quality=100)` but without chroma subsampling); every
+//!   with 4:2:0 chroma subsampling, as the reference's Pillow `save(quality=100)` does; every
 //!   other input (`.png`, `.webp`, `.bmp`, `.gif`, `.tif`) is written as lossless PNG named
 //!   `<stem>.png`. When two inputs map to one output name, the one already named so wins and the
 //!   other is skipped. The format of an input is sniffed from its content, not its name.

@@ -170,18 +170,19 @@ impl Face {
 /// first `k` images of a larger set equal a smaller set. Rendered with antialiased edges.
 pub fn synthetic_faces(n: usize, size: usize, seed: u64) -> Vec<RgbImage> {
     assert!(size > 0, "size must be positive");
+    (0..n).map(|i| synthetic_face(seed, i as u64, size)).collect()
+}
+
+/// Face `i` of [`synthetic_faces`]`(_, size, seed)`.
+pub(crate) fn synthetic_face(seed: u64, i: u64, size: usize) -> RgbImage {
     let px = 1.0 / size as f32;
-    (0..n)
-        .map(|i| {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(i as u64);
-            let face = Face::random(&mut rng);
-            RgbImage::from_fn(size as u32, size as u32, |x, y| {
-                let c = face.shade((x as f32 + 0.5) * px, (y as f32 + 0.5) * px, px);
-                Rgb(c.map(|v| (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8))
-            })
-        })
-        .collect()
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(i);
+    let face = Face::random(&mut rng);
+    RgbImage::from_fn(size as u32, size as u32, |x, y| {
+        let c = face.shade((x as f32 + 0.5) * px, (y as f32 + 0.5) * px, px);
+        Rgb(c.map(|v| (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8))
+    })
 }
 
 /// Writes images as files into a folder (so tests and the demo can run prepare-data on them).
