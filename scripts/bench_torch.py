@@ -2,8 +2,10 @@
 own process so that its peak memory is its own. Called by `cargo xtask bench`.
 
   python scripts/bench_torch.py --case forward|train8|train16|reduced-forward|reduced-train|ddim50
-         [--ref-dir ../shared/bench] [--threads 2] [--runs 3] [--warmup 1]
-Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb.
+         |forward128|train128|ddim50x256|ddpm1000x256
+         [--ref-dir ../shared/bench] [--threads 2] [--runs 3] [--warmup 1] [--device cpu|cuda] [--precision f32|bf16]
+Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb (and peak_gpu_mb on CUDA).
+On CUDA, bf16 is torch.autocast(bfloat16) around the forward pass, as a Lightning user would run it.
 """
 import argparse
 import json
@@ -20,6 +22,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="f32")
     a = ap.parse_args()
     sys.path.insert(0, a.ref_dir)
     import torch
@@ -35,40 +39,96 @@ def main():
         "train16": (R.TRAINED_CONFIG, 16, 64, "train"),
         "reduced-forward": (B.REDUCED, 32, 32, "forward"),
         "reduced-train": (B.REDUCED, 32, 32, "train"),
-        "ddim50": (R.TRAINED_CONFIG, 16, 64, "ddim50"),
+        "ddim50": (R.TRAINED_CONFIG, 16, 64, "ddim"),
+        "forward128": (R.TRAINED_CONFIG, 128, 64, "forward"),
+        "train128": (R.TRAINED_CONFIG, 128, 64, "train"),
+        "ddim50x256": (R.TRAINED_CONFIG, 256, 64, "ddim"),
+        "ddpm1000x256": (R.TRAINED_CONFIG, 256, 64, "ddpm"),
     }
     cfg, bs, hw, kind = cases[a.case]
-    model = R.RefUNet(**cfg)
-    if kind == "forward":
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    model = R.RefUNet(**cfg).to(dev)
+    sched = {k: v.to(dev) for k, v in sched.items()}
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and a.precision == "bf16")
+    if a.precision == "bf16" and not cuda:
+        raise SystemExit("bf16 autocast is measured on CUDA only")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn, warmup, runs):
+        for _ in range(warmup):
+            fn()
+        sync()
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return ts
+
+    if kind == "forward" and not cuda:
         ts, _ = B.bench_forward(model, bs, hw, a.warmup, a.runs)
-    elif kind == "train":
+    elif kind == "train" and not cuda:
         ts, _ = B.bench_train(model, bs, hw, a.warmup, a.runs, sched)
+    elif kind == "forward":
+        model.eval()
+        x = torch.randn(bs, 3, hw, hw, device=dev)
+        t = torch.randint(0, 1000, (bs,), device=dev)
+
+        def fwd():
+            with torch.no_grad(), amp:
+                model(x, t)
+        ts = timed(fwd, a.warmup, a.runs)
+    elif kind == "train":
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        x0 = torch.rand(bs, 3, hw, hw, device=dev) * 2 - 1
+
+        def step():
+            t = torch.randint(0, 1000, (bs,), device=dev)
+            noise = torch.randn_like(x0)
+            xt = R.q_sample(sched, x0, t, noise)
+            with amp:
+                loss = torch.nn.functional.mse_loss(model(xt, t).float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        ts = timed(step, a.warmup, a.runs)
     else:
         model.eval()
         acp = sched["alphas_cumprod"]
-        steps = [round(i * 999 / 49) for i in range(50)][::-1]
-        x = torch.randn(bs, 3, hw, hw)
+        n_steps = 50 if kind == "ddim" else 1000
+        steps = [round(i * 999 / (n_steps - 1)) for i in range(n_steps)][::-1]
+        x = torch.randn(bs, 3, hw, hw, device=dev)
 
-        def ddim():
+        def sample():
             xt = x
-            with torch.no_grad():
+            with torch.no_grad(), amp:
                 for i, t in enumerate(steps):
-                    eps = model(xt, torch.full((bs,), t, dtype=torch.long))
-                    a_t = acp[t]
-                    a_prev = acp[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0)
-                    x0 = (xt - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-                    xt = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+                    eps = model(xt, torch.full((bs,), t, dtype=torch.long, device=dev)).float()
+                    if kind == "ddim":
+                        a_t = acp[t]
+                        a_prev = acp[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0, device=dev)
+                        x0 = (xt - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+                        xt = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+                    else:
+                        z = torch.randn_like(xt) if t > 0 else torch.zeros_like(xt)
+                        xt = R.p_step(sched, eps, xt, t, z, 1)
             return xt
-
-        ts = []
-        for _ in range(min(a.runs, 1)):
-            t0 = time.perf_counter()
-            ddim()
-            ts.append(time.perf_counter() - t0)
+        ts = timed(sample, 0, min(a.runs, 1))
     med = statistics.median(ts)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps(dict(case=a.case, batch=bs, median_s=med, runs_s=ts, images_per_s=bs / med,
-                          peak_rss_mb=peak_mb, torch=torch.__version__, threads=torch.get_num_threads())))
+    out = dict(case=a.case, batch=bs, median_s=med, runs_s=ts, images_per_s=bs / med,
+               peak_rss_mb=peak_mb, torch=torch.__version__, threads=torch.get_num_threads(),
+               device=a.device, precision=a.precision)
+    if cuda:
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,16 @@ use unet::{Mode, UNet, UNetConfig};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Comma-separated cases: forward, train8, train16, reduced-forward, reduced-train, ddim50 (or all).
+    /// Comma-separated cases: forward, train8, train16, reduced-forward, reduced-train, ddim50,
+    /// and for GPUs forward128, train128, ddim50x256, ddpm1000x256; `all` = the CPU set, `gpu` = the GPU set.
     #[arg(long, default_value = "all")]
     cases: String,
+    /// cpu, cuda or cuda:N (both sides).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, or bf16 (autocast-style: f32 master weights, bf16 compute; CUDA).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     #[arg(long, default_value_t = 3)]
     runs: usize,
     #[arg(long, default_value_t = 1)]
@@ -43,6 +50,7 @@ pub struct BenchArgs {
 }
 
 const ALL: [&str; 6] = ["forward", "train8", "train16", "reduced-forward", "reduced-train", "ddim50"];
+const GPU: [&str; 4] = ["forward128", "train128", "ddim50x256", "ddpm1000x256"];
 
 fn reduced() -> UNetConfig {
     UNetConfig { image_size: 32, ch: 32, ch_mult: vec![1, 2, 2], attn: vec![1], num_res_blocks: 1, ..UNetConfig::reference() }
@@ -52,18 +60,24 @@ struct Case {
     cfg: UNetConfig,
     batch: usize,
     kind: &'static str,
+    /// Sampling steps for the sampling cases.
+    steps: usize,
 }
 
 fn case(name: &str) -> Result<Case> {
     let full = UNetConfig::reference();
     Ok(match name {
-        "forward" => Case { cfg: full, batch: 16, kind: "forward" },
-        "train8" => Case { cfg: full, batch: 8, kind: "train" },
-        "train16" => Case { cfg: full, batch: 16, kind: "train" },
-        "reduced-forward" => Case { cfg: reduced(), batch: 32, kind: "forward" },
-        "reduced-train" => Case { cfg: reduced(), batch: 32, kind: "train" },
-        "ddim50" => Case { cfg: full, batch: 16, kind: "ddim50" },
-        other => bail!("unknown bench case '{other}' (known: {})", ALL.join(", ")),
+        "forward" => Case { cfg: full, batch: 16, kind: "forward", steps: 0 },
+        "train8" => Case { cfg: full, batch: 8, kind: "train", steps: 0 },
+        "train16" => Case { cfg: full, batch: 16, kind: "train", steps: 0 },
+        "reduced-forward" => Case { cfg: reduced(), batch: 32, kind: "forward", steps: 0 },
+        "reduced-train" => Case { cfg: reduced(), batch: 32, kind: "train", steps: 0 },
+        "ddim50" => Case { cfg: full, batch: 16, kind: "ddim", steps: 50 },
+        "forward128" => Case { cfg: full, batch: 128, kind: "forward", steps: 0 },
+        "train128" => Case { cfg: full, batch: 128, kind: "train", steps: 0 },
+        "ddim50x256" => Case { cfg: full, batch: 256, kind: "ddim", steps: 50 },
+        "ddpm1000x256" => Case { cfg: full, batch: 256, kind: "ddpm", steps: 1000 },
+        other => bail!("unknown bench case '{other}' (known: {}, {})", ALL.join(", "), GPU.join(", ")),
     })
 }
 
@@ -96,30 +110,52 @@ fn median(v: &[f64]) -> f64 {
     if s.is_empty() { f64::NAN } else { s[s.len() / 2] }
 }
 
-/// A frozen (no-grad) copy of a freshly initialised model.
-fn frozen(cfg: &UNetConfig, dev: &Device) -> Result<UNet> {
+/// A frozen (no-grad) copy of a freshly initialised model, in `dtype`.
+fn frozen(cfg: &UNetConfig, dev: &Device, dtype: DType) -> Result<UNet> {
     let (model, varmap) = unet::new_trainable(cfg, dev, 0)?;
     let tensors = unet::weights::state_dict(&model, &varmap)?
         .into_iter()
-        .map(|(k, v)| (k, v.detach()))
-        .collect();
-    Ok(UNet::new(VarBuilder::from_tensors(tensors, DType::F32, dev), cfg)?)
+        .map(|(k, v)| Ok((k, v.detach().to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
+    Ok(UNet::new(VarBuilder::from_tensors(tensors, dtype, dev), cfg)?)
 }
 
-fn run_child(name: &str, warmup: usize, runs: usize) -> Result<Value> {
+/// The model with bf16 casts of the f32 variables as weights (rebuilt each step: the casts
+/// must see the current values).
+fn bf16_view(model: &UNet, varmap: &candle_nn::VarMap, cfg: &UNetConfig, dev: &Device) -> Result<UNet> {
+    let tensors = unet::weights::state_dict(model, varmap)?
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::BF16)?)))
+        .collect::<Result<_>>()?;
+    Ok(UNet::new(VarBuilder::from_tensors(tensors, DType::BF16, dev), cfg)?)
+}
+
+/// Waits for queued GPU work so that timings cover it.
+fn sync(dev: &Device) -> Result<()> {
+    dev.synchronize()?;
+    Ok(())
+}
+
+fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &str) -> Result<Value> {
     let c = case(name)?;
-    let dev = Device::Cpu;
+    let dev = crate::common::parse_device(device)?;
+    let bf16 = match precision {
+        "f32" => false,
+        "bf16" => true,
+        other => bail!("unknown precision '{other}': expected f32 or bf16"),
+    };
+    let dt = if bf16 { DType::BF16 } else { DType::F32 };
     let s = c.cfg.image_size;
     let mut rng = NoiseRng::new(0);
     let schedule = Schedule::reference();
     let times = match c.kind {
         "forward" => {
-            let model = frozen(&c.cfg, &dev)?;
-            let x = rng.randn((c.batch, 3, s, s), &dev)?;
+            let model = frozen(&c.cfg, &dev, dt)?;
+            let x = rng.randn((c.batch, 3, s, s), &dev)?.to_dtype(dt)?;
             let (_, t) = rng.timesteps(c.batch, 1000, &dev)?;
             time_runs(warmup, runs, || {
                 model.forward_t(&x, &t, Mode::Eval)?;
-                Ok(())
+                sync(&dev)
             })?
         }
         "train" => {
@@ -131,21 +167,33 @@ fn run_child(name: &str, warmup: usize, runs: usize) -> Result<Value> {
                 let (ts, _) = rng.timesteps(c.batch, 1000, &dev)?;
                 let noise = rng.randn((c.batch, 3, s, s), &dev)?;
                 let seed = rng.next_u64();
-                let pred = |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Train { seed });
-                let loss = schedule.loss(&pred, &x0, &ts, &noise)?;
+                let loss = if bf16 {
+                    // bf16 compute from f32 master weights: the casts are in the graph, so the
+                    // gradients land on the f32 variables.
+                    let half = bf16_view(&model, &varmap, &c.cfg, &dev)?;
+                    let pred = |x: &Tensor, t: &Tensor| half.forward_t(&x.to_dtype(DType::BF16)?, t, Mode::Train { seed })?.to_dtype(DType::F32);
+                    schedule.loss(&pred, &x0, &ts, &noise)?
+                } else {
+                    let pred = |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Train { seed });
+                    schedule.loss(&pred, &x0, &ts, &noise)?
+                };
                 let grads = loss.backward()?;
                 let g = opt.gradients(&grads)?;
                 opt.step_with(&g, 1e-4)?;
-                Ok(())
+                sync(&dev)
             })?
         }
-        "ddim50" => {
-            let model = frozen(&c.cfg, &dev)?;
-            let x_t = rng.randn((c.batch, 3, s, s), &dev)?;
-            let kind = SamplerKind::Ddim { steps: 50, eta: 0.0 };
+        "ddim" | "ddpm" => {
+            let model = frozen(&c.cfg, &dev, dt)?;
+            let x_t = rng.randn((c.batch, 3, s, s), &dev)?.to_dtype(dt)?;
+            let kind = if c.kind == "ddim" {
+                SamplerKind::Ddim { steps: c.steps, eta: 0.0 }
+            } else {
+                SamplerKind::Ddpm { variance: diffusion::Variance::BetaTilde, final_noise: Default::default() }
+            };
             time_runs(0, runs.min(1), || {
                 sampler::generate(&model, &schedule, &x_t, &kind, &mut rng, c.batch, |_, _| {})?;
-                Ok(())
+                sync(&dev)
             })?
         }
         _ => unreachable!(),
@@ -168,7 +216,7 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
     let o = Command::new(&args.python)
         .arg("scripts/bench_torch.py")
         .args(["--case", name, "--runs", &args.runs.to_string(), "--warmup", &args.warmup.to_string()])
-        .args(["--threads", &args.threads.to_string()])
+        .args(["--threads", &args.threads.to_string(), "--device", &args.device, "--precision", &args.precision])
         .arg("--ref-dir")
         .arg(&args.torch_bench)
         .output()
@@ -183,12 +231,14 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(name) = &args.child {
-        let v = run_child(name, args.warmup, args.runs)?;
+        let v = run_child(name, args.warmup, args.runs, &args.device, &args.precision)?;
         println!("{v}");
         return Ok(());
     }
     let names: Vec<String> = if args.cases == "all" {
         ALL.iter().map(|s| s.to_string()).collect()
+    } else if args.cases == "gpu" {
+        GPU.iter().map(|s| s.to_string()).collect()
     } else {
         args.cases.split(',').map(|s| s.trim().to_string()).collect()
     };
@@ -202,6 +252,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // Back to back, same case: the machine's load drifts, so pairs are what compare.
         let o = Command::new(&exe)
             .args(["bench", "--child", name, "--runs", &args.runs.to_string(), "--warmup", &args.warmup.to_string()])
+            .args(["--device", &args.device, "--precision", &args.precision])
             .env("RAYON_NUM_THREADS", args.threads.to_string())
             .output()
             .with_context(|| format!("running bench case {name}"))?;
@@ -230,7 +281,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
-    let doc = json!({"threads": args.threads, "runs": args.runs, "warmup": args.warmup, "cpu": cpu, "rows": rows});
+    let doc = json!({"device": args.device, "precision": args.precision, "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "cpu": cpu, "rows": rows});
     std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
     println!("wrote {}", args.out.display());
     Ok(())
