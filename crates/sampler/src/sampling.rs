@@ -244,6 +244,9 @@ impl<'a> Sampler<'a> {
                     self.schedule.ddim_step(&eps, &x, t, t_prev, *eta, z.as_ref())?
                 }
             };
+            // A trainable model (Var weights, e.g. the trainer's previews) records the op graph:
+            // cut it at every step, or memory grows with every step of the chain.
+            x = x.detach();
             self.progress.inc();
             observe(i + 1, &x)?;
         }
