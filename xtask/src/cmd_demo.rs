@@ -1,4 +1,67 @@
-use anyhow::Result;
+//! `cargo xtask demo`: the README's first command (no download, CPU, a few minutes).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::common;
+
 #[derive(clap::Args)]
-pub struct DemoArgs {}
-pub fn run(_a: DemoArgs) -> Result<()> { anyhow::bail!("not yet implemented") }
+pub struct DemoArgs {
+    /// Output folder.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Training time budget in minutes.
+    #[arg(long, default_value_t = 3.0)]
+    minutes: f64,
+    /// Generated training images.
+    #[arg(long, default_value_t = 512)]
+    images: usize,
+    /// Images in the sample grid.
+    #[arg(long, default_value_t = 64)]
+    samples: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(a: DemoArgs) -> Result<()> {
+    let device = common::parse_device(&a.device)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: stopping training early, then sampling (press again to quit)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let opts = trainer::demo::DemoOptions {
+        out: a.out.clone(),
+        minutes: a.minutes,
+        images: a.images,
+        samples: a.samples,
+        seed: a.seed,
+        progress: true,
+    };
+    let r = trainer::demo::run_demo(&opts, &device, stop).context("demo failed")?;
+    let s = &r.summary;
+    eprintln!(
+        "trained {} steps ({} epochs) in {:.0} s, {:.1} images/s; loss {} -> {}",
+        s.steps,
+        s.epochs,
+        s.session_seconds,
+        s.images_per_s,
+        r.first_loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "-".into()),
+        r.last_loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "-".into()),
+    );
+    println!("samples:       {}", r.samples.display());
+    println!("training data: {}", r.data_grid.display());
+    println!("loss curve:    {}", r.loss.display());
+    println!("run folder:    {}  (cargo xtask sample --checkpoint {})", r.run_dir.display(), r.run_dir.display());
+    Ok(())
+}

@@ -1,4 +1,174 @@
-use anyhow::Result;
+//! `cargo xtask train`: flags -> config overrides -> `trainer::Trainer`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use trainer::{StopReason, TrainOptions, Trainer};
+
+use crate::common;
+
 #[derive(clap::Args)]
-pub struct TrainArgs {}
-pub fn run(_a: TrainArgs) -> Result<()> { anyhow::bail!("not yet implemented") }
+pub struct TrainArgs {
+    /// Config: a TOML file or a preset (anime64 = the reference, cifar10, tiny, mini64, demo).
+    /// Default: the run's saved config.toml when resuming, else anime64.
+    #[arg(long)]
+    config: Option<String>,
+    /// Prepared data: the prepare-data output folder (or its packed.safetensors).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder (checkpoints, logs, samples). Default: runs/<config name>.
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// Require an existing checkpoint to continue from (a run folder with checkpoints is
+    /// resumed even without this flag).
+    #[arg(long)]
+    resume: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop (with a checkpoint) after this many steps in total.
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Stop (with a checkpoint) after this many minutes.
+    #[arg(long)]
+    max_minutes: Option<f64>,
+    /// Checkpoint every M minutes (and at every epoch end).
+    #[arg(long)]
+    checkpoint_minutes: Option<f64>,
+    /// Keep the last K checkpoints.
+    #[arg(long)]
+    keep_last: Option<usize>,
+    /// EMA decay of the weights (0 = off; the DDPM paper: 0.9999).
+    #[arg(long)]
+    ema_decay: Option<f64>,
+    /// Clip the global gradient norm (0 = off; the DDPM paper: 1.0).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Linear learning-rate warm-up steps (the DDPM paper: 5000).
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Random horizontal flips (true/false).
+    #[arg(long)]
+    hflip: Option<bool>,
+    /// Validation loss each epoch (true/false).
+    #[arg(long)]
+    validate: Option<bool>,
+    /// A sample grid every N epochs (0 = never).
+    #[arg(long)]
+    sample_every: Option<u64>,
+    /// Images in the sample grid.
+    #[arg(long)]
+    sample_count: Option<usize>,
+    /// DDIM steps of the preview sampler.
+    #[arg(long)]
+    sample_steps: Option<usize>,
+    /// A metrics line every N steps.
+    #[arg(long)]
+    log_every: Option<u64>,
+    /// f32 (bf16 is reserved, not implemented yet).
+    #[arg(long)]
+    precision: Option<String>,
+    /// Any other config key, e.g. --set unet.dropout=0.0 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn default_run_name(config: Option<&str>) -> String {
+    match config {
+        None => "anime64".into(),
+        Some(c) => Path::new(c).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into()),
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let run_dir = a.run.clone().unwrap_or_else(|| PathBuf::from("runs").join(default_run_name(a.config.as_deref())));
+    let mut overrides: Vec<(String, String)> = Vec::new();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            overrides.push((k.to_string(), v));
+        }
+    };
+    // Paths and strings as TOML strings.
+    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    put("data.path", a.data.as_ref().map(|p| quote(&p.display().to_string())));
+    put("train.epochs", a.epochs.map(|v| v.to_string()));
+    put("train.batch_size", a.batch_size.map(|v| v.to_string()));
+    put("train.lr", a.lr.map(|v| format!("{v:e}")));
+    put("train.seed", a.seed.map(|v| v.to_string()));
+    put("train.max_steps", a.max_steps.map(|v| v.to_string()));
+    put("train.max_minutes", a.max_minutes.map(|v| format!("{v:?}")));
+    put("checkpoint.every_minutes", a.checkpoint_minutes.map(|v| format!("{v:?}")));
+    put("checkpoint.keep_last", a.keep_last.map(|v| v.to_string()));
+    put("train.ema_decay", a.ema_decay.map(|v| format!("{v:?}")));
+    put("train.grad_clip", a.grad_clip.map(|v| format!("{v:?}")));
+    put("train.warmup_steps", a.warmup_steps.map(|v| v.to_string()));
+    put("data.hflip", a.hflip.map(|v| v.to_string()));
+    put("train.validate", a.validate.map(|v| v.to_string()));
+    put("log.sample_every_epochs", a.sample_every.map(|v| v.to_string()));
+    put("log.sample_count", a.sample_count.map(|v| v.to_string()));
+    put("log.sample_steps", a.sample_steps.map(|v| v.to_string()));
+    put("log.every_steps", a.log_every.map(|v| v.to_string()));
+    put("train.precision", a.precision.as_deref().map(quote));
+    for kv in &a.set {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+        overrides.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let cfg = trainer::resolve_config(&run_dir, a.config.as_deref(), &overrides)?;
+    let device = common::parse_device(&a.device)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: quitting without saving (the last checkpoint is kept)");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+
+    let has_checkpoint = !trainer::checkpoint::list(&run_dir).is_empty();
+    if has_checkpoint && !a.resume {
+        eprintln!("{} already has checkpoints: resuming it (use another --run to start a new run)", run_dir.display());
+    }
+    let opts = TrainOptions { progress: !a.no_progress, require_resume: a.resume, ..Default::default() };
+    let mut t = Trainer::new(cfg, &run_dir, &device, opts).with_context(|| format!("cannot start the run in {}", run_dir.display()))?;
+    let s = t.run(stop).context("training failed")?;
+    let how = match s.reason {
+        StopReason::Finished => "finished",
+        StopReason::MaxSteps => "reached --max-steps",
+        StopReason::TimeLimit => "reached the time limit",
+        StopReason::Interrupted => "interrupted",
+    };
+    eprintln!(
+        "{how}: {} steps ({} epochs) in total; this session {} steps in {:.0} s ({:.1} images/s); last loss {}",
+        s.steps,
+        s.epochs,
+        s.session_steps,
+        s.session_seconds,
+        s.images_per_s,
+        s.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+    );
+    if let Some(c) = &s.last_checkpoint {
+        eprintln!("checkpoint: {}", c.display());
+    }
+    eprintln!("model:      {}  (cargo xtask sample --checkpoint {})", run_dir.join("model.safetensors").display(), run_dir.display());
+    eprintln!("logs:       {} , {} , tensorboard --logdir {}", run_dir.join("metrics.jsonl").display(), run_dir.join("loss.png").display(), run_dir.display());
+    if s.reason != StopReason::Finished {
+        eprintln!("continue:   the same command (or add --resume)");
+    }
+    Ok(())
+}

@@ -12,6 +12,7 @@
 pub mod adam;
 pub mod checkpoint;
 pub mod config;
+pub mod demo;
 pub mod metrics;
 pub mod plot;
 pub mod tensorboard;

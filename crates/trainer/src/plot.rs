@@ -19,19 +19,22 @@ fn register_font() {
     });
 }
 
-/// Exponential moving average of a series (for a readable training curve).
+/// Debiased exponential moving average of a series, as TensorBoard's smoothing slider.
 pub fn smooth(values: &[f64], weight: f64) -> Vec<f64> {
     let mut out = Vec::with_capacity(values.len());
-    let mut acc: Option<f64> = None;
+    let mut acc = 0.0;
+    let mut w_k = 1.0;
     for &v in values {
-        let a = match acc {
-            None => v,
-            Some(a) => weight * a + (1.0 - weight) * v,
-        };
-        acc = Some(a);
-        out.push(a);
+        acc = weight * acc + (1.0 - weight) * v;
+        w_k *= weight;
+        out.push(if w_k < 1.0 { acc / (1.0 - w_k) } else { v });
     }
     out
+}
+
+/// A smoothing weight that suits `n` points: none for a handful, 0.9 for hundreds.
+fn smoothing_weight(n: usize) -> f64 {
+    (1.0 - 10.0 / n.max(1) as f64).clamp(0.0, 0.9)
 }
 
 /// Draws the training loss (raw and smoothed) and the validation loss against the step, on a
@@ -75,7 +78,7 @@ pub fn loss_curve(path: &Path, title: &str, train: &[(u64, f64)], val: &[(u64, f
             .map_err(|e| err(e.to_string()))?
             .label("train loss")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(160, 190, 230)));
-        let sm = smooth(&raw.iter().map(|p| p.1).collect::<Vec<_>>(), 0.9);
+        let sm = smooth(&raw.iter().map(|p| p.1).collect::<Vec<_>>(), smoothing_weight(raw.len()));
         chart
             .draw_series(LineSeries::new(raw.iter().zip(sm).map(|(p, s)| (p.0, s)), BLUE.stroke_width(2)))
             .map_err(|e| err(e.to_string()))?
@@ -120,6 +123,8 @@ mod tests {
         // Something other than white was drawn.
         assert!(img.pixels().any(|px| px.0 != [255, 255, 255]));
         loss_curve(&p, "empty", &[], &[], (320, 200)).unwrap();
-        assert_eq!(smooth(&[1.0, 0.0], 0.5), vec![1.0, 0.5]);
+        let s = smooth(&[1.0, 0.0], 0.5);
+        assert!((s[0] - 1.0).abs() < 1e-12 && (s[1] - 1.0 / 3.0).abs() < 1e-12, "{s:?}");
+        assert_eq!(smooth(&[1.0, 0.0], 0.0), vec![1.0, 0.0]);
     }
 }
