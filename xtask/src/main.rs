@@ -14,6 +14,7 @@ mod cmd_data;
 mod cmd_demo;
 mod cmd_import;
 mod cmd_sample;
+mod cmd_selftest;
 mod cmd_train;
 mod common;
 
@@ -40,6 +41,8 @@ enum Command {
     Demo(cmd_demo::DemoArgs),
     /// Benchmarks: training step, forward pass, sampling (ours vs the PyTorch reference).
     Bench(cmd_bench::BenchArgs),
+    /// Check this build on a device (e.g. a GPU) against the PyTorch parity fixtures.
+    SelfTest(cmd_selftest::SelfTestArgs),
 }
 
 /// Keep freed memory instead of returning it to the OS: a training step frees and re-allocates
@@ -64,6 +67,7 @@ fn main() {
         Command::Sample(a) => cmd_sample::run(a),
         Command::Demo(a) => cmd_demo::run(a),
         Command::Bench(a) => cmd_bench::run(a),
+        Command::SelfTest(a) => cmd_selftest::run(a),
     };
     if let Err(err) = result {
         // One line: the chain of contexts joined, as ripgrep and cargo do.
