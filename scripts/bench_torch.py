@@ -44,6 +44,7 @@ def main():
         "train128": (R.TRAINED_CONFIG, 128, 64, "train"),
         "ddim50x256": (R.TRAINED_CONFIG, 256, 64, "ddim"),
         "ddpm1000x256": (R.TRAINED_CONFIG, 256, 64, "ddpm"),
+        "ddpm100x256": (R.TRAINED_CONFIG, 256, 64, "ddpm100"),
     }
     cfg, bs, hw, kind = cases[a.case]
     dev = torch.device(a.device)
@@ -101,8 +102,10 @@ def main():
     else:
         model.eval()
         acp = sched["alphas_cumprod"]
-        n_steps = 50 if kind == "ddim" else 1000
-        steps = [round(i * 999 / (n_steps - 1)) for i in range(n_steps)][::-1]
+        if kind == "ddim":
+            steps = [round(i * 999 / 49) for i in range(50)][::-1]
+        else:  # DDPM: every step from 999 (or, for ddpm100, from 99) down to 0
+            steps = list(range(99 if kind == "ddpm100" else 999, -1, -1))
         x = torch.randn(bs, 3, hw, hw, device=dev)
 
         def sample():

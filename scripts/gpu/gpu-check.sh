@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One run on a GPU machine answers the CUDA questions of docs/GPU.md, ours and PyTorch's side by
+# side on the same card. Runs from the repository root, with no Rust and no network, given a
+# kit folder made here by `scripts/gpu/make-kit.sh` (the CUDA binary, run-env.sh, the PyTorch
+# reference, the mini dataset packed):
+#
+#   OUT=/tmp/out bash scripts/gpu/gpu-check.sh [KIT=.gpu]
+#
+# Env knobs (defaults for an H100/H200 and ~8 minutes in all):
+#   DEVICE=cuda  RUNS=3  WARMUP=2  TRAIN_MINUTES=3  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
+#   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16
+# On CPU (to test this script here): KIT=.gpu-cpu DEVICE=cpu CASES=reduced-forward PRECISIONS=f32 \
+#   TRAIN_MINUTES=0.3 CONFIG=configs/mini64.toml BATCH=16 GRID=4x4 RUNS=1 WARMUP=0
+set -uo pipefail
+KIT=${KIT:-.gpu}
+OUT=${OUT:?set OUT to the folder that comes back}
+DEVICE=${DEVICE:-cuda}
+RUNS=${RUNS:-3}
+WARMUP=${WARMUP:-2}
+TRAIN_MINUTES=${TRAIN_MINUTES:-3}
+CASES=${CASES:-gpu}
+PRECISIONS=${PRECISIONS:-f32 bf16}
+PY=${PY:-python3}
+CONFIG=${CONFIG:-configs/anime64.toml}
+BATCH=${BATCH:-64}
+GRID=${GRID:-16x16}
+BIN=$KIT/xtask
+mkdir -p "$OUT"
+LOG=$OUT/gpu-check.log
+exec > >(tee -a "$LOG") 2>&1
+step() { echo; echo "=== $(date +%T) $*"; }
+
+step "environment"
+if [ "$DEVICE" != cpu ]; then
+  # shellcheck disable=SC1091
+  source "$KIT/run-env.sh" "$BIN"
+  nvidia-smi | tee "$OUT/nvidia-smi.txt"
+fi
+"$BIN" --version
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' || echo "no torch: PyTorch side skipped"
+
+step "1. correctness: PyTorch fixtures through the $DEVICE path"
+"$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures | tee "$OUT/self-test.txt"
+
+step "2+3. throughput and memory, ours then PyTorch, same card (cases: $CASES)"
+for p in $PRECISIONS; do
+  MEM=$OUT/gpu-mem-$p.csv
+  if [ "$DEVICE" != cpu ]; then
+    nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 200 > "$MEM" &
+    SMI=$!
+  fi
+  "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$CASES" --runs "$RUNS" --warmup "$WARMUP" \
+    --python "$PY" --torch-bench "$KIT/bench" --out "$OUT/bench-$p.json" || echo "bench $p failed"
+  [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null; SMI=
+done
+
+step "4. a real training run on anime-faces-mini ($TRAIN_MINUTES min), then a 16x16 grid"
+RUN=$(mktemp -d)/mini
+"$BIN" train --config "$CONFIG" --data "$KIT/mini" --run "$RUN" --device "$DEVICE" \
+  --max-minutes "$TRAIN_MINUTES" --batch-size "$BATCH" --sample-every 0 --no-progress --set data.test_frac=0.0 || echo "train failed"
+cp "$RUN/metrics.jsonl" "$RUN/loss.png" "$OUT/" 2>/dev/null
+"$BIN" sample --checkpoint "$RUN" --device "$DEVICE" --grid "$GRID" --sampler ddim --steps 50 --variance beta-tilde \
+  --out "$OUT/gen" || echo "sample failed"
+ls -la "$OUT" "$OUT/gen" 2>/dev/null
+step "done"
