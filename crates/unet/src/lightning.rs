@@ -929,11 +929,12 @@ pub mod pickle {
         stack: Vec<Id>,
         marks: Vec<usize>,
         memo: HashMap<u64, Id>,
+        call_depth: usize,
     }
 
     /// Parses a whole pickle (up to its `STOP`).
     pub fn parse(data: &[u8]) -> Result<Pickle, PickleError> {
-        let mut p = Parser { data, pos: 0, op_pos: 0, nodes: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+        let mut p = Parser { data, pos: 0, op_pos: 0, nodes: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), call_depth: 0 };
         let root = p.run()?;
         Ok(Pickle { nodes: p.nodes, root })
     }
@@ -1462,7 +1463,13 @@ pub mod pickle {
                 }
                 ("torch._tensor", "_rebuild_from_type" | "_rebuild_from_type_v2") if argv.len() >= 3 => {
                     // (func, new_type, args, state): a tensor subclass; rebuild the tensor.
-                    self.call(argv[0], argv[2])
+                    if self.call_depth > 8 {
+                        return self.err(format!("{name} nested too deeply"));
+                    }
+                    self.call_depth += 1;
+                    let r = self.call(argv[0], argv[2]);
+                    self.call_depth -= 1;
+                    r
                 }
                 ("copyreg", "_reconstructor") if !argv.is_empty() => {
                     Ok(Node::Object { class: argv[0], args, state: None, items: Vec::new(), elems: Vec::new() })
@@ -1538,6 +1545,21 @@ mod tests {
         assert_eq!(t[0], t[1]);
         let d = p.as_dict(t[0]).unwrap();
         assert_eq!(p.as_i64(d[0].1), Some(-2));
+    }
+
+    #[test]
+    fn nested_rebuild_from_type_is_bounded() {
+        // f = torch._tensor._rebuild_from_type_v2; args = (f, None, args, None) nested 50 deep.
+        let mut b = vec![0x80, 2, b'c'];
+        b.extend(b"torch._tensor\n_rebuild_from_type_v2\n");
+        b.extend([b'q', 0, b')']);
+        for _ in 0..50 {
+            // stack: ..., inner_args  ->  (f, None, inner_args, None)
+            b.extend([b'q', 1, b'0', b'(', b'h', 0, b'N', b'h', 1, b'N', b't']);
+        }
+        b.extend([b'q', 1, b'0', b'h', 0, b'h', 1, b'R', b'.']);
+        let e = parse(&b).err().expect("must fail");
+        assert!(e.to_string().contains("nested too deeply"), "{e}");
     }
 
     #[test]

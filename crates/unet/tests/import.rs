@@ -686,3 +686,28 @@ fn checkpoints_of_another_architecture_name_the_tensor() {
     assert!(msg.contains("no 'unet.*' tensors"), "{msg}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+#[ignore = "writes and reads a ~100 MB checkpoint of the trained reference size: run by hand"]
+fn reference_size_checkpoint_imports() {
+    let cfg = UNetConfig::reference();
+    let shapes = unet::expected_shapes(&cfg).unwrap();
+    let tensors: Vec<(String, Tensor)> = shapes
+        .iter()
+        .map(|(n, s)| (n.clone(), Tensor::rand(-1f32, 1f32, s.as_slice(), &Device::Cpu).unwrap()))
+        .collect();
+    let dir = temp_dir("full");
+    let path = dir.join("last.ckpt");
+    let t0 = std::time::Instant::now();
+    let expected = write_ckpt(&path, &Spec { tensors: &tensors, hp: Some(&cfg), style: Style::Lightning { big_endian: false }, with_state_dict: true });
+    let written = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    let w = lightning::import(&path).unwrap();
+    eprintln!("wrote in {written:?}, imported in {:?}", t0.elapsed());
+    assert_eq!(w.config, cfg);
+    assert_eq!(unet::parameter_counts(&cfg).unwrap().0, 25_368_963);
+    for (name, want) in &expected {
+        assert_eq!(&values(&w.tensors[name]), want, "{name}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
