@@ -311,7 +311,6 @@ impl Trainer {
         let data = DeviceImages::new(&ds, device)?;
         drop(ds);
 
-        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io("cannot create", run_dir, e))?;
         let mut engine = StepEngine::new(&cfg, device)?;
         let mut rng = NoiseRng::with_stream(cfg.train.seed, TRAIN_STREAM);
         let (mut epoch, mut position, mut step, mut elapsed_before) = (0, 0, 0, 0.0);
@@ -362,6 +361,7 @@ impl Trainer {
                 );
             }
         }
+        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io("cannot create", run_dir, e))?;
         unet::weights::write_atomic(&run_dir.join("config.toml"), cfg.to_toml_string().as_bytes())?;
         let resume_epoch = epoch;
         let metrics = MetricsLog::open(run_dir, |r| {

@@ -208,6 +208,7 @@ fn corrupt_latest_checkpoint_falls_back_mismatch_and_divergence_are_errors() {
     let none = tmp.path().join("none");
     let r = Trainer::new(cfg.clone(), &none, &Device::Cpu, TrainOptions { require_resume: true, ..Default::default() });
     assert!(r.is_err());
+    assert!(!none.exists(), "a failed --resume leaves nothing behind");
 }
 
 #[test]
