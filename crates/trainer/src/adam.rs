@@ -92,15 +92,18 @@ impl Adam {
 
     /// One update with the given gradients (same order as [`Adam::vars`]) and learning rate.
     pub fn step_with(&mut self, grads: &[Tensor], lr: f64) -> Result<(), TrainError> {
+        if grads.len() != self.vars.len() {
+            return Err(TrainError::Invalid(format!("Adam: {} gradients for {} variables", grads.len(), self.vars.len())));
+        }
         let AdamParams { beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled, .. } = self.params;
         self.step += 1;
         let t = self.step as i32;
         let bias1 = 1.0 - b1.powi(t);
         let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let step_size = lr / bias1;
-        for i in 0..self.vars.len() {
+        for (i, grad) in grads.iter().enumerate() {
             let p = self.vars[i].as_tensor();
-            let mut g = grads[i].clone();
+            let mut g = grad.clone();
             if wd != 0.0 && !decoupled {
                 g = g.add(&p.affine(wd, 0.0)?)?;
             }
@@ -207,6 +210,7 @@ mod tests {
     }
 
     /// torch.optim.Adam, written out in f64 from its documented algorithm.
+    #[allow(clippy::too_many_arguments)]
     fn torch_adam(p: &mut [f64], m: &mut [f64], v: &mut [f64], g: &[f64], t: i32, lr: f64, b1: f64, b2: f64, eps: f64) {
         for i in 0..p.len() {
             m[i] = b1 * m[i] + (1.0 - b1) * g[i];
@@ -281,7 +285,7 @@ mod tests {
         // AdamW: a zero gradient still shrinks p by lr * wd * p.
         let a = var(&[1.0, -2.0]);
         let mut o = Adam::new(vec![("a".into(), a.clone())], AdamParams { weight_decay: 0.1, decoupled: true, ..Default::default() }).unwrap();
-        o.step_with(&[zero.clone()], 0.5).unwrap();
+        o.step_with(std::slice::from_ref(&zero), 0.5).unwrap();
         let got = a.as_tensor().to_vec1::<f32>().unwrap();
         assert!((got[0] - 0.95).abs() < 1e-6 && (got[1] + 1.9).abs() < 1e-6, "{got:?}");
         // Adam + L2: g = wd * p, so the first step moves by lr * sign(p).

@@ -196,6 +196,9 @@ pub struct LogConfig {
     pub sample_seed: u64,
     /// Sample from the EMA weights when EMA is on.
     pub sample_ema: bool,
+    /// Clip the predicted x_0 to [-1, 1] at each DDIM step (see `trainer::preview`); false:
+    /// plain `sampler::generate`.
+    pub sample_clip: bool,
     /// Write TensorBoard event files in `<run>/tb/`.
     pub tensorboard: bool,
 }
@@ -209,6 +212,7 @@ impl Default for LogConfig {
             sample_steps: 50,
             sample_seed: 999,
             sample_ema: true,
+            sample_clip: true,
             tensorboard: true,
         }
     }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod plot;
+pub mod preview;
 pub mod tensorboard;
 mod trainer;
 
@@ -23,7 +24,7 @@ use std::path::Path;
 pub use adam::{Adam, AdamParams};
 pub use config::{CheckpointConfig, DataConfig, LogConfig, Precision, RunConfig, TrainConfig};
 pub use trainer::{
-    read_tensors, resolve_config, StepEngine, StepMetrics, StepOutput, StopReason, TrainOptions, TrainSummary, Trainer,
+    read_tensors, resolve_config, StepCallback, StepEngine, StepMetrics, StepOutput, StopReason, TrainOptions, TrainSummary, Trainer,
 };
 
 #[derive(Debug, thiserror::Error)]

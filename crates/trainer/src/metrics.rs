@@ -13,6 +13,9 @@ use crate::TrainError;
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
+/// (step, value) points.
+pub type Curve = Vec<(u64, f64)>;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub kind: String,
@@ -72,7 +75,7 @@ impl MetricsLog {
     }
 
     /// (step, loss) of the step lines and (step, val_loss) of the epoch lines.
-    pub fn curves(&self) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+    pub fn curves(&self) -> (Curve, Curve) {
         let train = self.records.iter().filter(|r| r.kind == "step").map(|r| (r.step, r.loss)).collect();
         let val = self.records.iter().filter_map(|r| r.val_loss.map(|v| (r.step, v))).collect();
         (train, val)

@@ -203,6 +203,9 @@ pub struct StepMetrics {
     pub grad_norm: Option<f64>,
 }
 
+/// A function called after every step.
+pub type StepCallback = Box<dyn FnMut(&StepMetrics) + Send>;
+
 /// How a run is driven (not part of the config: none of it changes the result).
 #[derive(Default)]
 pub struct TrainOptions {
@@ -212,7 +215,7 @@ pub struct TrainOptions {
     /// has checkpoints is resumed anyway, with a message.
     pub require_resume: bool,
     /// Called after every step (e.g. to set the stop flag, or to watch the loss).
-    pub on_step: Option<Box<dyn FnMut(&StepMetrics) + Send>>,
+    pub on_step: Option<StepCallback>,
     /// Testing aid: return right after this step without saving anything, as a `kill -9` would.
     pub crash_after_step: Option<u64>,
 }
@@ -501,7 +504,8 @@ impl Trainer {
         Ok(dir)
     }
 
-    /// A grid of `count` samples (DDIM, `steps` steps, eta 0) from the fixed noise of `seed`.
+    /// A grid of `count` samples (DDIM, `steps` steps, eta 0; x_0 clipped when `log.sample_clip`) from
+    /// the fixed noise of `seed`.
     pub fn sample_grid(&self, count: usize, steps: usize, seed: u64, ema: bool) -> Result<image::RgbImage, TrainError> {
         let s = self.cfg.unet.image_size;
         let noise = NoiseRng::new(seed).randn((count, self.cfg.unet.image_channels, s, s), self.engine.device())?;
@@ -510,10 +514,14 @@ impl Trainer {
 
     fn sample_grid_from(&self, noise: &Tensor, steps: usize, ema: bool) -> Result<image::RgbImage, TrainError> {
         let model = self.engine.sampling_model(ema)?;
-        let kind = SamplerKind::Ddim { steps, eta: 0.0 };
-        let mut rng = NoiseRng::new(0);
         let batch = self.cfg.train.batch_size.max(16);
-        let x0 = sampler::generate(&model, &self.engine.schedule, noise, &kind, &mut rng, batch, |_, _| {})?;
+        let x0 = if self.cfg.log.sample_clip {
+            crate::preview::ddim_clipped(&model, &self.engine.schedule, noise, steps, batch)?
+        } else {
+            let kind = SamplerKind::Ddim { steps, eta: 0.0 };
+            let mut rng = NoiseRng::new(0);
+            sampler::generate(&model, &self.engine.schedule, noise, &kind, &mut rng, batch, |_, _| {})?
+        };
         let imgs = sampler::tensor_to_images(&x0)?;
         let ncol = (imgs.len() as f64).sqrt().ceil() as usize;
         Ok(sampler::make_grid(&imgs, ncol, 2))
@@ -611,7 +619,7 @@ impl Trainer {
                 let ips = epoch_images as f64 / epoch_t0.elapsed().as_secs_f64().max(1e-9);
                 pb.set_message(format!("loss {:.4} {:.1} img/s", out.loss, ips));
                 pb.inc(1);
-                if self.step % self.cfg.log.every_steps.max(1) == 0 {
+                if self.step.is_multiple_of(self.cfg.log.every_steps.max(1)) {
                     let secs = window.0.elapsed().as_secs_f64().max(1e-9);
                     let rec = Record {
                         kind: "step".into(),
@@ -636,7 +644,7 @@ impl Trainer {
                     window = (Instant::now(), 0, 0.0, 0);
                 }
                 let c = &self.cfg.checkpoint;
-                let due_steps = c.every_steps > 0 && self.step % c.every_steps == 0;
+                let due_steps = c.every_steps > 0 && self.step.is_multiple_of(c.every_steps);
                 let due_time = c.every_minutes > 0.0 && last_save.elapsed().as_secs_f64() >= c.every_minutes * 60.0;
                 if (due_steps || due_time) && !self.epoch_done() {
                     let dir = self.save_checkpoint("periodic", t0.elapsed().as_secs_f64())?;
@@ -687,7 +695,7 @@ impl Trainer {
             );
             self.end_epoch();
             let every = self.cfg.log.sample_every_epochs;
-            if every > 0 && (ended + 1) % every == 0 {
+            if every > 0 && (ended + 1).is_multiple_of(every) {
                 let p = self.preview()?;
                 info!("samples: {}", p.display());
             }
