@@ -330,3 +330,31 @@ fn lightning_fixture_samples() {
     let x = Sampler::for_unet(&m.unet, &m.schedule).sample(2, &DDIM10, 0).unwrap();
     assert_eq!(x.dims(), &[2, 3, 16, 16]);
 }
+
+#[test]
+fn a_perfect_predictor_samples_its_target() {
+    // eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) for a fixed x0: every sampler must end
+    // exactly on x0 (DDPM's last step returns the x0 prediction; DDIM eta=0 follows it).
+    let s = Schedule::reference();
+    let x0 = NoiseRng::new(3).randn((1, 3, 4, 4), &Device::Cpu).unwrap().tanh().unwrap();
+    let target = x0.clone();
+    let sched = s.clone();
+    let oracle = move |x_t: &Tensor, t: &Tensor| -> candle_core::Result<Tensor> {
+        let t0 = t.to_vec1::<u32>()?[0] as usize;
+        let a = sched.alphas_cumprod_sqrt[t0] as f64;
+        let b = sched.one_minus_alphas_cumprod_sqrt[t0] as f64;
+        x_t.broadcast_sub(&target.affine(a, 0.0)?)?.affine(1.0 / b, 0.0)
+    };
+    let sampler = Sampler::new(oracle, &s, (3, 4, 4), &Device::Cpu).batch(2);
+    let want = x0.broadcast_as((3, 3, 4, 4)).unwrap().contiguous().unwrap();
+    for kind in [
+        SamplerKind::Ddpm { variance: Variance::Beta, final_noise: FinalStepNoise::Paper },
+        SamplerKind::Ddpm { variance: Variance::BetaTilde, final_noise: FinalStepNoise::Paper },
+        SamplerKind::Ddim { steps: 50, eta: 0.0 },
+        SamplerKind::Ddim { steps: 1000, eta: 1.0 },
+    ] {
+        let out = sampler.sample(3, &kind, 1).unwrap();
+        let d = max_diff(&out, &want);
+        assert!(d < 1e-3, "{kind:?}: {d}");
+    }
+}
