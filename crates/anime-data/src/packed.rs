@@ -152,6 +152,15 @@ impl PackedDataset {
         &self.pixels()[i * n..(i + 1) * n]
     }
 
+    /// Takes the dataset apart without copying the pixels: `(names, size, pixels)`.
+    pub fn into_parts(self) -> (Vec<String>, usize, Vec<u8>) {
+        let len = self.names.len() * self.size * self.size * 3;
+        let mut buf = self.buf;
+        buf.truncate(self.offset + len);
+        buf.drain(..self.offset);
+        (self.names, self.size, buf)
+    }
+
     /// Image `i` as an [`image::RgbImage`]. Panics when out of range.
     pub fn image(&self, i: usize) -> image::RgbImage {
         let s = self.size as u32;
