@@ -26,6 +26,10 @@ BATCH=${BATCH:-64}
 GRID=${GRID:-16x16}
 BIN=$KIT/xtask
 mkdir -p "$OUT"
+if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then
+  BIN=/tmp/xtask-gpu-check
+  gunzip -c "$KIT/xtask.gz" > "$BIN" && chmod +x "$BIN"
+fi
 LOG=$OUT/gpu-check.log
 exec > >(tee -a "$LOG") 2>&1
 step() { echo; echo "=== $(date +%T) $*"; }
