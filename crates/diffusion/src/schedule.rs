@@ -88,7 +88,7 @@ impl Schedule {
                 torch_linspace_f32(start, end, cfg.num_steps)
             }
             BetaSchedule::Cosine { s } => {
-                if !(s >= 0.0) {
+                if s.is_nan() || s < 0.0 {
                     return Err(DiffusionError::Config(format!("cosine offset s must be >= 0, got {s}")));
                 }
                 cosine_betas(cfg.num_steps, s)

@@ -79,7 +79,7 @@ impl UNetConfig {
 
     pub fn validate(&self) -> Result<(), UNetError> {
         let bad = |m: String| Err(UNetError::Config(m));
-        if self.ch == 0 || self.ch % GROUPS != 0 {
+        if self.ch == 0 || !self.ch.is_multiple_of(GROUPS) {
             return bad(format!("ch must be a positive multiple of {GROUPS} (GroupNorm groups), got {}", self.ch));
         }
         if self.ch < 4 {
@@ -101,7 +101,7 @@ impl UNetConfig {
             return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
         }
         let down = 1usize << (self.ch_mult.len() - 1);
-        if self.image_size == 0 || self.image_size % down != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(down) {
             return bad(format!("image_size {} must be divisible by {down} ({} levels)", self.image_size, self.ch_mult.len()));
         }
         Ok(())

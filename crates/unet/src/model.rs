@@ -238,7 +238,7 @@ impl Module for UpSample {
 
 /// One index of `downblocks` / `upblocks`.
 pub enum Block {
-    Res(ResBlock),
+    Res(Box<ResBlock>),
     Down(DownSample),
     Up(UpSample),
 }
@@ -275,7 +275,7 @@ impl UNet {
         for (lvl, &m) in cfg.ch_mult.iter().enumerate() {
             for _ in 0..cfg.num_res_blocks {
                 let i = downblocks.len();
-                downblocks.push(Block::Res(ResBlock::new(vbd.pp(i), c, cfg.ch * m, t_dim, cfg.dropout, cfg.attn.contains(&lvl))?));
+                downblocks.push(Block::Res(Box::new(ResBlock::new(vbd.pp(i), c, cfg.ch * m, t_dim, cfg.dropout, cfg.attn.contains(&lvl))?)));
                 c = cfg.ch * m;
                 skip_ch.push(c);
             }
@@ -297,7 +297,7 @@ impl UNet {
             for _ in 0..=cfg.num_res_blocks {
                 let skip = skip_ch.pop().expect("the skip stack matches the down path");
                 let i = upblocks.len();
-                upblocks.push(Block::Res(ResBlock::new(vbu.pp(i), c + skip, cout, t_dim, cfg.dropout, cfg.attn.contains(&lvl))?));
+                upblocks.push(Block::Res(Box::new(ResBlock::new(vbu.pp(i), c + skip, cout, t_dim, cfg.dropout, cfg.attn.contains(&lvl))?)));
                 c = cout;
             }
             if lvl > 0 {

@@ -20,7 +20,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Parameter names as `torch.nn.GroupNorm`: `weight` (init 1) and `bias` (init 0).
     pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if channels % groups != 0 {
+        if !channels.is_multiple_of(groups) {
             candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
         }
         let weight = vb.get_with_hints(channels, "weight", Init::Const(1.))?;
