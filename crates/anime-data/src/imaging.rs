@@ -313,14 +313,16 @@ fn store_clipped(out: &mut [u8], acc: &[i32]) {
     }
 }
 
-/// `dst[x][y] = src[y][x]` for 3-byte pixels; `src` is `rows x cols`.
+/// Transposes a window of 3-byte pixels: `dst` gets `cols` rows of `rows` pixels, where
+/// `dst[x][y] = src[(y0 + y) * stride + x0 + x]` (`stride` in pixels). Writes are sequential;
+/// reads walk down a column.
 #[inline(always)]
-fn transpose3(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
-    for y in 0..rows {
-        let srow = &src[y * cols * 3..(y + 1) * cols * 3];
-        for (x, p) in srow.chunks_exact(3).enumerate() {
-            let d = (x * rows + y) * 3;
-            dst[d..d + 3].copy_from_slice(p);
+fn transpose3(src: &[u8], stride: usize, (x0, y0): (usize, usize), (rows, cols): (usize, usize), dst: &mut [u8]) {
+    let step = stride * 3;
+    for (x, drow) in dst.chunks_exact_mut(rows * 3).take(cols).enumerate() {
+        let col = &src[(y0 * stride + x0 + x) * 3..];
+        for (d, s) in drow.chunks_exact_mut(3).zip(col.chunks(step)) {
+            d.copy_from_slice(&s[..3]);
         }
     }
 }
@@ -344,13 +346,7 @@ fn resize_impl(src: &RgbImage, region: (u32, u32, u32, u32), out_w: u32, out_h: 
 
     // Transposed source window: `cols` rows of `rows` pixels.
     let mut t = vec![0u8; rows * cols * 3];
-    for y in 0..rows {
-        let srow = &data[((ymin + y) * sw + xmin) * 3..((ymin + y) * sw + xmax) * 3];
-        for (x, p) in srow.chunks_exact(3).enumerate() {
-            let d = (x * rows + y) * 3;
-            t[d..d + 3].copy_from_slice(p);
-        }
-    }
+    transpose3(data, sw, (xmin, ymin), (rows, cols), &mut t);
 
     // Horizontal pass on the transposed window: output column x is a weighted sum of rows of t.
     let tlen = rows * 3;
@@ -369,7 +365,7 @@ fn resize_impl(src: &RgbImage, region: (u32, u32, u32, u32), out_w: u32, out_h: 
 
     // Back to row-major: `rows` rows of `out_w` pixels.
     let mut tmp = vec![0u8; rows * out_w * 3];
-    transpose3(&tmp_t, out_w, rows, &mut tmp);
+    transpose3(&tmp_t, rows, (0, 0), (out_w, rows), &mut tmp);
 
     // Vertical pass: output row y is a weighted sum of rows of tmp.
     let row_len = out_w * 3;
