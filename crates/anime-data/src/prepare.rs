@@ -290,9 +290,15 @@ pub(crate) fn run(
     if let Ok(text) = std::fs::read_to_string(&settings_path) {
         match serde_json::from_str::<Settings>(&text) {
             Ok(old) if old == settings => {}
-            _ => {
+            old => {
                 if !force {
-                    tracing::info!("settings changed since the last run ({}): redoing every output", text.trim());
+                    let was = old.map_or_else(|_| "unknown settings".to_string(), |o| format!("size {} crop {}", o.size, o.crop));
+                    tracing::info!(
+                        "the outputs in {} were made with {was}, now size {} crop {}: redoing every output",
+                        out.display(),
+                        settings.size,
+                        settings.crop
+                    );
                 }
                 force = true;
             }
