@@ -102,7 +102,7 @@ fn prepare_from_parquet_struct_and_binary_columns() {
     // Not a parquet file / no image column: clear errors.
     let bad = tmp.path().join("bad.parquet");
     std::fs::write(&bad, b"nope").unwrap();
-    let e = prepare_from_parquet(&[bad.clone()], &opts, false).unwrap_err();
+    let e = prepare_from_parquet(std::slice::from_ref(&bad), &opts, false).unwrap_err();
     assert!(e.to_string().contains("bad.parquet"), "{e}");
     let noimg = tmp.path().join("noimg.parquet");
     write(&noimg, "message schema { required binary text; }", vec![(vec![ByteArray::from("x")], vec![0])]);
