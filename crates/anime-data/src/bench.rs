@@ -137,7 +137,7 @@ impl std::fmt::Display for BenchReport {
 /// Returns whether it generated them.
 pub fn generate_inputs(dir: &Path, n: usize, seed: u64) -> Result<bool, DataError> {
     let marker = dir.with_extension("complete");
-    let stamp = format!("kaggle-like v2 n={n} seed={seed}");
+    let stamp = format!("kaggle-like v3 n={n} seed={seed}");
     if std::fs::read_to_string(&marker).is_ok_and(|s| s.trim() == stamp) {
         return Ok(false);
     }

@@ -127,7 +127,8 @@ impl Face {
         // Fringe: hair over the top of the face, with a wavy lower edge.
         let wave = 0.035 * (self.fringe_freq * std::f32::consts::TAU * (u - self.cx) + self.fringe_phase).sin().abs();
         let fringe_sd = v - (self.fringe + wave);
-        c = mix(c, self.hair, cover(fringe_sd.max(face), px));
+        // Over the face and the back hair alike, so no seam shows along the face's edge.
+        c = mix(c, self.hair, cover(fringe_sd.max(face.min(back)), px));
 
         // Blush.
         for side in [-1.0f32, 1.0] {
