@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use unet::weights::{write_atomic, UNET_CONFIG_KEY};
+use unet::weights::write_atomic;
 use unet::ModelWeights;
 
 use crate::{RunConfig, TrainError};
@@ -78,21 +78,12 @@ pub fn checkpoint_dir(run: &Path, step: u64) -> PathBuf {
 
 /// Serialises named tensors (sorted) with metadata into safetensors bytes.
 pub fn serialize(tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<Vec<u8>, TrainError> {
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let views: Vec<(String, Tensor)> = names
-        .into_iter()
-        .map(|k| Ok((k.clone(), tensors[k].to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<candle_core::Result<_>>()?;
-    safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-        .map_err(|e| TrainError::Invalid(format!("cannot serialise tensors: {e}")))
+    unet::weights::serialize_safetensors(tensors, metadata).map_err(|e| TrainError::Invalid(e.to_string()))
 }
 
 /// The bytes of a model file in the `unet::ModelWeights` format.
 pub fn model_bytes(w: &ModelWeights) -> Result<Vec<u8>, TrainError> {
-    let mut meta: HashMap<String, String> = w.metadata.clone().into_iter().collect();
-    meta.insert(UNET_CONFIG_KEY.into(), serde_json::to_string(&w.config).expect("config serialises"));
-    serialize(&w.tensors, meta)
+    w.to_bytes().map_err(|e| TrainError::Invalid(e.to_string()))
 }
 
 fn write(path: &Path, data: &[u8]) -> Result<(), TrainError> {

@@ -94,25 +94,34 @@ impl ModelWeights {
         Ok(Self { config, tensors, metadata })
     }
 
-    /// Writes atomically (temporary file, fsync, rename).
-    pub fn save(&self, path: &Path) -> Result<(), UNetError> {
+    /// The file's bytes (what [`ModelWeights::save`] writes).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, UNetError> {
         let mut meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
         meta.insert(UNET_CONFIG_KEY.into(), serde_json::to_string(&self.config).expect("config serialises"));
-        save_safetensors_atomic(path, &self.tensors, meta)
+        serialize_safetensors(&self.tensors, meta)
+    }
+
+    /// Writes atomically (temporary file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<(), UNetError> {
+        write_atomic(path, &self.to_bytes()?)
     }
 }
 
-/// Serialises `tensors` (sorted by name) with `metadata` and writes them atomically.
-pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<(), UNetError> {
+/// Safetensors bytes of `tensors` (sorted by name, moved to the CPU) with `metadata`.
+pub fn serialize_safetensors(tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<Vec<u8>, UNetError> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let views: Vec<(String, Tensor)> = names
         .into_iter()
         .map(|k| Ok((k.clone(), tensors[k].to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
-    let data = safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-        .map_err(|e| UNetError::Format { path: path.display().to_string(), reason: e.to_string() })?;
-    write_atomic(path, &data)
+    safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+        .map_err(|e| UNetError::Format { path: "<memory>".into(), reason: format!("cannot serialise tensors: {e}") })
+}
+
+/// Serialises `tensors` with `metadata` and writes them atomically.
+pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>, metadata: HashMap<String, String>) -> Result<(), UNetError> {
+    write_atomic(path, &serialize_safetensors(tensors, metadata)?)
 }
 
 /// Write to `path.tmp`, fsync, rename over `path`, fsync the folder: a crash leaves either the
