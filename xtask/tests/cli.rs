@@ -1,0 +1,77 @@
+//! The command line as a user meets it: exit codes, and one-line errors for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn xtask(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).current_dir(cwd).output().expect("run xtask")
+}
+
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert_eq!(out.status.code(), Some(1), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(lines[0].contains(needle), "'{}' does not mention '{needle}'", lines[0]);
+}
+
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/unet/tests/fixtures")
+}
+
+#[test]
+fn prepare_data_missing_folder_is_one_line_with_the_dataset_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = xtask(&["prepare-data", "--raw", "nope/images", "--out", "processed"], dir.path());
+    assert_one_line_error(&out, "kaggle.com/datasets/splcher/animefacedataset");
+}
+
+#[test]
+fn prepare_data_skips_bad_files_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw");
+    let faces = anime_data::synthetic_faces(6, 96, 1);
+    anime_data::write_images(&raw, &faces, "jpg").unwrap();
+    std::fs::write(raw.join("broken.jpg"), b"not a jpeg").unwrap();
+    std::fs::write(raw.join("empty.jpg"), b"").unwrap();
+    let args = ["prepare-data", "--raw", "raw", "--out", "processed"];
+    let out = xtask(&args, dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let packed = anime_data::PackedDataset::load(&dir.path().join("processed/packed.safetensors")).unwrap();
+    assert_eq!((packed.len(), packed.size()), (6, 64));
+    let skipped = std::fs::read_to_string(dir.path().join("processed/skipped.txt")).unwrap();
+    assert!(skipped.contains("broken.jpg") && skipped.contains("empty.jpg"), "{skipped}");
+    let before = std::fs::read(dir.path().join("processed/packed.safetensors")).unwrap();
+    let again = xtask(&args, dir.path());
+    assert!(again.status.success());
+    assert_eq!(before, std::fs::read(dir.path().join("processed/packed.safetensors")).unwrap());
+}
+
+#[test]
+fn import_and_sample_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+    let out = xtask(&["import-checkpoint", "notes.txt", "--out", "m.safetensors"], dir.path());
+    assert_one_line_error(&out, "not a PyTorch checkpoint");
+    let out = xtask(&["sample", "--checkpoint", "missing.safetensors"], dir.path());
+    assert_one_line_error(&out, "missing.safetensors");
+    let out = xtask(&["train", "--config", "no-such-config"], dir.path());
+    assert_one_line_error(&out, "no-such-config");
+}
+
+#[test]
+fn import_then_sample_a_small_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = fixtures().join("seed_micro.ckpt");
+    let out = xtask(&["import-checkpoint", ckpt.to_str().unwrap(), "--out", "micro.safetensors"], dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = xtask(
+        &["sample", "--checkpoint", "micro.safetensors", "--grid", "2x2", "--sampler", "ddim", "--steps", "5", "--variance", "beta", "--out", "gen", "--device", "cpu"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let produced: Vec<_> = std::fs::read_dir(dir.path().join("gen")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!produced.is_empty());
+    let out = xtask(&["sample", "--checkpoint", "micro.safetensors", "--grid", "0x2"], dir.path());
+    assert_one_line_error(&out, "grid");
+}
