@@ -224,6 +224,20 @@ impl Schedule {
         Ok(out)
     }
 
+    /// A deterministic DDIM step (eta = 0) with the predicted x_0 clipped to [-1, 1], as the DDPM
+    /// reference implementation's `clip_denoised`: an undertrained network's x_0 estimate at large
+    /// t is its noise error amplified by 1/sqrt(abar_t) (~150 at t = 999), which otherwise
+    /// saturates the samples. The step uses the noise consistent with the clipped x_0.
+    pub fn ddim_step_clipped(&self, eps: &Tensor, x_t: &Tensor, t: usize, t_prev: Option<usize>) -> Result<Tensor> {
+        let x0 = self.predict_x0(eps, x_t, t)?.clamp(-1f32, 1f32)?;
+        let Some(p) = t_prev else { return Ok(x0) };
+        self.check_t(p)?;
+        let a_t = self.alphas_cumprod[t] as f64;
+        let a_p = self.alphas_cumprod[p] as f64;
+        let eps = x_t.sub(&x0.affine(a_t.sqrt(), 0.0)?)?.affine(1.0 / (1.0 - a_t).sqrt(), 0.0)?;
+        Ok(x0.affine(a_p.sqrt(), 0.0)?.add(&eps.affine((1.0 - a_p).sqrt(), 0.0)?)?)
+    }
+
     /// The prediction of x_0 from `x_t` and the predicted noise.
     pub fn predict_x0(&self, eps: &Tensor, x_t: &Tensor, t: usize) -> Result<Tensor> {
         self.check_t(t)?;
@@ -425,6 +439,25 @@ mod tests {
         assert_eq!(calls, num_evaluations(&s, &kind, 300).unwrap());
         let err = out.sub(&x0).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 1e-3, "{err}");
+    }
+
+    #[test]
+    fn clipped_ddim_step_equals_plain_step_inside_the_range_and_clips_outside() {
+        let dev = Device::Cpu;
+        let s = Schedule::reference();
+        let mut rng = NoiseRng::new(4);
+        // |x_t| < 0.5, so the x_0 estimate (about 0.97 x_t at t = 10) stays inside [-1, 1].
+        let x_t = rng.randn((2, 3, 4, 4), &dev).unwrap().tanh().unwrap().affine(0.5, 0.0).unwrap();
+        let small_eps = x_t.affine(0.999, 0.0).unwrap();
+        let plain = s.ddim_step(&small_eps, &x_t, 10, Some(5), 0.0, None).unwrap();
+        let clipped = s.ddim_step_clipped(&small_eps, &x_t, 10, Some(5)).unwrap();
+        let d = plain.sub(&clipped).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "{d}");
+        // At the last step the result is the clipped x_0 itself.
+        let big = x_t.affine(-50.0, 0.0).unwrap();
+        let last = s.ddim_step_clipped(&big, &x_t, 999, None).unwrap();
+        let m = last.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(m <= 1.0 && m > 0.99, "{m}");
     }
 
     #[test]

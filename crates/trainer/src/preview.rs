@@ -1,8 +1,6 @@
-//! DDIM (eta = 0) with the predicted x_0 clipped to [-1, 1] at every step, as the DDPM
-//! reference implementation's `clip_denoised`: an undertrained network's x_0 estimate at large t
-//! is its noise error amplified by 1/sqrt(abar_t) (~150 at t = 999), and without the clip the
-//! deterministic DDIM path saturates to flat primary colours. Used for the training previews
-//! and the demo (`log.sample_clip`); `sampler::generate` is the unclipped sampler.
+//! Preview sampling: DDIM (eta = 0) with the predicted x_0 clipped at every step
+//! ([`diffusion::Schedule::ddim_step_clipped`]), so that an undertrained model's previews do not
+//! saturate. Used for the training previews and the demo (`log.sample_clip`).
 
 use candle_core::{Device, Tensor};
 use diffusion::Schedule;
@@ -22,18 +20,9 @@ pub fn ddim_clipped(model: &UNet, schedule: &Schedule, x_t: &Tensor, steps: usiz
         for (i, &t) in ts.iter().enumerate() {
             let tt = Tensor::full(t as u32, len, x.device())?;
             let eps = model.forward_t(&x, &tt, Mode::Eval)?;
-            let a_t = schedule.alphas_cumprod[t] as f64;
-            let x0 = x.sub(&eps.affine(schedule.one_minus_alphas_cumprod_sqrt[t] as f64, 0.0)?)?.affine(1.0 / a_t.sqrt(), 0.0)?;
-            let x0 = x0.clamp(-1f32, 1f32)?;
-            x = match ts.get(i + 1) {
-                None => x0,
-                Some(&p) => {
-                    // The noise consistent with the clipped x_0, then the deterministic step.
-                    let eps = x.sub(&x0.affine(a_t.sqrt(), 0.0)?)?.affine(1.0 / (1.0 - a_t).sqrt(), 0.0)?;
-                    let a_p = schedule.alphas_cumprod[p] as f64;
-                    x0.affine(a_p.sqrt(), 0.0)?.add(&eps.affine((1.0 - a_p).sqrt(), 0.0)?)?
-                }
-            };
+            // Detached: a model whose weights are training variables would otherwise keep every
+            // step's graph alive.
+            x = schedule.ddim_step_clipped(&eps, &x, t, ts.get(i + 1).copied())?.detach();
         }
         outs.push(x.to_device(&Device::Cpu)?);
         start += len;
