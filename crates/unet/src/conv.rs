@@ -78,10 +78,20 @@ impl Geometry {
     fn hw_out(&self) -> usize {
         self.ho() * self.wo()
     }
+    /// 3x3, stride 1, padding 1: the shape `winograd` handles.
+    fn is_winograd(&self) -> bool {
+        self.k == 3 && self.stride == 1 && self.padding == 1 && winograd_enabled()
+    }
     /// 1x1, stride 1, no padding: the image already is its column matrix.
     fn is_pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.padding == 0
     }
+}
+
+/// Winograd for 3x3 convolutions unless `UNET_CONV=im2col` (for A/B benchmarks and tests).
+pub fn winograd_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_CONV").map_or(true, |v| v != "im2col"))
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -233,6 +243,11 @@ impl ConvOp {
         let w = contiguous_f32(s2, l2)?;
         let (img, hw, ckk) = (g.c * g.h * g.w, g.hw_out(), g.ckk());
         let mut out = vec![0f32; g.b * g.o * hw];
+        if g.is_winograd() {
+            let u = crate::winograd::transform_weights(w, g.o, g.c);
+            crate::winograd::conv3x3(x, g.b, g.c, g.h, g.w, &u, g.o, bias, &mut out);
+            return Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.ho(), g.wo()))));
+        }
         let threads = gemm_threads(g.b);
         out.par_chunks_mut(g.o * hw).enumerate().for_each(|(i, dst)| {
             let xi = &x[i * img..(i + 1) * img];
@@ -350,6 +365,11 @@ impl candle_core::CustomOp2 for ConvInputGrad {
         let w = contiguous_f32(s2, l2)?;
         let (img, hw, ckk) = (g.c * g.h * g.w, g.hw_out(), g.ckk());
         let mut dx = vec![0f32; b * img];
+        if g.is_winograd() {
+            let u = crate::winograd::transform_weights_for_input_grad(w, o, g.c);
+            crate::winograd::conv3x3(dy, b, o, g.h, g.w, &u, g.c, None, &mut dx);
+            return Ok((CpuStorage::F32(dx), Shape::from((b, g.c, g.h, g.w))));
+        }
         let threads = gemm_threads(b);
         dx.par_chunks_mut(img).enumerate().for_each(|(i, dst)| {
             let dyi = &dy[i * o * hw..(i + 1) * o * hw];
@@ -385,29 +405,38 @@ impl candle_core::CustomOp2 for ConvWeightGrad {
         let dy = contiguous_f32(s2, l2)?;
         let (img, hw, ckk) = (c * h * wd, g.hw_out(), g.ckk());
         let threads = gemm_threads(b);
-        // One partial sum per rayon split, reduced at the end (deterministic for a fixed pool size).
-        let dw = (0..b)
+        // Accumulates dW^T [ckk, o] = cols dY^T: with both operands contiguous along hw, this
+        // orientation lets GEMM pack the small dY instead of transposing the large column
+        // matrix (measured 1.6-3.8x faster at the 64x64 levels). One partial sum per rayon
+        // split, reduced at the end (deterministic for a fixed pool size).
+        let dw_t = (0..b)
             .into_par_iter()
             .fold(
-                || vec![0f32; o * ckk],
+                || vec![0f32; ckk * o],
                 |mut acc, i| {
                     let xi = &x[i * img..(i + 1) * img];
                     let dyi = &dy[i * o * hw..(i + 1) * o * hw];
                     if g.is_pointwise() {
-                        matmul(o, ckk, hw, &mut acc, true, dyi, false, xi, true, threads);
+                        matmul(ckk, o, hw, &mut acc, true, xi, false, dyi, true, threads);
                     } else {
                         with_scratch(ckk * hw, |cols| {
                             im2col(&g, xi, cols);
-                            matmul(o, ckk, hw, &mut acc, true, dyi, false, cols, true, threads);
+                            matmul(ckk, o, hw, &mut acc, true, cols, false, dyi, true, threads);
                         });
                     }
                     acc
                 },
             )
-            .reduce(|| vec![0f32; o * ckk], |mut a, b| {
+            .reduce(|| vec![0f32; ckk * o], |mut a, b| {
                 a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
                 a
             });
+        let mut dw = vec![0f32; o * ckk];
+        for (r, row) in dw_t.chunks_exact(o).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                dw[j * ckk + r] = v;
+            }
+        }
         Ok((CpuStorage::F32(dw), Shape::from((o, c, self.k, self.k))))
     }
 }
@@ -463,6 +492,9 @@ mod tests {
         check(2, 5, 7, 3, 1, 2, 0);
         check(2, 4, 8, 4, 3, 2, 1);
         check(4, 2, 6, 3, 3, 1, 0);
+        // 3x3 stride 1 padding 1 goes through Winograd: odd sizes, more channels.
+        check(3, 7, 5, 6, 3, 1, 1);
+        check(1, 16, 10, 9, 3, 1, 1);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod lightning;
 pub mod model;
 pub mod norm;
 pub mod weights;
+mod winograd;
 
 pub use config::UNetConfig;
 pub use model::{sinusoid_table, Intermediates, Mode, UNet, TIME_TABLE_KEY};

@@ -1,0 +1,298 @@
+//! Winograd F(2x2, 3x3) for the CPU's 3x3, stride-1, padding-1 convolutions.
+//!
+//! Those convolutions carry almost all of the UNet's FLOPs. Winograd's minimal filtering
+//! computes each 2x2 output tile from a 4x4 input tile with 16 multiplies per channel pair
+//! instead of 36, so the GEMMs shrink 2.25x; the tile transforms are additions only. The input
+//! gradient of such a convolution is the same convolution of dY with the kernel rotated 180
+//! degrees and its channel axes swapped, so it goes through here too. The weight gradient
+//! stays an im2col GEMM (`conv`).
+//!
+//! Layout, per chunk of images whose tiles are the GEMMs' N dimension: transformed inputs
+//! `V [C][16][N]`, transformed weights `U [16][O][C]`, products `M [O][16][N]`; the 16
+//! GEMMs `M[p] = U[p] V[p]` are independent and run in parallel.
+
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+const TILE: usize = 16;
+/// GEMM width (tiles) a chunk of images aims for: wide enough to run the GEMM kernels well,
+/// small enough that `V` and `M` stay within a few MB per chunk.
+const TARGET_TILES: usize = 1024;
+
+/// `U [16][O][C]` from `w [O][C][3][3]`: `U = G g G^T`.
+pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    let mut u = vec![0f32; TILE * o * c];
+    for oi in 0..o {
+        for ci in 0..c {
+            let g = &w[(oi * c + ci) * 9..(oi * c + ci) * 9 + 9];
+            let mut gg = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (a, b, d) = (g[j], g[3 + j], g[6 + j]);
+                gg[0][j] = a;
+                gg[1][j] = 0.5 * (a + b + d);
+                gg[2][j] = 0.5 * (a - b + d);
+                gg[3][j] = d;
+            }
+            for (i, r) in gg.iter().enumerate() {
+                let (a, b, d) = (r[0], r[1], r[2]);
+                let row = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+                for (j, v) in row.into_iter().enumerate() {
+                    u[((i * 4 + j) * o + oi) * c + ci] = v;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// The transformed kernel of the input gradient: `w [O][C][3][3]` rotated 180 degrees with
+/// its channel axes swapped, i.e. a `C`-output, `O`-input kernel.
+pub(crate) fn transform_weights_for_input_grad(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    let mut rotated = vec![0f32; c * o * 9];
+    for oi in 0..o {
+        for ci in 0..c {
+            for k in 0..9 {
+                rotated[(ci * o + oi) * 9 + k] = w[(oi * c + ci) * 9 + 8 - k];
+            }
+        }
+    }
+    transform_weights(&rotated, c, o)
+}
+
+thread_local! {
+    static V_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static M_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: the GEMMs given this pointer write disjoint elements (one transform slot each).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// `out [B][O][H][W] = conv3x3(x [B][C][H][W], padding 1) (+ bias)` with `u` from
+/// [`transform_weights`]. Every element of `out` is written.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, u: &[f32], o: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let tiles = th * tw;
+    let per_chunk = TARGET_TILES.div_ceil(tiles).clamp(1, b.max(1));
+    V_BUF.with(|vb| {
+        M_BUF.with(|mb| {
+            let (mut vb, mut mb) = (vb.borrow_mut(), mb.borrow_mut());
+            for first in (0..b).step_by(per_chunk) {
+                let imgs = per_chunk.min(b - first);
+                let n = imgs * tiles;
+                // Slot stride: 16 slots exactly 4 KB apart (n = 1024) would share L1 sets.
+                let ns = n + 16;
+                if vb.len() < c * TILE * ns {
+                    vb.resize(c * TILE * ns, 0.0);
+                }
+                if mb.len() < o * TILE * ns {
+                    mb.resize(o * TILE * ns, 0.0);
+                }
+                let v = &mut vb[..c * TILE * ns];
+                let m = &mut mb[..o * TILE * ns];
+                let xs = &x[first * c * h * w..(first + imgs) * c * h * w];
+                v.par_chunks_mut(TILE * ns).enumerate().for_each(|(ci, vc)| {
+                    for img in 0..imgs {
+                        let plane = &xs[(img * c + ci) * h * w..(img * c + ci + 1) * h * w];
+                        transform_input_plane(plane, h, w, th, tw, vc, ns, img * tiles);
+                    }
+                });
+                let mp = SyncPtr(m.as_mut_ptr());
+                let (vp, up) = (v.as_ptr() as usize, u.as_ptr() as usize);
+                (0..TILE).into_par_iter().for_each(|p| {
+                    let mp = mp;
+                    // SAFETY: slot p of M is [O][N] at row stride 16 ns; U[p] is [O][C]; V's slot
+                    // p is [C][N] at row stride 16 ns; all within the slices sized above.
+                    unsafe {
+                        gemm::gemm(
+                            o, n, c,
+                            mp.0.add(p * ns), 1, (TILE * ns) as isize,
+                            false,
+                            (up as *const f32).add(p * o * c), 1, c as isize,
+                            (vp as *const f32).add(p * ns), 1, (TILE * ns) as isize,
+                            1.0, 1.0,
+                            false, false, false,
+                            gemm::Parallelism::None,
+                        )
+                    }
+                });
+                let m = &*m;
+                out[first * o * h * w..(first + imgs) * o * h * w].par_chunks_mut(h * w).enumerate().for_each(|(idx, dst)| {
+                    let (img, oi) = (idx / o, idx % o);
+                    let bv = bias.map_or(0.0, |b| b[oi]);
+                    transform_output_plane(&m[oi * TILE * ns..(oi + 1) * TILE * ns], ns, img * tiles, th, tw, h, w, bv, dst);
+                });
+            }
+        })
+    })
+}
+
+/// `B^T d B` for every 4x4 tile of one padded plane, into `v [16][n]` at columns
+/// `col0 + ty * tw + tx`.
+///
+/// Tiles overlap by two columns, so each padded row is split once into its even and odd
+/// columns: tile `tx` then reads columns `(E[tx], O[tx], E[tx+1], O[tx+1])` and every
+/// transform below is a contiguous, vectorisable loop.
+#[allow(clippy::too_many_arguments)]
+fn transform_input_plane(plane: &[f32], h: usize, w: usize, th: usize, tw: usize, v: &mut [f32], n: usize, col0: usize) {
+    let half = tw + 1;
+    let len = 2 * half;
+    // The zero-padded plane, each row split into [even columns | odd columns]: padded row
+    // 2ty + r and column j hold input (2ty + r - 1, j - 1).
+    let rows = 2 * th + 2;
+    let mut eo = vec![0f32; rows * len];
+    for iy in 0..h {
+        let src = &plane[iy * w..(iy + 1) * w];
+        let (even, odd) = eo[(iy + 1) * len..(iy + 2) * len].split_at_mut(half);
+        for (k, pair) in src.chunks_exact(2).enumerate() {
+            odd[k] = pair[0];
+            even[k + 1] = pair[1];
+        }
+        if w % 2 == 1 {
+            odd[w / 2] = src[w - 1];
+        }
+    }
+    let mut tr = vec![0f32; 4 * len];
+    for ty in 0..th {
+        let eo = &eo[2 * ty * len..(2 * ty + 4) * len];
+        {
+            let (r0, rest) = eo.split_at(len);
+            let (r1, rest) = rest.split_at(len);
+            let (r2, r3) = rest.split_at(len);
+            let (t0, rest) = tr.split_at_mut(len);
+            let (t1, rest) = rest.split_at_mut(len);
+            let (t2, t3) = rest.split_at_mut(len);
+            for j in 0..len {
+                t0[j] = r0[j] - r2[j];
+                t1[j] = r1[j] + r2[j];
+                t2[j] = r2[j] - r1[j];
+                t3[j] = r1[j] - r3[j];
+            }
+        }
+        let base = col0 + ty * tw;
+        for q in 0..4 {
+            let t = &tr[q * len..(q + 1) * len];
+            let (e, o) = t.split_at(half);
+            let (s0, rest) = v[q * 4 * n..(q * 4 + 4) * n].split_at_mut(n);
+            let (s1, rest) = rest.split_at_mut(n);
+            let (s2, s3) = rest.split_at_mut(n);
+            let (s0, s1, s2, s3) = (&mut s0[base..base + tw], &mut s1[base..base + tw], &mut s2[base..base + tw], &mut s3[base..base + tw]);
+            let (e0, e1, o0, o1) = (&e[..tw], &e[1..=tw], &o[..tw], &o[1..=tw]);
+            for tx in 0..tw {
+                s0[tx] = e0[tx] - e1[tx];
+                s1[tx] = o0[tx] + e1[tx];
+                s2[tx] = e1[tx] - o0[tx];
+                s3[tx] = o0[tx] - o1[tx];
+            }
+        }
+    }
+}
+
+/// `A^T m A` (+ bias) for every tile of one output plane, from `m [16][n]` at columns
+/// `col0 + ty * tw + tx`; tiles hanging over an odd edge write only their inside.
+#[allow(clippy::too_many_arguments)]
+fn transform_output_plane(m: &[f32], n: usize, col0: usize, th: usize, tw: usize, h: usize, w: usize, bias: f32, dst: &mut [f32]) {
+    let mut t0 = vec![0f32; 4 * tw];
+    let mut t1 = vec![0f32; 4 * tw];
+    let mut y0 = vec![0f32; 2 * tw];
+    let mut y1 = vec![0f32; 2 * tw];
+    for ty in 0..th {
+        let base = col0 + ty * tw;
+        let slot = |p: usize| &m[p * n + base..p * n + base + tw];
+        // Row transform: t0 = m0 + m1 + m2, t1 = m1 - m2 - m3 (per column j of the tile).
+        for j in 0..4 {
+            let (m0, m1, m2, m3) = (slot(j), slot(4 + j), slot(8 + j), slot(12 + j));
+            let (a, b) = (&mut t0[j * tw..(j + 1) * tw], &mut t1[j * tw..(j + 1) * tw]);
+            for tx in 0..tw {
+                a[tx] = m0[tx] + m1[tx] + m2[tx];
+                b[tx] = m1[tx] - m2[tx] - m3[tx];
+            }
+        }
+        for (t, y) in [(&t0, &mut y0), (&t1, &mut y1)] {
+            let (c0, c1, c2, c3) = (&t[..tw], &t[tw..2 * tw], &t[2 * tw..3 * tw], &t[3 * tw..]);
+            for tx in 0..tw {
+                y[2 * tx] = c0[tx] + c1[tx] + c2[tx] + bias;
+                y[2 * tx + 1] = c1[tx] - c2[tx] - c3[tx] + bias;
+            }
+        }
+        let oy = 2 * ty;
+        dst[oy * w..(oy + 1) * w].copy_from_slice(&y0[..w]);
+        if oy + 1 < h {
+            dst[(oy + 1) * w..(oy + 2) * w].copy_from_slice(&y1[..w]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn direct(x: &[f32], b: usize, c: usize, h: usize, w: usize, k: &[f32], o: usize, bias: Option<&[f32]>) -> Vec<f64> {
+        let mut out = vec![0f64; b * o * h * w];
+        for bi in 0..b {
+            for oi in 0..o {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let mut acc = bias.map_or(0.0, |b| b[oi] as f64);
+                        for ci in 0..c {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (iy, ix) = (y as isize + ky as isize - 1, xx as isize + kx as isize - 1);
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                        acc += x[((bi * c + ci) * h + iy as usize) * w + ix as usize] as f64 * k[((oi * c + ci) * 3 + ky) * 3 + kx] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        out[((bi * o + oi) * h + y) * w + xx] = acc;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_direct_convolution_on_even_and_odd_sizes() {
+        for &(b, c, h, w, o) in &[(2usize, 3usize, 8usize, 8usize, 4usize), (3, 5, 7, 5, 2), (1, 2, 1, 1, 3), (2, 4, 6, 9, 6), (40, 2, 4, 4, 3)] {
+            let x = lcg(1, b * c * h * w);
+            let k = lcg(2, o * c * 9);
+            let bias = lcg(3, o);
+            let mut out = vec![f32::NAN; b * o * h * w];
+            conv3x3(&x, b, c, h, w, &transform_weights(&k, o, c), o, Some(&bias), &mut out);
+            let want = direct(&x, b, c, h, w, &k, o, Some(&bias));
+            for (i, (a, e)) in out.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - e).abs() < 1e-5 * (1.0 + e.abs()), "b{b} c{c} {h}x{w} o{o} at {i}: {a} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn input_gradient_kernel_is_the_adjoint() {
+        // <conv(x), r> == <x, conv_T(r)> for any x, r.
+        let (b, c, h, w, o) = (2usize, 3usize, 5usize, 6usize, 4usize);
+        let x = lcg(4, b * c * h * w);
+        let r = lcg(5, b * o * h * w);
+        let k = lcg(6, o * c * 9);
+        let mut y = vec![0f32; b * o * h * w];
+        conv3x3(&x, b, c, h, w, &transform_weights(&k, o, c), o, None, &mut y);
+        let mut dx = vec![0f32; b * c * h * w];
+        conv3x3(&r, b, o, h, w, &transform_weights_for_input_grad(&k, o, c), c, None, &mut dx);
+        let lhs: f64 = y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| *a as f64 * *b as f64).sum();
+        assert!((lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
+    }
+}
