@@ -404,6 +404,10 @@ impl candle_core::CustomOp2 for ConvWeightGrad {
         let x = contiguous_f32(s1, l1)?;
         let dy = contiguous_f32(s2, l2)?;
         let (img, hw, ckk) = (c * h * wd, g.hw_out(), g.ckk());
+        if g.is_winograd() {
+            let dw = crate::winograd::conv3x3_weight_grad(x, dy, b, c, h, wd, o);
+            return Ok((CpuStorage::F32(dw), Shape::from((o, c, self.k, self.k))));
+        }
         let threads = gemm_threads(b);
         // Accumulates dW^T [ckk, o] = cols dY^T: with both operands contiguous along hw, this
         // orientation lets GEMM pack the small dY instead of transposing the large column

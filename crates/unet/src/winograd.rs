@@ -226,6 +226,142 @@ fn transform_output_plane(m: &[f32], n: usize, col0: usize, th: usize, tw: usize
     }
 }
 
+/// The weight gradient `dW [O][C][3][3]` of [`conv3x3`] from its input `x [B][C][H][W]` and
+/// output gradient `dy [B][O][H][W]`.
+///
+/// With `Y = A^T (U . V) A` per tile, `dU = sum over tiles (A dY A^T) . V` and `dW = G^T dU G`:
+/// the 16 slots are GEMMs `dU[p]^T = V[p] dM[p]^T` over the tiles, 2.25x fewer FLOPs than
+/// im2col's `cols dY^T`, with the same operand orientation (both contiguous along tiles).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv3x3_weight_grad(x: &[f32], dy: &[f32], b: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let tiles = th * tw;
+    let per_chunk = TARGET_TILES.div_ceil(tiles).clamp(1, b.max(1));
+    // dU^T [16][C][O], accumulated over chunks.
+    let mut du = vec![0f32; TILE * c * o];
+    V_BUF.with(|vb| {
+        M_BUF.with(|mb| {
+            let (mut vb, mut mb) = (vb.borrow_mut(), mb.borrow_mut());
+            for (chunk, first) in (0..b).step_by(per_chunk).enumerate() {
+                let imgs = per_chunk.min(b - first);
+                let n = imgs * tiles;
+                let ns = n + 16;
+                if vb.len() < c * TILE * ns {
+                    vb.resize(c * TILE * ns, 0.0);
+                }
+                if mb.len() < o * TILE * ns {
+                    mb.resize(o * TILE * ns, 0.0);
+                }
+                let v = &mut vb[..c * TILE * ns];
+                let m = &mut mb[..o * TILE * ns];
+                let xs = &x[first * c * h * w..(first + imgs) * c * h * w];
+                v.par_chunks_mut(TILE * ns).enumerate().for_each(|(ci, vc)| {
+                    for img in 0..imgs {
+                        let plane = &xs[(img * c + ci) * h * w..(img * c + ci + 1) * h * w];
+                        transform_input_plane(plane, h, w, th, tw, vc, ns, img * tiles);
+                    }
+                });
+                let dys = &dy[first * o * h * w..(first + imgs) * o * h * w];
+                m.par_chunks_mut(TILE * ns).enumerate().for_each(|(oi, mc)| {
+                    for img in 0..imgs {
+                        let plane = &dys[(img * o + oi) * h * w..(img * o + oi + 1) * h * w];
+                        transform_output_grad_plane(plane, h, w, th, tw, mc, ns, img * tiles);
+                    }
+                });
+                let dp = SyncPtr(du.as_mut_ptr());
+                let (vp, mp) = (v.as_ptr() as usize, m.as_ptr() as usize);
+                (0..TILE).into_par_iter().for_each(|p| {
+                    let dp = dp;
+                    // SAFETY: slot p of dU^T is [C][O] (contiguous, disjoint per p); V's and dM's
+                    // slots p are [C][N] and [O][N] at row stride 16 ns, within the slices above.
+                    unsafe {
+                        gemm::gemm(
+                            c, o, n,
+                            dp.0.add(p * c * o), 1, o as isize,
+                            chunk > 0,
+                            (vp as *const f32).add(p * ns), 1, (TILE * ns) as isize,
+                            (mp as *const f32).add(p * ns), (TILE * ns) as isize, 1,
+                            1.0, 1.0,
+                            false, false, false,
+                            gemm::Parallelism::None,
+                        )
+                    }
+                });
+            }
+        })
+    });
+    let mut dw = vec![0f32; o * c * 9];
+    dw.par_chunks_mut(c * 9).enumerate().for_each(|(oi, row)| {
+        for ci in 0..c {
+            let d = |p: usize| du[(p * c + ci) * o + oi];
+            // T = G^T dU (3x4), then T G (3x3).
+            let mut t = [[0f32; 4]; 3];
+            for j in 0..4 {
+                let (a, b, cc, e) = (d(j), d(4 + j), d(8 + j), d(12 + j));
+                t[0][j] = a + 0.5 * (b + cc);
+                t[1][j] = 0.5 * (b - cc);
+                t[2][j] = 0.5 * (b + cc) + e;
+            }
+            let k = &mut row[ci * 9..ci * 9 + 9];
+            for (i, r) in t.iter().enumerate() {
+                let (a, b, cc, e) = (r[0], r[1], r[2], r[3]);
+                k[i * 3] = a + 0.5 * (b + cc);
+                k[i * 3 + 1] = 0.5 * (b - cc);
+                k[i * 3 + 2] = 0.5 * (b + cc) + e;
+            }
+        }
+    });
+    dw
+}
+
+/// `A dY A^T` for every 2x2 tile of one output-gradient plane, into `m [16][n]` at columns
+/// `col0 + ty * tw + tx`; positions past an odd edge are zeros (no output there).
+#[allow(clippy::too_many_arguments)]
+fn transform_output_grad_plane(plane: &[f32], h: usize, w: usize, th: usize, tw: usize, m: &mut [f32], n: usize, col0: usize) {
+    // Each tile row's two gradient rows, split into even and odd columns.
+    let mut eo = vec![0f32; 4 * tw];
+    for ty in 0..th {
+        eo.fill(0.0);
+        for r in 0..2 {
+            let y = 2 * ty + r;
+            if y >= h {
+                continue;
+            }
+            let src = &plane[y * w..(y + 1) * w];
+            let (even, odd) = eo[r * 2 * tw..(r + 1) * 2 * tw].split_at_mut(tw);
+            for (k, pair) in src.chunks_exact(2).enumerate() {
+                even[k] = pair[0];
+                odd[k] = pair[1];
+            }
+            if w % 2 == 1 {
+                even[w / 2] = src[w - 1];
+            }
+        }
+        let (e0, o0, e1, o1) = (&eo[..tw], &eo[tw..2 * tw], &eo[2 * tw..3 * tw], &eo[3 * tw..]);
+        let base = col0 + ty * tw;
+        // Rows of A dY: y0, y0 + y1, y0 - y1, -y1; then each row (a, b) -> (a, a + b, a - b, -b).
+        for i in 0..4 {
+            let slots = &mut m[i * 4 * n..(i * 4 + 4) * n];
+            let (s0, rest) = slots.split_at_mut(n);
+            let (s1, rest) = rest.split_at_mut(n);
+            let (s2, s3) = rest.split_at_mut(n);
+            let (s0, s1, s2, s3) = (&mut s0[base..base + tw], &mut s1[base..base + tw], &mut s2[base..base + tw], &mut s3[base..base + tw]);
+            for tx in 0..tw {
+                let (a, b) = match i {
+                    0 => (e0[tx], o0[tx]),
+                    1 => (e0[tx] + e1[tx], o0[tx] + o1[tx]),
+                    2 => (e0[tx] - e1[tx], o0[tx] - o1[tx]),
+                    _ => (-e1[tx], -o1[tx]),
+                };
+                s0[tx] = a;
+                s1[tx] = a + b;
+                s2[tx] = a - b;
+                s3[tx] = -b;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +412,36 @@ mod tests {
             let want = direct(&x, b, c, h, w, &k, o, Some(&bias));
             for (i, (a, e)) in out.iter().zip(&want).enumerate() {
                 assert!((*a as f64 - e).abs() < 1e-5 * (1.0 + e.abs()), "b{b} c{c} {h}x{w} o{o} at {i}: {a} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn weight_gradient_matches_direct_sum() {
+        for &(b, c, h, w, o) in &[(2usize, 3usize, 6usize, 6usize, 4usize), (3, 2, 5, 7, 3), (40, 2, 3, 2, 2)] {
+            let x = lcg(7, b * c * h * w);
+            let dy = lcg(8, b * o * h * w);
+            let dw = conv3x3_weight_grad(&x, &dy, b, c, h, w, o);
+            for oi in 0..o {
+                for ci in 0..c {
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let mut want = 0f64;
+                            for bi in 0..b {
+                                for y in 0..h {
+                                    for xx in 0..w {
+                                        let (iy, ix) = (y as isize + ky as isize - 1, xx as isize + kx as isize - 1);
+                                        if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                            want += dy[((bi * o + oi) * h + y) * w + xx] as f64 * x[((bi * c + ci) * h + iy as usize) * w + ix as usize] as f64;
+                                        }
+                                    }
+                                }
+                            }
+                            let got = dw[((oi * c + ci) * 3 + ky) * 3 + kx] as f64;
+                            assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "b{b} c{c} {h}x{w} o{o} [{oi},{ci},{ky},{kx}]: {got} vs {want}");
+                        }
+                    }
+                }
             }
         }
     }
