@@ -11,6 +11,7 @@ pub mod conv;
 pub mod lightning;
 pub mod model;
 pub mod norm;
+pub mod softmax;
 pub mod weights;
 mod winograd;
 

@@ -2,7 +2,7 @@
 
 use std::cell::Cell;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
 use crate::conv::Conv2d;
@@ -56,7 +56,10 @@ impl DropoutMasks {
         let mask = if x.device().is_cpu() {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(stream);
-            let m: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
+            // In bulk, the same words `random::<f32>()` would draw one by one (its top 24 bits).
+            let mut words = vec![0u32; x.elem_count()];
+            rng.fill(&mut words[..]);
+            let m: Vec<f32> = words.iter().map(|&u| if ((u >> 8) as f32) * (1.0 / (1u32 << 24) as f32) < p { 0.0 } else { keep }).collect();
             Tensor::from_vec(m, x.shape(), x.device())?
         } else {
             let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
@@ -148,9 +151,7 @@ impl Module for AttnBlock {
         let q = self.proj_q.forward(&n)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let k = self.proj_k.forward(&n)?.reshape((b, c, h * w))?;
         let v = self.proj_v.forward(&n)?.reshape((b, c, h * w))?;
-        let scores = q.matmul(&k)?.affine((c as f64).powf(-0.5), 0.0)?;
-        // `softmax_last_dim` has no backward in candle 0.11: use the differentiable composite.
-        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attn = crate::softmax::scaled_softmax_last_dim(&q.matmul(&k)?, (c as f64).powf(-0.5))?;
         // out[b, c, i] = sum_j v[b, c, j] attn[b, i, j]
         let out = v.matmul(&attn.transpose(1, 2)?)?.reshape((b, c, h, w))?;
         x.add(&self.proj.forward(&out)?)
@@ -385,5 +386,10 @@ mod tests {
         assert_ne!(ya, yc);
         let eval = DropoutMasks::new(Mode::Eval, &Device::Cpu).unwrap();
         assert_eq!(eval.apply(&x, 0.1).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 4000.0);
+        // The bulk draw keeps the masks of the element-by-element one (same seeds, same runs).
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        rng.set_stream(0);
+        let one_by_one: Vec<f32> = (0..4000).map(|_| if rng.random::<f32>() < 0.1 { 0.0 } else { 1.0 / 0.9 }).collect();
+        assert_eq!(ya, one_by_one);
     }
 }

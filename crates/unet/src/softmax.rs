@@ -1,0 +1,127 @@
+//! `softmax(scale * x)` over the last dimension, as one CPU op with its own backward.
+//!
+//! The attention scores go through candle_nn's differentiable composite otherwise (max, sub,
+//! exp, sum, div, each with a full-size intermediate and a backward of its own; candle 0.11's
+//! `softmax_last_dim` has no backward). Here the forward is one pass per row and the backward
+//! `dx = scale * y * (dy - sum(dy * y))` is one more, keeping only the output. Other devices and
+//! dtypes use the composite.
+
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// `softmax(scale * x)` along the last dimension.
+pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op1(ScaledSoftmax { scale: scale as f32 })
+    } else {
+        candle_nn::ops::softmax(&x.affine(scale, 0.0)?, D::Minus1)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ScaledSoftmax {
+    scale: f32,
+}
+
+fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize)> {
+    let data = s.as_slice::<f32>()?;
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("softmax op expects contiguous input".into()))?;
+    let dim = *l.dims().last().unwrap_or(&1);
+    Ok((&data[a..b], dim.max(1)))
+}
+
+impl candle_core::CustomOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, dim) = rows(s, l)?;
+        let mut out = vec![0f32; x.len()];
+        let scale = self.scale;
+        out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, r)| {
+            let max = r.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+            let mut sum = 0f32;
+            for (ov, &v) in o.iter_mut().zip(r) {
+                let e = (v * scale - max).exp();
+                *ov = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = y.apply_op2_no_bwd(&grad.contiguous()?, &ScaledSoftmaxBackward { scale: self.scale })?;
+        Ok(Some(dx))
+    }
+}
+
+struct ScaledSoftmaxBackward {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for ScaledSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "scaled-softmax-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, dim) = rows(s1, l1)?;
+        let (g, _) = rows(s2, l2)?;
+        let mut dx = vec![0f32; y.len()];
+        let scale = self.scale;
+        dx.par_chunks_mut(dim).zip(y.par_chunks(dim).zip(g.par_chunks(dim))).for_each(|(d, (yr, gr))| {
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((dv, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
+                *dv = scale * yv * (gv - dot);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_the_composite_forward_and_backward() {
+        let dev = Device::Cpu;
+        let v: Vec<f32> = (0..2 * 3 * 7).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
+        let x = Var::from_vec(v, (2, 3, 7), &dev).unwrap();
+        let r = Tensor::from_vec((0..42).map(|i| ((i * 13 % 5) as f32) - 2.0).collect::<Vec<_>>(), (2, 3, 7), &dev).unwrap();
+        let ours = scaled_softmax_last_dim(x.as_tensor(), 0.3).unwrap();
+        let theirs = candle_nn::ops::softmax(&x.as_tensor().affine(0.3, 0.0).unwrap(), D::Minus1).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| a.sub(b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&ours, &theirs) < 1e-6);
+        let g1 = ours.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = theirs.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let dev = Device::Cpu;
+        let base: Vec<f32> = (0..10).map(|i| (i as f32 * 0.61).sin() * 2.0).collect();
+        let r = Tensor::from_vec((0..10).map(|i| (i as f32 * 1.3).cos()).collect::<Vec<_>>(), (2, 5), &dev).unwrap();
+        let f = |v: &[f32]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), (2, 5), &dev).unwrap();
+            scaled_softmax_last_dim(&t, 1.7).unwrap().mul(&r).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+        };
+        let x = Var::from_vec(base.clone(), (2, 5), &dev).unwrap();
+        let g = scaled_softmax_last_dim(x.as_tensor(), 1.7).unwrap().mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..10 {
+            let eps = 1e-2;
+            let (mut p, mut m) = (base.clone(), base.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let fd = (f(&p) - f(&m)) / (2.0 * eps as f64);
+            assert!((fd - g[i] as f64).abs() < 1e-3, "{i}: fd {fd} vs {}", g[i]);
+        }
+    }
+}
