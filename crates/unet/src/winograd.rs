@@ -94,10 +94,10 @@ pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, u: &[f3
                 let v = &mut vb[..c * TILE * ns];
                 let m = &mut mb[..o * TILE * ns];
                 let xs = &x[first * c * h * w..(first + imgs) * c * h * w];
-                v.par_chunks_mut(TILE * ns).enumerate().for_each(|(ci, vc)| {
+                v.par_chunks_mut(TILE * ns).enumerate().for_each_init(Vec::new, |scratch, (ci, vc)| {
                     for img in 0..imgs {
                         let plane = &xs[(img * c + ci) * h * w..(img * c + ci + 1) * h * w];
-                        transform_input_plane(plane, h, w, th, tw, vc, ns, img * tiles);
+                        transform_input_plane(plane, h, w, th, tw, vc, ns, img * tiles, scratch);
                     }
                 });
                 let mp = SyncPtr(m.as_mut_ptr());
@@ -133,59 +133,69 @@ pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, u: &[f3
 /// `B^T d B` for every 4x4 tile of one padded plane, into `v [16][n]` at columns
 /// `col0 + ty * tw + tx`.
 ///
-/// Tiles overlap by two columns, so each padded row is split once into its even and odd
-/// columns: tile `tx` then reads columns `(E[tx], O[tx], E[tx+1], O[tx+1])` and every
-/// transform below is a contiguous, vectorisable loop.
+/// The transform is separable. The horizontal half `d B` is done once per input row (each
+/// row belongs to two tile rows): with the padded row split into even and odd columns, tile
+/// `tx` reads `(E[tx], O[tx], E[tx+1], O[tx+1])`, so it is four contiguous, vectorisable
+/// loops. The vertical half `B^T (.)` then combines four of those rows per tile row.
 #[allow(clippy::too_many_arguments)]
-fn transform_input_plane(plane: &[f32], h: usize, w: usize, th: usize, tw: usize, v: &mut [f32], n: usize, col0: usize) {
+fn transform_input_plane(plane: &[f32], h: usize, w: usize, th: usize, tw: usize, v: &mut [f32], n: usize, col0: usize, scratch: &mut Vec<f32>) {
     let half = tw + 1;
-    let len = 2 * half;
-    // The zero-padded plane, each row split into [even columns | odd columns]: padded row
-    // 2ty + r and column j hold input (2ty + r - 1, j - 1).
+    // Padded rows 0 ..= 2 th + 1 (input row iy is padded row iy + 1), each as 4 slots of tw.
     let rows = 2 * th + 2;
-    let mut eo = vec![0f32; rows * len];
+    let row_len = 4 * tw;
+    if scratch.len() < rows * row_len + 2 * half {
+        scratch.resize(rows * row_len + 2 * half, 0.0);
+    }
+    let (hrows, eo) = scratch.split_at_mut(rows * row_len);
+    // Only the padding rows need zeros: every other row is written below.
+    hrows[..row_len].fill(0.0);
+    hrows[(h + 1) * row_len..].fill(0.0);
+    let (even, odd) = eo.split_at_mut(half);
     for iy in 0..h {
         let src = &plane[iy * w..(iy + 1) * w];
-        let (even, odd) = eo[(iy + 1) * len..(iy + 2) * len].split_at_mut(half);
+        // Padded column j holds input column j - 1: odd columns are x[2k], even ones x[2k - 1].
+        even[0] = 0.0;
         for (k, pair) in src.chunks_exact(2).enumerate() {
             odd[k] = pair[0];
             even[k + 1] = pair[1];
         }
         if w % 2 == 1 {
             odd[w / 2] = src[w - 1];
+            even[w / 2 + 1] = 0.0;
+            odd[w / 2 + 1..].fill(0.0);
+        } else {
+            odd[w / 2..].fill(0.0);
+            even[w / 2 + 1..].fill(0.0);
+        }
+        let out = &mut hrows[(iy + 1) * row_len..(iy + 2) * row_len];
+        let (h0, rest) = out.split_at_mut(tw);
+        let (h1, rest) = rest.split_at_mut(tw);
+        let (h2, h3) = rest.split_at_mut(tw);
+        let (e0, e1, o0, o1) = (&even[..tw], &even[1..=tw], &odd[..tw], &odd[1..=tw]);
+        for tx in 0..tw {
+            h0[tx] = e0[tx] - e1[tx];
+            h1[tx] = o0[tx] + e1[tx];
+            h2[tx] = e1[tx] - o0[tx];
+            h3[tx] = o0[tx] - o1[tx];
         }
     }
-    let mut tr = vec![0f32; 4 * len];
     for ty in 0..th {
-        let eo = &eo[2 * ty * len..(2 * ty + 4) * len];
-        {
-            let (r0, rest) = eo.split_at(len);
-            let (r1, rest) = rest.split_at(len);
-            let (r2, r3) = rest.split_at(len);
-            let (t0, rest) = tr.split_at_mut(len);
-            let (t1, rest) = rest.split_at_mut(len);
-            let (t2, t3) = rest.split_at_mut(len);
-            for j in 0..len {
-                t0[j] = r0[j] - r2[j];
-                t1[j] = r1[j] + r2[j];
-                t2[j] = r2[j] - r1[j];
-                t3[j] = r1[j] - r3[j];
-            }
-        }
         let base = col0 + ty * tw;
-        for q in 0..4 {
-            let t = &tr[q * len..(q + 1) * len];
-            let (e, o) = t.split_at(half);
-            let (s0, rest) = v[q * 4 * n..(q * 4 + 4) * n].split_at_mut(n);
-            let (s1, rest) = rest.split_at_mut(n);
-            let (s2, s3) = rest.split_at_mut(n);
-            let (s0, s1, s2, s3) = (&mut s0[base..base + tw], &mut s1[base..base + tw], &mut s2[base..base + tw], &mut s3[base..base + tw]);
-            let (e0, e1, o0, o1) = (&e[..tw], &e[1..=tw], &o[..tw], &o[1..=tw]);
-            for tx in 0..tw {
-                s0[tx] = e0[tx] - e1[tx];
-                s1[tx] = o0[tx] + e1[tx];
-                s2[tx] = e1[tx] - o0[tx];
-                s3[tx] = o0[tx] - o1[tx];
+        let r = &hrows[2 * ty * row_len..(2 * ty + 4) * row_len];
+        let (r0, rest) = r.split_at(row_len);
+        let (r1, rest) = rest.split_at(row_len);
+        let (r2, r3) = rest.split_at(row_len);
+        for k in 0..4 {
+            let cols = k * tw..(k + 1) * tw;
+            let (a, b, c, d) = (&r0[cols.clone()], &r1[cols.clone()], &r2[cols.clone()], &r3[cols]);
+            for (q, f) in [|a: f32, _b: f32, c: f32, _d: f32| a - c, |_a, b, c, _d| b + c, |_a, b, c, _d| c - b, |_a, b: f32, _c, d: f32| b - d]
+                .into_iter()
+                .enumerate()
+            {
+                let slot = &mut v[(q * 4 + k) * n + base..(q * 4 + k) * n + base + tw];
+                for tx in 0..tw {
+                    slot[tx] = f(a[tx], b[tx], c[tx], d[tx]);
+                }
             }
         }
     }
@@ -255,10 +265,10 @@ pub(crate) fn conv3x3_weight_grad(x: &[f32], dy: &[f32], b: usize, c: usize, h: 
                 let v = &mut vb[..c * TILE * ns];
                 let m = &mut mb[..o * TILE * ns];
                 let xs = &x[first * c * h * w..(first + imgs) * c * h * w];
-                v.par_chunks_mut(TILE * ns).enumerate().for_each(|(ci, vc)| {
+                v.par_chunks_mut(TILE * ns).enumerate().for_each_init(Vec::new, |scratch, (ci, vc)| {
                     for img in 0..imgs {
                         let plane = &xs[(img * c + ci) * h * w..(img * c + ci + 1) * h * w];
-                        transform_input_plane(plane, h, w, th, tw, vc, ns, img * tiles);
+                        transform_input_plane(plane, h, w, th, tw, vc, ns, img * tiles, scratch);
                     }
                 });
                 let dys = &dy[first * o * h * w..(first + imgs) * o * h * w];
