@@ -245,7 +245,7 @@ impl ConvOp {
         let mut out = vec![0f32; g.b * g.o * hw];
         if g.is_winograd() {
             let u = crate::winograd::transform_weights(w, g.o, g.c);
-            crate::winograd::conv3x3(x, g.b, g.c, g.h, g.w, &u, g.o, bias, &mut out);
+            crate::winograd::conv3x3(x, g.b, g.c, g.h, g.w, crate::winograd::Kernel::Forward(&u), g.o, bias, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.ho(), g.wo()))));
         }
         let threads = gemm_threads(g.b);
@@ -366,8 +366,8 @@ impl candle_core::CustomOp2 for ConvInputGrad {
         let (img, hw, ckk) = (g.c * g.h * g.w, g.hw_out(), g.ckk());
         let mut dx = vec![0f32; b * img];
         if g.is_winograd() {
-            let u = crate::winograd::transform_weights_for_input_grad(w, o, g.c);
-            crate::winograd::conv3x3(dy, b, o, g.h, g.w, &u, g.c, None, &mut dx);
+            let u = crate::winograd::transform_weights(w, o, g.c);
+            crate::winograd::conv3x3(dy, b, o, g.h, g.w, crate::winograd::Kernel::InputGrad(&u), g.c, None, &mut dx);
             return Ok((CpuStorage::F32(dx), Shape::from((b, g.c, g.h, g.w))));
         }
         let threads = gemm_threads(b);

@@ -22,7 +22,9 @@ const TARGET_TILES: usize = 1024;
 /// `U [16][O][C]` from `w [O][C][3][3]`: `U = G g G^T`.
 pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
     let mut u = vec![0f32; TILE * o * c];
-    for oi in 0..o {
+    let up = SyncPtr(u.as_mut_ptr());
+    (0..o).into_par_iter().for_each(|oi| {
+        let up = up;
         for ci in 0..c {
             let g = &w[(oi * c + ci) * 9..(oi * c + ci) * 9 + 9];
             let mut gg = [[0f32; 3]; 4];
@@ -37,26 +39,39 @@ pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
                 let (a, b, d) = (r[0], r[1], r[2]);
                 let row = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
                 for (j, v) in row.into_iter().enumerate() {
-                    u[((i * 4 + j) * o + oi) * c + ci] = v;
+                    // SAFETY: index < 16 * o * c, and each (oi, ci) is written by one task only.
+                    unsafe { *up.0.add(((i * 4 + j) * o + oi) * c + ci) = v };
                 }
             }
         }
-    }
+    });
     u
 }
 
-/// The transformed kernel of the input gradient: `w [O][C][3][3]` rotated 180 degrees with
-/// its channel axes swapped, i.e. a `C`-output, `O`-input kernel.
-pub(crate) fn transform_weights_for_input_grad(w: &[f32], o: usize, c: usize) -> Vec<f32> {
-    let mut rotated = vec![0f32; c * o * 9];
-    for oi in 0..o {
-        for ci in 0..c {
-            for k in 0..9 {
-                rotated[(ci * o + oi) * 9 + k] = w[(oi * c + ci) * 9 + 8 - k];
+/// The transformed kernel a [`conv3x3`] multiplies by.
+#[derive(Clone, Copy)]
+pub(crate) enum Kernel<'a> {
+    /// `U` of this convolution's own kernel, from [`transform_weights`].
+    Forward(&'a [f32]),
+    /// The input gradient of the convolution whose `U` this is: its kernel rotated 180
+    /// degrees with the channel axes swapped. `G R = P G` (`R` reverses 3 taps, `P` swaps
+    /// rows 0 and 3 of 4), so that kernel's transform is `P U P^T` transposed: the slots are
+    /// permuted and each is read transposed, with no copy.
+    InputGrad(&'a [f32]),
+}
+
+impl Kernel<'_> {
+    /// Pointer and (column, row) strides of slot `p` as an `[out][in]` matrix.
+    fn slot(&self, p: usize, out: usize, inp: usize) -> (*const f32, isize, isize) {
+        match *self {
+            Kernel::Forward(u) => (u[p * out * inp..].as_ptr(), 1, inp as isize),
+            Kernel::InputGrad(u) => {
+                const SWAP_0_3: [usize; 4] = [3, 1, 2, 0];
+                let q = SWAP_0_3[p / 4] * 4 + SWAP_0_3[p % 4];
+                (u[q * out * inp..].as_ptr(), out as isize, 1)
             }
         }
     }
-    transform_weights(&rotated, c, o)
 }
 
 thread_local! {
@@ -66,14 +81,14 @@ thread_local! {
 
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
-// SAFETY: the GEMMs given this pointer write disjoint elements (one transform slot each).
+// SAFETY: every task given this pointer writes its own disjoint set of elements.
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
-/// `out [B][O][H][W] = conv3x3(x [B][C][H][W], padding 1) (+ bias)` with `u` from
-/// [`transform_weights`]. Every element of `out` is written.
+/// `out [B][O][H][W] = conv3x3(x [B][C][H][W], padding 1) (+ bias)`. Every element of `out`
+/// is written.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, u: &[f32], o: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, kernel: Kernel, o: usize, bias: Option<&[f32]>, out: &mut [f32]) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let tiles = th * tw;
     let per_chunk = TARGET_TILES.div_ceil(tiles).clamp(1, b.max(1));
@@ -101,9 +116,10 @@ pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, u: &[f3
                     }
                 });
                 let mp = SyncPtr(m.as_mut_ptr());
-                let (vp, up) = (v.as_ptr() as usize, u.as_ptr() as usize);
+                let vp = v.as_ptr() as usize;
                 (0..TILE).into_par_iter().for_each(|p| {
                     let mp = mp;
+                    let (up, u_cs, u_rs) = kernel.slot(p, o, c);
                     // SAFETY: slot p of M is [O][N] at row stride 16 ns; U[p] is [O][C]; V's slot
                     // p is [C][N] at row stride 16 ns; all within the slices sized above.
                     unsafe {
@@ -111,7 +127,7 @@ pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, u: &[f3
                             o, n, c,
                             mp.0.add(p * ns), 1, (TILE * ns) as isize,
                             false,
-                            (up as *const f32).add(p * o * c), 1, c as isize,
+                            up, u_cs, u_rs,
                             (vp as *const f32).add(p * ns), 1, (TILE * ns) as isize,
                             1.0, 1.0,
                             false, false, false,
@@ -300,25 +316,33 @@ pub(crate) fn conv3x3_weight_grad(x: &[f32], dy: &[f32], b: usize, c: usize, h: 
             }
         })
     });
-    let mut dw = vec![0f32; o * c * 9];
-    dw.par_chunks_mut(c * 9).enumerate().for_each(|(oi, row)| {
-        for ci in 0..c {
-            let d = |p: usize| du[(p * c + ci) * o + oi];
+    // dW = G^T dU G per (o, c). dU^T's slots are contiguous along o, so each task takes one
+    // input channel, reads its 16 slot rows in order and writes a [C][O][9] staging copy;
+    // the final transpose to [O][C][9] moves 9-float blocks.
+    let mut staged = vec![0f32; c * o * 9];
+    staged.par_chunks_mut(o * 9).enumerate().for_each(|(ci, out)| {
+        let rows: Vec<&[f32]> = (0..TILE).map(|p| &du[(p * c + ci) * o..(p * c + ci + 1) * o]).collect();
+        for (oi, k) in out.chunks_exact_mut(9).enumerate() {
             // T = G^T dU (3x4), then T G (3x3).
             let mut t = [[0f32; 4]; 3];
             for j in 0..4 {
-                let (a, b, cc, e) = (d(j), d(4 + j), d(8 + j), d(12 + j));
+                let (a, b, cc, e) = (rows[j][oi], rows[4 + j][oi], rows[8 + j][oi], rows[12 + j][oi]);
                 t[0][j] = a + 0.5 * (b + cc);
                 t[1][j] = 0.5 * (b - cc);
                 t[2][j] = 0.5 * (b + cc) + e;
             }
-            let k = &mut row[ci * 9..ci * 9 + 9];
             for (i, r) in t.iter().enumerate() {
                 let (a, b, cc, e) = (r[0], r[1], r[2], r[3]);
                 k[i * 3] = a + 0.5 * (b + cc);
                 k[i * 3 + 1] = 0.5 * (b - cc);
                 k[i * 3 + 2] = 0.5 * (b + cc) + e;
             }
+        }
+    });
+    let mut dw = vec![0f32; o * c * 9];
+    dw.par_chunks_mut(c * 9).enumerate().for_each(|(oi, row)| {
+        for (ci, k) in row.chunks_exact_mut(9).enumerate() {
+            k.copy_from_slice(&staged[(ci * o + oi) * 9..(ci * o + oi) * 9 + 9]);
         }
     });
     dw
@@ -418,7 +442,7 @@ mod tests {
             let k = lcg(2, o * c * 9);
             let bias = lcg(3, o);
             let mut out = vec![f32::NAN; b * o * h * w];
-            conv3x3(&x, b, c, h, w, &transform_weights(&k, o, c), o, Some(&bias), &mut out);
+            conv3x3(&x, b, c, h, w, Kernel::Forward(&transform_weights(&k, o, c)), o, Some(&bias), &mut out);
             let want = direct(&x, b, c, h, w, &k, o, Some(&bias));
             for (i, (a, e)) in out.iter().zip(&want).enumerate() {
                 assert!((*a as f64 - e).abs() < 1e-5 * (1.0 + e.abs()), "b{b} c{c} {h}x{w} o{o} at {i}: {a} vs {e}");
@@ -464,9 +488,9 @@ mod tests {
         let r = lcg(5, b * o * h * w);
         let k = lcg(6, o * c * 9);
         let mut y = vec![0f32; b * o * h * w];
-        conv3x3(&x, b, c, h, w, &transform_weights(&k, o, c), o, None, &mut y);
+        conv3x3(&x, b, c, h, w, Kernel::Forward(&transform_weights(&k, o, c)), o, None, &mut y);
         let mut dx = vec![0f32; b * c * h * w];
-        conv3x3(&r, b, o, h, w, &transform_weights_for_input_grad(&k, o, c), c, None, &mut dx);
+        conv3x3(&r, b, o, h, w, Kernel::InputGrad(&transform_weights(&k, o, c)), c, None, &mut dx);
         let lhs: f64 = y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum();
         let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| *a as f64 * *b as f64).sum();
         assert!((lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
