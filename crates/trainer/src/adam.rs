@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use crate::TrainError;
 
@@ -103,6 +103,16 @@ impl Adam {
         let step_size = lr / bias1;
         for (i, grad) in grads.iter().enumerate() {
             let p = self.vars[i].as_tensor();
+            if p.device().is_cpu() && wd == 0.0 && p.is_contiguous() {
+                // In place, one pass per state tensor: the composite below allocates ~8
+                // parameter-sized temporaries per variable.
+                let g = grad.to_dtype(DType::F32)?.contiguous()?;
+                self.m[i].inplace_op2(&g, &MomentUpdate { beta: b1 as f32, square: false })?;
+                self.v[i].inplace_op2(&g, &MomentUpdate { beta: b2 as f32, square: true })?;
+                let update = ParamUpdate { step_size: step_size as f32, bias2_sqrt: bias2_sqrt as f32, eps: eps as f32 };
+                p.inplace_op3(&self.m[i], &self.v[i], &update)?;
+                continue;
+            }
             let mut g = grad.clone();
             if wd != 0.0 && !decoupled {
                 g = g.add(&p.affine(wd, 0.0)?)?;
@@ -122,12 +132,14 @@ impl Adam {
         Ok(())
     }
 
-    /// The state as named tensors (`m.<name>`, `v.<name>`), for a safetensors file.
+    /// The state as named tensors (`m.<name>`, `v.<name>`), for a safetensors file. They are
+    /// copies: the live moments are updated in place.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (i, name) in self.names.iter().enumerate() {
-            out.insert(format!("m.{name}"), self.m[i].clone());
-            out.insert(format!("v.{name}"), self.v[i].clone());
+            for (key, t) in [(format!("m.{name}"), &self.m[i]), (format!("v.{name}"), &self.v[i])] {
+                out.insert(key, t.copy().unwrap_or_else(|_| t.clone()));
+            }
         }
         out
     }
@@ -148,7 +160,8 @@ impl Adam {
                         slot.dims()
                     )));
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(dev)?;
+                // A private copy: the moments are updated in place.
+                *slot = t.to_dtype(DType::F32)?.to_device(dev)?.copy()?;
             }
         }
         if tensors.len() != 2 * self.names.len() {
@@ -197,6 +210,67 @@ pub fn warmup_lr(lr: f64, step: u64, warmup: u64) -> f64 {
         lr
     } else {
         lr * ((step + 1) as f64 / warmup as f64).min(1.0)
+    }
+}
+
+fn contiguous_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adam: non-contiguous operand".into()))?;
+    Ok(&data[a..b])
+}
+
+fn contiguous_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adam: non-contiguous state".into()))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adam: state is not f32"),
+    }
+}
+
+/// `m = beta m + (1 - beta) g` (or `g^2` for the second moment), in place.
+struct MomentUpdate {
+    beta: f32,
+    square: bool,
+}
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "adam-moment"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+        let g = contiguous_slice(gs, gl)?;
+        let m = contiguous_slice_mut(dst, dst_l)?;
+        let (beta, rest) = (self.beta, 1.0 - self.beta);
+        if self.square {
+            m.iter_mut().zip(g).for_each(|(m, &g)| *m = beta * *m + rest * (g * g));
+        } else {
+            m.iter_mut().zip(g).for_each(|(m, &g)| *m = beta * *m + rest * g);
+        }
+        Ok(())
+    }
+}
+
+/// `p -= step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`, in place (torch's `addcdiv_`).
+struct ParamUpdate {
+    step_size: f32,
+    bias2_sqrt: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "adam-update"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, ms: &CpuStorage, ml: &Layout, vs: &CpuStorage, vl: &Layout) -> candle_core::Result<()> {
+        let m = contiguous_slice(ms, ml)?;
+        let v = contiguous_slice(vs, vl)?;
+        let p = contiguous_slice_mut(dst, dst_l)?;
+        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+            *p -= self.step_size * m / (v.sqrt() / self.bias2_sqrt + self.eps);
+        }
+        Ok(())
     }
 }
 
