@@ -45,10 +45,27 @@ impl DropoutMasks {
         Ok(Self { seed, next_stream: Cell::new(0) })
     }
 
+    #[cfg(test)]
     fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
-        let Some(seed) = self.seed else { return Ok(x.clone()) };
+        match self.mask(x, p)? {
+            Some(mask) => x.mul(&mask.to_dtype(x.dtype())?),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// `hardswish(gn(x))` with dropout: the mask goes into the fused op on CPU.
+    fn apply_after_norm(&self, gn: &GroupNorm, x: &Tensor, p: f32) -> Result<Tensor> {
+        match self.mask(x, p)? {
+            Some(mask) => gn.forward_hardswish_masked(x, &mask),
+            None => gn.forward_hardswish(x),
+        }
+    }
+
+    /// The next call site's mask (0 or 1/(1-p) per element), or `None` when dropout is off.
+    fn mask(&self, x: &Tensor, p: f32) -> Result<Option<Tensor>> {
+        let Some(seed) = self.seed else { return Ok(None) };
         if p <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let stream = self.next_stream.get();
         self.next_stream.set(stream + 1);
@@ -65,7 +82,7 @@ impl DropoutMasks {
             let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
             u.ge(p as f64)?.to_dtype(DType::F32)?.affine(keep as f64, 0.0)?
         };
-        x.mul(&mask.to_dtype(x.dtype())?)
+        Ok(Some(mask))
     }
 }
 
@@ -188,7 +205,7 @@ impl ResBlock {
         let h = self.conv1.forward(&self.gn1.forward_hardswish(x)?)?;
         let t = self.temb_proj.forward(&hardswish(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = masks.apply(&self.gn2.forward_hardswish(&h)?, self.dropout)?;
+        let h = masks.apply_after_norm(&self.gn2, &h, self.dropout)?;
         let h = self.conv2.forward(&h)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,

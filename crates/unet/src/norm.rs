@@ -38,9 +38,19 @@ impl GroupNorm {
         self.apply(x, true)
     }
 
+    /// `hardswish(group_norm(x)) * mask`: dropout with a mask drawn by the caller.
+    pub fn forward_hardswish_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 && mask.dims() == x.dims() {
+            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: Some(mask.to_dtype(DType::F32)?.contiguous()?) };
+            x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
+        } else {
+            self.apply(x, true)?.mul(&mask.to_dtype(x.dtype())?)
+        }
+    }
+
     fn apply(&self, x: &Tensor, act: bool) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 {
-            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act };
+            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act, mask: None };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
             let y = composite_group_norm(x, &self.weight, &self.bias, self.groups, self.eps)?;
@@ -64,11 +74,28 @@ pub fn composite_group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, e
     xn.broadcast_mul(&w.reshape(wd.as_slice())?)?.broadcast_add(&b.reshape(wd.as_slice())?)
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct GroupNormOp {
     groups: usize,
     eps: f32,
     act: bool,
+    /// A dropout mask (0 or 1/(1-p) per element, contiguous f32 on CPU) applied to the output:
+    /// fused here so that the unmasked activation is never stored for the backward pass.
+    mask: Option<Tensor>,
+}
+
+/// Runs `f` with the mask's values, if any.
+fn with_mask<R>(mask: &Option<Tensor>, f: impl FnOnce(Option<&[f32]>) -> Result<R>) -> Result<R> {
+    match mask {
+        None => f(None),
+        Some(m) => {
+            let (storage, layout) = m.storage_and_layout();
+            match &*storage {
+                candle_core::Storage::Cpu(cpu) => f(Some(slice(cpu, layout)?)),
+                _ => candle_core::bail!("group norm: the dropout mask must be on the CPU"),
+            }
+        }
+    }
 }
 
 struct Dims {
@@ -144,25 +171,32 @@ impl candle_core::CustomOp3 for GroupNormOp {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let group_len = d.cpg * d.hw;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(ng, (o, xs))| {
-            let g = ng % self.groups;
-            let (mean, rstd) = stats(xs, self.eps);
-            for ci in 0..d.cpg {
-                let c = g * d.cpg + ci;
-                let (scale, shift) = (w[c] * rstd, b[c] - mean * rstd * w[c]);
-                let range = ci * d.hw..(ci + 1) * d.hw;
-                for (ov, &xv) in o[range.clone()].iter_mut().zip(&xs[range]) {
-                    let y = xv * scale + shift;
-                    *ov = if self.act { hardswish(y) } else { y };
+        with_mask(&self.mask, |mask| {
+            out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(ng, (o, xs))| {
+                let g = ng % self.groups;
+                let (mean, rstd) = stats(xs, self.eps);
+                for ci in 0..d.cpg {
+                    let c = g * d.cpg + ci;
+                    let (scale, shift) = (w[c] * rstd, b[c] - mean * rstd * w[c]);
+                    let range = ci * d.hw..(ci + 1) * d.hw;
+                    for (ov, &xv) in o[range.clone()].iter_mut().zip(&xs[range.clone()]) {
+                        let y = xv * scale + shift;
+                        *ov = if self.act { hardswish(y) } else { y };
+                    }
+                    if let Some(m) = mask {
+                        let at = ng * group_len + ci * d.hw;
+                        o[range].iter_mut().zip(&m[at..at + d.hw]).for_each(|(ov, &mv)| *ov *= mv);
+                    }
                 }
-            }
-        });
+            });
+            Ok(())
+        })?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let op = GroupNormBackward(*self);
+        let op = GroupNormBackward(self.clone());
         // One op computes all three gradients; it returns them packed as [dx | dw | db].
         let packed = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[w, b], 0)?, &op)?;
         let n = x.elem_count();
@@ -182,9 +216,12 @@ impl candle_core::CustomOp3 for GroupNormBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.0;
+        let op = &self.0;
         let d = op.dims(l1);
         let (x, go, wb) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        // Through the fused dropout first: the gradient reaching the activation is grad * mask.
+        let masked: Option<Vec<f32>> = with_mask(&op.mask, |m| Ok(m.map(|m| go.par_iter().zip(m).map(|(g, m)| g * m).collect())))?;
+        let go = masked.as_deref().unwrap_or(go);
         let (w, b) = wb.split_at(d.c);
         let group_len = d.cpg * d.hw;
         // Room for dw and db, appended below without a reallocation.
@@ -296,6 +333,27 @@ mod tests {
                 let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
                 assert!(d < 1e-4, "grad {name} act={act}: {d}");
             }
+        }
+    }
+
+    #[test]
+    fn fused_dropout_mask_matches_a_separate_multiply() {
+        let x = Var::from_tensor(&rand(&[2, 8, 4, 3], 11, 3.0, 0.5)).unwrap();
+        let w = Var::from_tensor(&rand(&[8], 12, 1.0, 1.0)).unwrap();
+        let b = Var::from_tensor(&rand(&[8], 13, 1.0, 0.0)).unwrap();
+        let gn = GroupNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), groups: 4, eps: 1e-5 };
+        // A dropout-like mask: zeros and 1/(1-p).
+        let m: Vec<f32> = rand(&[2, 8, 4, 3], 14, 1.0, 0.0).flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| if v < -0.6 { 0.0 } else { 1.25 }).collect();
+        let mask = Tensor::from_vec(m, (2, 8, 4, 3), &Device::Cpu).unwrap();
+        let fused = gn.forward_hardswish_masked(x.as_tensor(), &mask).unwrap();
+        let separate = gn.forward_hardswish(x.as_tensor()).unwrap().mul(&mask).unwrap();
+        assert!(max_diff(&fused, &separate) < 1e-6);
+        let r = rand(fused.dims(), 15, 1.0, 0.0);
+        let g1 = fused.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = separate.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            assert!(d < 1e-5, "grad {name}: {d}");
         }
     }
 

@@ -192,10 +192,15 @@ impl Tensor {
                         *rhs_sum_grad = rhs_sum_grad.sub(&grad)?;
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Mul) => {
-                        let lhs_grad = grad.mul(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-                        let rhs_grad = grad.mul(lhs)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        // Patched: a constant factor (a dropout mask, say) gets no gradient.
+                        if lhs.track_op() {
+                            let lhs_grad = grad.mul(rhs)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = grad.mul(lhs)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Div) => {
                         let lhs_grad = grad.div(rhs)?;
@@ -693,6 +698,23 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// Whether `t` is the whole of a CPU buffer (not a view into a larger one). Off CPU: false,
+/// which keeps upstream's behaviour there.
+fn owns_its_storage(t: &Tensor) -> bool {
+    if !t.is_contiguous() || t.layout().start_offset() != 0 {
+        return false;
+    }
+    let (storage, _) = t.storage_and_layout();
+    let len = match &*storage {
+        crate::Storage::Cpu(crate::CpuStorage::F32(v)) => v.len(),
+        crate::Storage::Cpu(crate::CpuStorage::F64(v)) => v.len(),
+        crate::Storage::Cpu(crate::CpuStorage::BF16(v)) => v.len(),
+        crate::Storage::Cpu(crate::CpuStorage::F16(v)) => v.len(),
+        _ => return false,
+    };
+    len == t.elem_count()
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
@@ -730,17 +752,23 @@ impl GradStore {
     /// of `zeros_like` plus an addition (two extra passes over every activation-sized
     /// gradient). Patched in this vendored copy; see third_party/README.md.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        // A constant (no variable behind it) never needs its gradient: do not keep one.
+        if !tensor.track_op() {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => {
                 let sum = entry.into_mut();
                 *sum = sum.add(grad)?;
             }
             Entry::Vacant(entry) => {
-                if grad.shape() != tensor.shape() || grad.dtype() != tensor.dtype() || !grad.device().same_device(tensor.device()) {
-                    // Let the addition report the mismatch, as before.
-                    entry.insert(tensor.zeros_like()?.add(grad)?);
-                } else {
+                if grad.shape() == tensor.shape() && grad.dtype() == tensor.dtype() && owns_its_storage(grad) {
                     entry.insert(grad.clone());
+                } else {
+                    // A view (a narrow of a concatenation's gradient, say) would keep its whole
+                    // buffer alive until this gradient is consumed: store a compact sum as
+                    // upstream does. A mismatch is reported by the addition, as upstream.
+                    entry.insert(tensor.zeros_like()?.add(grad)?);
                 }
             }
         }
