@@ -91,11 +91,60 @@ unsafe impl Sync for SyncPtr {}
 pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, kernel: Kernel, o: usize, bias: Option<&[f32]>, out: &mut [f32]) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let tiles = th * tw;
+    for_each_chunk(x, b, c, h, w, o, |chunk, v, m| {
+        let (n, ns) = (chunk.n, chunk.ns);
+        let mp = SyncPtr(m.as_mut_ptr());
+        let vp = v.as_ptr() as usize;
+        (0..TILE).into_par_iter().for_each(|p| {
+            let mp = mp;
+            let (up, u_cs, u_rs) = kernel.slot(p, o, c);
+            // SAFETY: slot p of M is [O][N] at row stride 16 ns; U[p] is [O][C]; V's slot p is
+            // [C][N] at row stride 16 ns; all within the slices `for_each_chunk` sized.
+            unsafe {
+                gemm::gemm(
+                    o, n, c,
+                    mp.0.add(p * ns), 1, (TILE * ns) as isize,
+                    false,
+                    up, u_cs, u_rs,
+                    (vp as *const f32).add(p * ns), 1, (TILE * ns) as isize,
+                    1.0, 1.0,
+                    false, false, false,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
+        let m = &*m;
+        out[chunk.first * o * h * w..(chunk.first + chunk.imgs) * o * h * w].par_chunks_mut(h * w).enumerate().for_each(|(idx, dst)| {
+            let (img, oi) = (idx / o, idx % o);
+            let bv = bias.map_or(0.0, |b| b[oi]);
+            transform_output_plane(&m[oi * TILE * ns..(oi + 1) * TILE * ns], ns, img * tiles, th, tw, h, w, bv, dst);
+        });
+    });
+}
+
+/// One chunk of images: its tiles are the GEMMs' N dimension.
+struct Chunk {
+    index: usize,
+    first: usize,
+    imgs: usize,
+    /// Tiles in the chunk.
+    n: usize,
+    /// Stride between the 16 slots of a channel (`n` plus padding).
+    ns: usize,
+}
+
+/// Splits the batch into chunks of about `TARGET_TILES` tiles and calls `f` for each with the
+/// chunk's transformed input `V [C][16][ns]` and a buffer for `M [O][16][ns]`; both are kept
+/// per thread across calls.
+#[allow(clippy::too_many_arguments)]
+fn for_each_chunk(x: &[f32], b: usize, c: usize, h: usize, w: usize, o: usize, mut f: impl FnMut(&Chunk, &[f32], &mut [f32])) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let tiles = th * tw;
     let per_chunk = TARGET_TILES.div_ceil(tiles).clamp(1, b.max(1));
     V_BUF.with(|vb| {
         M_BUF.with(|mb| {
             let (mut vb, mut mb) = (vb.borrow_mut(), mb.borrow_mut());
-            for first in (0..b).step_by(per_chunk) {
+            for (index, first) in (0..b).step_by(per_chunk).enumerate() {
                 let imgs = per_chunk.min(b - first);
                 let n = imgs * tiles;
                 // Slot stride: 16 slots exactly 4 KB apart (n = 1024) would share L1 sets.
@@ -107,7 +156,6 @@ pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, kernel:
                     mb.resize(o * TILE * ns, 0.0);
                 }
                 let v = &mut vb[..c * TILE * ns];
-                let m = &mut mb[..o * TILE * ns];
                 let xs = &x[first * c * h * w..(first + imgs) * c * h * w];
                 v.par_chunks_mut(TILE * ns).enumerate().for_each_init(Vec::new, |scratch, (ci, vc)| {
                     for img in 0..imgs {
@@ -115,32 +163,7 @@ pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, kernel:
                         transform_input_plane(plane, h, w, th, tw, vc, ns, img * tiles, scratch);
                     }
                 });
-                let mp = SyncPtr(m.as_mut_ptr());
-                let vp = v.as_ptr() as usize;
-                (0..TILE).into_par_iter().for_each(|p| {
-                    let mp = mp;
-                    let (up, u_cs, u_rs) = kernel.slot(p, o, c);
-                    // SAFETY: slot p of M is [O][N] at row stride 16 ns; U[p] is [O][C]; V's slot
-                    // p is [C][N] at row stride 16 ns; all within the slices sized above.
-                    unsafe {
-                        gemm::gemm(
-                            o, n, c,
-                            mp.0.add(p * ns), 1, (TILE * ns) as isize,
-                            false,
-                            up, u_cs, u_rs,
-                            (vp as *const f32).add(p * ns), 1, (TILE * ns) as isize,
-                            1.0, 1.0,
-                            false, false, false,
-                            gemm::Parallelism::None,
-                        )
-                    }
-                });
-                let m = &*m;
-                out[first * o * h * w..(first + imgs) * o * h * w].par_chunks_mut(h * w).enumerate().for_each(|(idx, dst)| {
-                    let (img, oi) = (idx / o, idx % o);
-                    let bv = bias.map_or(0.0, |b| b[oi]);
-                    transform_output_plane(&m[oi * TILE * ns..(oi + 1) * TILE * ns], ns, img * tiles, th, tw, h, w, bv, dst);
-                });
+                f(&Chunk { index, first, imgs, n, ns }, v, &mut mb[..o * TILE * ns]);
             }
         })
     })
@@ -262,59 +285,36 @@ fn transform_output_plane(m: &[f32], n: usize, col0: usize, th: usize, tw: usize
 pub(crate) fn conv3x3_weight_grad(x: &[f32], dy: &[f32], b: usize, c: usize, h: usize, w: usize, o: usize) -> Vec<f32> {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let tiles = th * tw;
-    let per_chunk = TARGET_TILES.div_ceil(tiles).clamp(1, b.max(1));
     // dU^T [16][C][O], accumulated over chunks.
     let mut du = vec![0f32; TILE * c * o];
-    V_BUF.with(|vb| {
-        M_BUF.with(|mb| {
-            let (mut vb, mut mb) = (vb.borrow_mut(), mb.borrow_mut());
-            for (chunk, first) in (0..b).step_by(per_chunk).enumerate() {
-                let imgs = per_chunk.min(b - first);
-                let n = imgs * tiles;
-                let ns = n + 16;
-                if vb.len() < c * TILE * ns {
-                    vb.resize(c * TILE * ns, 0.0);
-                }
-                if mb.len() < o * TILE * ns {
-                    mb.resize(o * TILE * ns, 0.0);
-                }
-                let v = &mut vb[..c * TILE * ns];
-                let m = &mut mb[..o * TILE * ns];
-                let xs = &x[first * c * h * w..(first + imgs) * c * h * w];
-                v.par_chunks_mut(TILE * ns).enumerate().for_each_init(Vec::new, |scratch, (ci, vc)| {
-                    for img in 0..imgs {
-                        let plane = &xs[(img * c + ci) * h * w..(img * c + ci + 1) * h * w];
-                        transform_input_plane(plane, h, w, th, tw, vc, ns, img * tiles, scratch);
-                    }
-                });
-                let dys = &dy[first * o * h * w..(first + imgs) * o * h * w];
-                m.par_chunks_mut(TILE * ns).enumerate().for_each(|(oi, mc)| {
-                    for img in 0..imgs {
-                        let plane = &dys[(img * o + oi) * h * w..(img * o + oi + 1) * h * w];
-                        transform_output_grad_plane(plane, h, w, th, tw, mc, ns, img * tiles);
-                    }
-                });
-                let dp = SyncPtr(du.as_mut_ptr());
-                let (vp, mp) = (v.as_ptr() as usize, m.as_ptr() as usize);
-                (0..TILE).into_par_iter().for_each(|p| {
-                    let dp = dp;
-                    // SAFETY: slot p of dU^T is [C][O] (contiguous, disjoint per p); V's and dM's
-                    // slots p are [C][N] and [O][N] at row stride 16 ns, within the slices above.
-                    unsafe {
-                        gemm::gemm(
-                            c, o, n,
-                            dp.0.add(p * c * o), 1, o as isize,
-                            chunk > 0,
-                            (vp as *const f32).add(p * ns), 1, (TILE * ns) as isize,
-                            (mp as *const f32).add(p * ns), (TILE * ns) as isize, 1,
-                            1.0, 1.0,
-                            false, false, false,
-                            gemm::Parallelism::None,
-                        )
-                    }
-                });
+    for_each_chunk(x, b, c, h, w, o, |chunk, v, m| {
+        let (n, ns) = (chunk.n, chunk.ns);
+        let dys = &dy[chunk.first * o * h * w..(chunk.first + chunk.imgs) * o * h * w];
+        m.par_chunks_mut(TILE * ns).enumerate().for_each(|(oi, mc)| {
+            for img in 0..chunk.imgs {
+                let plane = &dys[(img * o + oi) * h * w..(img * o + oi + 1) * h * w];
+                transform_output_grad_plane(plane, h, w, th, tw, mc, ns, img * tiles);
             }
-        })
+        });
+        let dp = SyncPtr(du.as_mut_ptr());
+        let (vp, mp) = (v.as_ptr() as usize, m.as_ptr() as usize);
+        (0..TILE).into_par_iter().for_each(|p| {
+            let dp = dp;
+            // SAFETY: slot p of dU^T is [C][O] (contiguous, disjoint per p); V's and dM's slots p
+            // are [C][N] and [O][N] at row stride 16 ns, within the slices `for_each_chunk` sized.
+            unsafe {
+                gemm::gemm(
+                    c, o, n,
+                    dp.0.add(p * c * o), 1, o as isize,
+                    chunk.index > 0,
+                    (vp as *const f32).add(p * ns), 1, (TILE * ns) as isize,
+                    (mp as *const f32).add(p * ns), (TILE * ns) as isize, 1,
+                    1.0, 1.0,
+                    false, false, false,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
     });
     // dW = G^T dU G per (o, c). dU^T's slots are contiguous along o, so each task takes one
     // input channel, reads its 16 slot rows in order and writes a [C][O][9] staging copy;
