@@ -24,7 +24,6 @@ pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
     let mut u = vec![0f32; TILE * o * c];
     let up = SyncPtr(u.as_mut_ptr());
     (0..o).into_par_iter().for_each(|oi| {
-        let up = up;
         for ci in 0..c {
             let g = &w[(oi * c + ci) * 9..(oi * c + ci) * 9 + 9];
             let mut gg = [[0f32; 3]; 4];
@@ -40,7 +39,7 @@ pub(crate) fn transform_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
                 let row = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
                 for (j, v) in row.into_iter().enumerate() {
                     // SAFETY: index < 16 * o * c, and each (oi, ci) is written by one task only.
-                    unsafe { *up.0.add(((i * 4 + j) * o + oi) * c + ci) = v };
+                    unsafe { *up.ptr().add(((i * 4 + j) * o + oi) * c + ci) = v };
                 }
             }
         }
@@ -85,6 +84,13 @@ struct SyncPtr(*mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
+impl SyncPtr {
+    /// Through a method, so that closures capture the whole (Send) wrapper, not the raw field.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `out [B][O][H][W] = conv3x3(x [B][C][H][W], padding 1) (+ bias)`. Every element of `out`
 /// is written.
 #[allow(clippy::too_many_arguments)]
@@ -96,14 +102,13 @@ pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, kernel:
         let mp = SyncPtr(m.as_mut_ptr());
         let vp = v.as_ptr() as usize;
         (0..TILE).into_par_iter().for_each(|p| {
-            let mp = mp;
             let (up, u_cs, u_rs) = kernel.slot(p, o, c);
             // SAFETY: slot p of M is [O][N] at row stride 16 ns; U[p] is [O][C]; V's slot p is
             // [C][N] at row stride 16 ns; all within the slices `for_each_chunk` sized.
             unsafe {
                 gemm::gemm(
                     o, n, c,
-                    mp.0.add(p * ns), 1, (TILE * ns) as isize,
+                    mp.ptr().add(p * ns), 1, (TILE * ns) as isize,
                     false,
                     up, u_cs, u_rs,
                     (vp as *const f32).add(p * ns), 1, (TILE * ns) as isize,
@@ -299,13 +304,12 @@ pub(crate) fn conv3x3_weight_grad(x: &[f32], dy: &[f32], b: usize, c: usize, h: 
         let dp = SyncPtr(du.as_mut_ptr());
         let (vp, mp) = (v.as_ptr() as usize, m.as_ptr() as usize);
         (0..TILE).into_par_iter().for_each(|p| {
-            let dp = dp;
             // SAFETY: slot p of dU^T is [C][O] (contiguous, disjoint per p); V's and dM's slots p
             // are [C][N] and [O][N] at row stride 16 ns, within the slices `for_each_chunk` sized.
             unsafe {
                 gemm::gemm(
                     c, o, n,
-                    dp.0.add(p * c * o), 1, o as isize,
+                    dp.ptr().add(p * c * o), 1, o as isize,
                     chunk.index > 0,
                     (vp as *const f32).add(p * ns), 1, (TILE * ns) as isize,
                     (mp as *const f32).add(p * ns), (TILE * ns) as isize, 1,
