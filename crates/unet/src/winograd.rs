@@ -414,6 +414,7 @@ mod tests {
             .collect()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn direct(x: &[f32], b: usize, c: usize, h: usize, w: usize, k: &[f32], o: usize, bias: Option<&[f32]>) -> Vec<f64> {
         let mut out = vec![0f64; b * o * h * w];
         for bi in 0..b {
