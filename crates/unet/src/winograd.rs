@@ -119,10 +119,10 @@ pub(crate) fn conv3x3(x: &[f32], b: usize, c: usize, h: usize, w: usize, kernel:
             }
         });
         let m = &*m;
-        out[chunk.first * o * h * w..(chunk.first + chunk.imgs) * o * h * w].par_chunks_mut(h * w).enumerate().for_each(|(idx, dst)| {
+        out[chunk.first * o * h * w..(chunk.first + chunk.imgs) * o * h * w].par_chunks_mut(h * w).enumerate().for_each_init(Vec::new, |scratch, (idx, dst)| {
             let (img, oi) = (idx / o, idx % o);
             let bv = bias.map_or(0.0, |b| b[oi]);
-            transform_output_plane(&m[oi * TILE * ns..(oi + 1) * TILE * ns], ns, img * tiles, th, tw, h, w, bv, dst);
+            transform_output_plane(&m[oi * TILE * ns..(oi + 1) * TILE * ns], ns, img * tiles, th, tw, h, w, bv, dst, scratch);
         });
     });
 }
@@ -248,11 +248,14 @@ fn transform_input_plane(plane: &[f32], h: usize, w: usize, th: usize, tw: usize
 /// `A^T m A` (+ bias) for every tile of one output plane, from `m [16][n]` at columns
 /// `col0 + ty * tw + tx`; tiles hanging over an odd edge write only their inside.
 #[allow(clippy::too_many_arguments)]
-fn transform_output_plane(m: &[f32], n: usize, col0: usize, th: usize, tw: usize, h: usize, w: usize, bias: f32, dst: &mut [f32]) {
-    let mut t0 = vec![0f32; 4 * tw];
-    let mut t1 = vec![0f32; 4 * tw];
-    let mut y0 = vec![0f32; 2 * tw];
-    let mut y1 = vec![0f32; 2 * tw];
+fn transform_output_plane(m: &[f32], n: usize, col0: usize, th: usize, tw: usize, h: usize, w: usize, bias: f32, dst: &mut [f32], scratch: &mut Vec<f32>) {
+    // Every element of these is written before it is read, per tile row.
+    if scratch.len() < 12 * tw {
+        scratch.resize(12 * tw, 0.0);
+    }
+    let (t0, rest) = scratch.split_at_mut(4 * tw);
+    let (t1, rest) = rest.split_at_mut(4 * tw);
+    let (y0, y1) = rest[..4 * tw].split_at_mut(2 * tw);
     for ty in 0..th {
         let base = col0 + ty * tw;
         let slot = |p: usize| &m[p * n + base..p * n + base + tw];
@@ -265,7 +268,7 @@ fn transform_output_plane(m: &[f32], n: usize, col0: usize, th: usize, tw: usize
                 b[tx] = m1[tx] - m2[tx] - m3[tx];
             }
         }
-        for (t, y) in [(&t0, &mut y0), (&t1, &mut y1)] {
+        for (t, y) in [(&*t0, &mut *y0), (&*t1, &mut *y1)] {
             let (c0, c1, c2, c3) = (&t[..tw], &t[tw..2 * tw], &t[2 * tw..3 * tw], &t[3 * tw..]);
             for tx in 0..tw {
                 y[2 * tx] = c0[tx] + c1[tx] + c2[tx] + bias;
@@ -295,10 +298,10 @@ pub(crate) fn conv3x3_weight_grad(x: &[f32], dy: &[f32], b: usize, c: usize, h: 
     for_each_chunk(x, b, c, h, w, o, |chunk, v, m| {
         let (n, ns) = (chunk.n, chunk.ns);
         let dys = &dy[chunk.first * o * h * w..(chunk.first + chunk.imgs) * o * h * w];
-        m.par_chunks_mut(TILE * ns).enumerate().for_each(|(oi, mc)| {
+        m.par_chunks_mut(TILE * ns).enumerate().for_each_init(Vec::new, |scratch, (oi, mc)| {
             for img in 0..chunk.imgs {
                 let plane = &dys[(img * o + oi) * h * w..(img * o + oi + 1) * h * w];
-                transform_output_grad_plane(plane, h, w, th, tw, mc, ns, img * tiles);
+                transform_output_grad_plane(plane, h, w, th, tw, mc, ns, img * tiles, scratch);
             }
         });
         let dp = SyncPtr(du.as_mut_ptr());
@@ -355,9 +358,12 @@ pub(crate) fn conv3x3_weight_grad(x: &[f32], dy: &[f32], b: usize, c: usize, h: 
 /// `A dY A^T` for every 2x2 tile of one output-gradient plane, into `m [16][n]` at columns
 /// `col0 + ty * tw + tx`; positions past an odd edge are zeros (no output there).
 #[allow(clippy::too_many_arguments)]
-fn transform_output_grad_plane(plane: &[f32], h: usize, w: usize, th: usize, tw: usize, m: &mut [f32], n: usize, col0: usize) {
+fn transform_output_grad_plane(plane: &[f32], h: usize, w: usize, th: usize, tw: usize, m: &mut [f32], n: usize, col0: usize, scratch: &mut Vec<f32>) {
     // Each tile row's two gradient rows, split into even and odd columns.
-    let mut eo = vec![0f32; 4 * tw];
+    if scratch.len() < 4 * tw {
+        scratch.resize(4 * tw, 0.0);
+    }
+    let eo = &mut scratch[..4 * tw];
     for ty in 0..th {
         eo.fill(0.0);
         for r in 0..2 {
