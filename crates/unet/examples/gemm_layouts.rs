@@ -2,7 +2,7 @@
 //! `cargo run --release -p unet --example gemm_layouts` (`T=2` for two threads).
 //!
 //! It is the measurement behind two choices in `conv` and `winograd`: the weight gradient is
-//! computed as dW^T = cols dY^T (the column matrix packed as a row-major lhs is 1.6-3.8x slower
+//! computed as dW^T = cols dY^T (the column matrix packed as a row-major lhs is 1.5-3.8x slower
 //! at the 64x64 levels), and Winograd's strided slots cost nothing against contiguous ones.
 
 use std::time::Instant;

@@ -2,9 +2,10 @@
 //!
 //! candle 0.11's CPU conv2d backward goes through a direct-loop `conv_transpose2d` for the
 //! input gradient and a convolution with the whole output map as kernel for the weight
-//! gradient; both dominate a training step. Here the three passes are one GEMM each per image,
-//! parallel over the batch with rayon. Other devices and dtypes use candle's own conv2d
-//! (cuDNN on CUDA).
+//! gradient; both dominate a training step. Here the three passes of the 3x3, stride-1
+//! convolutions go through Winograd (`crate::winograd`), and those of the others (1x1,
+//! stride 2) are one im2col/col2im GEMM each per image, parallel over the batch with rayon.
+//! Other devices and dtypes use candle's own conv2d (cuDNN on CUDA).
 
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -366,6 +367,9 @@ impl candle_core::CustomOp2 for ConvInputGrad {
         let (img, hw, ckk) = (g.c * g.h * g.w, g.hw_out(), g.ckk());
         let mut dx = vec![0f32; b * img];
         if g.is_winograd() {
+            // The forward pass computed the same transform; keeping it for every convolution
+            // until the backward pass would hold 16/9 of the weights in memory, recomputing it
+            // costs about 1% of a step.
             let u = crate::winograd::transform_weights(w, o, g.c);
             crate::winograd::conv3x3(dy, b, o, g.h, g.w, crate::winograd::Kernel::InputGrad(&u), g.c, None, &mut dx);
             return Ok((CpuStorage::F32(dx), Shape::from((b, g.c, g.h, g.w))));
@@ -411,7 +415,7 @@ impl candle_core::CustomOp2 for ConvWeightGrad {
         let threads = gemm_threads(b);
         // Accumulates dW^T [ckk, o] = cols dY^T: with both operands contiguous along hw, this
         // orientation lets GEMM pack the small dY instead of transposing the large column
-        // matrix (measured 1.6-3.8x faster at the 64x64 levels). One partial sum per rayon
+        // matrix (1.5-3.8x faster at the 64x64 levels, `examples/gemm_layouts.rs`). One partial sum per rayon
         // split, reduced at the end (deterministic for a fixed pool size).
         let dw_t = (0..b)
             .into_par_iter()
