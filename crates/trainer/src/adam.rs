@@ -134,14 +134,14 @@ impl Adam {
 
     /// The state as named tensors (`m.<name>`, `v.<name>`), for a safetensors file. They are
     /// copies: the live moments are updated in place.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>, TrainError> {
         let mut out = HashMap::new();
         for (i, name) in self.names.iter().enumerate() {
             for (key, t) in [(format!("m.{name}"), &self.m[i]), (format!("v.{name}"), &self.v[i])] {
-                out.insert(key, t.copy().unwrap_or_else(|_| t.clone()));
+                out.insert(key, t.copy()?);
             }
         }
-        out
+        Ok(out)
     }
 
     /// Restores the moments and step count saved by [`Adam::state_tensors`].
@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(got[3], 0.0, "no weight decay");
         assert_eq!(opt.step_count(), 3);
         // The moments are PyTorch's exp_avg / exp_avg_sq.
-        let st = opt.state_tensors();
+        let st = opt.state_tensors().unwrap();
         let m_got = st["m.w"].to_vec1::<f32>().unwrap();
         let v_got = st["v.w"].to_vec1::<f32>().unwrap();
         for i in 0..4 {
@@ -347,7 +347,7 @@ mod tests {
         }
         let b = var(&a.as_tensor().to_vec1::<f32>().unwrap());
         let mut ob = Adam::new(vec![("a".into(), b.clone())], AdamParams::default()).unwrap();
-        ob.load_state(&oa.state_tensors(), oa.step_count()).unwrap();
+        ob.load_state(&oa.state_tensors().unwrap(), oa.step_count()).unwrap();
         oa.step_with(&[g(5.0)], 1e-2).unwrap();
         ob.step_with(&[g(5.0)], 1e-2).unwrap();
         assert_eq!(a.as_tensor().to_vec1::<f32>().unwrap(), b.as_tensor().to_vec1::<f32>().unwrap());

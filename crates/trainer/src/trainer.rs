@@ -498,7 +498,7 @@ impl Trainer {
         }
         let meta = checkpoint::model_metadata(&self.cfg, self.step, self.epoch);
         let weights = self.engine.weights(meta)?;
-        let opt = self.engine.opt.state_tensors();
+        let opt = self.engine.opt.state_tensors()?;
         let dir = checkpoint::save(&self.run_dir, self.state(reason, session_s), &weights, &opt, self.cfg.checkpoint.keep_last)?;
         self.last_saved = Some((self.step, dir.clone()));
         Ok(dir)
