@@ -243,7 +243,9 @@ impl ConvOp {
         let x = contiguous_f32(s1, l1)?;
         let w = contiguous_f32(s2, l2)?;
         let (img, hw, ckk) = (g.c * g.h * g.w, g.hw_out(), g.ckk());
-        let mut out = vec![0f32; g.b * g.o * hw];
+        // Winograd writes every output; so does the GEMM below (it overwrites without a bias, and
+        // the bias fill comes first otherwise).
+        let mut out = crate::output_buffer(g.b * g.o * hw, 0);
         if g.is_winograd() {
             let u = crate::winograd::transform_weights(w, g.o, g.c);
             crate::winograd::conv3x3(x, g.b, g.c, g.h, g.w, crate::winograd::Kernel::Forward(&u), g.o, bias, &mut out);
@@ -365,7 +367,8 @@ impl candle_core::CustomOp2 for ConvInputGrad {
         let dy = contiguous_f32(s1, l1)?;
         let w = contiguous_f32(s2, l2)?;
         let (img, hw, ckk) = (g.c * g.h * g.w, g.hw_out(), g.ckk());
-        let mut dx = vec![0f32; b * img];
+        // col2im accumulates, so only the Winograd path (which writes every element) skips zeroing.
+        let mut dx = if g.is_winograd() { crate::output_buffer(b * img, 0) } else { vec![0f32; b * img] };
         if g.is_winograd() {
             // The forward pass computed the same transform; keeping it for every convolution
             // until the backward pass would hold 16/9 of the weights in memory, recomputing it

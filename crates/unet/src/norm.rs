@@ -170,7 +170,8 @@ impl candle_core::CustomOp3 for GroupNormOp {
         let d = self.dims(l1);
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let group_len = d.cpg * d.hw;
-        let mut out = vec![0f32; x.len()];
+        // Each task writes its whole group: every element.
+        let mut out = crate::output_buffer(x.len(), 0);
         with_mask(&self.mask, |mask| {
             out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(ng, (o, xs))| {
                 let g = ng % self.groups;
@@ -224,9 +225,9 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         let go = masked.as_deref().unwrap_or(go);
         let (w, b) = wb.split_at(d.c);
         let group_len = d.cpg * d.hw;
-        // Room for dw and db, appended below without a reallocation.
-        let mut dx = Vec::with_capacity(x.len() + 2 * d.c);
-        dx.resize(x.len(), 0f32);
+        // Room for dw and db, appended below without a reallocation. Each task writes all of its
+        // group's dx.
+        let mut dx = crate::output_buffer(x.len(), 2 * d.c);
         // Per (image, channel) partial sums of dL/dy and dL/dy * xhat, reduced over images below.
         let mut partial = vec![0f32; d.n * d.c * 2];
         dx.par_chunks_mut(group_len)

@@ -64,7 +64,8 @@ impl candle_core::CustomOp1 for ScaledSoftmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, dim) = rows(s, l)?;
-        let mut out = vec![0f32; x.len()];
+        // Every row is written in full.
+        let mut out = crate::output_buffer(x.len(), 0);
         let scale = self.scale;
         out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, r)| {
             let max = r.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
@@ -95,7 +96,8 @@ impl candle_core::CustomOp2 for ScaledSoftmaxBackward {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (y, dim) = rows(s1, l1)?;
         let (g, _) = rows(s2, l2)?;
-        let mut dx = vec![0f32; y.len()];
+        // Every row is written in full.
+        let mut dx = crate::output_buffer(y.len(), 0);
         let scale = self.scale;
         dx.par_chunks_mut(dim).zip(y.par_chunks(dim).zip(g.par_chunks(dim))).for_each(|(d, (yr, gr))| {
             let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();

@@ -73,6 +73,7 @@ impl Kernel<'_> {
     }
 }
 
+
 thread_local! {
     static V_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static M_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -232,17 +233,25 @@ fn transform_input_plane(plane: &[f32], h: usize, w: usize, th: usize, tw: usize
         for k in 0..4 {
             let cols = k * tw..(k + 1) * tw;
             let (a, b, c, d) = (&r0[cols.clone()], &r1[cols.clone()], &r2[cols.clone()], &r3[cols]);
-            for (q, f) in [|a: f32, _b: f32, c: f32, _d: f32| a - c, |_a, b, c, _d| b + c, |_a, b, c, _d| c - b, |_a, b: f32, _c, d: f32| b - d]
-                .into_iter()
-                .enumerate()
-            {
-                let slot = &mut v[(q * 4 + k) * n + base..(q * 4 + k) * n + base + tw];
-                for tx in 0..tw {
-                    slot[tx] = f(a[tx], b[tx], c[tx], d[tx]);
-                }
+            // Slots k, 4 + k, 8 + k, 12 + k: rows 0..4 of B^T (.) for column k of the tile.
+            let [s0, s1, s2, s3] = four_slots(v, k * n + base, 4 * n, tw);
+            for tx in 0..tw {
+                s0[tx] = a[tx] - c[tx];
+                s1[tx] = b[tx] + c[tx];
+                s2[tx] = c[tx] - b[tx];
+                s3[tx] = b[tx] - d[tx];
             }
         }
     }
+}
+
+/// `len` elements at `start`, `start + step`, `start + 2 step` and `start + 3 step` of `v`, as
+/// four disjoint slices (`len <= step`), so that one loop writes all four.
+fn four_slots(v: &mut [f32], start: usize, step: usize, len: usize) -> [&mut [f32]; 4] {
+    let (s0, rest) = v[start..start + 3 * step + len].split_at_mut(step);
+    let (s1, rest) = rest.split_at_mut(step);
+    let (s2, s3) = rest.split_at_mut(step);
+    [&mut s0[..len], &mut s1[..len], &mut s2[..len], s3]
 }
 
 /// `A^T m A` (+ bias) for every tile of one output plane, from `m [16][n]` at columns
@@ -507,3 +516,4 @@ mod tests {
         assert!((lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
     }
 }
+
