@@ -55,8 +55,21 @@ fn keep_freed_memory() {
     }
 }
 
+/// Candle's CPU thread pool spins 25,000 times after each elementwise op before parking. Our
+/// convolution, norm and softmax kernels run on rayon's threads in between, and on a small
+/// machine that spinning takes their cores: 2,000 spins measured 5-10% faster training steps of
+/// the small benchmark model on 2 cores, with less CPU time (docs/BENCHMARKS.md).
+fn shorter_candle_pool_spin() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        // Before any thread starts: candle reads it when its pool is first built.
+        std::env::set_var(VAR, "2000");
+    }
+}
+
 fn main() {
     keep_freed_memory();
+    shorter_candle_pool_spin();
     common::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -1,4 +1,4 @@
-//! Where a training step's time goes: `cargo run --release -p trainer --example step_phases -- [preset] [batch] [size]`.
+//! Where a training step's time goes: `cargo run --release -p trainer --example step_phases -- [preset|reduced] [batch] [size]`.
 use std::time::Instant;
 
 use candle_core::{Device, Var};
@@ -9,7 +9,11 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let preset = args.get(1).map(String::as_str).unwrap_or("reference");
     let batch: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(8);
-    let mut cfg = unet::UNetConfig::preset(preset).ok_or_else(|| anyhow::anyhow!("no preset {preset}"))?;
+    // "reduced" is `xtask bench`'s small model (the PyTorch benchmark's REDUCED config).
+    let mut cfg = match preset {
+        "reduced" => unet::UNetConfig { image_size: 32, ch: 32, ch_mult: vec![1, 2, 2], attn: vec![1], num_res_blocks: 1, ..unet::UNetConfig::reference() },
+        _ => unet::UNetConfig::preset(preset).ok_or_else(|| anyhow::anyhow!("no preset {preset}"))?,
+    };
     if let Some(s) = args.get(3) {
         cfg.image_size = s.parse()?;
     }
