@@ -8,6 +8,7 @@ use candle_nn::{linear, Linear, VarBuilder};
 use crate::conv::Conv2d;
 use crate::norm::GroupNorm;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{UNetConfig, GROUPS};
@@ -71,12 +72,21 @@ impl DropoutMasks {
         self.next_stream.set(stream + 1);
         let keep = 1.0 / (1.0 - p);
         let mask = if x.device().is_cpu() {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(stream);
-            // In bulk, the same words `random::<f32>()` would draw one by one (its top 24 bits).
-            let mut words = vec![0u32; x.elem_count()];
-            rng.fill(&mut words[..]);
-            let m: Vec<f32> = words.iter().map(|&u| if ((u >> 8) as f32) * (1.0 / (1u32 << 24) as f32) < p { 0.0 } else { keep }).collect();
+            // In bulk and in parallel, the same words `random::<f32>()` would draw one by one
+            // (its top 24 bits): each task seeks the stream to its first word.
+            const WORDS_PER_TASK: usize = 1 << 16;
+            let mut m = crate::output_buffer(x.elem_count(), 0);
+            m.par_chunks_mut(WORDS_PER_TASK).enumerate().for_each_init(Vec::new, |words: &mut Vec<u32>, (i, out)| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(stream);
+                rng.set_word_pos((i * WORDS_PER_TASK) as u128);
+                words.resize(out.len(), 0);
+                rng.fill(&mut words[..]);
+                // Writes every element of the buffer.
+                for (o, &u) in out.iter_mut().zip(words.iter()) {
+                    *o = if ((u >> 8) as f32) * (1.0 / (1u32 << 24) as f32) < p { 0.0 } else { keep };
+                }
+            });
             Tensor::from_vec(m, x.shape(), x.device())?
         } else {
             let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
@@ -403,10 +413,18 @@ mod tests {
         assert_ne!(ya, yc);
         let eval = DropoutMasks::new(Mode::Eval, &Device::Cpu).unwrap();
         assert_eq!(eval.apply(&x, 0.1).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 4000.0);
-        // The bulk draw keeps the masks of the element-by-element one (same seeds, same runs).
+        // The bulk draw keeps the masks of the element-by-element one (same seeds, same runs),
+        // also across the parallel tasks' boundaries (65536 words each).
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         rng.set_stream(0);
         let one_by_one: Vec<f32> = (0..4000).map(|_| if rng.random::<f32>() < 0.1 { 0.0 } else { 1.0 / 0.9 }).collect();
         assert_eq!(ya, one_by_one);
+        let big = Tensor::ones((3, 50_001), DType::F32, &Device::Cpu).unwrap();
+        let d = DropoutMasks::new(Mode::Train { seed: 11 }, &Device::Cpu).unwrap();
+        let yd = d.apply(&big, 0.3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        rng.set_stream(0);
+        let one_by_one: Vec<f32> = (0..150_003).map(|_| if rng.random::<f32>() < 0.3 { 0.0 } else { 1.0 / 0.7 }).collect();
+        assert_eq!(yd, one_by_one);
     }
 }
