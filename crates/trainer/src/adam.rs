@@ -84,7 +84,10 @@ impl Adam {
         self.vars
             .iter()
             .map(|var| match grads.get(var.as_tensor()) {
-                Some(g) => Ok(g.clone()),
+                // Detached: a variable's gradient can be a graph node (a matmul's weight gradient
+                // is computed from the tracked activation), which would keep that step's whole
+                // forward graph alive for as long as the gradient lives.
+                Some(g) => Ok(g.detach()),
                 None => Ok(var.as_tensor().zeros_like()?),
             })
             .collect()
@@ -102,7 +105,11 @@ impl Adam {
         let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let step_size = lr / bias1;
         for (i, grad) in grads.iter().enumerate() {
-            let p = self.vars[i].as_tensor();
+            // The moments outlive the step: computed from a tracked gradient they would record it
+            // as their input, and each step's moments would chain onto the previous ones.
+            // The same for the weight-decay term, which reads the variable.
+            let grad = &grad.detach();
+            let p = &self.vars[i].as_tensor().detach();
             if p.device().is_cpu() && wd == 0.0 && p.is_contiguous() {
                 // In place, one pass per state tensor: the composite below allocates ~8
                 // parameter-sized temporaries per variable.
@@ -292,6 +299,21 @@ mod tests {
             let mhat = m[i] / (1.0 - b1.powi(t));
             let vhat = v[i] / (1.0 - b2.powi(t));
             p[i] -= lr * mhat / (vhat.sqrt() + eps);
+        }
+    }
+
+    #[test]
+    fn moments_do_not_keep_the_graph_of_tracked_gradients() {
+        for wd in [0.0, 0.01] {
+            let w = var(&[0.5, -1.0, 2.0]);
+            let mut opt = Adam::new(vec![("w".into(), w.clone())], AdamParams { weight_decay: wd, ..Default::default() }).unwrap();
+            for _ in 0..3 {
+                // A gradient that is itself a graph node, as a matmul's weight gradient is.
+                let g = w.as_tensor().affine(2.0, 0.1).unwrap();
+                assert!(g.track_op());
+                opt.step_with(&[g], 1e-2).unwrap();
+            }
+            assert!(!opt.m[0].track_op() && !opt.v[0].track_op(), "weight decay {wd}: the moments chain onto past steps");
         }
     }
 

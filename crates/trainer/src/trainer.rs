@@ -90,7 +90,9 @@ impl StepEngine {
         };
         let opt = Adam::new(vars, params)?;
         let ema = match t.ema() {
-            Some(_) => Some(opt.vars().iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?),
+            // Detached: a copy of a variable would be a graph node, and each update below would
+            // then chain onto the previous one, keeping every past EMA alive.
+            Some(_) => Some(opt.vars().iter().map(|v| v.as_tensor().detach().copy()).collect::<candle_core::Result<Vec<_>>>()?),
             None => None,
         };
         let schedule = Schedule::new(&cfg.diffusion)?;
@@ -134,7 +136,10 @@ impl StepEngine {
             // Warm-up: early on the average follows the weights closely.
             let d = decay.min((1.0 + step as f64) / (10.0 + step as f64));
             for (e, v) in ema.iter_mut().zip(self.opt.vars()) {
-                *e = e.affine(d, 0.0)?.add(&v.as_tensor().affine(1.0 - d, 0.0)?)?;
+                // From the detached variable: computed from the variable itself, the new EMA would
+                // record the previous one as its input, and the chain grew by three
+                // parameter-sized tensors a step (an OOM kill after ~1400 steps of `mini64`).
+                *e = e.affine(d, 0.0)?.add(&v.as_tensor().detach().affine(1.0 - d, 0.0)?)?;
             }
         }
         Ok(StepOutput { loss: loss_v, grad_norm: Some(norm), lr })
