@@ -124,6 +124,10 @@ pub struct SampleArgs {
     /// Use the raw weights even when the file has EMA weights
     #[arg(long)]
     no_ema: bool,
+    /// Clip each step's predicted x_0 to [-1, 1] (the DDPM paper's code: clip_denoised); the
+    /// reference does not. Keeps small or undertrained models' samples from saturating
+    #[arg(long)]
+    clip_x0: bool,
     /// Whether DDPM's last step (t = 0) adds noise
     #[arg(long, value_enum, default_value = "paper")]
     final_noise: FinalNoiseArg,
@@ -328,7 +332,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
         false => None,
     };
     let batch = a.batch.unwrap_or_else(|| sampler::default_batch(&device));
-    let mut s = Sampler::for_unet(&model.unet, &model.schedule).batch(batch);
+    let mut s = Sampler::for_unet(&model.unet, &model.schedule).batch(batch).clip_x0(a.clip_x0);
+    if a.clip_x0 {
+        tracing::info!("predicted x_0 clipped to [-1, 1] at every step (--clip-x0)");
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
 
     if what.contains(&What::Samples) {

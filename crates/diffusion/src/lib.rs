@@ -238,6 +238,16 @@ impl Schedule {
         Ok(x0.affine(a_p.sqrt(), 0.0)?.add(&eps.affine((1.0 - a_p).sqrt(), 0.0)?)?)
     }
 
+    /// The noise consistent with the predicted x_0 clipped to [-1, 1] (the DDPM reference code's
+    /// `clip_denoised`): any DDPM or DDIM step given this noise uses the clipped x_0, since
+    /// both steps are functions of (x_0, noise) through `x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`.
+    /// Where the prediction is inside the range the noise is unchanged (up to rounding).
+    pub fn clip_eps(&self, eps: &Tensor, x_t: &Tensor, t: usize) -> Result<Tensor> {
+        let x0 = self.predict_x0(eps, x_t, t)?.clamp(-1f32, 1f32)?;
+        let a_t = self.alphas_cumprod[t] as f64;
+        Ok(x_t.sub(&x0.affine(a_t.sqrt(), 0.0)?)?.affine(1.0 / (1.0 - a_t).sqrt(), 0.0)?)
+    }
+
     /// The prediction of x_0 from `x_t` and the predicted noise.
     pub fn predict_x0(&self, eps: &Tensor, x_t: &Tensor, t: usize) -> Result<Tensor> {
         self.check_t(t)?;
@@ -439,6 +449,26 @@ mod tests {
         assert_eq!(calls, num_evaluations(&s, &kind, 300).unwrap());
         let err = out.sub(&x0).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 1e-3, "{err}");
+    }
+
+    #[test]
+    fn clipped_noise_gives_the_clipped_x0_and_keeps_an_in_range_prediction() {
+        let s = Schedule::reference();
+        let x_t = Tensor::new(&[[0.3f32, -0.2, 0.05, 2.5]], &Device::Cpu).unwrap();
+        let eps = Tensor::new(&[[0.1f32, 0.2, -0.1, -3.0]], &Device::Cpu).unwrap();
+        for t in [10usize, 500, 999] {
+            let x0 = s.predict_x0(&eps, &x_t, t).unwrap().to_vec2::<f32>().unwrap()[0].clone();
+            let e = s.clip_eps(&eps, &x_t, t).unwrap();
+            let x0c = s.predict_x0(&e, &x_t, t).unwrap().to_vec2::<f32>().unwrap()[0].clone();
+            let (e, eps) = (e.to_vec2::<f32>().unwrap()[0].clone(), eps.to_vec2::<f32>().unwrap()[0].clone());
+            for i in 0..4 {
+                let want = x0[i].clamp(-1.0, 1.0);
+                assert!((x0c[i] - want).abs() < 2e-3 * (1.0 + x0[i].abs()), "t {t} [{i}]: {} vs {want}", x0c[i]);
+                if x0[i].abs() < 1.0 {
+                    assert!((e[i] - eps[i]).abs() < 1e-3, "t {t} [{i}]: in range, the noise must not change");
+                }
+            }
+        }
     }
 
     #[test]

@@ -160,6 +160,8 @@ pub struct Sampler<'a> {
     device: Device,
     batch: usize,
     progress: Progress,
+    /// Clip each step's predicted x_0 to [-1, 1] (`Schedule::clip_eps`).
+    clip_x0: bool,
 }
 
 /// The default batch for a device: 64 on CPU, 256 on a GPU.
@@ -174,7 +176,7 @@ pub fn default_batch(device: &Device) -> usize {
 impl<'a> Sampler<'a> {
     /// Any noise predictor on `device` producing images of `shape` (C, H, W).
     pub fn new(model: impl NoisePredictor + 'a, schedule: &'a Schedule, shape: (usize, usize, usize), device: &Device) -> Self {
-        Self { model: Box::new(model), schedule, shape, device: device.clone(), batch: default_batch(device), progress: Progress::hidden() }
+        Self { model: Box::new(model), schedule, shape, device: device.clone(), batch: default_batch(device), progress: Progress::hidden(), clip_x0: false }
     }
 
     /// A UNet in evaluation mode, on the device its weights live on.
@@ -187,6 +189,14 @@ impl<'a> Sampler<'a> {
     /// Images per network evaluation (bounds memory).
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
+        self
+    }
+
+    /// Clip every step's predicted x_0 to [-1, 1], as the DDPM reference code's
+    /// `clip_denoised`: off by default (the Lightning reference does not), it keeps a small or
+    /// undertrained model's samples from drifting into saturated colours.
+    pub fn clip_x0(mut self, on: bool) -> Self {
+        self.clip_x0 = on;
         self
     }
 
@@ -233,7 +243,10 @@ impl<'a> Sampler<'a> {
         let dims = x.dims()[1..].to_vec();
         for (i, &(t, t_prev)) in steps.iter().enumerate() {
             let tt = Tensor::full(t as u32, b, &self.device)?;
-            let eps = self.model.predict_noise(&x, &tt)?;
+            let mut eps = self.model.predict_noise(&x, &tt)?;
+            if self.clip_x0 {
+                eps = self.schedule.clip_eps(&eps, &x, t)?;
+            }
             x = match kind {
                 SamplerKind::Ddpm { variance, final_noise } => {
                     let z = if t > 0 || *final_noise == FinalStepNoise::Reference { Some(streams.randn(&dims, &self.device)?) } else { None };

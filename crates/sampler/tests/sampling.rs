@@ -358,3 +358,38 @@ fn a_perfect_predictor_samples_its_target() {
         assert!(d < 1e-3, "{kind:?}: {d}");
     }
 }
+
+#[test]
+fn clip_x0_changes_only_out_of_range_predictions() {
+    let s = Schedule::reference();
+    let kinds = [SamplerKind::Ddim { steps: 20, eta: 0.0 }, SamplerKind::Ddpm { variance: Variance::BetaTilde, final_noise: FinalStepNoise::Paper }];
+    // An oracle for an in-range x0 (tanh of noise): clipping changes nothing.
+    let x0 = NoiseRng::new(3).randn((1, 3, 4, 4), &Device::Cpu).unwrap().tanh().unwrap();
+    let sched = s.clone();
+    let oracle = move |x_t: &Tensor, t: &Tensor| -> candle_core::Result<Tensor> {
+        let t0 = t.to_vec1::<u32>()?[0] as usize;
+        let a = sched.alphas_cumprod_sqrt[t0] as f64;
+        let b = sched.one_minus_alphas_cumprod_sqrt[t0] as f64;
+        x_t.broadcast_sub(&x0.affine(a, 0.0)?)?.affine(1.0 / b, 0.0)
+    };
+    // A predictor of zero noise: its x0 estimate x_t / sqrt(abar_t) is far out of range, and
+    // the unclipped trajectory grows with it (DDIM: x_T / sqrt(abar_T), ~150x). Clipped, every
+    // step starts from an x0 in [-1, 1], so the states the network sees stay bounded.
+    let largest = std::cell::Cell::new(0f32);
+    let zero = |x_t: &Tensor, _t: &Tensor| {
+        largest.set(largest.get().max(x_t.abs()?.max_all()?.to_scalar::<f32>()?));
+        x_t.zeros_like()
+    };
+    for kind in &kinds {
+        let run = |clip: bool| Sampler::new(&oracle, &s, (3, 4, 4), &Device::Cpu).clip_x0(clip).sample(3, kind, 5).unwrap();
+        let d = run(false).sub(&run(true)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-3, "{kind:?}: clipping an in-range x0 changed the samples by {d}");
+        let mut seen = [0f32; 2];
+        for (i, clip) in [false, true].into_iter().enumerate() {
+            largest.set(0.0);
+            Sampler::new(&zero, &s, (3, 4, 4), &Device::Cpu).clip_x0(clip).sample(3, kind, 5).unwrap();
+            seen[i] = largest.get();
+        }
+        assert!(seen[0] > 20.0 && seen[1] < 6.0, "{kind:?}: largest |x_t| unclipped {} / clipped {}", seen[0], seen[1]);
+    }
+}
