@@ -387,7 +387,7 @@ fn clip_x0_changes_only_out_of_range_predictions() {
         let mut seen = [0f32; 2];
         for (i, clip) in [false, true].into_iter().enumerate() {
             largest.set(0.0);
-            Sampler::new(&zero, &s, (3, 4, 4), &Device::Cpu).clip_x0(clip).sample(3, kind, 5).unwrap();
+            Sampler::new(zero, &s, (3, 4, 4), &Device::Cpu).clip_x0(clip).sample(3, kind, 5).unwrap();
             seen[i] = largest.get();
         }
         assert!(seen[0] > 20.0 && seen[1] < 6.0, "{kind:?}: largest |x_t| unclipped {} / clipped {}", seen[0], seen[1]);

@@ -23,6 +23,7 @@ pub use weights::{expected_shapes, new_trainable, parameter_counts, ModelWeights
 /// before anything reads it.
 /// Not zeroing it saves a pass over each output: the memsets of zeroed allocations were 5-7%
 /// of a CPU forward pass of the small model. Candle allocates its own outputs the same way.
+#[allow(clippy::uninit_vec)] // deliberate, as candle's own `alloc_uninit`: see the SAFETY note
 pub(crate) fn output_buffer(len: usize, spare: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len + spare);
     // SAFETY: f32 has no invalid bit patterns, and every caller writes all `len` elements before
