@@ -180,13 +180,19 @@ impl candle_core::CustomOp3 for GroupNormOp {
                     let c = g * d.cpg + ci;
                     let (scale, shift) = (w[c] * rstd, b[c] - mean * rstd * w[c]);
                     let range = ci * d.hw..(ci + 1) * d.hw;
-                    for (ov, &xv) in o[range.clone()].iter_mut().zip(&xs[range.clone()]) {
+                    let norm = |xv: f32| {
                         let y = xv * scale + shift;
-                        *ov = if self.act { hardswish(y) } else { y };
-                    }
-                    if let Some(m) = mask {
-                        let at = ng * group_len + ci * d.hw;
-                        o[range].iter_mut().zip(&m[at..at + d.hw]).for_each(|(ov, &mv)| *ov *= mv);
+                        if self.act { hardswish(y) } else { y }
+                    };
+                    let (oc, xc) = (&mut o[range.clone()], &xs[range]);
+                    match mask {
+                        Some(m) => {
+                            let at = ng * group_len + ci * d.hw;
+                            for ((ov, &xv), &mv) in oc.iter_mut().zip(xc).zip(&m[at..at + d.hw]) {
+                                *ov = norm(xv) * mv;
+                            }
+                        }
+                        None => oc.iter_mut().zip(xc).for_each(|(ov, &xv)| *ov = norm(xv)),
                     }
                 }
             });
@@ -220,9 +226,6 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         let op = &self.0;
         let d = op.dims(l1);
         let (x, go, wb) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        // Through the fused dropout first: the gradient reaching the activation is grad * mask.
-        let masked: Option<Vec<f32>> = with_mask(&op.mask, |m| Ok(m.map(|m| go.par_iter().zip(m).map(|(g, m)| g * m).collect())))?;
-        let go = masked.as_deref().unwrap_or(go);
         let (w, b) = wb.split_at(d.c);
         let group_len = d.cpg * d.hw;
         // Room for dw and db, appended below without a reallocation. Each task writes all of its
@@ -230,53 +233,66 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         let mut dx = crate::output_buffer(x.len(), 2 * d.c);
         // Per (image, channel) partial sums of dL/dy and dL/dy * xhat, reduced over images below.
         let mut partial = vec![0f32; d.n * d.c * 2];
-        dx.par_chunks_mut(group_len)
-            .zip(partial.par_chunks_mut(d.cpg * 2))
-            .enumerate()
-            .for_each(|(ng, (dxs, part))| {
-                let g = ng % op.groups;
-                let xs = &x[ng * group_len..(ng + 1) * group_len];
-                let gos = &go[ng * group_len..(ng + 1) * group_len];
-                let (mean, rstd) = stats(xs, op.eps);
-                // First pass: dL/dxhat into dxs, and the two group means it needs
-                // (sum of gy*w and of gy*w*xhat: w times the channel's db and dw).
-                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-                for ci in 0..d.cpg {
-                    let c = g * d.cpg + ci;
-                    let (wc, bc) = (w[c], b[c]);
-                    // 16 lanes per sum, as in `lane_sum`.
-                    let (mut db_l, mut dw_l) = ([0f32; 16], [0f32; 16]);
-                    let range = ci * d.hw..(ci + 1) * d.hw;
-                    let (dxc, xc, gc) = (&mut dxs[range.clone()], &xs[range.clone()], &gos[range]);
-                    let mut step = |dv: &mut f32, xv: f32, gv: f32, lane: usize| {
-                        let xhat = (xv - mean) * rstd;
-                        let gy = if op.act { gv * hardswish_grad(xhat * wc + bc) } else { gv };
-                        db_l[lane] += gy;
-                        dw_l[lane] += gy * xhat;
-                        *dv = gy * wc;
-                    };
-                    let full = xc.len() / 16 * 16;
-                    for ((dv, xv), gv) in dxc[..full].chunks_exact_mut(16).zip(xc[..full].chunks_exact(16)).zip(gc[..full].chunks_exact(16)) {
-                        for lane in 0..16 {
-                            step(&mut dv[lane], xv[lane], gv[lane], lane);
+        with_mask(&op.mask, |mask| {
+            dx.par_chunks_mut(group_len)
+                .zip(partial.par_chunks_mut(d.cpg * 2))
+                .enumerate()
+                // Per task, one channel's grad * mask (through the fused dropout first), when masked.
+                .for_each_init(Vec::new, |masked: &mut Vec<f32>, (ng, (dxs, part))| {
+                    let g = ng % op.groups;
+                    let xs = &x[ng * group_len..(ng + 1) * group_len];
+                    let gos = &go[ng * group_len..(ng + 1) * group_len];
+                    let (mean, rstd) = stats(xs, op.eps);
+                    // First pass: dL/dxhat into dxs, and the two group means it needs
+                    // (sum of gy*w and of gy*w*xhat: w times the channel's db and dw).
+                    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                    for ci in 0..d.cpg {
+                        let c = g * d.cpg + ci;
+                        let (wc, bc) = (w[c], b[c]);
+                        // 16 lanes per sum, as in `lane_sum`.
+                        let (mut db_l, mut dw_l) = ([0f32; 16], [0f32; 16]);
+                        let range = ci * d.hw..(ci + 1) * d.hw;
+                        let gc = match mask {
+                            Some(m) => {
+                                let at = ng * group_len + ci * d.hw;
+                                masked.clear();
+                                masked.extend(gos[range.clone()].iter().zip(&m[at..at + d.hw]).map(|(g, m)| g * m));
+                                &masked[..]
+                            }
+                            None => &gos[range.clone()],
+                        };
+                        let (dxc, xc) = (&mut dxs[range.clone()], &xs[range]);
+                        let mut step = |dv: &mut f32, xv: f32, gv: f32, lane: usize| {
+                            let xhat = (xv - mean) * rstd;
+                            let gy = if op.act { gv * hardswish_grad(xhat * wc + bc) } else { gv };
+                            db_l[lane] += gy;
+                            dw_l[lane] += gy * xhat;
+                            *dv = gy * wc;
+                        };
+                        let full = xc.len() / 16 * 16;
+                        for ((dv, xv), gv) in dxc[..full].chunks_exact_mut(16).zip(xc[..full].chunks_exact(16)).zip(gc[..full].chunks_exact(16)) {
+                            for lane in 0..16 {
+                                step(&mut dv[lane], xv[lane], gv[lane], lane);
+                            }
                         }
+                        for i in full..xc.len() {
+                            step(&mut dxc[i], xc[i], gc[i], 0);
+                        }
+                        let (db_c, dw_c): (f32, f32) = (db_l.iter().sum(), dw_l.iter().sum());
+                        part[2 * ci] = dw_c;
+                        part[2 * ci + 1] = db_c;
+                        sum_g += (wc * db_c) as f64;
+                        sum_gx += (wc * dw_c) as f64;
                     }
-                    for i in full..xc.len() {
-                        step(&mut dxc[i], xc[i], gc[i], 0);
+                    let len = group_len as f64;
+                    let (mg, mgx) = ((sum_g / len) as f32, (sum_gx / len) as f32);
+                    for (dv, &xv) in dxs.iter_mut().zip(xs) {
+                        let xhat = (xv - mean) * rstd;
+                        *dv = rstd * (*dv - mg - xhat * mgx);
                     }
-                    let (db_c, dw_c): (f32, f32) = (db_l.iter().sum(), dw_l.iter().sum());
-                    part[2 * ci] = dw_c;
-                    part[2 * ci + 1] = db_c;
-                    sum_g += (wc * db_c) as f64;
-                    sum_gx += (wc * dw_c) as f64;
-                }
-                let len = group_len as f64;
-                let (mg, mgx) = ((sum_g / len) as f32, (sum_gx / len) as f32);
-                for (dv, &xv) in dxs.iter_mut().zip(xs) {
-                    let xhat = (xv - mean) * rstd;
-                    *dv = rstd * (*dv - mg - xhat * mgx);
-                }
-            });
+                });
+            Ok(())
+        })?;
         let mut out = dx;
         let mut dw = vec![0f32; d.c];
         let mut db = vec![0f32; d.c];

@@ -73,7 +73,6 @@ impl Kernel<'_> {
     }
 }
 
-
 thread_local! {
     static V_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static M_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
