@@ -229,12 +229,10 @@ impl Schedule {
     /// t is its noise error amplified by 1/sqrt(abar_t) (~150 at t = 999), which otherwise
     /// saturates the samples. The step uses the noise consistent with the clipped x_0.
     pub fn ddim_step_clipped(&self, eps: &Tensor, x_t: &Tensor, t: usize, t_prev: Option<usize>) -> Result<Tensor> {
-        let x0 = self.predict_x0(eps, x_t, t)?.clamp(-1f32, 1f32)?;
-        let Some(p) = t_prev else { return Ok(x0) };
+        let Some(p) = t_prev else { return Ok(self.predict_x0(eps, x_t, t)?.clamp(-1f32, 1f32)?) };
         self.check_t(p)?;
-        let a_t = self.alphas_cumprod[t] as f64;
+        let (x0, eps) = self.clipped_x0_and_eps(eps, x_t, t)?;
         let a_p = self.alphas_cumprod[p] as f64;
-        let eps = x_t.sub(&x0.affine(a_t.sqrt(), 0.0)?)?.affine(1.0 / (1.0 - a_t).sqrt(), 0.0)?;
         Ok(x0.affine(a_p.sqrt(), 0.0)?.add(&eps.affine((1.0 - a_p).sqrt(), 0.0)?)?)
     }
 
@@ -243,9 +241,15 @@ impl Schedule {
     /// both steps are functions of (x_0, noise) through `x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`.
     /// Where the prediction is inside the range the noise is unchanged (up to rounding).
     pub fn clip_eps(&self, eps: &Tensor, x_t: &Tensor, t: usize) -> Result<Tensor> {
+        Ok(self.clipped_x0_and_eps(eps, x_t, t)?.1)
+    }
+
+    /// The predicted x_0 clipped to [-1, 1], and the noise consistent with it at step `t`.
+    fn clipped_x0_and_eps(&self, eps: &Tensor, x_t: &Tensor, t: usize) -> Result<(Tensor, Tensor)> {
         let x0 = self.predict_x0(eps, x_t, t)?.clamp(-1f32, 1f32)?;
         let a_t = self.alphas_cumprod[t] as f64;
-        Ok(x_t.sub(&x0.affine(a_t.sqrt(), 0.0)?)?.affine(1.0 / (1.0 - a_t).sqrt(), 0.0)?)
+        let eps = x_t.sub(&x0.affine(a_t.sqrt(), 0.0)?)?.affine(1.0 / (1.0 - a_t).sqrt(), 0.0)?;
+        Ok((x0, eps))
     }
 
     /// The prediction of x_0 from `x_t` and the predicted noise.
