@@ -6,12 +6,14 @@
 //! checkpoint loads by name with no mapping table. The crate knows nothing of diffusion: the
 //! network maps `(x_t, t)` to predicted noise.
 
+pub mod bmm;
 pub mod config;
 pub mod conv;
 pub mod lightning;
 pub mod model;
 pub mod norm;
 pub mod softmax;
+pub mod upsample;
 pub mod weights;
 mod winograd;
 

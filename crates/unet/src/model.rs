@@ -5,6 +5,7 @@ use std::cell::Cell;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
+use crate::bmm::bmm;
 use crate::conv::Conv2d;
 use crate::norm::GroupNorm;
 use rand::{Rng, SeedableRng};
@@ -175,12 +176,13 @@ impl Module for AttnBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = self.norm.forward(x)?;
-        let q = self.proj_q.forward(&n)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let q = self.proj_q.forward(&n)?.reshape((b, c, h * w))?;
         let k = self.proj_k.forward(&n)?.reshape((b, c, h * w))?;
         let v = self.proj_v.forward(&n)?.reshape((b, c, h * w))?;
-        let attn = crate::softmax::scaled_softmax_last_dim(&q.matmul(&k)?, (c as f64).powf(-0.5))?;
+        // scores[b, i, j] = sum_c q[b, c, i] k[b, c, j]
+        let attn = crate::softmax::scaled_softmax_last_dim(&bmm(&q, true, &k, false)?, (c as f64).powf(-0.5))?;
         // out[b, c, i] = sum_j v[b, c, j] attn[b, i, j]
-        let out = v.matmul(&attn.transpose(1, 2)?)?.reshape((b, c, h, w))?;
+        let out = bmm(&v, false, &attn, true)?.reshape((b, c, h, w))?;
         x.add(&self.proj.forward(&out)?)
     }
 }
@@ -259,8 +261,7 @@ impl UpSample {
 
 impl Module for UpSample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        self.net.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        self.net.forward(&crate::upsample::upsample2x(x)?)
     }
 }
 
