@@ -1,8 +1,8 @@
 """One case of the PyTorch reference, timed the way ../shared/bench/bench_cpu.py times it, in its
 own process so that its peak memory is its own. Called by `cargo xtask bench`.
 
-  python scripts/bench_torch.py --case forward|train8|train16|reduced-forward|reduced-train|ddim50
-         |forward128|train128|ddim50x256|ddpm1000x256
+  python scripts/bench_torch.py --case forward|train8|train16|reduced-forward|reduced-train|ddim50|ddpm100
+         |forward128|train128|ddim50x256|ddpm100x256|ddpm1000x256
          [--ref-dir ../shared/bench] [--threads 2] [--runs 3] [--warmup 1] [--device cpu|cuda] [--precision f32|bf16]
 Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb (and peak_gpu_mb on CUDA).
 On CUDA, bf16 is torch.autocast(bfloat16) around the forward pass, as a Lightning user would run it.
@@ -40,6 +40,7 @@ def main():
         "reduced-forward": (B.REDUCED, 32, 32, "forward"),
         "reduced-train": (B.REDUCED, 32, 32, "train"),
         "ddim50": (R.TRAINED_CONFIG, 16, 64, "ddim"),
+        "ddpm100": (R.TRAINED_CONFIG, 16, 64, "ddpm100"),
         "forward128": (R.TRAINED_CONFIG, 128, 64, "forward"),
         "train128": (R.TRAINED_CONFIG, 128, 64, "train"),
         "ddim50x256": (R.TRAINED_CONFIG, 256, 64, "ddim"),

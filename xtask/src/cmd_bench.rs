@@ -19,7 +19,8 @@ use unet::{Mode, UNet, UNetConfig};
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Comma-separated cases: forward, train8, train16, reduced-forward, reduced-train, ddim50,
-    /// and for GPUs forward128, train128, ddim50x256, ddpm1000x256; `all` = the CPU set, `gpu` = the GPU set.
+    /// ddpm100 (the first 100 DDPM steps: x10 for 1000), and for GPUs forward128, train128,
+    /// ddim50x256, ddpm100x256, ddpm1000x256; `all` = the CPU set, `gpu` = the GPU set.
     #[arg(long, default_value = "all")]
     cases: String,
     /// cpu, cuda or cuda:N (both sides).
@@ -49,7 +50,7 @@ pub struct BenchArgs {
     child: Option<String>,
 }
 
-const ALL: [&str; 6] = ["forward", "train8", "train16", "reduced-forward", "reduced-train", "ddim50"];
+const ALL: [&str; 7] = ["forward", "train8", "train16", "reduced-forward", "reduced-train", "ddim50", "ddpm100"];
 const GPU: [&str; 4] = ["forward128", "train128", "ddim50x256", "ddpm100x256"];
 
 fn reduced() -> UNetConfig {
@@ -73,6 +74,9 @@ fn case(name: &str) -> Result<Case> {
         "reduced-forward" => Case { cfg: reduced(), batch: 32, kind: "forward", steps: 0 },
         "reduced-train" => Case { cfg: reduced(), batch: 32, kind: "train", steps: 0 },
         "ddim50" => Case { cfg: full, batch: 16, kind: "ddim", steps: 50 },
+        // The first 100 of the 1000 DDPM steps for 16 faces (a full run is ~25 minutes per side
+        // on 2 cores): every step is one network evaluation of the same cost, so x10 is the run.
+        "ddpm100" => Case { cfg: full, batch: 16, kind: "ddpm", steps: 100 },
         "forward128" => Case { cfg: full, batch: 128, kind: "forward", steps: 0 },
         "train128" => Case { cfg: full, batch: 128, kind: "train", steps: 0 },
         "ddim50x256" => Case { cfg: full, batch: 256, kind: "ddim", steps: 50 },
