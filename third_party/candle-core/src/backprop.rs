@@ -715,6 +715,49 @@ fn owns_its_storage(t: &Tensor) -> bool {
     len == t.elem_count()
 }
 
+/// `sum += grad` in `sum`'s own buffer, when this store holds the only handle on `sum` and on
+/// its storage (a gradient shared with another entry, or a view, is not written), both are
+/// compact f32 CPU tensors of the same shape. Returns false, having done nothing, otherwise.
+/// Patched (see third_party/README.md): the sum of the gradients of a tensor used twice (every
+/// skip connection) no longer allocates a new activation-sized buffer; the result is the same
+/// IEEE addition, element for element.
+fn add_in_place(sum: &Tensor, grad: &Tensor) -> bool {
+    if sum.dtype() != crate::DType::F32
+        || grad.dtype() != crate::DType::F32
+        || sum.shape() != grad.shape()
+        || !grad.is_contiguous()
+        || !owns_its_storage(sum)
+        || !sum.is_sole_owner()
+    {
+        return false;
+    }
+    let (g_storage, g_layout) = grad.storage_and_layout();
+    let crate::Storage::Cpu(crate::CpuStorage::F32(g)) = &*g_storage else {
+        return false;
+    };
+    let start = g_layout.start_offset();
+    let g = &g[start..start + grad.elem_count()];
+    // A different lock from grad's: `sum` is the sole owner of its storage.
+    let mut s_storage = sum.storage_mut();
+    let crate::Storage::Cpu(crate::CpuStorage::F32(s)) = &mut *s_storage else {
+        return false;
+    };
+    const CHUNK: usize = 16 * 1024;
+    let n = s.len();
+    let ptr = s.as_mut_ptr() as usize;
+    crate::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |range| {
+        for unit in range {
+            let (lo, hi) = (unit * CHUNK, n.min((unit + 1) * CHUNK));
+            // SAFETY: units cover disjoint ranges of `s`, which the write lock above holds.
+            let dst = unsafe { std::slice::from_raw_parts_mut((ptr as *mut f32).add(lo), hi - lo) };
+            for (d, &v) in dst.iter_mut().zip(&g[lo..hi]) {
+                *d += v;
+            }
+        }
+    });
+    true
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
@@ -759,7 +802,9 @@ impl GradStore {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => {
                 let sum = entry.into_mut();
-                *sum = sum.add(grad)?;
+                if !add_in_place(sum, grad) {
+                    *sum = sum.add(grad)?;
+                }
             }
             Entry::Vacant(entry) => {
                 if grad.shape() == tensor.shape() && grad.dtype() == tensor.dtype() && owns_its_storage(grad) {

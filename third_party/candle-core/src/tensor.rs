@@ -2768,6 +2768,13 @@ impl Tensor {
         self.storage.write()
     }
 
+    /// Patched (see third_party/README.md): whether this is the only handle on the tensor and
+    /// the tensor the only one on its storage, so that writing the buffer in place is seen by
+    /// nothing else.
+    pub(crate) fn is_sole_owner(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.storage) == 1
+    }
+
     // If we extend the visibility of this function to be usable outside of this crate, we should
     // make it unsafe.
     pub(crate) fn storage_mut_and_layout(&self) -> (StorageMutRef<'_>, &Layout) {

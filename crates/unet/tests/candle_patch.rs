@@ -1,0 +1,53 @@
+//! The vendored candle-core's backprop patch (third_party/README.md): gradients of a tensor used
+//! several times are summed in place when the store holds the only handle on the running sum.
+//! These check that the sums are exact and that a gradient shared by two entries (both inputs
+//! of an addition receive the same tensor) is never written through.
+
+use candle_core::{Device, Tensor, Var};
+
+/// More elements than one parallel chunk of the in-place sum (16K), not a multiple of it.
+const N: usize = 40_000;
+
+fn ramp(scale: f32, offset: f32) -> Tensor {
+    Tensor::from_vec((0..N).map(|i| ((i as f32) * scale + offset).sin()).collect::<Vec<_>>(), N, &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn gradients_of_a_tensor_used_three_times_are_summed_exactly() {
+    let x = Var::from_tensor(&ramp(0.01, 0.0)).unwrap();
+    let (w1, w2, w3) = (ramp(0.02, 1.0), ramp(0.03, 2.0), ramp(0.05, 3.0));
+    let f = ((x.mul(&w1).unwrap().sum_all().unwrap() + x.mul(&w2).unwrap().sum_all().unwrap()).unwrap() + x.mul(&w3).unwrap().sum_all().unwrap()).unwrap();
+    let g = f.backward().unwrap();
+    let got = values(g.get(&x).unwrap());
+    let (a, b, c) = (values(&w1), values(&w2), values(&w3));
+    for i in 0..N {
+        // The store adds in graph order; any order of three terms is within one rounding.
+        let want = a[i] + b[i] + c[i];
+        assert!((got[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "at {i}: {} vs {want}", got[i]);
+    }
+}
+
+#[test]
+fn a_gradient_shared_by_two_inputs_is_not_written_in_place() {
+    // u = x + y hands the same gradient tensor to x and to y; x's other use then adds to x's
+    // gradient. Whatever order the backward pass visits them in, y's gradient must stay w.
+    for x_term_first in [false, true] {
+        let x = Var::from_tensor(&ramp(0.01, 0.5)).unwrap();
+        let y = Var::from_tensor(&ramp(0.02, 1.5)).unwrap();
+        let (w, v) = (ramp(0.07, 0.0), ramp(0.11, 1.0));
+        let shared = (x.as_tensor() + y.as_tensor()).unwrap().mul(&w).unwrap().sum_all().unwrap();
+        let other = x.mul(&v).unwrap().sum_all().unwrap();
+        let f = if x_term_first { (other + shared).unwrap() } else { (shared + other).unwrap() };
+        let g = f.backward().unwrap();
+        let (gx, gy) = (values(g.get(&x).unwrap()), values(g.get(&y).unwrap()));
+        let (wv, vv) = (values(&w), values(&v));
+        for i in 0..N {
+            assert_eq!(gy[i], wv[i], "y's gradient changed at {i} (x term first: {x_term_first})");
+            assert_eq!(gx[i], wv[i] + vv[i], "x's gradient at {i} (x term first: {x_term_first})");
+        }
+    }
+}
