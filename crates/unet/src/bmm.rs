@@ -67,27 +67,11 @@ impl candle_core::CustomOp2 for Bmm {
             out.fill(0.0);
             return Ok((CpuStorage::F32(out), Shape::from((batch, m, n))));
         }
-        // Row-major strides (column stride, row stride) of op(a) [m, k] and op(b) [k, n].
-        let (a_cs, a_rs) = if self.a_t { (m as isize, 1) } else { (1, k as isize) };
-        let (b_cs, b_rs) = if self.b_t { (k as isize, 1) } else { (1, n as isize) };
-        let pool = rayon::current_num_threads();
         // Enough images to share out: one single-threaded GEMM each; otherwise split each GEMM.
-        let par = if batch >= pool { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(pool) };
+        let threads = crate::conv::gemm_threads(batch);
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
             let (ai, bi) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
-            // SAFETY: dst holds m*n, ai m*k and bi k*n elements, addressed with the strides above.
-            unsafe {
-                gemm::gemm(
-                    m, n, k,
-                    dst.as_mut_ptr(), 1, n as isize,
-                    false,
-                    ai.as_ptr(), a_cs, a_rs,
-                    bi.as_ptr(), b_cs, b_rs,
-                    0.0, 1.0,
-                    false, false, false,
-                    par,
-                )
-            }
+            crate::conv::matmul(m, n, k, dst, false, ai, self.a_t, bi, self.b_t, threads);
         });
         Ok((CpuStorage::F32(out), Shape::from((batch, m, n))))
     }

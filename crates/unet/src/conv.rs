@@ -189,7 +189,7 @@ fn col2im(g: &Geometry, cols: &[f32], img: &mut [f32]) {
 /// Row-major `dst[m, n] (+)= a[m, k] * b[k, n]`, with either operand optionally transposed
 /// (`a_t`: `a` is stored [k, m]; `b_t`: `b` is stored [n, k]).
 #[allow(clippy::too_many_arguments)]
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: &[f32], a_t: bool, b: &[f32], b_t: bool, threads: usize) {
+pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: &[f32], a_t: bool, b: &[f32], b_t: bool, threads: usize) {
     debug_assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
     let (a_cs, a_rs) = if a_t { (m as isize, 1) } else { (1, k as isize) };
     let (b_cs, b_rs) = if b_t { (k as isize, 1) } else { (1, n as isize) };
@@ -210,7 +210,7 @@ fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, a: &[
 }
 
 /// Batch items run in parallel; a batch smaller than the pool hands its threads to GEMM.
-fn gemm_threads(batch: usize) -> usize {
+pub(crate) fn gemm_threads(batch: usize) -> usize {
     let pool = rayon::current_num_threads();
     if batch >= pool { 1 } else { pool }
 }
