@@ -139,6 +139,9 @@ mod tests {
                 let want = at.matmul(&bt).unwrap();
                 assert_eq!(ours.dims(), &[batch, m, n]);
                 assert!(max_diff(&ours, &want) < 1e-5, "product, batch {batch} a_t {a_t} b_t {b_t}");
+                // The path other dtypes and devices take (candle's matmul of transposed views).
+                let f64_path = bmm(&a.to_dtype(DType::F64).unwrap(), a_t, &b.to_dtype(DType::F64).unwrap(), b_t).unwrap().to_dtype(DType::F32).unwrap();
+                assert!(max_diff(&f64_path, &want) < 1e-5, "fallback, batch {batch} a_t {a_t} b_t {b_t}");
                 let g_ours = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
                 let g_want = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
                 for v in [&a, &b] {
