@@ -17,11 +17,14 @@ pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn planes<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize, usize, usize)> {
+/// (B, C, H, W).
+type Dims4 = (usize, usize, usize, usize);
+
+/// The op's contiguous input and its dimensions.
+fn input<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], Dims4)> {
     let data = s.as_slice::<f32>()?;
     let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("upsample2x expects a contiguous input".into()))?;
-    let (n, c, h, w) = l.shape().dims4()?;
-    Ok((&data[a..b], n * c, h, w))
+    Ok((&data[a..b], l.shape().dims4()?))
 }
 
 struct Upsample2x;
@@ -32,8 +35,7 @@ impl candle_core::CustomOp1 for Upsample2x {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, _, h, w) = planes(s, l)?;
-        let (n, c, _, _) = l.shape().dims4()?;
+        let (x, (n, c, h, w)) = input(s, l)?;
         // Every output row is written: two per input row.
         let mut out = crate::output_buffer(x.len() * 4, 0);
         if !x.is_empty() {
@@ -63,8 +65,7 @@ impl candle_core::CustomOp1 for BlockSum2x {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, _, h2, w2) = planes(s, l)?;
-        let (n, c, _, _) = l.shape().dims4()?;
+        let (g, (n, c, h2, w2)) = input(s, l)?;
         if h2 % 2 != 0 || w2 % 2 != 0 {
             candle_core::bail!("block-sum-2x: odd size {h2}x{w2}");
         }
