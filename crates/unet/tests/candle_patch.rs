@@ -5,11 +5,17 @@
 
 use candle_core::{Device, Tensor, Var};
 
-/// More elements than one parallel chunk of the in-place sum (16K), not a multiple of it.
-const N: usize = 40_000;
+/// Above the in-place sum's serial threshold (64K) and not a multiple of its parallel chunk
+/// (16K); `SMALL` stays on the serial path.
+const N: usize = 100_000;
+const SMALL: usize = 1_000;
+
+fn ramp_n(n: usize, scale: f32, offset: f32) -> Tensor {
+    Tensor::from_vec((0..n).map(|i| ((i as f32) * scale + offset).sin()).collect::<Vec<_>>(), n, &Device::Cpu).unwrap()
+}
 
 fn ramp(scale: f32, offset: f32) -> Tensor {
-    Tensor::from_vec((0..N).map(|i| ((i as f32) * scale + offset).sin()).collect::<Vec<_>>(), N, &Device::Cpu).unwrap()
+    ramp_n(N, scale, offset)
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -18,13 +24,20 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn gradients_of_a_tensor_used_three_times_are_summed_exactly() {
-    let x = Var::from_tensor(&ramp(0.01, 0.0)).unwrap();
-    let (w1, w2, w3) = (ramp(0.02, 1.0), ramp(0.03, 2.0), ramp(0.05, 3.0));
+    for n in [N, SMALL] {
+        three_uses(n);
+    }
+}
+
+fn three_uses(n: usize) {
+    let x = Var::from_tensor(&ramp_n(n, 0.01, 0.0)).unwrap();
+    let (w1, w2, w3) = (ramp_n(n, 0.02, 1.0), ramp_n(n, 0.03, 2.0), ramp_n(n, 0.05, 3.0));
     let f = ((x.mul(&w1).unwrap().sum_all().unwrap() + x.mul(&w2).unwrap().sum_all().unwrap()).unwrap() + x.mul(&w3).unwrap().sum_all().unwrap()).unwrap();
     let g = f.backward().unwrap();
     let got = values(g.get(&x).unwrap());
     let (a, b, c) = (values(&w1), values(&w2), values(&w3));
-    for i in 0..N {
+    assert_eq!(got.len(), n);
+    for i in 0..n {
         // The store adds in graph order; any order of three terms is within one rounding.
         let want = a[i] + b[i] + c[i];
         assert!((got[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "at {i}: {} vs {want}", got[i]);

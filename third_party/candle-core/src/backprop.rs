@@ -744,6 +744,13 @@ fn add_in_place(sum: &Tensor, grad: &Tensor) -> bool {
     };
     const CHUNK: usize = 16 * 1024;
     let n = s.len();
+    // As candle's element-wise ops: below 64K elements waking the pool costs more than it saves.
+    if n < 4 * CHUNK {
+        for (d, &v) in s.iter_mut().zip(g) {
+            *d += v;
+        }
+        return true;
+    }
     let ptr = s.as_mut_ptr() as usize;
     crate::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |range| {
         for unit in range {
