@@ -247,8 +247,9 @@ impl ConvOp {
         // the bias fill comes first otherwise).
         let mut out = crate::output_buffer(g.b * g.o * hw, 0);
         if g.is_winograd() {
-            let u = crate::winograd::transform_weights(w, g.o, g.c);
-            crate::winograd::conv3x3(x, g.b, g.c, g.h, g.w, crate::winograd::Kernel::Forward(&u), g.o, bias, &mut out);
+            let v = crate::winograd::choose(g.b, g.h, g.w, g.c, g.o);
+            let u = crate::winograd::transform_weights(v, w, g.o, g.c);
+            crate::winograd::conv3x3(v, x, g.b, g.c, g.h, g.w, &u, g.o, bias, &mut out);
             return Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.ho(), g.wo()))));
         }
         let threads = gemm_threads(g.b);
@@ -370,11 +371,9 @@ impl candle_core::CustomOp2 for ConvInputGrad {
         // col2im accumulates, so only the Winograd path (which writes every element) skips zeroing.
         let mut dx = if g.is_winograd() { crate::output_buffer(b * img, 0) } else { vec![0f32; b * img] };
         if g.is_winograd() {
-            // The forward pass computed the same transform; keeping it for every convolution
-            // until the backward pass would hold 16/9 of the weights in memory, recomputing it
-            // costs about 1% of a step.
-            let u = crate::winograd::transform_weights(w, o, g.c);
-            crate::winograd::conv3x3(dy, b, o, g.h, g.w, crate::winograd::Kernel::InputGrad(&u), g.c, None, &mut dx);
+            let v = crate::winograd::choose(b, g.h, g.w, g.c, o);
+            let u = crate::winograd::transform_weights_input_grad(v, w, o, g.c);
+            crate::winograd::conv3x3(v, dy, b, o, g.h, g.w, &u, g.c, None, &mut dx);
             return Ok((CpuStorage::F32(dx), Shape::from((b, g.c, g.h, g.w))));
         }
         let threads = gemm_threads(b);
@@ -412,7 +411,7 @@ impl candle_core::CustomOp2 for ConvWeightGrad {
         let dy = contiguous_f32(s2, l2)?;
         let (img, hw, ckk) = (c * h * wd, g.hw_out(), g.ckk());
         if g.is_winograd() {
-            let dw = crate::winograd::conv3x3_weight_grad(x, dy, b, c, h, wd, o);
+            let dw = crate::winograd::conv3x3_weight_grad(crate::winograd::choose(b, h, wd, c, o), x, dy, b, c, h, wd, o);
             return Ok((CpuStorage::F32(dw), Shape::from((o, c, self.k, self.k))));
         }
         let threads = gemm_threads(b);
@@ -506,6 +505,9 @@ mod tests {
         // 3x3 stride 1 padding 1 goes through Winograd: odd sizes, more channels.
         check(3, 7, 5, 6, 3, 1, 1);
         check(1, 16, 10, 9, 3, 1, 1);
+        // Few pixels for the channels: all three passes take F(2x2) (`winograd::choose`).
+        assert_eq!(crate::winograd::choose(1, 3, 4, 24, 20), crate::winograd::Variant::F2);
+        check(1, 24, 3, 20, 3, 1, 1);
     }
 
     #[test]
