@@ -298,9 +298,11 @@ impl candle_core::CustomOp2 for ConvOp {
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (_, c, h, wd) = x.dims4()?;
-        let dx = grad.apply_op2_no_bwd(w, &ConvInputGrad { op: *self, c, h, w: wd })?;
-        let dw = x.apply_op2_no_bwd(&grad, &ConvWeightGrad { op: *self, k: w.dim(2)? })?;
-        Ok((Some(dx), Some(dw)))
+        // The network's first convolution reads the noisy image, which needs no gradient: its
+        // input gradient would be a whole convolution for nothing.
+        let dx = if x.track_op() { Some(grad.apply_op2_no_bwd(w, &ConvInputGrad { op: *self, c, h, w: wd })?) } else { None };
+        let dw = if w.track_op() { Some(x.apply_op2_no_bwd(&grad, &ConvWeightGrad { op: *self, k: w.dim(2)? })?) } else { None };
+        Ok((dx, dw))
     }
 }
 
@@ -318,10 +320,10 @@ impl candle_core::CustomOp3 for BiasedConvOp {
         self.0.forward(s1, l1, s2, l2, Some(bias))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = candle_core::CustomOp2::bwd(&self.0, x, w, res, grad)?;
-        let db = grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)?;
-        Ok((dx, dw, Some(db)))
+        let db = if b.track_op() { Some(grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)?) } else { None };
+        Ok((dx, dw, db))
     }
 }
 
@@ -528,6 +530,17 @@ mod tests {
         for v in [&x, &w, &b] {
             assert!(max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-3);
         }
+    }
+
+    #[test]
+    fn an_input_without_gradient_gets_none_and_the_weights_still_do() {
+        let x = randn(&[2, 3, 6, 7], 21);
+        let w = Var::from_tensor(&randn(&[4, 3, 3, 3], 22)).unwrap();
+        let r = randn(&[2, 4, 6, 7], 23);
+        let g1 = conv2d(&x, w.as_tensor(), 1, 1).unwrap().mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g1.get(&x).is_none(), "no gradient is computed for an input that does not track");
+        let g2 = x.conv2d(w.as_tensor(), 1, 1, 1, 1).unwrap().mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(g1.get(w.as_tensor()).unwrap(), g2.get(w.as_tensor()).unwrap()) < 1e-3);
     }
 
     #[test]
