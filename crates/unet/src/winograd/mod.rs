@@ -480,7 +480,9 @@ mod tests {
             conv3x3(v, &x, b, c, h, w, &transform_weights(v, &k, o, c), o, Some(&bias), &mut out);
             let want = direct(&x, b, c, h, w, &k, o, Some(&bias));
             for (i, (a, e)) in out.iter().zip(&want).enumerate() {
-                assert!((*a as f64 - e).abs() < 1e-4 * (1.0 + e.abs()), "{v:?} b{b} c{c} {h}x{w} o{o} at {i}: {a} vs {e}");
+                // F(4x4)'s transforms round more (largest seen here 1.3e-5, F(2x2)'s 1.8e-6).
+                let tol = if v == Variant::F2 { 1e-5 } else { 3e-5 };
+                assert!((*a as f64 - e).abs() < tol * (1.0 + e.abs()), "{v:?} b{b} c{c} {h}x{w} o{o} at {i}: {a} vs {e}");
             }
         }
     }
