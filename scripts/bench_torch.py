@@ -4,8 +4,11 @@ own process so that its peak memory is its own. Called by `cargo xtask bench`.
   python scripts/bench_torch.py --case forward|train8|train16|reduced-forward|reduced-train|ddim50|ddpm100
          |forward128|train128|ddim50x256|ddpm100x256|ddpm1000x256
          [--ref-dir ../shared/bench] [--threads 2] [--runs 3] [--warmup 1] [--device cpu|cuda] [--precision f32|bf16]
+         [--profile FILE]
 Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb (and peak_gpu_mb on CUDA).
 On CUDA, bf16 is torch.autocast(bfloat16) around the forward pass, as a Lightning user would run it.
+--profile runs the case once more under torch.profiler and writes its op table (self CUDA time,
+top 30) to FILE: where PyTorch's time goes, to set beside ours.
 """
 import argparse
 import json
@@ -24,6 +27,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="f32")
+    ap.add_argument("--profile", default=None)
     a = ap.parse_args()
     sys.path.insert(0, a.ref_dir)
     import torch
@@ -85,6 +89,7 @@ def main():
             with torch.no_grad(), amp:
                 model(x, t)
         ts = timed(fwd, a.warmup, a.runs)
+        profiled = fwd
     elif kind == "train":
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -100,6 +105,7 @@ def main():
             loss.backward()
             opt.step()
         ts = timed(step, a.warmup, a.runs)
+        profiled = step
     else:
         model.eval()
         acp = sched["alphas_cumprod"]
@@ -124,6 +130,16 @@ def main():
                         xt = R.p_step(sched, eps, xt, t, z, 1)
             return xt
         ts = timed(sample, 0, min(a.runs, 1))
+    if a.profile:
+        if not cuda or kind not in ("forward", "train"):
+            raise SystemExit("--profile is for the CUDA forward and train cases")
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            profiled()
+            sync()
+        with open(a.profile, "w") as f:
+            f.write(f"{a.case} {a.precision} on {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+            f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
     med = statistics.median(ts)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     out = dict(case=a.case, batch=bs, median_s=med, runs_s=ts, images_per_s=bs / med,

@@ -1,6 +1,8 @@
 //! `cargo xtask self-test`: checks this build on a device against the PyTorch fixtures
 //! (forward pass, time embedding, middle activations, both reverse steps, loss, gradients).
-//! Meant for a GPU machine: the same numbers the CPU test suite checks, through the device path.
+//! Meant for a GPU machine: the same numbers the CPU test suite checks, through the device path,
+//! then each convolution pass of the device (cuDNN with the `cudnn` feature) against the CPU
+//! kernels, shape by shape, in exact f32, TF32 and bf16.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,9 +21,30 @@ pub struct SelfTestArgs {
     /// Folder with seed_tiny.ckpt and seed_tiny_io.safetensors.
     #[arg(long, default_value = "crates/unet/tests/fixtures")]
     fixtures: PathBuf,
-    /// Largest absolute difference accepted (f32 on a GPU: TF32 is off in candle, 1e-3 leaves room for reduction order).
+    /// Largest absolute difference accepted (f32 on a GPU: TF32 is off for these checks, 1e-3
+    /// leaves room for reduction order).
     #[arg(long, default_value_t = 1e-3)]
     tol: f32,
+}
+
+struct Checks {
+    failures: usize,
+}
+
+impl Checks {
+    fn check(&mut self, name: &str, d: f32, tol: f32) {
+        let ok = d <= tol;
+        println!("{:<44} max |diff| {:>10.3e}  (tol {:.0e})  {}", name, d, tol, if ok { "ok" } else { "FAIL" });
+        if !ok {
+            self.failures += 1;
+        }
+    }
+}
+
+/// Exact f32 or TF32 for the device's f32 convolutions (cuDNN builds only).
+fn set_tf32(_on: bool) {
+    #[cfg(feature = "cudnn")]
+    unet::conv_cudnn::set_tf32(_on);
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -40,14 +63,9 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     let io_path = a.fixtures.join("seed_tiny_io.safetensors");
     let io: HashMap<String, Tensor> = candle_core::safetensors::load(&io_path, &dev).with_context(|| format!("loading {}", io_path.display()))?;
     let schedule = Schedule::reference();
-    let mut failures = 0;
-    let mut check = |name: &str, d: f32, tol: f32| {
-        let ok = d <= tol;
-        println!("{:<34} max |diff| {:>10.3e}  (tol {:.0e})  {}", name, d, tol, if ok { "ok" } else { "FAIL" });
-        if !ok {
-            failures += 1;
-        }
-    };
+    let mut checks = Checks { failures: 0 };
+    set_tf32(false);
+    let mut check = |name: &str, d: f32, tol: f32| checks.check(name, d, tol);
 
     // Trainable copies so that the same model gives gradients.
     let mut vars = HashMap::new();
@@ -90,9 +108,70 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
         let scale: f32 = expect.abs()?.flatten_all()?.max(0)?.to_device(&Device::Cpu)?.to_scalar()?;
         check(&format!("grad {key} (relative)"), max_diff(g, expect)? / scale, a.tol);
     }
+
+    if !dev.is_cpu() {
+        // The default for training and sampling: TF32 convolutions, as PyTorch's. Its rounding
+        // (10-bit mantissa products) is looser than the 1e-3 above.
+        set_tf32(true);
+        let eps_tf32 = model.forward_t(&io["x"], &t, Mode::Eval)?;
+        check("forward eps (TF32 convolutions)", max_diff(&eps_tf32, &io["eps"])?, 2e-2);
+    }
+    // On the CPU these would compare the CPU kernels with themselves.
+    let conv_modes: &[(&str, DType, bool, f32)] = if dev.is_cpu() { &[] } else { &[("f32", DType::F32, false, 1e-4), ("tf32", DType::F32, true, 1e-2), ("bf16", DType::BF16, true, 5e-2)] };
+    for &(label, dtype, tf32, tol) in conv_modes {
+        set_tf32(tf32);
+        for (name, d) in conv_against_cpu(&dev, dtype)? {
+            check(&format!("conv {label} {name}"), d, tol);
+        }
+    }
+    set_tf32(true);
+    let failures = checks.failures;
     if failures > 0 {
         bail!("{failures} check(s) failed on {}", a.device);
     }
     println!("self-test: all checks passed on {}", a.device);
     Ok(())
+}
+
+/// Each convolution shape of the reference model (batch 4), plus odd sizes: forward, input
+/// gradient and weight gradient on `dev` in `dtype` against the CPU kernels in f32, as the
+/// largest difference over the largest CPU value.
+fn conv_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)>> {
+    // (C, O, H, W, k, stride, padding)
+    let shapes = [
+        (3, 128, 64, 64, 3, 1, 1),
+        (128, 128, 64, 64, 3, 1, 1),
+        (128, 128, 64, 64, 3, 2, 1),
+        (128, 256, 16, 16, 3, 1, 1),
+        (128, 256, 16, 16, 1, 1, 0),
+        (256, 256, 8, 8, 3, 1, 1),
+        (5, 7, 9, 11, 3, 1, 1),
+        (6, 4, 7, 7, 3, 2, 1),
+    ];
+    let mut out = Vec::new();
+    for (i, &(c, o, h, w, k, stride, padding)) in shapes.iter().enumerate() {
+        let cpu = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (4, c, h, w), &cpu)?;
+        let wt = (Tensor::randn(0f32, 1., (o, c, k, k), &cpu)? / ((c * k * k) as f64).sqrt())?;
+        let (ho, wo) = ((h + 2 * padding - k) / stride + 1, (w + 2 * padding - k) / stride + 1);
+        let r = Tensor::randn(0f32, 1., (4, o, ho, wo), &cpu)?;
+        let run = |d: &Device, dt: DType| -> Result<[Tensor; 3]> {
+            let xv = Var::from_tensor(&x.to_device(d)?.to_dtype(dt)?)?;
+            let wv = Var::from_tensor(&wt.to_device(d)?.to_dtype(dt)?)?;
+            let y = unet::conv::conv2d(xv.as_tensor(), wv.as_tensor(), stride, padding)?;
+            let loss = y.to_dtype(DType::F32)?.mul(&r.to_device(d)?)?.sum_all()?;
+            let g = loss.backward()?;
+            let dx = g.get(xv.as_tensor()).context("no input gradient")?.clone();
+            let dw = g.get(wv.as_tensor()).context("no weight gradient")?.clone();
+            Ok([y, dx, dw])
+        };
+        let want = run(&cpu, DType::F32)?;
+        let got = run(dev, dtype)?;
+        let tag = format!("#{i} {c}->{o} {h}x{w} k{k} s{stride}");
+        for (pass, (g, e)) in ["fwd", "dx", "dw"].iter().zip(got.iter().zip(&want)) {
+            let scale: f32 = e.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+            out.push((format!("{tag} {pass}"), max_diff(g, e)? / scale.max(1e-12)));
+        }
+    }
+    Ok(out)
 }

@@ -5,7 +5,8 @@
 //! gradient; both dominate a training step. Here the three passes of the 3x3, stride-1
 //! convolutions go through Winograd (`crate::winograd`), and those of the others (1x1,
 //! stride 2) are one im2col/col2im GEMM each per image, parallel over the batch with rayon.
-//! Other devices and dtypes use candle's own conv2d (cuDNN on CUDA).
+//! On CUDA with the `cudnn` feature the same ops run all three passes through cuDNN
+//! (`crate::conv_cudnn`). Other devices and dtypes use candle's own conv2d.
 
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -35,23 +36,49 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+        let op = ConvOp { stride: self.stride, padding: self.padding };
+        match backend(x, &self.weight) {
             // The bias is folded into the GEMM: no extra pass, no extra tensor kept for backward.
-            x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias, BiasedConvOp(ConvOp { stride: self.stride, padding: self.padding }))
-        } else {
-            let o = self.bias.dim(0)?;
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
+            Backend::Cpu => x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias, BiasedConvOp(op)),
+            Backend::Cudnn => {
+                let o = self.bias.dim(0)?;
+                x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
+            }
+            Backend::Candle => {
+                let o = self.bias.dim(0)?;
+                x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
+            }
         }
     }
 }
 
 /// `x` [B, C, H, W] * `w` [O, C, k, k] with square stride and zero padding, no bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-        x.contiguous()?.apply_op2(&w.contiguous()?, ConvOp { stride, padding })
-    } else {
-        x.conv2d(w, padding, stride, 1, 1)
+    match backend(x, w) {
+        Backend::Cpu | Backend::Cudnn => x.contiguous()?.apply_op2(&w.contiguous()?, ConvOp { stride, padding }),
+        Backend::Candle => x.conv2d(w, padding, stride, 1, 1),
     }
+}
+
+enum Backend {
+    /// Our CPU kernels (f32).
+    Cpu,
+    /// cuDNN for all three passes (`crate::conv_cudnn`).
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    Cudnn,
+    /// candle's own conv2d and its backward.
+    Candle,
+}
+
+fn backend(x: &Tensor, w: &Tensor) -> Backend {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        return Backend::Cpu;
+    }
+    #[cfg(feature = "cudnn")]
+    if x.device().is_cuda() && x.dtype() == w.dtype() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && crate::conv_cudnn::enabled() {
+        return Backend::Cudnn;
+    }
+    Backend::Candle
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -273,6 +300,11 @@ impl ConvOp {
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.ho(), g.wo()))))
     }
 
+    #[cfg(feature = "cudnn")]
+    fn dims(&self, b: usize, c: usize, h: usize, w: usize, o: usize, k: usize) -> crate::conv_cudnn::Dims {
+        crate::conv_cudnn::Dims { b, c, h, w, o, k, stride: self.stride, padding: self.padding }
+    }
+
     fn geometry(&self, x: &Layout, w: &Layout) -> Result<Geometry> {
         let (b, c, h, wd) = x.shape().dims4()?;
         let (o, c2, k, k2) = w.shape().dims4()?;
@@ -293,6 +325,13 @@ impl candle_core::CustomOp2 for ConvOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         self.forward(s1, l1, s2, l2, None)
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(&self, s1: &candle_core::cuda_backend::CudaStorage, l1: &Layout, s2: &candle_core::cuda_backend::CudaStorage, l2: &Layout) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let g = self.geometry(l1, l2)?;
+        let out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::Forward, self.dims(g.b, g.c, g.h, g.w, g.o, g.k), s1, l1, s2, l2)?;
+        Ok((out, Shape::from((g.b, g.o, g.ho(), g.wo()))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -363,6 +402,14 @@ impl candle_core::CustomOp2 for ConvInputGrad {
         "conv2d-input-grad"
     }
 
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(&self, s1: &candle_core::cuda_backend::CudaStorage, l1: &Layout, s2: &candle_core::cuda_backend::CudaStorage, l2: &Layout) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let (b, o, _, _) = l1.shape().dims4()?;
+        let (_, _, k, _) = l2.shape().dims4()?;
+        let out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::InputGrad, self.op.dims(b, self.c, self.h, self.w, o, k), s1, l1, s2, l2)?;
+        Ok((out, Shape::from((b, self.c, self.h, self.w))))
+    }
+
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, o, _, _) = l1.shape().dims4()?;
         let (_, _, k, _) = l2.shape().dims4()?;
@@ -403,6 +450,14 @@ struct ConvWeightGrad {
 impl candle_core::CustomOp2 for ConvWeightGrad {
     fn name(&self) -> &'static str {
         "conv2d-weight-grad"
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(&self, s1: &candle_core::cuda_backend::CudaStorage, l1: &Layout, s2: &candle_core::cuda_backend::CudaStorage, l2: &Layout) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let (b, c, h, wd) = l1.shape().dims4()?;
+        let (_, o, _, _) = l2.shape().dims4()?;
+        let out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::WeightGrad, self.op.dims(b, c, h, wd, o, self.k), s1, l1, s2, l2)?;
+        Ok((out, Shape::from((o, c, self.k, self.k))))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {

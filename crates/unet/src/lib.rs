@@ -9,9 +9,13 @@
 pub mod bmm;
 pub mod config;
 pub mod conv;
+#[cfg(feature = "cudnn")]
+pub mod conv_cudnn;
 pub mod lightning;
 pub mod model;
 pub mod norm;
+#[cfg(feature = "cuda")]
+mod norm_cuda;
 pub mod softmax;
 pub mod upsample;
 pub mod weights;

@@ -3,7 +3,8 @@
 //! candle's GroupNorm is about ten tensor ops, each keeping a full-size intermediate alive for
 //! the backward pass, and Hardswish adds four more. On CPU this op does one pass forward and
 //! one backward, and keeps only its input: the statistics are recomputed in the backward pass.
-//! Other devices use the composite ops (same maths).
+//! On CUDA (f32 and bf16) the same op runs the kernels of `norm_cuda`. Other devices and
+//! dtypes use the composite ops (same maths).
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -40,7 +41,7 @@ impl GroupNorm {
 
     /// `hardswish(group_norm(x)) * mask`: dropout with a mask drawn by the caller.
     pub fn forward_hardswish_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 && mask.dims() == x.dims() {
+        if self.fused(x) && mask.dims() == x.dims() {
             let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: Some(mask.to_dtype(DType::F32)?.contiguous()?) };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
@@ -48,8 +49,26 @@ impl GroupNorm {
         }
     }
 
+    /// Whether `x` goes through the fused op (CPU f32, or CUDA f32/bf16 with matching weights).
+    fn fused(&self, x: &Tensor) -> bool {
+        if x.rank() < 3 {
+            return false;
+        }
+        if x.device().is_cpu() {
+            return x.dtype() == DType::F32;
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return matches!(x.dtype(), DType::F32 | DType::BF16)
+                && self.weight.dtype() == x.dtype()
+                && self.bias.dtype() == x.dtype()
+                && crate::norm_cuda::enabled();
+        }
+        false
+    }
+
     fn apply(&self, x: &Tensor, act: bool) -> Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 {
+        if self.fused(x) {
             let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act, mask: None };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
@@ -201,9 +220,34 @@ impl candle_core::CustomOp3 for GroupNormOp {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = self.dims(l1);
+        let dims = crate::norm_cuda::Dims { n: d.n, c: d.c, hw: d.hw, groups: self.groups };
+        let out = crate::norm_cuda::forward(dims, self.eps, self.act, self.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let op = GroupNormBackward(self.clone());
+        if x.device().is_cuda() {
+            // The kernel returns f32 [dx | dw per image | db per image]; the images are summed here.
+            let packed = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[w, b], 0)?, &op)?;
+            let (n, c, len) = (x.dim(0)?, w.elem_count(), x.elem_count());
+            let dx = packed.narrow(0, 0, len)?.reshape(x.shape())?.to_dtype(x.dtype())?;
+            let dw = packed.narrow(0, len, n * c)?.reshape((n, c))?.sum(0)?.to_dtype(w.dtype())?;
+            let db = packed.narrow(0, len + n * c, n * c)?.reshape((n, c))?.sum(0)?.to_dtype(b.dtype())?;
+            return Ok((Some(dx), Some(dw), Some(db)));
+        }
         // One op computes all three gradients; it returns them packed as [dx | dw | db].
         let packed = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[w, b], 0)?, &op)?;
         let n = x.elem_count();
@@ -220,6 +264,24 @@ struct GroupNormBackward(GroupNormOp);
 impl candle_core::CustomOp3 for GroupNormBackward {
     fn name(&self) -> &'static str {
         "group-norm-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let op = &self.0;
+        let d = op.dims(l1);
+        let dims = crate::norm_cuda::Dims { n: d.n, c: d.c, hw: d.hw, groups: op.groups };
+        let out = crate::norm_cuda::backward(dims, op.eps, op.act, op.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
+        let len = d.n * d.c * d.hw + 2 * d.n * d.c;
+        Ok((out, Shape::from(len)))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {

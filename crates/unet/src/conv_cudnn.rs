@@ -1,0 +1,215 @@
+//! The three passes of a convolution on CUDA through cuDNN (forward, backward-data,
+//! backward-filter), for f32, bf16 and f16.
+//!
+//! candle 0.11 uses cuDNN only for the forward pass; its backward goes through a hand-written
+//! `conv_transpose2d` kernel for the input gradient and a convolution with the whole output map
+//! as kernel for the weight gradient, far from what cuDNN's backward kernels (which PyTorch
+//! uses) do on the same card. `crate::conv` calls these from its custom ops' `cuda_fwd`.
+//!
+//! Algorithms come from cuDNN's heuristics (`cudnnGet*Algorithm_v7`, as PyTorch does with
+//! `benchmark=False`), cached per shape. f32 convolutions may use TF32 tensor cores, as
+//! PyTorch's cuDNN convolutions do by default; `set_tf32(false)` asks for exact f32 (the
+//! self-test does, to compare with the CPU at 1e-3).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::cudnn::safe::{ConvBackwardData, ConvBackwardFilter, ConvForward, Cudnn};
+use candle_core::cuda_backend::cudarc::cudnn::{sys, CudnnDataType};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::backend::BackendStorage;
+use candle_core::{DType, Layout, Result, WithDType};
+use half::{bf16, f16};
+
+static TF32: AtomicBool = AtomicBool::new(true);
+
+/// Whether f32 convolutions may use TF32 tensor cores (default: yes, like PyTorch's cuDNN).
+pub fn set_tf32(on: bool) {
+    TF32.store(on, Ordering::Relaxed);
+}
+
+pub fn tf32() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
+
+/// The custom ops are used on CUDA unless `UNET_CUDA_CONV=candle` (candle's own conv2d and its
+/// backward: for A/B runs, and a way out should a cuDNN algorithm misbehave on some card).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_CUDA_CONV").map_or(true, |v| v != "candle"))
+}
+
+/// Shape of one convolution, NCHW, square kernel, stride and padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Dims {
+    fn ho(&self) -> usize {
+        (self.h + 2 * self.padding - self.k) / self.stride + 1
+    }
+    fn wo(&self) -> usize {
+        (self.w + 2 * self.padding - self.k) / self.stride + 1
+    }
+    fn x_len(&self) -> usize {
+        self.b * self.c * self.h * self.w
+    }
+    fn y_len(&self) -> usize {
+        self.b * self.o * self.ho() * self.wo()
+    }
+    fn w_len(&self) -> usize {
+        self.o * self.c * self.k * self.k
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Pass {
+    /// (x, w) -> y
+    Forward,
+    /// (dy, w) -> dx
+    InputGrad,
+    /// (x, dy) -> dw
+    WeightGrad,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Algo {
+    Forward(sys::cudnnConvolutionFwdAlgo_t),
+    InputGrad(sys::cudnnConvolutionBwdDataAlgo_t),
+    WeightGrad(sys::cudnnConvolutionBwdFilterAlgo_t),
+}
+
+/// Pass, element type, exact f32 or not, shape.
+type AlgoKey = (Pass, DType, bool, Dims);
+
+thread_local! {
+    // cuDNN handles are neither Send nor Sync: one per thread and device, as candle does.
+    static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+    // Heuristic queries cost little but run per call and per layer: keep their answer per shape.
+    static ALGOS: RefCell<HashMap<AlgoKey, Algo>> = RefCell::new(HashMap::new());
+}
+
+fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
+    HANDLES.with(|h| {
+        if let Some(c) = h.borrow().get(&dev.id()) {
+            return Ok(c.clone());
+        }
+        let c = Cudnn::new(dev.cuda_stream()).map_err(candle_core::Error::wrap)?;
+        h.borrow_mut().insert(dev.id(), c.clone());
+        Ok(c)
+    })
+}
+
+fn contiguous<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    if !l.is_contiguous() {
+        candle_core::bail!("cuDNN conv2d expects contiguous inputs");
+    }
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// Runs one pass: `a`, `b` are (x, w), (dy, w) or (x, dy) as `pass` says.
+pub(crate) fn run(pass: Pass, d: Dims, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
+    let dev = a.device.clone();
+    match (&a.slice, &b.slice) {
+        (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run_typed::<f32, f32>(pass, d, a, la, b, lb, &dev),
+        // cuDNN has only the "pseudo" half configurations: half storage, f32 compute.
+        (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run_typed::<bf16, f32>(pass, d, a, la, b, lb, &dev),
+        (CudaStorageSlice::F16(_), CudaStorageSlice::F16(_)) => run_typed::<f16, f32>(pass, d, a, la, b, lb, &dev),
+        _ => candle_core::bail!("cuDNN conv2d: dtypes {:?} and {:?} not supported together", a.dtype(), b.dtype()),
+    }
+}
+
+fn run_typed<T, C>(pass: Pass, d: Dims, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout, dev: &CudaDevice) -> Result<CudaStorage>
+where
+    T: CudaDType + DeviceRepr + ValidAsZeroBits + CudnnDataType + WithDType,
+    C: CudnnDataType,
+{
+    use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
+    let w = |e| candle_core::Error::wrap(e);
+    let cudnn = handle(dev)?;
+    let (p, s) = (d.padding as i32, d.stride as i32);
+    let mut conv = cudnn.create_conv2d::<C>([p, p], [s, s], [1, 1], sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION).map_err(w)?;
+    let strict = T::DTYPE == DType::F32 && !tf32();
+    // FMA math forbids tensor cores (and so TF32); the default lets cuDNN use them for f32 on
+    // Ampere and later, and always for the half types (PyTorch's choices, `Descriptors.h`).
+    let math = match (T::DTYPE, strict) {
+        (DType::F32, true) => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        (DType::F32, false) => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+    };
+    conv.set_math_type(math).map_err(w)?;
+    let x_desc = cudnn.create_4d_tensor::<T>(NCHW, [d.b as i32, d.c as i32, d.h as i32, d.w as i32]).map_err(w)?;
+    let y_desc = cudnn.create_4d_tensor::<T>(NCHW, [d.b as i32, d.o as i32, d.ho() as i32, d.wo() as i32]).map_err(w)?;
+    let w_desc = cudnn.create_4d_filter::<T>(NCHW, [d.o as i32, d.c as i32, d.k as i32, d.k as i32]).map_err(w)?;
+    let key = (pass, T::DTYPE, strict, d);
+    let cached = ALGOS.with(|m| m.borrow().get(&key).copied());
+    let av = contiguous::<T>(a, la)?;
+    let bv = contiguous::<T>(b, lb)?;
+    let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
+    // SAFETY (each `alloc`): cuDNN writes every element of the output (beta = 0).
+    // SAFETY (each `launch`): the descriptors above describe these buffers (NCHW, contiguous,
+    // element type T), and the output is the one the pass writes.
+    let out: CudaSlice<T> = match pass {
+        Pass::Forward => {
+            let op = ConvForward { conv: &conv, x: &x_desc, w: &w_desc, y: &y_desc };
+            let algo = match cached {
+                Some(Algo::Forward(a)) => a,
+                _ => remember(key, Algo::Forward, op.pick_algorithm().map_err(w)?),
+            };
+            let mut ws = workspace(dev, op.get_workspace_size(algo).map_err(w)?)?;
+            let mut out = unsafe { dev.alloc::<T>(d.y_len())? };
+            unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &bv, &mut out).map_err(w)? };
+            out
+        }
+        Pass::InputGrad => {
+            let op = ConvBackwardData { conv: &conv, dx: &x_desc, w: &w_desc, dy: &y_desc };
+            let algo = match cached {
+                Some(Algo::InputGrad(a)) => a,
+                _ => remember(key, Algo::InputGrad, op.pick_algorithm().map_err(w)?),
+            };
+            let mut ws = workspace(dev, op.get_workspace_size(algo).map_err(w)?)?;
+            let mut out = unsafe { dev.alloc::<T>(d.x_len())? };
+            // `a` is dy, `b` the kernel.
+            unsafe { op.launch(algo, ws.as_mut(), (one, zero), &mut out, &bv, &av).map_err(w)? };
+            out
+        }
+        Pass::WeightGrad => {
+            let op = ConvBackwardFilter { conv: &conv, x: &x_desc, dw: &w_desc, dy: &y_desc };
+            let algo = match cached {
+                Some(Algo::WeightGrad(a)) => a,
+                _ => remember(key, Algo::WeightGrad, op.pick_algorithm().map_err(w)?),
+            };
+            let mut ws = workspace(dev, op.get_workspace_size(algo).map_err(w)?)?;
+            let mut out = unsafe { dev.alloc::<T>(d.w_len())? };
+            // `a` is x, `b` is dy.
+            unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &mut out, &bv).map_err(w)? };
+            out
+        }
+    };
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+fn remember<A: Copy>(key: AlgoKey, wrap: fn(A) -> Algo, a: A) -> A {
+    ALGOS.with(|m| m.borrow_mut().insert(key, wrap(a)));
+    a
+}
+
+/// cuDNN's scratch space; its contents are never read before being written.
+fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
+    if bytes == 0 {
+        return Ok(None);
+    }
+    // SAFETY: scratch only, as above.
+    Ok(Some(unsafe { dev.alloc::<u8>(bytes)? }))
+}

@@ -1,0 +1,136 @@
+// GroupNorm, optionally followed by Hardswish and a dropout mask, forward and backward, for f32
+// and bf16 NCHW tensors. Compiled at run time by NVRTC (`norm_cuda.rs`), so no headers: bf16 is
+// handled as its bits. One block per (image, group); a group is one contiguous run of
+// channels_per_group * H * W values. The maths follow the CPU op in `norm.rs`: statistics in
+// two passes (mean, then the mean of squared deviations), recomputed in the backward pass.
+
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, long i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+        p[i] = (bf16_t)((u >> 16) | 0x40u);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    p[i] = (bf16_t)(u >> 16);
+}
+
+// Sum over the block, returned to every thread. `sh` holds 32 floats.
+__device__ float block_sum(float v, float* sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __syncthreads();  // the previous call's readers of sh[0] are done
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < warps ? sh[lane] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) sh[0] = v;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+__device__ __forceinline__ float hardswish(float y) { return y * fminf(fmaxf(y + 3.f, 0.f), 6.f) / 6.f; }
+// PyTorch's hardswish_backward: 0 below -3, y/3 + 1/2 up to 3, 1 above.
+__device__ __forceinline__ float hardswish_grad(float y) { return y < -3.f ? 0.f : (y <= 3.f ? y / 3.f + 0.5f : 1.f); }
+
+// Group statistics: mean and 1/sqrt(var + eps).
+template <typename T>
+__device__ void stats(const T* x, long base, long len, float eps, float* sh, float* mean, float* rstd) {
+    float s = 0.f;
+    for (long i = threadIdx.x; i < len; i += blockDim.x) s += ld(x, base + i);
+    const float m = block_sum(s, sh) / (float)len;
+    float v = 0.f;
+    for (long i = threadIdx.x; i < len; i += blockDim.x) {
+        const float d = ld(x, base + i) - m;
+        v += d * d;
+    }
+    const float var = block_sum(v, sh) / (float)len;
+    *mean = m;
+    *rstd = 1.f / sqrtf(var + eps);
+}
+
+template <typename T>
+__device__ void gn_fwd(const T* x, const T* w, const T* b, const float* mask, T* y, int C, int HW, int G, float eps, int act) {
+    __shared__ float sh[32];
+    const int n = blockIdx.x / G, g = blockIdx.x % G, cpg = C / G;
+    const long len = (long)cpg * HW, base = ((long)n * C + (long)g * cpg) * HW;
+    float mean, rstd;
+    stats(x, base, len, eps, sh, &mean, &rstd);
+    for (long i = threadIdx.x; i < len; i += blockDim.x) {
+        const int c = g * cpg + (int)(i / HW);
+        const float wc = ld(w, c);
+        float z = ld(x, base + i) * (wc * rstd) + (ld(b, c) - mean * rstd * wc);
+        if (act) z = hardswish(z);
+        if (mask) z *= mask[base + i];
+        st(y, base + i, z);
+    }
+}
+
+// dx (f32, packed first in `out`), and per (image, channel) partial sums of dL/dz * xhat and
+// dL/dz (z: the normalised, affine output before the activation) at out + N*C*HW and
+// out + N*C*HW + N*C, summed over images by the caller.
+template <typename T>
+__device__ void gn_bwd(const T* x, const T* w, const T* b, const float* mask, const T* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
+    __shared__ float sh[32];
+    const int n = blockIdx.x / G, g = blockIdx.x % G, cpg = C / G;
+    const long len = (long)cpg * HW, base = ((long)n * C + (long)g * cpg) * HW;
+    float* dx = out;
+    float* dw_part = out + (long)N * C * HW;
+    float* db_part = dw_part + (long)N * C;
+    float mean, rstd;
+    stats(x, base, len, eps, sh, &mean, &rstd);
+    float sum_g = 0.f, sum_gx = 0.f;  // group sums of dL/dxhat and dL/dxhat * xhat
+    for (int ci = 0; ci < cpg; ++ci) {
+        const int c = g * cpg + ci;
+        const float wc = ld(w, c), bc = ld(b, c);
+        const long cb = base + (long)ci * HW;
+        float sg = 0.f, sgx = 0.f;
+        for (long i = threadIdx.x; i < HW; i += blockDim.x) {
+            const float xh = (ld(x, cb + i) - mean) * rstd;
+            float gz = ld(dy, cb + i);
+            if (mask) gz *= mask[cb + i];
+            if (act) gz *= hardswish_grad(xh * wc + bc);
+            sg += gz;
+            sgx += gz * xh;
+        }
+        sg = block_sum(sg, sh);
+        sgx = block_sum(sgx, sh);
+        if (threadIdx.x == 0) {
+            dw_part[(long)n * C + c] = sgx;
+            db_part[(long)n * C + c] = sg;
+        }
+        sum_g += wc * sg;
+        sum_gx += wc * sgx;
+    }
+    const float mg = sum_g / (float)len, mgx = sum_gx / (float)len;
+    for (long i = threadIdx.x; i < len; i += blockDim.x) {
+        const int c = g * cpg + (int)(i / HW);
+        const float wc = ld(w, c), bc = ld(b, c);
+        const float xh = (ld(x, base + i) - mean) * rstd;
+        float gz = ld(dy, base + i);
+        if (mask) gz *= mask[base + i];
+        if (act) gz *= hardswish_grad(xh * wc + bc);
+        dx[base + i] = rstd * (gz * wc - mg - xh * mgx);
+    }
+}
+
+extern "C" __global__ void gn_fwd_f32(const float* x, const float* w, const float* b, const float* mask, float* y, int C, int HW, int G, float eps, int act) {
+    gn_fwd<float>(x, w, b, mask, y, C, HW, G, eps, act);
+}
+extern "C" __global__ void gn_fwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const float* mask, bf16_t* y, int C, int HW, int G, float eps, int act) {
+    gn_fwd<bf16_t>(x, w, b, mask, y, C, HW, G, eps, act);
+}
+extern "C" __global__ void gn_bwd_f32(const float* x, const float* w, const float* b, const float* mask, const float* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
+    gn_bwd<float>(x, w, b, mask, dy, out, N, C, HW, G, eps, act);
+}
+extern "C" __global__ void gn_bwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const float* mask, const bf16_t* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
+    gn_bwd<bf16_t>(x, w, b, mask, dy, out, N, C, HW, G, eps, act);
+}

@@ -1,0 +1,145 @@
+//! The CUDA side of `norm`'s fused GroupNorm (+ Hardswish, + dropout mask): one kernel forward
+//! and one backward (`norm_cuda.cu`, compiled once per process by NVRTC), in f32 and bf16.
+//!
+//! candle's composite GroupNorm is about ten kernels forward, each keeping a full-size
+//! intermediate for the backward pass, and Hardswish and the mask add five more; on a GPU
+//! these passes are memory-bound, so their count is the cost. Here the forward pass reads the
+//! input twice for the statistics and writes the output once, and keeps only the input.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{Layout, Result, Storage, Tensor};
+use half::bf16;
+
+const SRC: &str = include_str!("norm_cuda.cu");
+const MODULE: &str = "unet_group_norm";
+const THREADS: u32 = 256;
+
+/// The fused kernels are used on CUDA unless `UNET_CUDA_NORM=candle` (the composite ops: for
+/// A/B runs, and a way out should the kernels misbehave on some card).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_CUDA_NORM").map_or(true, |v| v != "candle"))
+}
+
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SRC).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
+    })
+    .as_deref()
+    .map_err(|e| candle_core::Error::Msg(format!("compiling the GroupNorm CUDA kernels: {e}")))
+}
+
+/// Shape of a GroupNorm call: [n, c, ...spatial].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
+    pub groups: usize,
+}
+
+fn view<'a, T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    len: usize,
+) -> Result<CudaView<'a, T>> {
+    if !l.is_contiguous() {
+        candle_core::bail!("group norm (CUDA) expects contiguous inputs");
+    }
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + len))
+}
+
+fn launch_config(d: &Dims) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((d.n * d.groups) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Runs `f` with the mask's device buffer (f32, contiguous, x's shape), if any.
+fn with_mask<R>(mask: Option<&Tensor>, len: usize, f: impl FnOnce(Option<CudaView<'_, f32>>) -> Result<R>) -> Result<R> {
+    match mask {
+        None => f(None),
+        Some(m) => {
+            let (storage, layout) = m.storage_and_layout();
+            match &*storage {
+                Storage::Cuda(s) => f(Some(view::<f32>(s, layout, len)?)),
+                _ => candle_core::bail!("group norm: the dropout mask must be on the input's CUDA device"),
+            }
+        }
+    }
+}
+
+/// y = act(group_norm(x) * w + b) * mask, in x's dtype (w and b share it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    let len = d.n * d.c * d.hw;
+    let (c, hw, g, act) = (d.c as i32, d.hw as i32, d.groups as i32, act as i32);
+    let null = 0usize;
+    with_mask(mask, len, |mask| {
+        macro_rules! run {
+            ($t:ty, $name:literal) => {{
+                let (xv, wv, bv) = (view::<$t>(x, lx, len)?, view::<$t>(w, lw, d.c)?, view::<$t>(b, lb, d.c)?);
+                // SAFETY: the kernel writes every element (one block per group, each group whole).
+                let mut out = unsafe { dev.alloc::<$t>(len)? };
+                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+                let mut args = func.builder();
+                args.arg(&xv).arg(&wv).arg(&bv);
+                match &mask {
+                    Some(m) => args.arg(m),
+                    None => args.arg(&null),
+                };
+                args.arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                // SAFETY: argument types and order match `gn_fwd_*` in norm_cuda.cu; the buffers
+                // hold the lengths the kernel indexes (n*c*hw, c, c).
+                unsafe { args.launch(launch_config(&d)) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match (&x.slice, &w.slice, &b.slice) {
+            (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run!(f32, "gn_fwd_f32"),
+            (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run!(bf16, "gn_fwd_bf16"),
+            _ => candle_core::bail!("group norm (CUDA): dtypes {:?}/{:?}/{:?} not supported", x.dtype(), w.dtype(), b.dtype()),
+        })
+    })
+}
+
+/// f32 [dx (n*c*hw) | dw partial sums (n*c) | db partial sums (n*c)] from x, dy and [w | b].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    let len = d.n * d.c * d.hw;
+    let out_len = len + 2 * d.n * d.c;
+    let (n, c, hw, g, act) = (d.n as i32, d.c as i32, d.hw as i32, d.groups as i32, act as i32);
+    let null = 0usize;
+    with_mask(mask, len, |mask| {
+        macro_rules! run {
+            ($t:ty, $name:literal) => {{
+                let (xv, dyv, wbv) = (view::<$t>(x, lx, len)?, view::<$t>(dy, ldy, len)?, view::<$t>(wb, lwb, 2 * d.c)?);
+                let (wv, bv) = (wbv.slice(..d.c), wbv.slice(d.c..));
+                // SAFETY: every dx element and every (image, channel) partial sum is written.
+                let mut out = unsafe { dev.alloc::<f32>(out_len)? };
+                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+                let mut args = func.builder();
+                args.arg(&xv).arg(&wv).arg(&bv);
+                match &mask {
+                    Some(m) => args.arg(m),
+                    None => args.arg(&null),
+                };
+                args.arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                // SAFETY: argument types and order match `gn_bwd_*` in norm_cuda.cu; `out` holds
+                // n*c*hw + 2*n*c floats.
+                unsafe { args.launch(launch_config(&d)) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match (&x.slice, &dy.slice, &wb.slice) {
+            (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run!(f32, "gn_bwd_f32"),
+            (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run!(bf16, "gn_bwd_bf16"),
+            _ => candle_core::bail!("group norm backward (CUDA): dtypes {:?}/{:?}/{:?} not supported", x.dtype(), dy.dtype(), wb.dtype()),
+        })
+    })
+}

@@ -1,0 +1,161 @@
+//! The CUDA GroupNorm kernels (`src/norm_cuda.cu`) run on the CPU under a small emulator
+//! (`tests/cuda_emu`: a thread per CUDA thread, real barriers and warp shuffles), against the
+//! CPU op, forward and backward, in f32 and bf16. Their indexing, block reductions and bf16
+//! rounding are checked here, where there is no GPU; the GPU itself is checked by
+//! `cargo xtask self-test --device cuda`.
+//!
+//! Needs a C++20 compiler (`$CXX`, else `g++`): without one the test says so and skips.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use unet::norm::GroupNorm;
+
+fn compile(dir: &Path) -> Option<PathBuf> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = dir.join("gn_main");
+    let status = Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-pthread", "-include"])
+        .arg(root.join("tests/cuda_emu/shim.h"))
+        .arg("-I")
+        .arg(root.join("src"))
+        .arg(root.join("tests/cuda_emu/gn_main.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .status();
+    match status {
+        Ok(s) if s.success() => Some(exe),
+        Ok(s) => panic!("{cxx} failed to build the kernel emulator ({s}): the kernel source or the shim does not compile"),
+        Err(e) => {
+            eprintln!("SKIPPED: no C++ compiler '{cxx}' to emulate the CUDA kernels ({e})");
+            None
+        }
+    }
+}
+
+fn values(n: usize, seed: u64, scale: f32, offset: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale + offset
+        })
+        .collect()
+}
+
+fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|x| (x.to_bits() >> 16) as u16).collect()
+}
+
+fn from_bf16_bits(v: &[u16]) -> Vec<f32> {
+    v.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect()
+}
+
+fn write_f32(path: PathBuf, v: &[f32]) {
+    std::fs::write(path, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+}
+
+fn write_u16(path: PathBuf, v: &[u16]) {
+    std::fs::write(path, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+}
+
+fn read_f32(path: PathBuf) -> Vec<f32> {
+    std::fs::read(path).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn read_u16(path: PathBuf) -> Vec<u16> {
+    std::fs::read(path).unwrap().chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// Largest difference over the largest reference value.
+fn rel(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale
+}
+
+#[allow(clippy::too_many_arguments)]
+fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, act: bool, masked: bool, bf16: bool) {
+    let len = n * c * hw;
+    let seed = (n * 1000 + c * 10 + hw) as u64;
+    let (mut x, mut w, mut b, mut dy) = (values(len, seed, 2.0, 0.5), values(c, seed + 1, 0.5, 1.0), values(c, seed + 2, 0.5, 0.0), values(len, seed + 3, 1.0, 0.0));
+    let mask: Vec<f32> = values(len, seed + 4, 1.0, 0.0).iter().map(|&u| if u > -0.8 { 1.0 / 0.9 } else { 0.0 }).collect();
+    if bf16 {
+        // The reference sees exactly the values the kernels read.
+        for v in [&mut x, &mut w, &mut b, &mut dy] {
+            *v = from_bf16_bits(&to_bf16_bits(v));
+        }
+        write_u16(dir.join("x.bin"), &to_bf16_bits(&x));
+        write_u16(dir.join("w.bin"), &to_bf16_bits(&w));
+        write_u16(dir.join("b.bin"), &to_bf16_bits(&b));
+        write_u16(dir.join("dy.bin"), &to_bf16_bits(&dy));
+    } else {
+        write_f32(dir.join("x.bin"), &x);
+        write_f32(dir.join("w.bin"), &w);
+        write_f32(dir.join("b.bin"), &b);
+        write_f32(dir.join("dy.bin"), &dy);
+    }
+    write_f32(dir.join("mask.bin"), &mask);
+    let args = [n, c, hw, groups, act as usize, masked as usize, bf16 as usize].map(|v| v.to_string());
+    let out = Command::new(exe).args(&args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
+    let y = if bf16 { from_bf16_bits(&read_u16(dir.join("y.bin"))) } else { read_f32(dir.join("y.bin")) };
+    let packed = read_f32(dir.join("out.bin"));
+    let dx = &packed[..len];
+    let sum_images = |part: &[f32]| (0..c).map(|ch| (0..n).map(|i| part[i * c + ch]).sum::<f32>()).collect::<Vec<f32>>();
+    let dw = sum_images(&packed[len..len + n * c]);
+    let db = sum_images(&packed[len + n * c..]);
+
+    let dev = Device::Cpu;
+    let xv = Var::from_tensor(&Tensor::from_vec(x, (n, c, hw), &dev).unwrap()).unwrap();
+    let wv = Var::from_tensor(&Tensor::from_vec(w, c, &dev).unwrap()).unwrap();
+    let bv = Var::from_tensor(&Tensor::from_vec(b, c, &dev).unwrap()).unwrap();
+    let vb = VarBuilder::from_tensors([("weight".to_string(), wv.as_tensor().clone()), ("bias".to_string(), bv.as_tensor().clone())].into(), DType::F32, &dev);
+    let gn = GroupNorm::new(vb, groups, c, 1e-5).unwrap();
+    let mask_t = Tensor::from_vec(mask, (n, c, hw), &dev).unwrap();
+    let want = match (act, masked) {
+        (false, false) => gn.forward(xv.as_tensor()).unwrap(),
+        (true, false) => gn.forward_hardswish(xv.as_tensor()).unwrap(),
+        (true, true) => gn.forward_hardswish_masked(xv.as_tensor(), &mask_t).unwrap(),
+        (false, true) => unreachable!("the network never masks a bare GroupNorm"),
+    };
+    let dy_t = Tensor::from_vec(dy, (n, c, hw), &dev).unwrap();
+    let grads = want.mul(&dy_t).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (y_tol, g_tol) = if bf16 { (8e-3, 1e-4) } else { (1e-5, 1e-5) };
+    let label = format!("n={n} c={c} hw={hw} groups={groups} act={act} mask={masked} bf16={bf16}");
+    if bf16 {
+        // Rounded to nearest: within half a bf16 step (2^-8 of the value: 7 stored mantissa bits) of the f32 result, with a
+        // little room for the f32 result's own rounding.
+        let scale = flat(&want).iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in y.iter().zip(flat(&want)).enumerate() {
+            assert!((g - w).abs() <= w.abs() * 2f32.powi(-8) * 1.01 + 1e-6 * scale, "{label}: y[{i}] = {g} is not {w} rounded to bf16");
+        }
+    }
+    for (name, got, want, tol) in [
+        ("y", &y[..], flat(&want), y_tol),
+        ("dx", dx, flat(grads.get(xv.as_tensor()).unwrap()), g_tol),
+        ("dw", &dw[..], flat(grads.get(wv.as_tensor()).unwrap()), g_tol),
+        ("db", &db[..], flat(grads.get(bv.as_tensor()).unwrap()), g_tol),
+    ] {
+        let d = rel(got, &want);
+        assert!(d <= tol, "{label}: {name} differs by {d:e} (relative to its largest value), tolerance {tol:e}");
+    }
+}
+
+#[test]
+fn group_norm_kernels_match_the_cpu_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(exe) = compile(dir.path()) else { return };
+    // Group lengths below, at and above the block's 256 threads; odd sizes; every variant.
+    case(&exe, dir.path(), 2, 8, 100, 4, true, true, false);
+    case(&exe, dir.path(), 3, 8, 1000, 4, false, false, false);
+    case(&exe, dir.path(), 2, 4, 64, 2, true, false, false);
+    case(&exe, dir.path(), 2, 8, 300, 4, true, true, true);
+    case(&exe, dir.path(), 1, 6, 17, 3, true, false, true);
+}
