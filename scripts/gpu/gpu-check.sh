@@ -35,6 +35,15 @@ fi
 LOG=$OUT/gpu-check.log
 exec > >(tee -a "$LOG") 2>&1
 step() { echo; echo "=== $(date +%T) $*"; }
+# At most 8 files come back from $OUT: on exit, everything but the log and the images goes into
+# one results.tgz.
+pack() {
+  ( cd "$OUT" && find . -type f ! -name '*.png' ! -name gpu-check.log ! -name results.tgz ! -name .packed | sort > .packed &&
+    tar czf results.tgz -T .packed && xargs rm -f < .packed && rm -f .packed &&
+    find . -mindepth 1 -type d -empty -delete )
+  echo "files in $OUT:"; ls -la "$OUT"
+}
+trap pack EXIT
 
 step "environment"
 if [ "$DEVICE" != cpu ]; then
@@ -103,5 +112,7 @@ timeout $(awk "BEGIN{print int($TRAIN_MINUTES * 60 + 90)}") "$BIN" train --confi
 cp "$RUN/metrics.jsonl" "$RUN/loss.png" "$OUT/" 2>/dev/null
 timeout 180 "$BIN" sample --checkpoint "$RUN" --device "$DEVICE" --grid "$GRID" --sampler ddim --steps 50 --variance beta-tilde \
   --out "$OUT/gen" || echo "sample failed"
-ls -la "$OUT" "$OUT/gen" 2>/dev/null
+# Plain names only come back ('=' in the sampler's file name would not).
+for f in "$OUT"/gen/*.png; do [ -f "$f" ] && mv "$f" "$OUT/sample-grid-ddim50.png"; done
+rmdir "$OUT/gen" 2>/dev/null
 step "done"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds the CUDA binary here (no GPU or toolkit needed) and lays out the folder that travels to
 # the GPU machine: .gpu/{xtask.gz, run-env.sh, bench/, mini/packed.safetensors}. Keep it < 64 MiB.
-#   bash scripts/gpu/make-kit.sh [FEATURES=cuda]
+#   bash scripts/gpu/make-kit.sh [FEATURES=cudnn]   (cudnn: our cuDNN convolution passes; cuda: candle's)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-FEATURES=${FEATURES:-cuda}
+FEATURES=${FEATURES:-cudnn}
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 CARGO_TARGET_DIR=target-cuda scripts/gpu/build-cuda.sh . -- build --release -p xtask --features "$FEATURES"
 mkdir -p .gpu/bench
