@@ -6,8 +6,8 @@
 #
 #   OUT=/tmp/out bash scripts/gpu/gpu-check.sh [KIT=.gpu]
 #
-# Env knobs (defaults for an H100/H200 and ~9 minutes in all):
-#   DEVICE=cuda  RUNS=3  WARMUP=2  TRAIN_MINUTES=2  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
+# Env knobs (defaults for an H100/H200: about 6 minutes in all, so that a 15-minute device budget holds a rerun):
+#   DEVICE=cuda  RUNS=2  WARMUP=1  TRAIN_MINUTES=1.5  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
 #   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16  AB=1 (the train128 attribution runs)
 # Each step has its own time limit, so that one hang cannot take the whole session.
 # On CPU (to test this script here): KIT=.gpu-cpu DEVICE=cpu CASES=reduced-forward PRECISIONS=f32 \
@@ -16,9 +16,9 @@ set -uo pipefail
 KIT=${KIT:-.gpu}
 OUT=${OUT:?set OUT to the folder that comes back}
 DEVICE=${DEVICE:-cuda}
-RUNS=${RUNS:-3}
-WARMUP=${WARMUP:-2}
-TRAIN_MINUTES=${TRAIN_MINUTES:-2}
+RUNS=${RUNS:-2}
+WARMUP=${WARMUP:-1}
+TRAIN_MINUTES=${TRAIN_MINUTES:-1.5}
 CASES=${CASES:-gpu}
 PRECISIONS=${PRECISIONS:-f32 bf16}
 PY=${PY:-python3}
@@ -55,7 +55,7 @@ fi
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' || echo "no torch: PyTorch side skipped"
 
 step "1. correctness: PyTorch fixtures, then each convolution pass against the CPU, through the $DEVICE path"
-# Our CUDA kernels (cuDNN convolution passes, fused GroupNorm) are checked first; should a check
+# Our CUDA kernels (cuDNN convolution passes, fused GroupNorm, in-place Adam) are checked first; should a check
 # fail, the run goes on with candle's own ops for the failing part, and says so, so that the
 # figures below still come back.
 selftest() { timeout 300 "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures; }
@@ -63,7 +63,8 @@ if selftest > "$OUT/self-test.txt" 2>&1; then
   cat "$OUT/self-test.txt"
 else
   cat "$OUT/self-test.txt"
-  for fallback in "UNET_CUDA_NORM=candle" "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle UNET_CUDA_CONV=candle"; do
+  for fallback in "UNET_CUDA_NORM=candle" "UNET_CUDA_CONV=candle" "TRAINER_CUDA_ADAM=candle" \
+                  "UNET_CUDA_NORM=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle"; do
     echo "self-test failed: retrying with $fallback"
     if env $fallback "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-fallback.txt" 2>&1; then
       cat "$OUT/self-test-fallback.txt"
@@ -98,9 +99,9 @@ if [ "$DEVICE" != cpu ]; then
 fi
 if [ "$AB" = 1 ]; then
   AB_CASE=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128)
-  for swap in "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle"; do
+  for swap in "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle" "TRAINER_CUDA_ADAM=candle"; do
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
-    env $swap timeout 150 "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 \
+    env $swap timeout 120 "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 \
       --python none --out "$OUT/ab-$tag.json" || echo "A/B run with $swap failed or ran out of time"
   done
 fi

@@ -2,7 +2,7 @@
 //! (forward pass, time embedding, middle activations, both reverse steps, loss, gradients).
 //! Meant for a GPU machine: the same numbers the CPU test suite checks, through the device path,
 //! then each convolution pass of the device (cuDNN with the `cudnn` feature) against the CPU
-//! kernels, shape by shape, in exact f32, TF32 and bf16.
+//! kernels, shape by shape, in exact f32, TF32 and bf16, and three Adam steps against the CPU's.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -125,6 +125,11 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
         }
     }
     set_tf32(true);
+    if !dev.is_cpu() {
+        for (name, d) in adam_against_cpu(&dev)? {
+            check(&format!("adam {name}"), d, 1e-5);
+        }
+    }
     let failures = checks.failures;
     if failures > 0 {
         bail!("{failures} check(s) failed on {}", a.device);
@@ -172,6 +177,45 @@ fn conv_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)>> {
             let scale: f32 = e.abs()?.flatten_all()?.max(0)?.to_scalar()?;
             out.push((format!("{tag} {pass}"), max_diff(g, e)? / scale.max(1e-12)));
         }
+    }
+    Ok(out)
+}
+
+/// Three Adam steps on `dev` and on the CPU from the same values and gradients: parameters and
+/// moments, as the largest difference over the largest CPU value.
+fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
+    let cpu = Device::Cpu;
+    let shapes: [&[usize]; 2] = [&[1000], &[64, 3, 3, 3]];
+    let init: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(0f32, 1., *s, &cpu)).collect::<candle_core::Result<_>>()?;
+    let grads: Vec<Vec<Tensor>> = (0..3)
+        .map(|_| shapes.iter().map(|s| Tensor::randn(0f32, 1e-2, *s, &cpu)).collect::<candle_core::Result<Vec<_>>>())
+        .collect::<candle_core::Result<_>>()?;
+    let run = |d: &Device| -> Result<(Vec<Tensor>, std::collections::HashMap<String, Tensor>)> {
+        let vars = init.iter().enumerate().map(|(i, t)| Ok((format!("p{i}"), Var::from_tensor(&t.to_device(d)?)?))).collect::<Result<Vec<_>>>()?;
+        let mut opt = trainer::Adam::new(vars, trainer::AdamParams { lr: 1e-3, ..Default::default() })?;
+        for g in &grads {
+            let g = g.iter().map(|t| t.to_device(d)).collect::<candle_core::Result<Vec<_>>>()?;
+            opt.step_with(&g, 1e-3)?;
+        }
+        Ok((opt.vars().iter().map(|v| v.as_tensor().clone()).collect(), opt.state_tensors()?))
+    };
+    let (want_p, want_s) = run(&cpu)?;
+    let (got_p, got_s) = run(dev)?;
+    let rel = |g: &Tensor, w: &Tensor| -> Result<f32> {
+        let scale: f32 = w.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+        Ok(max_diff(g, w)? / scale.max(1e-30))
+    };
+    let mut out = Vec::new();
+    // The change of each parameter, not its value: the value's scale would hide an error in
+    // updates 1000 times smaller.
+    for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
+        let p0 = &init[i];
+        out.push((format!("p{i} {:?} change over 3 steps", w.dims()), rel(&g.to_device(&cpu)?.sub(p0)?, &w.sub(p0)?)?));
+    }
+    let mut keys: Vec<&String> = want_s.keys().collect();
+    keys.sort();
+    for k in keys {
+        out.push((format!("{k} after 3 steps"), rel(&got_s[k], &want_s[k])?));
     }
     Ok(out)
 }

@@ -110,9 +110,9 @@ impl Adam {
             // The same for the weight-decay term, which reads the variable.
             let grad = &grad.detach();
             let p = &self.vars[i].as_tensor().detach();
-            if p.device().is_cpu() && wd == 0.0 && p.is_contiguous() {
+            if in_place(p) && wd == 0.0 && p.is_contiguous() {
                 // In place, one pass per state tensor: the composite below allocates ~8
-                // parameter-sized temporaries per variable.
+                // parameter-sized temporaries per variable (and launches ~12 kernels on a GPU).
                 let g = grad.to_dtype(DType::F32)?.contiguous()?;
                 self.m[i].inplace_op2(&g, &MomentUpdate { beta: b1 as f32, square: false })?;
                 self.v[i].inplace_op2(&g, &MomentUpdate { beta: b2 as f32, square: true })?;
@@ -220,6 +220,15 @@ pub fn warmup_lr(lr: f64, step: u64, warmup: u64) -> f64 {
     }
 }
 
+/// Whether the in-place update ops run on `p`'s device: the CPU, and CUDA (`adam_cuda`).
+fn in_place(p: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() {
+        return crate::adam_cuda::enabled();
+    }
+    p.device().is_cpu()
+}
+
 fn contiguous_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adam: non-contiguous operand".into()))?;
@@ -256,6 +265,11 @@ impl InplaceOp2 for MomentUpdate {
         }
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, dst_l: &Layout, gs: &candle_core::CudaStorage, gl: &Layout) -> candle_core::Result<()> {
+        crate::adam_cuda::moment(dst, dst_l, gs, gl, self.beta, self.square)
+    }
 }
 
 /// `p -= step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`, in place (torch's `addcdiv_`).
@@ -278,6 +292,19 @@ impl InplaceOp3 for ParamUpdate {
             *p -= self.step_size * m / (v.sqrt() / self.bias2_sqrt + self.eps);
         }
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        ms: &candle_core::CudaStorage,
+        ml: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::adam_cuda::update(dst, dst_l, ms, ml, vs, vl, self.step_size, self.bias2_sqrt, self.eps)
     }
 }
 

@@ -10,6 +10,8 @@
 //! * [`Adam`] — Adam/AdamW as `torch.optim.Adam`, whose moments are saved in checkpoints.
 
 pub mod adam;
+#[cfg(feature = "cuda")]
+mod adam_cuda;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
