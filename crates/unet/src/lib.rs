@@ -15,7 +15,7 @@ pub mod lightning;
 pub mod model;
 pub mod norm;
 #[cfg(feature = "cuda")]
-mod norm_cuda;
+mod cuda_ops;
 pub mod softmax;
 pub mod upsample;
 pub mod weights;

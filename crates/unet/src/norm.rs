@@ -3,7 +3,7 @@
 //! candle's GroupNorm is about ten tensor ops, each keeping a full-size intermediate alive for
 //! the backward pass, and Hardswish adds four more. On CPU this op does one pass forward and
 //! one backward, and keeps only its input: the statistics are recomputed in the backward pass.
-//! On CUDA (f32 and bf16) the same op runs the kernels of `norm_cuda`. Other devices and
+//! On CUDA (f32 and bf16) the same op runs the kernels of `cuda_ops`. Other devices and
 //! dtypes use the composite ops (same maths).
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
@@ -62,7 +62,7 @@ impl GroupNorm {
             return matches!(x.dtype(), DType::F32 | DType::BF16)
                 && self.weight.dtype() == x.dtype()
                 && self.bias.dtype() == x.dtype()
-                && crate::norm_cuda::enabled();
+                && crate::cuda_ops::norm_enabled();
         }
         false
     }
@@ -231,8 +231,8 @@ impl candle_core::CustomOp3 for GroupNormOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.dims(l1);
-        let dims = crate::norm_cuda::Dims { n: d.n, c: d.c, hw: d.hw, groups: self.groups };
-        let out = crate::norm_cuda::forward(dims, self.eps, self.act, self.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
+        let dims = crate::cuda_ops::Dims { n: d.n, c: d.c, hw: d.hw, groups: self.groups };
+        let out = crate::cuda_ops::forward(dims, self.eps, self.act, self.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -278,8 +278,8 @@ impl candle_core::CustomOp3 for GroupNormBackward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let op = &self.0;
         let d = op.dims(l1);
-        let dims = crate::norm_cuda::Dims { n: d.n, c: d.c, hw: d.hw, groups: op.groups };
-        let out = crate::norm_cuda::backward(dims, op.eps, op.act, op.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
+        let dims = crate::cuda_ops::Dims { n: d.n, c: d.c, hw: d.hw, groups: op.groups };
+        let out = crate::cuda_ops::backward(dims, op.eps, op.act, op.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
         let len = d.n * d.c * d.hw + 2 * d.n * d.c;
         Ok((out, Shape::from(len)))
     }

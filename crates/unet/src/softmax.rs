@@ -3,19 +3,27 @@
 //! The attention scores go through candle_nn's differentiable composite otherwise (max, sub,
 //! exp, sum, div, each with a full-size intermediate and a backward of its own; candle 0.11's
 //! `softmax_last_dim` has no backward). Here the forward is one pass per row and the backward
-//! `dx = scale * y * (dy - sum(dy * y))` is one more, keeping only the output. Other devices and
-//! dtypes use the composite.
+//! `dx = scale * y * (dy - sum(dy * y))` is one more, keeping only the output. On CUDA (f32,
+//! bf16) the same op runs the kernels of `cuda_ops`. Other devices and dtypes use the composite.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// `softmax(scale * x)` along the last dimension.
 pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fused(x) {
         x.contiguous()?.apply_op1(ScaledSoftmax { scale: scale as f32 })
     } else {
         candle_nn::ops::softmax(&x.affine(scale, 0.0)?, D::Minus1)
     }
+}
+
+fn fused(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return matches!(x.dtype(), DType::F32 | DType::BF16) && x.rank() >= 1 && crate::cuda_ops::softmax_enabled();
+    }
+    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `e^x` for `x <= 0` within 2 ulp of `f32::exp`, in plain arithmetic that vectorises (libm's
@@ -78,6 +86,12 @@ impl candle_core::CustomOp1 for ScaledSoftmax {
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let len = *l.dims().last().unwrap_or(&1);
+        Ok((crate::cuda_ops::softmax(s, l, len, self.scale)?, l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dx = y.apply_op2_no_bwd(&grad.contiguous()?, &ScaledSoftmaxBackward { scale: self.scale })?;
         Ok(Some(dx))
@@ -91,6 +105,12 @@ struct ScaledSoftmaxBackward {
 impl candle_core::CustomOp2 for ScaledSoftmaxBackward {
     fn name(&self) -> &'static str {
         "scaled-softmax-backward"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let len = *l1.dims().last().unwrap_or(&1);
+        Ok((crate::cuda_ops::softmax_backward(s1, l1, s2, l2, len, self.scale)?, l1.shape().clone()))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {

@@ -1,8 +1,8 @@
-//! The CUDA GroupNorm kernels (`src/norm_cuda.cu`) run on the CPU under a small emulator
-//! (`tests/cuda_emu`: a thread per CUDA thread, real barriers and warp shuffles), against the
-//! CPU op, forward and backward, in f32 and bf16. Their indexing, block reductions and bf16
-//! rounding are checked here, where there is no GPU; the GPU itself is checked by
-//! `cargo xtask self-test --device cuda`.
+//! unet's CUDA kernels (`src/kernels.cu`: GroupNorm, softmax) run on the CPU under a small
+//! emulator (`tests/cuda_emu`: a thread per CUDA thread, real barriers and warp shuffles),
+//! against the CPU ops, forward and backward, in f32 and bf16. Their indexing, block
+//! reductions and bf16 rounding are checked here, where there is no GPU; the GPU itself is
+//! checked by `cargo xtask self-test --device cuda`.
 //!
 //! Needs a C++20 compiler (`$CXX`, else `g++`): without one the test says so and skips.
 
@@ -16,13 +16,13 @@ use unet::norm::GroupNorm;
 fn compile(dir: &Path) -> Option<PathBuf> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exe = dir.join("gn_main");
+    let exe = dir.join("kernels_main");
     let status = Command::new(&cxx)
         .args(["-std=c++20", "-O1", "-pthread", "-include"])
         .arg(root.join("tests/cuda_emu/shim.h"))
         .arg("-I")
         .arg(root.join("src"))
-        .arg(root.join("tests/cuda_emu/gn_main.cpp"))
+        .arg(root.join("tests/cuda_emu/main.cpp"))
         .arg("-o")
         .arg(&exe)
         .status();
@@ -72,9 +72,13 @@ fn read_u16(path: PathBuf) -> Vec<u16> {
     std::fs::read(path).unwrap().chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
-/// Largest difference over the largest reference value.
+/// Largest difference over the largest reference value (infinite for a NaN or infinity, which
+/// `f32::max` would skip).
 fn rel(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
+    if got.iter().any(|v| !v.is_finite()) {
+        return f32::INFINITY;
+    }
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale
 }
@@ -102,7 +106,7 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     }
     write_f32(dir.join("mask.bin"), &mask);
     let args = [n, c, hw, groups, act as usize, masked as usize, bf16 as usize].map(|v| v.to_string());
-    let out = Command::new(exe).args(&args).current_dir(dir).output().unwrap();
+    let out = Command::new(exe).arg("gn").args(&args).current_dir(dir).output().unwrap();
     assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
     let y = if bf16 { from_bf16_bits(&read_u16(dir.join("y.bin"))) } else { read_f32(dir.join("y.bin")) };
     let packed = read_f32(dir.join("out.bin"));
@@ -130,12 +134,7 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     let (y_tol, g_tol) = if bf16 { (8e-3, 1e-4) } else { (1e-5, 1e-5) };
     let label = format!("n={n} c={c} hw={hw} groups={groups} act={act} mask={masked} bf16={bf16}");
     if bf16 {
-        // Rounded to nearest: within half a bf16 step (2^-8 of the value: 7 stored mantissa bits) of the f32 result, with a
-        // little room for the f32 result's own rounding.
-        let scale = flat(&want).iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (i, (g, w)) in y.iter().zip(flat(&want)).enumerate() {
-            assert!((g - w).abs() <= w.abs() * 2f32.powi(-8) * 1.01 + 1e-6 * scale, "{label}: y[{i}] = {g} is not {w} rounded to bf16");
-        }
+        assert_bf16_rounded(&format!("{label} y"), &y, &flat(&want));
     }
     for (name, got, want, tol) in [
         ("y", &y[..], flat(&want), y_tol),
@@ -146,6 +145,71 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
         let d = rel(got, &want);
         assert!(d <= tol, "{label}: {name} differs by {d:e} (relative to its largest value), tolerance {tol:e}");
     }
+}
+
+/// Rounded to nearest: within half a bf16 step (2^-8 of the value: 7 stored mantissa bits) of
+/// the f32 result, with a little room for the f32 result's own rounding.
+fn assert_bf16_rounded(label: &str, got: &[f32], want: &[f32]) {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= w.abs() * 2f32.powi(-8) * 1.01 + 1e-6 * scale, "{label}: [{i}] = {g} is not {w} rounded to bf16");
+    }
+}
+
+/// `x` uniform in `offset +- 6`.
+#[allow(clippy::too_many_arguments)]
+fn softmax_case(exe: &Path, dir: &Path, rows: usize, len: usize, scale: f32, offset: f32, bf16: bool) {
+    let total = rows * len;
+    let seed = (rows * 100 + len) as u64;
+    let (mut x, mut dy) = (values(total, seed, 6.0, offset), values(total, seed + 1, 1.0, 0.0));
+    if bf16 {
+        x = from_bf16_bits(&to_bf16_bits(&x));
+        dy = from_bf16_bits(&to_bf16_bits(&dy));
+        write_u16(dir.join("x.bin"), &to_bf16_bits(&x));
+        write_u16(dir.join("dy.bin"), &to_bf16_bits(&dy));
+    } else {
+        write_f32(dir.join("x.bin"), &x);
+        write_f32(dir.join("dy.bin"), &dy);
+    }
+    let args = [rows.to_string(), len.to_string(), scale.to_string(), (bf16 as u8).to_string()];
+    let out = Command::new(exe).arg("softmax").args(&args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
+    let read = |name: &str| if bf16 { from_bf16_bits(&read_u16(dir.join(name))) } else { read_f32(dir.join(name)) };
+    let (y, dx) = (read("y.bin"), read("dx.bin"));
+
+    let dev = Device::Cpu;
+    let xv = Var::from_tensor(&Tensor::from_vec(x, (rows, len), &dev).unwrap()).unwrap();
+    let want = unet::softmax::scaled_softmax_last_dim(xv.as_tensor(), scale as f64).unwrap();
+    let dy_t = Tensor::from_vec(dy.clone(), (rows, len), &dev).unwrap();
+    let grads = want.mul(&dy_t).unwrap().sum_all().unwrap().backward().unwrap();
+    let want_y = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let label = format!("softmax rows={rows} len={len} scale={scale} bf16={bf16}");
+    let want_dx = grads.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    if bf16 {
+        assert_bf16_rounded(&format!("{label} y"), &y, &want_y);
+        // dx is computed in f32 from the bf16 y the forward kernel wrote, then rounded: the
+        // same formula on those y values is the reference.
+        let dot: Vec<f32> = y.chunks(len).zip(dy.chunks(len)).map(|(a, b)| a.iter().zip(b).map(|(p, q)| p * q).sum()).collect();
+        let want_dx: Vec<f32> = (0..total).map(|i| scale * y[i] * (dy[i] - dot[i / len])).collect();
+        assert_bf16_rounded(&format!("{label} dx"), &dx, &want_dx);
+    } else {
+        for (name, got, want) in [("y", &y, &want_y), ("dx", &dx, &want_dx)] {
+            let d = rel(got, want);
+            assert!(d <= 1e-5, "{label}: {name} differs by {d:e} (relative to its largest value)");
+        }
+    }
+}
+
+#[test]
+fn softmax_kernels_match_the_cpu_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(exe) = compile(dir.path()) else { return };
+    // Rows shorter and longer than the block; the attention's 1024 at 32x32.
+    softmax_case(&exe, dir.path(), 3, 1024, 0.0625, 1.0, false);
+    softmax_case(&exe, dir.path(), 4, 37, 0.5, 1.0, false);
+    softmax_case(&exe, dir.path(), 3, 300, 0.1, 1.0, true);
+    // exp(scale * x) alone would overflow f32: the row maximum must be taken out first.
+    softmax_case(&exe, dir.path(), 2, 64, 1.0, 200.0, false);
 }
 
 #[test]

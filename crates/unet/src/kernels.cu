@@ -1,8 +1,12 @@
-// GroupNorm, optionally followed by Hardswish and a dropout mask, forward and backward, for f32
-// and bf16 NCHW tensors. Compiled at run time by NVRTC (`norm_cuda.rs`), so no headers: bf16 is
-// handled as its bits. One block per (image, group); a group is one contiguous run of
-// channels_per_group * H * W values. The maths follow the CPU op in `norm.rs`: statistics in
-// two passes (mean, then the mean of squared deviations), recomputed in the backward pass.
+// The CUDA kernels of unet's fused ops, for f32 and bf16, compiled at run time by NVRTC
+// (`cuda_ops.rs`), so no headers: bf16 is handled as its bits. Each follows the CPU op it
+// stands for:
+// - GroupNorm, optionally followed by Hardswish and a dropout mask, forward and backward
+//   (`norm.rs`): one block per (image, group), a group being one contiguous run of
+//   channels_per_group * H * W values; statistics in two passes (mean, then the mean of
+//   squared deviations), recomputed in the backward pass.
+// - softmax(scale * x) over the last dimension, forward and backward (`softmax.rs`): one block
+//   per row.
 
 typedef unsigned short bf16_t;
 
@@ -21,21 +25,33 @@ __device__ __forceinline__ void st(bf16_t* p, long i, float v) {
     p[i] = (bf16_t)(u >> 16);
 }
 
-// Sum over the block, returned to every thread. `sh` holds 32 floats.
-__device__ float block_sum(float v, float* sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+struct SumOp {
+    __device__ float operator()(float a, float b) const { return a + b; }
+    __device__ float identity() const { return 0.f; }
+};
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+    __device__ float identity() const { return __uint_as_float(0xff800000u); }  // -inf
+};
+
+// `op` over the block, returned to every thread. `sh` holds 32 floats.
+template <typename Op>
+__device__ float block_reduce(float v, float* sh, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     __syncthreads();  // the previous call's readers of sh[0] are done
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = lane < warps ? sh[lane] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        v = lane < warps ? sh[lane] : op.identity();
+        for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
         if (lane == 0) sh[0] = v;
     }
     __syncthreads();
     return sh[0];
 }
+
+__device__ __forceinline__ float block_sum(float v, float* sh) { return block_reduce(v, sh, SumOp()); }
 
 __device__ __forceinline__ float hardswish(float y) { return y * fminf(fmaxf(y + 3.f, 0.f), 6.f) / 6.f; }
 // PyTorch's hardswish_backward: 0 below -3, y/3 + 1/2 up to 3, 1 above.
@@ -134,3 +150,33 @@ extern "C" __global__ void gn_bwd_f32(const float* x, const float* w, const floa
 extern "C" __global__ void gn_bwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const float* mask, const bf16_t* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
     gn_bwd<bf16_t>(x, w, b, mask, dy, out, N, C, HW, G, eps, act);
 }
+
+// y = softmax(scale * x) along rows of `len` values; one block per row.
+template <typename T>
+__device__ void softmax_fwd(const T* x, T* y, int len, float scale) {
+    __shared__ float sh[32];
+    const long base = (long)blockIdx.x * len;
+    float m = MaxOp().identity();
+    for (int i = threadIdx.x; i < len; i += blockDim.x) m = fmaxf(m, ld(x, base + i) * scale);
+    m = block_reduce(m, sh, MaxOp());
+    float s = 0.f;
+    for (int i = threadIdx.x; i < len; i += blockDim.x) s += expf(ld(x, base + i) * scale - m);
+    const float inv = 1.f / block_sum(s, sh);
+    for (int i = threadIdx.x; i < len; i += blockDim.x) st(y, base + i, expf(ld(x, base + i) * scale - m) * inv);
+}
+
+// dx = scale * y * (dy - sum(dy * y)) along rows; one block per row.
+template <typename T>
+__device__ void softmax_bwd(const T* y, const T* dy, T* dx, int len, float scale) {
+    __shared__ float sh[32];
+    const long base = (long)blockIdx.x * len;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < len; i += blockDim.x) s += ld(dy, base + i) * ld(y, base + i);
+    s = block_sum(s, sh);
+    for (int i = threadIdx.x; i < len; i += blockDim.x) st(dx, base + i, scale * ld(y, base + i) * (ld(dy, base + i) - s));
+}
+
+extern "C" __global__ void softmax_fwd_f32(const float* x, float* y, int len, float scale) { softmax_fwd<float>(x, y, len, scale); }
+extern "C" __global__ void softmax_fwd_bf16(const bf16_t* x, bf16_t* y, int len, float scale) { softmax_fwd<bf16_t>(x, y, len, scale); }
+extern "C" __global__ void softmax_bwd_f32(const float* y, const float* dy, float* dx, int len, float scale) { softmax_bwd<float>(y, dy, dx, len, scale); }
+extern "C" __global__ void softmax_bwd_bf16(const bf16_t* y, const bf16_t* dy, bf16_t* dx, int len, float scale) { softmax_bwd<bf16_t>(y, dy, dx, len, scale); }

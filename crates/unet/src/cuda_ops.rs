@@ -1,10 +1,13 @@
-//! The CUDA side of `norm`'s fused GroupNorm (+ Hardswish, + dropout mask): one kernel forward
-//! and one backward (`norm_cuda.cu`, compiled once per process by NVRTC), in f32 and bf16.
-//!
-//! candle's composite GroupNorm is about ten kernels forward, each keeping a full-size
-//! intermediate for the backward pass, and Hardswish and the mask add five more; on a GPU
-//! these passes are memory-bound, so their count is the cost. Here the forward pass reads the
-//! input twice for the statistics and writes the output once, and keeps only the input.
+//! The CUDA side of unet's fused ops, in f32 and bf16 (`kernels.cu`, compiled once per process
+//! by NVRTC):
+//! - `norm`'s GroupNorm (+ Hardswish, + dropout mask): one kernel forward, one backward.
+//!   candle's composite GroupNorm is about ten kernels forward, each keeping a full-size
+//!   intermediate for the backward pass, and Hardswish and the mask add five more; on a GPU
+//!   these passes are memory-bound, so their count is the cost. Here the forward pass reads the
+//!   input twice for the statistics, writes the output once, and keeps only the input.
+//! - `softmax`'s scaled softmax over the last dimension: one kernel each way, keeping only the
+//!   output, where the composite keeps four attention-sized tensors per layer (at 32x32 and
+//!   batch 128, 512 MB each in f32).
 
 use std::sync::OnceLock;
 
@@ -14,15 +17,21 @@ use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{Layout, Result, Storage, Tensor};
 use half::bf16;
 
-const SRC: &str = include_str!("norm_cuda.cu");
-const MODULE: &str = "unet_group_norm";
+const SRC: &str = include_str!("kernels.cu");
+const MODULE: &str = "unet_kernels";
 const THREADS: u32 = 256;
 
-/// The fused kernels are used on CUDA unless `UNET_CUDA_NORM=candle` (the composite ops: for
-/// A/B runs, and a way out should the kernels misbehave on some card).
-pub fn enabled() -> bool {
+/// The fused GroupNorm kernels are used on CUDA unless `UNET_CUDA_NORM=candle` (the composite
+/// ops: for A/B runs, and a way out should the kernels misbehave on some card).
+pub fn norm_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("UNET_CUDA_NORM").map_or(true, |v| v != "candle"))
+}
+
+/// The same for the softmax kernels: `UNET_CUDA_SOFTMAX=candle`.
+pub fn softmax_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_CUDA_SOFTMAX").map_or(true, |v| v != "candle"))
 }
 
 fn ptx() -> Result<&'static str> {
@@ -31,7 +40,7 @@ fn ptx() -> Result<&'static str> {
         candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SRC).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
     })
     .as_deref()
-    .map_err(|e| candle_core::Error::Msg(format!("compiling the GroupNorm CUDA kernels: {e}")))
+    .map_err(|e| candle_core::Error::Msg(format!("compiling unet's CUDA kernels: {e}")))
 }
 
 /// Shape of a GroupNorm call: [n, c, ...spatial].
@@ -49,13 +58,18 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend:
     len: usize,
 ) -> Result<CudaView<'a, T>> {
     if !l.is_contiguous() {
-        candle_core::bail!("group norm (CUDA) expects contiguous inputs");
+        candle_core::bail!("unet CUDA kernels expect contiguous inputs");
     }
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + len))
 }
 
 fn launch_config(d: &Dims) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((d.n * d.groups) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    rows_config(d.n * d.groups)
+}
+
+/// One block per row (or group).
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// Runs `f` with the mask's device buffer (f32, contiguous, x's shape), if any.
@@ -93,7 +107,7 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &C
                     None => args.arg(&null),
                 };
                 args.arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
-                // SAFETY: argument types and order match `gn_fwd_*` in norm_cuda.cu; the buffers
+                // SAFETY: argument types and order match `gn_fwd_*` in kernels.cu; the buffers
                 // hold the lengths the kernel indexes (n*c*hw, c, c).
                 unsafe { args.launch(launch_config(&d)) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -130,7 +144,7 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &
                     None => args.arg(&null),
                 };
                 args.arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
-                // SAFETY: argument types and order match `gn_bwd_*` in norm_cuda.cu; `out` holds
+                // SAFETY: argument types and order match `gn_bwd_*` in kernels.cu; `out` holds
                 // n*c*hw + 2*n*c floats.
                 unsafe { args.launch(launch_config(&d)) }.w()?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -141,5 +155,59 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &
             (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run!(bf16, "gn_bwd_bf16"),
             _ => candle_core::bail!("group norm backward (CUDA): dtypes {:?}/{:?}/{:?} not supported", x.dtype(), dy.dtype(), wb.dtype()),
         })
+    })
+}
+
+/// y = softmax(scale * x) over rows of `len` values (x contiguous, f32 or bf16).
+pub(crate) fn softmax(x: &CudaStorage, lx: &Layout, len: usize, scale: f32) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    let total = lx.shape().elem_count();
+    let rows = total / len.max(1);
+    let len_i = len as i32;
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            let xv = view::<$t>(x, lx, total)?;
+            // SAFETY: every row is written in full.
+            let mut out = unsafe { dev.alloc::<$t>(total)? };
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+            let mut args = func.builder();
+            args.arg(&xv).arg(&mut out).arg(&len_i).arg(&scale);
+            // SAFETY: argument types and order match `softmax_fwd_*` in kernels.cu; both buffers
+            // hold rows * len values.
+            unsafe { args.launch(rows_config(rows)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match &x.slice {
+        CudaStorageSlice::F32(_) => run!(f32, "softmax_fwd_f32"),
+        CudaStorageSlice::BF16(_) => run!(bf16, "softmax_fwd_bf16"),
+        _ => candle_core::bail!("softmax (CUDA): dtype {:?} not supported", x.dtype()),
+    })
+}
+
+/// dx = scale * y * (dy - sum(dy * y)) over rows of `len` values.
+pub(crate) fn softmax_backward(y: &CudaStorage, ly: &Layout, dy: &CudaStorage, ldy: &Layout, len: usize, scale: f32) -> Result<CudaStorage> {
+    let dev = y.device.clone();
+    let total = ly.shape().elem_count();
+    let rows = total / len.max(1);
+    let len_i = len as i32;
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            let (yv, dyv) = (view::<$t>(y, ly, total)?, view::<$t>(dy, ldy, total)?);
+            // SAFETY: every row is written in full.
+            let mut out = unsafe { dev.alloc::<$t>(total)? };
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+            let mut args = func.builder();
+            args.arg(&yv).arg(&dyv).arg(&mut out).arg(&len_i).arg(&scale);
+            // SAFETY: argument types and order match `softmax_bwd_*` in kernels.cu; the three
+            // buffers hold rows * len values.
+            unsafe { args.launch(rows_config(rows)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match (&y.slice, &dy.slice) {
+        (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run!(f32, "softmax_bwd_f32"),
+        (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run!(bf16, "softmax_bwd_bf16"),
+        _ => candle_core::bail!("softmax backward (CUDA): dtypes {:?}/{:?} not supported", y.dtype(), dy.dtype()),
     })
 }

@@ -1,0 +1,66 @@
+// Driver for kernels.cu under shim.h, reading its inputs from and writing its outputs to the
+// working directory (f32, or bf16 bits where the kernel takes bf16):
+//   main gn N C HW G act use_mask bf16   x, w, b, mask, dy -> y, out (the backward's packed f32)
+//   main softmax ROWS LEN SCALE bf16     x, dy -> y, dx
+#include "kernels.cu"
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+template <class T> std::vector<T> rd(const char* p, size_t n) {
+    std::vector<T> v(n);
+    FILE* f = fopen(p, "rb");
+    if (!f || fread(v.data(), sizeof(T), n, f) != n) { fprintf(stderr, "cannot read %s\n", p); exit(2); }
+    fclose(f);
+    return v;
+}
+template <class T> void wr(const char* p, const std::vector<T>& v) {
+    FILE* f = fopen(p, "wb");
+    fwrite(v.data(), sizeof(T), v.size(), f);
+    fclose(f);
+}
+
+template <class T, class Fwd, class Bwd>
+void run(int N, int C, int HW, int G, int act, const float* m, Fwd fwd, Bwd bwd) {
+    const float eps = 1e-5f;
+    const size_t len = (size_t)N * C * HW;
+    auto x = rd<T>("x.bin", len), w = rd<T>("w.bin", C), b = rd<T>("b.bin", C), dy = rd<T>("dy.bin", len);
+    std::vector<T> y(len);
+    std::vector<float> out(len + 2 * (size_t)N * C);
+    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), m, y.data(), C, HW, G, eps, act); });
+    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), m, dy.data(), out.data(), N, C, HW, G, eps, act); });
+    wr("y.bin", y);
+    wr("out.bin", out);
+}
+
+template <class T, class Fwd, class Bwd>
+void run_softmax(int rows, int len, float scale, Fwd fwd, Bwd bwd) {
+    const size_t total = (size_t)rows * len;
+    auto x = rd<T>("x.bin", total), dy = rd<T>("dy.bin", total);
+    std::vector<T> y(total), dx(total);
+    launch(rows, 256, [&] { fwd(x.data(), y.data(), len, scale); });
+    launch(rows, 256, [&] { bwd(y.data(), dy.data(), dx.data(), len, scale); });
+    wr("y.bin", y);
+    wr("dx.bin", dx);
+}
+
+int main(int argc, char** argv) {
+    std::string mode = argc > 1 ? argv[1] : "";
+    if (mode == "gn" && argc == 9) {
+        int N = atoi(argv[2]), C = atoi(argv[3]), HW = atoi(argv[4]), G = atoi(argv[5]), act = atoi(argv[6]);
+        auto mask = rd<float>("mask.bin", (size_t)N * C * HW);
+        const float* m = atoi(argv[7]) ? mask.data() : nullptr;
+        if (atoi(argv[8])) run<bf16_t>(N, C, HW, G, act, m, gn_fwd_bf16, gn_bwd_bf16);
+        else run<float>(N, C, HW, G, act, m, gn_fwd_f32, gn_bwd_f32);
+        return 0;
+    }
+    if (mode == "softmax" && argc == 6) {
+        int rows = atoi(argv[2]), len = atoi(argv[3]);
+        float scale = (float)atof(argv[4]);
+        if (atoi(argv[5])) run_softmax<bf16_t>(rows, len, scale, softmax_fwd_bf16, softmax_bwd_bf16);
+        else run_softmax<float>(rows, len, scale, softmax_fwd_f32, softmax_bwd_f32);
+        return 0;
+    }
+    fprintf(stderr, "usage: main gn N C HW G act use_mask bf16 | main softmax ROWS LEN SCALE bf16\n");
+    return 2;
+}
