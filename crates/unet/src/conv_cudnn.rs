@@ -7,7 +7,9 @@
 //! uses) do on the same card. `crate::conv` calls these from its custom ops' `cuda_fwd`.
 //!
 //! Algorithms come from cuDNN's heuristics (`cudnnGet*Algorithm_v7`, as PyTorch does with
-//! `benchmark=False`), cached per shape. f32 convolutions may use TF32 tensor cores, as
+//! `benchmark=False`), cached per shape. Should the heuristics fail, or their choice want more
+//! scratch memory than can be had, the pass falls back to the algorithm that needs none
+//! (implicit GEMM forward, algorithm 0 backward), as PyTorch goes down its list. f32 convolutions may use TF32 tensor cores, as
 //! PyTorch's cuDNN convolutions do by default; `set_tf32(false)` asks for exact f32 (the
 //! self-test does, to compare with the CPU at 1e-3).
 
@@ -163,22 +165,32 @@ where
     let out: CudaSlice<T> = match pass {
         Pass::Forward => {
             let op = ConvForward { conv: &conv, x: &x_desc, w: &w_desc, y: &y_desc };
+            let fallback = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
             let algo = match cached {
                 Some(Algo::Forward(a)) => a,
-                _ => remember(key, Algo::Forward, op.pick_algorithm().map_err(w)?),
+                _ => remember(key, Algo::Forward, op.pick_algorithm().unwrap_or(fallback)),
             };
-            let mut ws = workspace(dev, op.get_workspace_size(algo).map_err(w)?)?;
+            let (algo, mut ws) = match op.get_workspace_size(algo).map_err(w).and_then(|n| workspace(dev, n)) {
+                Ok(ws) => (algo, ws),
+                Err(_) if algo != fallback => (remember(key, Algo::Forward, fallback), workspace(dev, op.get_workspace_size(fallback).map_err(w)?)?),
+                Err(e) => return Err(e),
+            };
             let mut out = unsafe { dev.alloc::<T>(d.y_len())? };
             unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &bv, &mut out).map_err(w)? };
             out
         }
         Pass::InputGrad => {
             let op = ConvBackwardData { conv: &conv, dx: &x_desc, w: &w_desc, dy: &y_desc };
+            let fallback = sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0;
             let algo = match cached {
                 Some(Algo::InputGrad(a)) => a,
-                _ => remember(key, Algo::InputGrad, op.pick_algorithm().map_err(w)?),
+                _ => remember(key, Algo::InputGrad, op.pick_algorithm().unwrap_or(fallback)),
             };
-            let mut ws = workspace(dev, op.get_workspace_size(algo).map_err(w)?)?;
+            let (algo, mut ws) = match op.get_workspace_size(algo).map_err(w).and_then(|n| workspace(dev, n)) {
+                Ok(ws) => (algo, ws),
+                Err(_) if algo != fallback => (remember(key, Algo::InputGrad, fallback), workspace(dev, op.get_workspace_size(fallback).map_err(w)?)?),
+                Err(e) => return Err(e),
+            };
             let mut out = unsafe { dev.alloc::<T>(d.x_len())? };
             // `a` is dy, `b` the kernel.
             unsafe { op.launch(algo, ws.as_mut(), (one, zero), &mut out, &bv, &av).map_err(w)? };
@@ -186,11 +198,16 @@ where
         }
         Pass::WeightGrad => {
             let op = ConvBackwardFilter { conv: &conv, x: &x_desc, dw: &w_desc, dy: &y_desc };
+            let fallback = sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0;
             let algo = match cached {
                 Some(Algo::WeightGrad(a)) => a,
-                _ => remember(key, Algo::WeightGrad, op.pick_algorithm().map_err(w)?),
+                _ => remember(key, Algo::WeightGrad, op.pick_algorithm().unwrap_or(fallback)),
             };
-            let mut ws = workspace(dev, op.get_workspace_size(algo).map_err(w)?)?;
+            let (algo, mut ws) = match op.get_workspace_size(algo).map_err(w).and_then(|n| workspace(dev, n)) {
+                Ok(ws) => (algo, ws),
+                Err(_) if algo != fallback => (remember(key, Algo::WeightGrad, fallback), workspace(dev, op.get_workspace_size(fallback).map_err(w)?)?),
+                Err(e) => return Err(e),
+            };
             let mut out = unsafe { dev.alloc::<T>(d.w_len())? };
             // `a` is x, `b` is dy.
             unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &mut out, &bv).map_err(w)? };
