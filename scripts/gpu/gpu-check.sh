@@ -106,7 +106,13 @@ if [ "$AB" = 1 ]; then
   done
 fi
 
-step "4. a real training run on anime-faces-mini ($TRAIN_MINUTES min), then a 16x16 grid"
+step "4. a real training run on anime-faces-mini ($TRAIN_MINUTES min), then a 16x16 grid; first 20 steps of bf16 training"
+if [ "$DEVICE" != cpu ]; then
+  RUN_BF=$(mktemp -d)/mini-bf16
+  timeout 120 "$BIN" train --config "$CONFIG" --data "$KIT/mini" --run "$RUN_BF" --device "$DEVICE" --precision bf16 \
+    --max-steps 20 --batch-size "$BATCH" --sample-every 0 --no-progress --set data.test_frac=0.0 || echo "bf16 train failed"
+  cp "$RUN_BF/metrics.jsonl" "$OUT/metrics-bf16.jsonl" 2>/dev/null
+fi
 RUN=$(mktemp -d)/mini
 timeout $(awk "BEGIN{print int($TRAIN_MINUTES * 60 + 90)}") "$BIN" train --config "$CONFIG" --data "$KIT/mini" --run "$RUN" --device "$DEVICE" \
   --max-minutes "$TRAIN_MINUTES" --batch-size "$BATCH" --sample-every 0 --no-progress --set data.test_frac=0.0 || echo "train failed"

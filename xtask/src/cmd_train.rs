@@ -75,7 +75,7 @@ pub struct TrainArgs {
     /// A metrics line every N steps.
     #[arg(long)]
     log_every: Option<u64>,
-    /// f32 (bf16 is reserved, not implemented yet).
+    /// f32, or bf16 (CUDA only: bf16 compute from f32 master weights).
     #[arg(long)]
     precision: Option<String>,
     /// Any other config key, e.g. --set unet.dropout=0.0 (repeatable).

@@ -94,7 +94,7 @@ impl Default for DataConfig {
 pub enum Precision {
     #[default]
     F32,
-    /// bf16 autocast on CUDA: reserved, not implemented yet (the run refuses to start).
+    /// bf16 compute from f32 master weights (autocast-style), on CUDA only.
     Bf16,
 }
 

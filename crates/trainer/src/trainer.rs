@@ -68,13 +68,9 @@ impl StepEngine {
     /// A freshly initialised model (seeded by `train.seed`) with zero optimizer state.
     pub fn new(cfg: &RunConfig, device: &Device) -> Result<Self, TrainError> {
         cfg.validate()?;
-        if cfg.train.precision == Precision::Bf16 {
-            let msg = if device.is_cpu() {
-                "train.precision = \"bf16\" needs a CUDA device (and is not implemented yet); use \"f32\""
-            } else {
-                "train.precision = \"bf16\" (mixed precision) is not implemented yet; use \"f32\""
-            };
-            return Err(TrainError::Config(msg.into()));
+        if cfg.train.precision == Precision::Bf16 && !device.is_cuda() {
+            // candle 0.11 has no CPU bf16 matmul or convolution.
+            return Err(TrainError::Config("train.precision = \"bf16\" needs a CUDA device; use \"f32\" on the CPU".into()));
         }
         let (model, varmap) = unet::new_trainable(&cfg.unet, device, cfg.train.seed)?;
         let vars: Vec<(String, candle_core::Var)> =
@@ -113,9 +109,15 @@ impl StepEngine {
         let noise = rng.randn(x0.shape().clone(), &self.device)?;
         let seed = rng.next_u64();
         let step = self.opt.step_count();
-        let model = &self.model;
-        let predict = move |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Train { seed });
-        let loss = self.schedule.loss(&predict, x0, &ts, &noise)?;
+        let loss = if self.cfg.train.precision == Precision::Bf16 {
+            let half = self.bf16_view()?;
+            let predict = move |x: &Tensor, t: &Tensor| half.forward_t(&x.to_dtype(DType::BF16)?, t, Mode::Train { seed })?.to_dtype(DType::F32);
+            self.schedule.loss(&predict, x0, &ts, &noise)?
+        } else {
+            let model = &self.model;
+            let predict = move |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Train { seed });
+            self.schedule.loss(&predict, x0, &ts, &noise)?
+        };
         let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !loss_v.is_finite() {
             return Err(TrainError::NonFinite(format!("loss is {loss_v} at step {}", step + 1)));
@@ -143,6 +145,18 @@ impl StepEngine {
             }
         }
         Ok(StepOutput { loss: loss_v, grad_norm: Some(norm), lr })
+    }
+
+    /// The model with bf16 casts of the f32 variables as its weights, for a mixed-precision step
+    /// (autocast-style: f32 master weights, optimizer state, loss and EMA; bf16 compute). The
+    /// casts are graph nodes, so the gradients come back to the f32 variables. Rebuilt every
+    /// step: the casts must see the current values.
+    fn bf16_view(&self) -> Result<UNet, TrainError> {
+        let tensors = unet::weights::state_dict(&self.model, &self.varmap)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::BF16)?)))
+            .collect::<candle_core::Result<HashMap<_, _>>>()?;
+        Ok(UNet::new(candle_nn::VarBuilder::from_tensors(tensors, DType::BF16, &self.device), &self.cfg.unet)?)
     }
 
     /// The model file contents: trainable tensors, the time table, and `ema.*` copies.

@@ -51,5 +51,5 @@ fn overrides_and_errors() {
     let mut bf = RunConfig::from_name_or_path("tiny").unwrap();
     bf.train.precision = Precision::Bf16;
     let e = StepEngine::new(&bf, &candle_core::Device::Cpu).err().unwrap().to_string();
-    assert!(e.contains("bf16"), "{e}");
+    assert!(e.contains("bf16") && e.contains("CUDA"), "{e}");
 }
