@@ -143,9 +143,53 @@ fn sync(dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Peak device memory in use while a case runs, polled every 2 ms on a thread of its own
+/// (`cuMemGetInfo`: total - free). The peak is reported over the baseline taken when polling
+/// starts (the CUDA context and handles, before the model exists), to set beside PyTorch's
+/// `max_memory_allocated`, which counts neither its context nor its allocator's cache.
+#[cfg(feature = "cuda")]
+struct GpuMemPoller {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<usize>,
+    baseline: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl GpuMemPoller {
+    fn start(dev: &Device) -> Result<Option<Self>> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let Ok(cuda) = dev.as_cuda_device() else { return Ok(None) };
+        let ctx = cuda.cuda_stream().context().clone();
+        let (free, total) = ctx.mem_get_info()?;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = total - free;
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((f, t)) = ctx.mem_get_info() {
+                    peak = peak.max(t - f);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        });
+        Ok(Some(Self { stop, handle, baseline: total - free }))
+    }
+
+    /// (peak over the baseline, baseline), in MiB.
+    fn finish(self) -> (f64, f64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = self.handle.join().unwrap_or(self.baseline);
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        (mib(peak.saturating_sub(self.baseline)), mib(self.baseline))
+    }
+}
+
 fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &str) -> Result<Value> {
     let c = case(name)?;
     let dev = crate::common::parse_device(device)?;
+    #[cfg(feature = "cuda")]
+    let poller = GpuMemPoller::start(&dev)?;
     let bf16 = match precision {
         "f32" => false,
         "bf16" => true,
@@ -208,10 +252,18 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
         _ => unreachable!(),
     };
     let med = median(&times);
-    Ok(json!({
+    #[allow(unused_mut)]
+    let mut out = json!({
         "case": name, "batch": c.batch, "median_s": med, "runs_s": times,
         "images_per_s": c.batch as f64 / med, "peak_rss_mb": peak_rss_mb(),
-    }))
+    });
+    #[cfg(feature = "cuda")]
+    if let Some(p) = poller {
+        let (peak, baseline) = p.finish();
+        out["peak_gpu_mb"] = json!(peak);
+        out["gpu_baseline_mb"] = json!(baseline);
+    }
+    Ok(out)
 }
 
 fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
@@ -272,16 +324,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let torch = torch_case(&args, name)?;
         let ours_s = ours["median_s"].as_f64().unwrap_or(f64::NAN);
         let t = torch.as_ref().and_then(|r| r["median_s"].as_f64());
-        let tp = torch.as_ref().and_then(|r| r["peak_rss_mb"].as_f64());
+        // On a GPU the memory columns are device memory (ours over the context's baseline,
+        // PyTorch's max_memory_allocated); on the CPU, peak resident memory.
+        let gpu = ours.get("peak_gpu_mb").is_some();
+        let key = if gpu { "peak_gpu_mb" } else { "peak_rss_mb" };
+        let tp = torch.as_ref().and_then(|r| r[key].as_f64());
         println!(
-            "{:<16} {:>5} {:>10.3} {:>10} {:>8} {:>9.0} {:>9}",
+            "{:<16} {:>5} {:>10.3} {:>10} {:>8} {:>9.0} {:>9}{}",
             name,
             ours["batch"],
             ours_s,
             t.map(|x| format!("{x:.3}")).unwrap_or("-".into()),
             t.map(|x| format!("{:.2}x", x / ours_s)).unwrap_or("-".into()),
-            ours["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+            ours[key].as_f64().unwrap_or(f64::NAN),
             tp.map(|x| format!("{x:.0}")).unwrap_or("-".into()),
+            if gpu { "  (GPU MB)" } else { "" },
         );
         rows.push(json!({"ours": ours, "torch": torch, "speedup": t.map(|x| x / ours_s)}));
     }
