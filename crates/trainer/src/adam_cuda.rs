@@ -16,16 +16,12 @@ const MODULE: &str = "trainer_adam";
 /// A/B runs, and a way out).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TRAINER_CUDA_ADAM").map_or(true, |v| v != "candle"))
+    unet::cuda_ops::switch_on(&ON, "TRAINER_CUDA_ADAM")
 }
 
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SRC).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(format!("compiling the Adam CUDA kernels: {e}")))
+    unet::cuda_ops::nvrtc_once(&PTX, SRC, "the Adam CUDA kernels")
 }
 
 fn range(l: &Layout) -> Result<(usize, usize)> {

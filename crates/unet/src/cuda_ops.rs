@@ -12,7 +12,7 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{Layout, Result, Storage, Tensor};
 use half::bf16;
@@ -21,26 +21,45 @@ const SRC: &str = include_str!("kernels.cu");
 const MODULE: &str = "unet_kernels";
 const THREADS: u32 = 256;
 
-/// The fused GroupNorm kernels are used on CUDA unless `UNET_CUDA_NORM=candle` (the composite
-/// ops: for A/B runs, and a way out should the kernels misbehave on some card).
-pub fn norm_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("UNET_CUDA_NORM").map_or(true, |v| v != "candle"))
+/// Whether our own CUDA kernel for a part is on: yes unless the environment variable `var` is
+/// `candle` (candle's ops instead: for A/B runs, and a way out should a kernel misbehave on
+/// some card). Read once per process into `cell`.
+pub fn switch_on(cell: &'static OnceLock<bool>, var: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(var).map_or(true, |v| v != "candle"))
 }
 
-/// The same for the softmax kernels: `UNET_CUDA_SOFTMAX=candle`.
+/// `src` compiled to PTX by NVRTC once per process (into `cell`; a failure is kept too, and
+/// reported with `what` on every call).
+pub fn nvrtc_once(cell: &'static OnceLock<std::result::Result<String, String>>, src: &str, what: &str) -> Result<&'static str> {
+    cell.get_or_init(|| candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(src).map(|p| p.to_src()).map_err(|e| format!("{e:?}")))
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(format!("compiling {what}: {e}")))
+}
+
+/// The fused GroupNorm kernels, unless `UNET_CUDA_NORM=candle`.
+pub fn norm_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    switch_on(&ON, "UNET_CUDA_NORM")
+}
+
+/// The softmax kernels, unless `UNET_CUDA_SOFTMAX=candle`.
 pub fn softmax_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("UNET_CUDA_SOFTMAX").map_or(true, |v| v != "candle"))
+    switch_on(&ON, "UNET_CUDA_SOFTMAX")
 }
 
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SRC).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
-    })
-    .as_deref()
-    .map_err(|e| candle_core::Error::Msg(format!("compiling unet's CUDA kernels: {e}")))
+    nvrtc_once(&PTX, SRC, "unet's CUDA kernels")
+}
+
+/// The GroupNorm kernels' first four arguments: x, w, b, and the mask or a null pointer.
+fn push_x_w_b_mask<'a, T>(args: &mut LaunchArgs<'a>, x: &'a CudaView<'a, T>, w: &'a CudaView<'a, T>, b: &'a CudaView<'a, T>, mask: &'a Option<CudaView<'a, f32>>, null: &'a usize) {
+    args.arg(x).arg(w).arg(b);
+    match mask {
+        Some(m) => args.arg(m),
+        None => args.arg(null),
+    };
 }
 
 /// Shape of a GroupNorm call: [n, c, ...spatial].
@@ -101,11 +120,7 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &C
                 let mut out = unsafe { dev.alloc::<$t>(len)? };
                 let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
                 let mut args = func.builder();
-                args.arg(&xv).arg(&wv).arg(&bv);
-                match &mask {
-                    Some(m) => args.arg(m),
-                    None => args.arg(&null),
-                };
+                push_x_w_b_mask(&mut args, &xv, &wv, &bv, &mask, &null);
                 args.arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
                 // SAFETY: argument types and order match `gn_fwd_*` in kernels.cu; the buffers
                 // hold the lengths the kernel indexes (n*c*hw, c, c).
@@ -138,11 +153,7 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &
                 let mut out = unsafe { dev.alloc::<f32>(out_len)? };
                 let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
                 let mut args = func.builder();
-                args.arg(&xv).arg(&wv).arg(&bv);
-                match &mask {
-                    Some(m) => args.arg(m),
-                    None => args.arg(&null),
-                };
+                push_x_w_b_mask(&mut args, &xv, &wv, &bv, &mask, &null);
                 args.arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
                 // SAFETY: argument types and order match `gn_bwd_*` in kernels.cu; `out` holds
                 // n*c*hw + 2*n*c floats.

@@ -15,7 +15,7 @@ pub mod lightning;
 pub mod model;
 pub mod norm;
 #[cfg(feature = "cuda")]
-mod cuda_ops;
+pub mod cuda_ops;
 pub mod softmax;
 pub mod upsample;
 pub mod weights;

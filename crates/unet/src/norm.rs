@@ -6,6 +6,8 @@
 //! On CUDA (f32 and bf16) the same op runs the kernels of `cuda_ops`. Other devices and
 //! dtypes use the composite ops (same maths).
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
@@ -131,6 +133,12 @@ impl GroupNormOp {
         let hw = d[2..].iter().product();
         Dims { n, c, hw, cpg: c / self.groups }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_dims(&self, l: &Layout) -> crate::cuda_ops::Dims {
+        let d = self.dims(l);
+        crate::cuda_ops::Dims { n: d.n, c: d.c, hw: d.hw, groups: self.groups }
+    }
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -221,18 +229,8 @@ impl candle_core::CustomOp3 for GroupNormOp {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = self.dims(l1);
-        let dims = crate::cuda_ops::Dims { n: d.n, c: d.c, hw: d.hw, groups: self.groups };
-        let out = crate::cuda_ops::forward(dims, self.eps, self.act, self.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = crate::cuda_ops::forward(self.cuda_dims(l1), self.eps, self.act, self.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -267,21 +265,11 @@ impl candle_core::CustomOp3 for GroupNormBackward {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
         let op = &self.0;
-        let d = op.dims(l1);
-        let dims = crate::cuda_ops::Dims { n: d.n, c: d.c, hw: d.hw, groups: op.groups };
-        let out = crate::cuda_ops::backward(dims, op.eps, op.act, op.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
-        let len = d.n * d.c * d.hw + 2 * d.n * d.c;
-        Ok((out, Shape::from(len)))
+        let d = op.cuda_dims(l1);
+        let out = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
+        Ok((out, Shape::from(d.n * d.c * d.hw + 2 * d.n * d.c)))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
