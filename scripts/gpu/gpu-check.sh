@@ -89,9 +89,12 @@ for p in $PRECISIONS; do
   [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null; SMI=
 done
 
-step "2b. where the time goes: PyTorch's profile, and ours with each of our CUDA kernels swapped for candle's"
+step "2b. where the time goes: our per-op GPU times and PyTorch's profile, then ours with each of our CUDA kernels swapped for candle's"
 if [ "$DEVICE" != cpu ]; then
   for p in $PRECISIONS; do
+    # Ours: GPU time per op and shape of our own kernels in one training step (UNET_CUDA_PROFILE).
+    UNET_CUDA_PROFILE=1 timeout 120 "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 1 --warmup 1 \
+      --python none --out "$OUT/profile-ours-train128-$p.json" || echo "our profile $p failed"
     timeout 120 $PY scripts/bench_torch.py --case train128 --device "$DEVICE" --precision "$p" --ref-dir "$KIT/bench" \
       --runs 1 --warmup 2 --profile "$OUT/torch-profile-train128-$p.txt" > /dev/null || echo "torch profile $p failed"
     head -45 "$OUT/torch-profile-train128-$p.txt" 2>/dev/null

@@ -102,14 +102,33 @@ fn time_runs(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> R
     for _ in 0..warmup {
         f()?;
     }
-    (0..runs)
+    let times = (0..runs)
         .map(|_| {
             let t = Instant::now();
             f()?;
             Ok(t.elapsed().as_secs_f64())
         })
-        .collect()
+        .collect::<Result<Vec<f64>>>()?;
+    #[cfg(feature = "cuda")]
+    if unet::cuda_ops::profile::enabled() {
+        // One more run, on its own, for the per-op GPU times (the events cost a little).
+        unet::cuda_ops::profile::clear();
+        let t = Instant::now();
+        f()?;
+        let step_ms = t.elapsed().as_secs_f64() * 1e3;
+        let ops = unet::cuda_ops::profile::report()?;
+        let ours: f64 = ops.iter().map(|o| o.1).sum();
+        *PROFILE.lock().unwrap() = Some(json!({
+            "run_ms": step_ms, "our_ops_ms": ours,
+            "ops": ops.iter().map(|(name, ms, calls)| json!({"op": name, "ms": ms, "calls": calls})).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(times)
 }
+
+/// The per-op profile of the last run of a case, when `UNET_CUDA_PROFILE=1`.
+#[cfg(feature = "cuda")]
+static PROFILE: std::sync::Mutex<Option<Value>> = std::sync::Mutex::new(None);
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
@@ -263,6 +282,10 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
         out["peak_gpu_mb"] = json!(peak);
         out["gpu_baseline_mb"] = json!(baseline);
     }
+    #[cfg(feature = "cuda")]
+    if let Some(p) = PROFILE.lock().unwrap().take() {
+        out["profile"] = p;
+    }
     Ok(out)
 }
 
@@ -340,6 +363,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             tp.map(|x| format!("{x:.0}")).unwrap_or("-".into()),
             if gpu { "  (GPU MB)" } else { "" },
         );
+        if let Some(p) = ours.get("profile") {
+            // UNET_CUDA_PROFILE=1: where our GPU time went in one more run of the case.
+            let (run, mine) = (p["run_ms"].as_f64().unwrap_or(f64::NAN), p["our_ops_ms"].as_f64().unwrap_or(f64::NAN));
+            println!("  profile of one run: {run:.1} ms wall, {mine:.1} ms in our CUDA ops (the rest: candle's ops and launch gaps)");
+            for o in p["ops"].as_array().into_iter().flatten().take(25) {
+                println!("    {:>9.2} ms {:>5}x  {}", o["ms"].as_f64().unwrap_or(f64::NAN), o["calls"], o["op"].as_str().unwrap_or(""));
+            }
+        }
         rows.push(json!({"ours": ours, "torch": torch, "speedup": t.map(|x| x / ours_s)}));
     }
     println!("speedup = PyTorch time / our time (above 1: we are faster); threads = {}", args.threads);

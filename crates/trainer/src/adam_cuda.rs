@@ -58,7 +58,7 @@ pub(crate) fn moment(m: &mut CudaStorage, ml: &Layout, g: &CudaStorage, gl: &Lay
     let mut args = func.builder();
     args.arg(&mut mv).arg(&gv).arg(&n64).arg(&beta).arg(&square);
     // SAFETY: argument types and order match `adam_moment`; both buffers hold n floats.
-    unsafe { args.launch(config(n)) }.w()?;
+    unet::cuda_ops::profile::time(&dev, || "adam moment".into(), || unsafe { args.launch(config(n)) }.w())?;
     Ok(())
 }
 
@@ -77,6 +77,6 @@ pub(crate) fn update(p: &mut CudaStorage, pl: &Layout, m: &CudaStorage, ml: &Lay
     let mut args = func.builder();
     args.arg(&mut pv).arg(&mv).arg(&vv).arg(&n64).arg(&step_size).arg(&bias2_sqrt).arg(&eps);
     // SAFETY: argument types and order match `adam_update`; the three buffers hold n floats.
-    unsafe { args.launch(config(n)) }.w()?;
+    unet::cuda_ops::profile::time(&dev, || "adam update".into(), || unsafe { args.launch(config(n)) }.w())?;
     Ok(())
 }

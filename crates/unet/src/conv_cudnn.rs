@@ -123,13 +123,14 @@ fn contiguous<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> 
 /// Runs one pass: `a`, `b` are (x, w), (dy, w) or (x, dy) as `pass` says.
 pub(crate) fn run(pass: Pass, d: Dims, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
     let dev = a.device.clone();
-    match (&a.slice, &b.slice) {
+    let name = || format!("conv {pass:?} {}->{} {}x{} k{} s{} b{} {:?}", d.c, d.o, d.h, d.w, d.k, d.stride, d.b, a.dtype());
+    crate::cuda_ops::profile::time(&dev, name, || match (&a.slice, &b.slice) {
         (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run_typed::<f32, f32>(pass, d, a, la, b, lb, &dev),
         // cuDNN has only the "pseudo" half configurations: half storage, f32 compute.
         (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run_typed::<bf16, f32>(pass, d, a, la, b, lb, &dev),
         (CudaStorageSlice::F16(_), CudaStorageSlice::F16(_)) => run_typed::<f16, f32>(pass, d, a, la, b, lb, &dev),
         _ => candle_core::bail!("cuDNN conv2d: dtypes {:?} and {:?} not supported together", a.dtype(), b.dtype()),
-    }
+    })
 }
 
 fn run_typed<T, C>(pass: Pass, d: Dims, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout, dev: &CudaDevice) -> Result<CudaStorage>

@@ -122,9 +122,10 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &C
                 let mut args = func.builder();
                 push_x_w_b_mask(&mut args, &xv, &wv, &bv, &mask, &null);
                 args.arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                let name = || format!("groupnorm{} fwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
                 // SAFETY: argument types and order match `gn_fwd_*` in kernels.cu; the buffers
                 // hold the lengths the kernel indexes (n*c*hw, c, c).
-                unsafe { args.launch(launch_config(&d)) }.w()?;
+                profile::time(&dev, name, || unsafe { args.launch(launch_config(&d)) }.w())?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
@@ -155,9 +156,10 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &
                 let mut args = func.builder();
                 push_x_w_b_mask(&mut args, &xv, &wv, &bv, &mask, &null);
                 args.arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                let name = || format!("groupnorm{} bwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
                 // SAFETY: argument types and order match `gn_bwd_*` in kernels.cu; `out` holds
                 // n*c*hw + 2*n*c floats.
-                unsafe { args.launch(launch_config(&d)) }.w()?;
+                profile::time(&dev, name, || unsafe { args.launch(launch_config(&d)) }.w())?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
@@ -183,9 +185,10 @@ pub(crate) fn softmax(x: &CudaStorage, lx: &Layout, len: usize, scale: f32) -> R
             let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
             let mut args = func.builder();
             args.arg(&xv).arg(&mut out).arg(&len_i).arg(&scale);
+            let name = || format!("softmax fwd {rows}x{len} {}", stringify!($t));
             // SAFETY: argument types and order match `softmax_fwd_*` in kernels.cu; both buffers
             // hold rows * len values.
-            unsafe { args.launch(rows_config(rows)) }.w()?;
+            profile::time(&dev, name, || unsafe { args.launch(rows_config(rows)) }.w())?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -210,9 +213,10 @@ pub(crate) fn softmax_backward(y: &CudaStorage, ly: &Layout, dy: &CudaStorage, l
             let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
             let mut args = func.builder();
             args.arg(&yv).arg(&dyv).arg(&mut out).arg(&len_i).arg(&scale);
+            let name = || format!("softmax bwd {rows}x{len} {}", stringify!($t));
             // SAFETY: argument types and order match `softmax_bwd_*` in kernels.cu; the three
             // buffers hold rows * len values.
-            unsafe { args.launch(rows_config(rows)) }.w()?;
+            profile::time(&dev, name, || unsafe { args.launch(rows_config(rows)) }.w())?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -221,4 +225,62 @@ pub(crate) fn softmax_backward(y: &CudaStorage, ly: &Layout, dy: &CudaStorage, l
         (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run!(bf16, "softmax_bwd_bf16"),
         _ => candle_core::bail!("softmax backward (CUDA): dtypes {:?}/{:?} not supported", y.dtype(), dy.dtype()),
     })
+}
+
+/// Opt-in GPU-time accounting of our own CUDA ops (`UNET_CUDA_PROFILE=1`): each launch is
+/// bracketed by two timing events on its stream, and [`profile::report`] waits for them and
+/// sums the time per op and shape. What it leaves out (candle's matmuls, element-wise ops,
+/// casts) is the step time minus its total. Off, it costs one flag read per op.
+pub mod profile {
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+    use std::sync::OnceLock;
+
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::cuda_backend::cudarc::driver::CudaEvent;
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::Result;
+
+    thread_local! {
+        static SPANS: RefCell<Vec<(String, CudaEvent, CudaEvent)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var("UNET_CUDA_PROFILE").is_ok_and(|v| v == "1"))
+    }
+
+    /// Runs `f` (which queues work on `dev`'s stream) and, when profiling, records its GPU span
+    /// under the name `name()` gives.
+    pub fn time<R>(dev: &CudaDevice, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        if !enabled() {
+            return f();
+        }
+        let stream = dev.cuda_stream();
+        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+        let out = f()?;
+        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+        SPANS.with(|s| s.borrow_mut().push((name(), start, end)));
+        Ok(out)
+    }
+
+    /// Forgets the spans recorded so far (warm-up runs, say).
+    pub fn clear() {
+        SPANS.with(|s| s.borrow_mut().clear());
+    }
+
+    /// (name, total milliseconds, calls) per name, largest total first; forgets the spans.
+    pub fn report() -> Result<Vec<(String, f64, usize)>> {
+        let spans = SPANS.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for (name, start, end) in spans {
+            let ms = start.elapsed_ms(&end).w()? as f64;
+            let e = sums.entry(name).or_default();
+            e.0 += ms;
+            e.1 += 1;
+        }
+        let mut out: Vec<(String, f64, usize)> = sums.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(out)
+    }
 }
