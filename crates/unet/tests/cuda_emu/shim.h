@@ -9,7 +9,7 @@
 #include <memory>
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local Dim3 threadIdx;
-inline Dim3 blockIdx, blockDim;
+inline Dim3 blockIdx, blockDim, gridDim;
 inline std::barrier<>* block_bar;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
 inline float warp_buf[1024];
@@ -28,6 +28,7 @@ inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); r
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 template <class F> void launch(unsigned blocks, unsigned threads, F f) {
   blockDim.x = threads;
+  gridDim.x = blocks;
   for (unsigned b = 0; b < blocks; ++b) {
     blockIdx.x = b;
     std::barrier<> bb(threads); block_bar = &bb;
