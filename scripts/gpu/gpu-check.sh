@@ -6,7 +6,7 @@
 #
 #   OUT=/tmp/out bash scripts/gpu/gpu-check.sh [KIT=.gpu]
 #
-# Env knobs (defaults for an H100/H200: about 6 minutes in all, so that a 15-minute device budget holds a rerun):
+# Env knobs (defaults for an H100/H200: 7-8 minutes in all by estimate; AB=0 TRAIN_MINUTES=1 for a shorter rerun):
 #   DEVICE=cuda  RUNS=2  WARMUP=1  TRAIN_MINUTES=1.5  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
 #   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16  AB=1 (the train128 attribution runs)
 # Each step has its own time limit, so that one hang cannot take the whole session.
