@@ -55,7 +55,7 @@ fi
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' || echo "no torch: PyTorch side skipped"
 
 step "1. correctness: PyTorch fixtures, then each convolution pass against the CPU, through the $DEVICE path"
-# Our CUDA kernels (cuDNN convolution passes, fused GroupNorm, softmax, in-place Adam) are checked first; should a check
+# Our CUDA kernels (cuDNN convolution passes, fused GroupNorm, softmax, upsampling, in-place Adam) are checked first; should a check
 # fail, the run goes on with candle's own ops for the failing part, and says so, so that the
 # figures below still come back.
 selftest() { timeout 300 "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures; }
@@ -63,8 +63,8 @@ if selftest > "$OUT/self-test.txt" 2>&1; then
   cat "$OUT/self-test.txt"
 else
   cat "$OUT/self-test.txt"
-  for fallback in "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "UNET_CUDA_CONV=candle" "TRAINER_CUDA_ADAM=candle" \
-                  "UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle"; do
+  for fallback in "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "UNET_CUDA_UPSAMPLE=candle" "UNET_CUDA_CONV=candle" "TRAINER_CUDA_ADAM=candle" \
+                  "UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle"; do
     echo "self-test failed: retrying with $fallback"
     if env $fallback "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-fallback.txt" 2>&1; then
       cat "$OUT/self-test-fallback.txt"
@@ -102,7 +102,7 @@ if [ "$DEVICE" != cpu ]; then
 fi
 if [ "$AB" = 1 ]; then
   AB_CASE=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128)
-  for swap in "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "TRAINER_CUDA_ADAM=candle"; do
+  for swap in "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "UNET_CUDA_UPSAMPLE=candle" "TRAINER_CUDA_ADAM=candle"; do
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
     env $swap timeout 120 "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 \
       --python none --out "$OUT/ab-$tag.json" || echo "A/B run with $swap failed or ran out of time"

@@ -8,6 +8,9 @@
 //! - `softmax`'s scaled softmax over the last dimension: one kernel each way, keeping only the
 //!   output, where the composite keeps four attention-sized tensors per layer (at 32x32 and
 //!   batch 128, 512 MB each in f32).
+//! - `upsample`'s nearest x2 upsampling and its backward (the sum of each 2x2 block): candle
+//!   computes that backward as a grouped convolution, which it runs as one convolution per
+//!   channel (256 launches and a concatenation per layer).
 
 use std::sync::OnceLock;
 
@@ -40,6 +43,12 @@ pub fn nvrtc_once(cell: &'static OnceLock<std::result::Result<String, String>>, 
 pub fn norm_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     switch_on(&ON, "UNET_CUDA_NORM")
+}
+
+/// The upsampling kernels, unless `UNET_CUDA_UPSAMPLE=candle`.
+pub fn upsample_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    switch_on(&ON, "UNET_CUDA_UPSAMPLE")
 }
 
 /// The softmax kernels, unless `UNET_CUDA_SOFTMAX=candle`.
@@ -224,6 +233,41 @@ pub(crate) fn softmax_backward(y: &CudaStorage, ly: &Layout, dy: &CudaStorage, l
         (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run!(f32, "softmax_bwd_f32"),
         (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run!(bf16, "softmax_bwd_bf16"),
         _ => candle_core::bail!("softmax backward (CUDA): dtypes {:?}/{:?} not supported", y.dtype(), dy.dtype()),
+    })
+}
+
+/// Nearest x2 upsampling (`up`) of [n, c, h, w], or its adjoint, the 2x2 block sum (`!up`) of
+/// [n, c, 2h, 2w]; `l`'s last dimension is w (resp. 2w).
+pub(crate) fn upsample2x(x: &CudaStorage, lx: &Layout, up: bool) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    let total = lx.shape().elem_count();
+    let w_in = *lx.dims().last().unwrap_or(&1);
+    // Threads run over the smaller side: input values up, output values down.
+    let (n_threads, w, out_len) = if up { (total, w_in, total * 4) } else { (total / 4, w_in / 2, total / 4) };
+    let (n64, w_i) = (n_threads as i64, w as i32);
+    let blocks = n_threads.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            let xv = view::<$t>(x, lx, total)?;
+            // SAFETY: every output value is written (each input value's block, or each block's sum).
+            let mut out = unsafe { dev.alloc::<$t>(out_len)? };
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+            let mut args = func.builder();
+            args.arg(&xv).arg(&mut out).arg(&n64).arg(&w_i);
+            let name = || format!("{} {:?}", $name, lx.dims());
+            // SAFETY: argument types and order match `up2x_*` / `blocksum2x_*` in kernels.cu; the
+            // buffers hold `total` and `out_len` values.
+            profile::time(&dev, name, || unsafe { args.launch(cfg) }.w())?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match (&x.slice, up) {
+        (CudaStorageSlice::F32(_), true) => run!(f32, "up2x_f32"),
+        (CudaStorageSlice::BF16(_), true) => run!(bf16, "up2x_bf16"),
+        (CudaStorageSlice::F32(_), false) => run!(f32, "blocksum2x_f32"),
+        (CudaStorageSlice::BF16(_), false) => run!(bf16, "blocksum2x_bf16"),
+        _ => candle_core::bail!("upsample2x (CUDA): dtype {:?} not supported", x.dtype()),
     })
 }
 

@@ -7,6 +7,8 @@
 //   squared deviations), recomputed in the backward pass.
 // - softmax(scale * x) over the last dimension, forward and backward (`softmax.rs`): one block
 //   per row.
+// - nearest x2 upsampling and its adjoint, the sum of each 2x2 block (`upsample.rs`): one
+//   thread per input (resp. output) value, grid-stride.
 
 typedef unsigned short bf16_t;
 
@@ -180,3 +182,32 @@ extern "C" __global__ void softmax_fwd_f32(const float* x, float* y, int len, fl
 extern "C" __global__ void softmax_fwd_bf16(const bf16_t* x, bf16_t* y, int len, float scale) { softmax_fwd<bf16_t>(x, y, len, scale); }
 extern "C" __global__ void softmax_bwd_f32(const float* y, const float* dy, float* dx, int len, float scale) { softmax_bwd<float>(y, dy, dx, len, scale); }
 extern "C" __global__ void softmax_bwd_bf16(const bf16_t* y, const bf16_t* dy, bf16_t* dx, int len, float scale) { softmax_bwd<bf16_t>(y, dy, dx, len, scale); }
+
+// y [rows, 2, 2w] from x [rows, w] (rows = n*c*h): each value copied to its 2x2 block.
+template <typename T>
+__device__ void up2x(const T* x, T* y, long long n_in, int w) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_in; i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / w, col = i % w;
+        const long long o = row * 4 * w + 2 * col;
+        const T v = x[i];
+        y[o] = v;
+        y[o + 1] = v;
+        y[o + 2 * w] = v;
+        y[o + 2 * w + 1] = v;
+    }
+}
+
+// out [rows, w] = the sum of each 2x2 block of g [rows, 2, 2w], in the CPU op's order.
+template <typename T>
+__device__ void blocksum2x(const T* g, T* out, long long n_out, int w) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_out; i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / w, col = i % w;
+        const long long b = row * 4 * w + 2 * col;
+        st(out, i, (ld(g, b) + ld(g, b + 1)) + (ld(g, b + 2 * w) + ld(g, b + 2 * w + 1)));
+    }
+}
+
+extern "C" __global__ void up2x_f32(const float* x, float* y, long long n, int w) { up2x<float>(x, y, n, w); }
+extern "C" __global__ void up2x_bf16(const bf16_t* x, bf16_t* y, long long n, int w) { up2x<bf16_t>(x, y, n, w); }
+extern "C" __global__ void blocksum2x_f32(const float* g, float* out, long long n, int w) { blocksum2x<float>(g, out, n, w); }
+extern "C" __global__ void blocksum2x_bf16(const bf16_t* g, bf16_t* out, long long n, int w) { blocksum2x<bf16_t>(g, out, n, w); }

@@ -2,7 +2,9 @@
 //!
 //! candle 0.11 computes the backward of `upsample_nearest2d` as a grouped convolution with a
 //! kernel of ones on its direct-loop CPU path: 4% of a small model's training step, for what
-//! is a sum over 2x2 blocks. Other devices and dtypes use candle's op.
+//! is a sum over 2x2 blocks. On CUDA (f32, bf16) the same ops run the kernels of `cuda_ops`
+//! (candle runs that grouped convolution as one convolution per channel there). Other devices
+//! and dtypes use candle's op.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -10,11 +12,19 @@ use rayon::prelude::*;
 /// `[B, C, H, W]` -> `[B, C, 2H, 2W]`, each pixel repeated over a 2x2 block.
 pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fused(x) {
         x.contiguous()?.apply_op1(Upsample2x)
     } else {
         x.upsample_nearest2d(2 * h, 2 * w)
     }
+}
+
+fn fused(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return matches!(x.dtype(), DType::F32 | DType::BF16) && crate::cuda_ops::upsample_enabled();
+    }
+    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// (B, C, H, W).
@@ -51,6 +61,12 @@ impl candle_core::CustomOp1 for Upsample2x {
         Ok((CpuStorage::F32(out), Shape::from((n, c, 2 * h, 2 * w))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        Ok((crate::cuda_ops::upsample2x(s, l, true)?, Shape::from((n, c, 2 * h, 2 * w))))
+    }
+
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&BlockSum2x)?))
     }
@@ -62,6 +78,15 @@ struct BlockSum2x;
 impl candle_core::CustomOp1 for BlockSum2x {
     fn name(&self) -> &'static str {
         "block-sum-2x"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h2, w2) = l.shape().dims4()?;
+        if h2 % 2 != 0 || w2 % 2 != 0 {
+            candle_core::bail!("block-sum-2x: odd size {h2}x{w2}");
+        }
+        Ok((crate::cuda_ops::upsample2x(s, l, false)?, Shape::from((n, c, h2 / 2, w2 / 2))))
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {

@@ -1,4 +1,4 @@
-//! unet's CUDA kernels (`src/kernels.cu`: GroupNorm, softmax) run on the CPU under a small
+//! unet's CUDA kernels (`src/kernels.cu`: GroupNorm, softmax, x2 upsampling) run on the CPU under a small
 //! emulator (`tests/cuda_emu`: a thread per CUDA thread, real barriers and warp shuffles),
 //! against the CPU ops, forward and backward, in f32 and bf16. Their indexing, block
 //! reductions and bf16 rounding are checked here, where there is no GPU; the GPU itself is
@@ -196,6 +196,44 @@ fn softmax_case(exe: &Path, dir: &Path, rows: usize, len: usize, scale: f32, off
         for (name, got, want) in [("y", &y, &want_y), ("dx", &dx, &want_dx)] {
             let d = rel(got, want);
             assert!(d <= 1e-5, "{label}: {name} differs by {d:e} (relative to its largest value)");
+        }
+    }
+}
+
+#[test]
+fn upsample_kernels_match_the_cpu_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(exe) = compile(dir.path()) else { return };
+    for bf16 in [false, true] {
+        let (n, c, h, w) = (2, 3, 5, 7);
+        let rows = n * c * h;
+        let (mut x, mut g) = (values(rows * w, 11, 3.0, 0.5), values(rows * w * 4, 12, 1.0, 0.0));
+        if bf16 {
+            x = from_bf16_bits(&to_bf16_bits(&x));
+            g = from_bf16_bits(&to_bf16_bits(&g));
+            write_u16(dir.path().join("x.bin"), &to_bf16_bits(&x));
+            write_u16(dir.path().join("g.bin"), &to_bf16_bits(&g));
+        } else {
+            write_f32(dir.path().join("x.bin"), &x);
+            write_f32(dir.path().join("g.bin"), &g);
+        }
+        let out = Command::new(&exe).args(["up", &rows.to_string(), &w.to_string(), &(bf16 as u8).to_string()]).current_dir(dir.path()).output().unwrap();
+        assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
+        let read = |name: &str| if bf16 { from_bf16_bits(&read_u16(dir.path().join(name))) } else { read_f32(dir.path().join(name)) };
+        let (y, dx) = (read("y.bin"), read("dx.bin"));
+
+        let xv = Var::from_tensor(&Tensor::from_vec(x, (n, c, h, w), &Device::Cpu).unwrap()).unwrap();
+        let up = unet::upsample::upsample2x(xv.as_tensor()).unwrap();
+        let gt = Tensor::from_vec(g, (n, c, 2 * h, 2 * w), &Device::Cpu).unwrap();
+        let grads = up.mul(&gt).unwrap().sum_all().unwrap().backward().unwrap();
+        let want_y = up.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want_dx = grads.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Copies are exact; the block sums are the same four additions in the same order.
+        assert_eq!(y, want_y, "upsampling, bf16={bf16}");
+        if bf16 {
+            assert_bf16_rounded("block sums", &dx, &want_dx);
+        } else {
+            assert_eq!(dx, want_dx, "block sums");
         }
     }
 }

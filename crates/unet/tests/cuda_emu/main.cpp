@@ -2,6 +2,7 @@
 // working directory (f32, or bf16 bits where the kernel takes bf16):
 //   main gn N C HW G act use_mask bf16   x, w, b, mask, dy -> y, out (the backward's packed f32)
 //   main softmax ROWS LEN SCALE bf16     x, dy -> y, dx
+//   main up ROWS W bf16                  x [ROWS, W], g [ROWS, 2, 2W] -> y (x upsampled), dx (g's block sums)
 #include "kernels.cu"
 #include <cstdio>
 #include <cstdlib>
@@ -44,6 +45,18 @@ void run_softmax(int rows, int len, float scale, Fwd fwd, Bwd bwd) {
     wr("dx.bin", dx);
 }
 
+template <class T, class Up, class Sum>
+void run_up(int rows, int w, Up up, Sum sum) {
+    const long long n = (long long)rows * w;
+    auto x = rd<T>("x.bin", n), g = rd<T>("g.bin", 4 * n);
+    std::vector<T> y(4 * n), dx(n);
+    // A grid much smaller than the data: every grid-stride loop goes round several times.
+    launch(2, 64, [&] { up(x.data(), y.data(), n, w); });
+    launch(2, 64, [&] { sum(g.data(), dx.data(), n, w); });
+    wr("y.bin", y);
+    wr("dx.bin", dx);
+}
+
 int main(int argc, char** argv) {
     std::string mode = argc > 1 ? argv[1] : "";
     if (mode == "gn" && argc == 9) {
@@ -61,6 +74,12 @@ int main(int argc, char** argv) {
         else run_softmax<float>(rows, len, scale, softmax_fwd_f32, softmax_bwd_f32);
         return 0;
     }
-    fprintf(stderr, "usage: main gn N C HW G act use_mask bf16 | main softmax ROWS LEN SCALE bf16\n");
+    if (mode == "up" && argc == 5) {
+        int rows = atoi(argv[2]), w = atoi(argv[3]);
+        if (atoi(argv[4])) run_up<bf16_t>(rows, w, up2x_bf16, blocksum2x_bf16);
+        else run_up<float>(rows, w, up2x_f32, blocksum2x_f32);
+        return 0;
+    }
+    fprintf(stderr, "usage: main gn N C HW G act use_mask bf16 | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16\n");
     return 2;
 }
