@@ -295,15 +295,7 @@ impl InplaceOp3 for ParamUpdate {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dst_l: &Layout,
-        ms: &candle_core::CudaStorage,
-        ml: &Layout,
-        vs: &candle_core::CudaStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<()> {
+    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, dst_l: &Layout, ms: &candle_core::CudaStorage, ml: &Layout, vs: &candle_core::CudaStorage, vl: &Layout) -> candle_core::Result<()> {
         crate::adam_cuda::update(dst, dst_l, ms, ml, vs, vl, self.step_size, self.bias2_sqrt, self.eps)
     }
 }

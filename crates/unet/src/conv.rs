@@ -37,18 +37,14 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let op = ConvOp { stride: self.stride, padding: self.padding };
-        match backend(x, &self.weight) {
+        let y = match backend(x, &self.weight) {
             // The bias is folded into the GEMM: no extra pass, no extra tensor kept for backward.
-            Backend::Cpu => x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias, BiasedConvOp(op)),
-            Backend::Cudnn => {
-                let o = self.bias.dim(0)?;
-                x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
-            }
-            Backend::Candle => {
-                let o = self.bias.dim(0)?;
-                x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
-            }
-        }
+            Backend::Cpu => return x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias, BiasedConvOp(op)),
+            Backend::Cudnn => x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?,
+            Backend::Candle => x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?,
+        };
+        let o = self.bias.dim(0)?;
+        y.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
     }
 }
 
