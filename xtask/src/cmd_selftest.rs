@@ -3,7 +3,8 @@
 //! Meant for a GPU machine: the same numbers the CPU test suite checks, through the device path,
 //! then each convolution pass of the device (cuDNN with the `cudnn` feature) against the CPU
 //! kernels, shape by shape, in exact f32, TF32 and bf16, GroupNorm (+Hardswish, +mask) and the
-//! attention softmax in f32 and bf16, and three Adam steps against the CPU's.
+//! attention softmax and the x2 upsampling in f32 and bf16, and three Adam steps against the
+//! CPU's.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -128,7 +129,7 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     set_tf32(true);
     if !dev.is_cpu() {
         for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 2e-2)] {
-            for (name, d) in norm_softmax_against_cpu(&dev, dtype)? {
+            for (name, d) in fused_ops_against_cpu(&dev, dtype)? {
                 check(&format!("{name} {dtype:?}"), d, tol);
             }
         }
@@ -226,12 +227,13 @@ fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
     Ok(out)
 }
 
-/// GroupNorm + Hardswish + dropout mask at the reference model's 64x64 level, and the attention
-/// softmax at its 32x32 level (batch 2): output and input gradient on `dev` in `dtype` against
+/// GroupNorm + Hardswish + dropout mask at the reference model's 64x64 level, the attention
+/// softmax at its 32x32 level, and the x2 upsampling from 32x32 to 64x64 (batch 2): output and
+/// input gradient on `dev` in `dtype` against
 /// the CPU ops in f32, relative to the largest CPU value. In bf16 the measure is the relative
 /// RMS difference instead: bf16 inputs move some values across Hardswish's kinks at +-3, where
 /// its derivative jumps, and those few elements would make the largest difference meaningless.
-fn norm_softmax_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)>> {
+fn fused_ops_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)>> {
     let cpu = Device::Cpu;
     let (n, c, h) = (2, 128, 64);
     let x = Tensor::randn(0f32, 1., (n, c, h, h), &cpu)?.affine(2.0, 0.5)?;
@@ -241,7 +243,7 @@ fn norm_softmax_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f
     let r = Tensor::randn(0f32, 1., (n, c, h, h), &cpu)?;
     let scores = (Tensor::randn(0f32, 1., (n, 1024, 1024), &cpu)? * 8.0)?;
     let rs = Tensor::randn(0f32, 1., (n, 1024, 1024), &cpu)?;
-    let run = |d: &Device, dt: DType| -> Result<[Tensor; 4]> {
+    let run = |d: &Device, dt: DType| -> Result<[Tensor; 6]> {
         let xv = Var::from_tensor(&x.to_device(d)?.to_dtype(dt)?)?;
         let tensors = [("weight".to_string(), w.to_device(d)?.to_dtype(dt)?), ("bias".to_string(), b.to_device(d)?.to_dtype(dt)?)].into();
         let gn = unet::norm::GroupNorm::new(VarBuilder::from_tensors(tensors, dt, d), 32, c, 1e-5)?;
@@ -250,12 +252,23 @@ fn norm_softmax_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f
         let sv = Var::from_tensor(&scores.to_device(d)?.to_dtype(dt)?)?;
         let p = unet::softmax::scaled_softmax_last_dim(sv.as_tensor(), 1.0 / 16.0)?;
         let gs = p.to_dtype(DType::F32)?.mul(&rs.to_device(d)?)?.sum_all()?.backward()?;
-        Ok([y, gx.get(xv.as_tensor()).context("no GroupNorm input gradient")?.clone(), p, gs.get(sv.as_tensor()).context("no softmax input gradient")?.clone()])
+        let uv = Var::from_tensor(&x.narrow(2, 0, h / 2)?.narrow(3, 0, h / 2)?.contiguous()?.to_device(d)?.to_dtype(dt)?)?;
+        let u = unet::upsample::upsample2x(uv.as_tensor())?;
+        let gu = u.to_dtype(DType::F32)?.mul(&r.to_device(d)?)?.sum_all()?.backward()?;
+        Ok([
+            y,
+            gx.get(xv.as_tensor()).context("no GroupNorm input gradient")?.clone(),
+            p,
+            gs.get(sv.as_tensor()).context("no softmax input gradient")?.clone(),
+            u,
+            gu.get(uv.as_tensor()).context("no upsampling input gradient")?.clone(),
+        ])
     };
     let want = run(&cpu, DType::F32)?;
     let got = run(dev, dtype)?;
     let mut out = Vec::new();
-    for (name, (g, e)) in ["group norm+hardswish+mask fwd", "group norm+hardswish+mask dx", "softmax fwd", "softmax dx"].iter().zip(got.iter().zip(&want)) {
+    let names = ["group norm+hardswish+mask fwd", "group norm+hardswish+mask dx", "softmax fwd", "softmax dx", "upsample 2x fwd", "upsample 2x dx"];
+    for (name, (g, e)) in names.iter().zip(got.iter().zip(&want)) {
         if dtype == DType::F32 {
             let scale: f32 = e.abs()?.flatten_all()?.max(0)?.to_scalar()?;
             out.push((name.to_string(), max_diff(g, e)? / scale.max(1e-30)));
