@@ -77,29 +77,30 @@ fn backend(x: &Tensor, w: &Tensor) -> Backend {
     Backend::Candle
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Geometry {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    k: usize,
-    stride: usize,
-    padding: usize,
+/// Shape of one convolution: NCHW input, square kernel, stride and padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Geometry {
+    pub(crate) b: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) o: usize,
+    pub(crate) k: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
 }
 
 impl Geometry {
-    fn ho(&self) -> usize {
+    pub(crate) fn ho(&self) -> usize {
         (self.h + 2 * self.padding - self.k) / self.stride + 1
     }
-    fn wo(&self) -> usize {
+    pub(crate) fn wo(&self) -> usize {
         (self.w + 2 * self.padding - self.k) / self.stride + 1
     }
-    fn ckk(&self) -> usize {
+    pub(crate) fn ckk(&self) -> usize {
         self.c * self.k * self.k
     }
-    fn hw_out(&self) -> usize {
+    pub(crate) fn hw_out(&self) -> usize {
         self.ho() * self.wo()
     }
     /// 3x3, stride 1, padding 1: the shape `winograd` handles.
@@ -296,11 +297,6 @@ impl ConvOp {
         Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.ho(), g.wo()))))
     }
 
-    #[cfg(feature = "cudnn")]
-    fn dims(&self, b: usize, c: usize, h: usize, w: usize, o: usize, k: usize) -> crate::conv_cudnn::Dims {
-        crate::conv_cudnn::Dims { b, c, h, w, o, k, stride: self.stride, padding: self.padding }
-    }
-
     fn geometry(&self, x: &Layout, w: &Layout) -> Result<Geometry> {
         let (b, c, h, wd) = x.shape().dims4()?;
         let (o, c2, k, k2) = w.shape().dims4()?;
@@ -326,7 +322,7 @@ impl candle_core::CustomOp2 for ConvOp {
     #[cfg(feature = "cudnn")]
     fn cuda_fwd(&self, s1: &candle_core::cuda_backend::CudaStorage, l1: &Layout, s2: &candle_core::cuda_backend::CudaStorage, l2: &Layout) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
         let g = self.geometry(l1, l2)?;
-        let out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::Forward, self.dims(g.b, g.c, g.h, g.w, g.o, g.k), s1, l1, s2, l2)?;
+        let out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::Forward, g, s1, l1, s2, l2)?;
         Ok((out, Shape::from((g.b, g.o, g.ho(), g.wo()))))
     }
 
@@ -393,6 +389,15 @@ struct ConvInputGrad {
     w: usize,
 }
 
+impl ConvInputGrad {
+    /// From dY [B, O, Ho, Wo] and W [O, C, k, k].
+    fn geometry(&self, dy: &Layout, w: &Layout) -> Result<Geometry> {
+        let (b, o, _, _) = dy.shape().dims4()?;
+        let (_, _, k, _) = w.shape().dims4()?;
+        Ok(Geometry { b, c: self.c, h: self.h, w: self.w, o, k, stride: self.op.stride, padding: self.op.padding })
+    }
+}
+
 impl candle_core::CustomOp2 for ConvInputGrad {
     fn name(&self) -> &'static str {
         "conv2d-input-grad"
@@ -400,16 +405,14 @@ impl candle_core::CustomOp2 for ConvInputGrad {
 
     #[cfg(feature = "cudnn")]
     fn cuda_fwd(&self, s1: &candle_core::cuda_backend::CudaStorage, l1: &Layout, s2: &candle_core::cuda_backend::CudaStorage, l2: &Layout) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
-        let (b, o, _, _) = l1.shape().dims4()?;
-        let (_, _, k, _) = l2.shape().dims4()?;
-        let out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::InputGrad, self.op.dims(b, self.c, self.h, self.w, o, k), s1, l1, s2, l2)?;
-        Ok((out, Shape::from((b, self.c, self.h, self.w))))
+        let g = self.geometry(l1, l2)?;
+        let out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::InputGrad, g, s1, l1, s2, l2)?;
+        Ok((out, Shape::from((g.b, g.c, g.h, g.w))))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, o, _, _) = l1.shape().dims4()?;
-        let (_, _, k, _) = l2.shape().dims4()?;
-        let g = Geometry { b, c: self.c, h: self.h, w: self.w, o, k, stride: self.op.stride, padding: self.op.padding };
+        let g = self.geometry(l1, l2)?;
+        let (b, o) = (g.b, g.o);
         let dy = contiguous_f32(s1, l1)?;
         let w = contiguous_f32(s2, l2)?;
         let (img, hw, ckk) = (g.c * g.h * g.w, g.hw_out(), g.ckk());
@@ -443,6 +446,15 @@ struct ConvWeightGrad {
     k: usize,
 }
 
+impl ConvWeightGrad {
+    /// From X [B, C, H, W] and dY [B, O, Ho, Wo].
+    fn geometry(&self, x: &Layout, dy: &Layout) -> Result<Geometry> {
+        let (b, c, h, w) = x.shape().dims4()?;
+        let (_, o, _, _) = dy.shape().dims4()?;
+        Ok(Geometry { b, c, h, w, o, k: self.k, stride: self.op.stride, padding: self.op.padding })
+    }
+}
+
 impl candle_core::CustomOp2 for ConvWeightGrad {
     fn name(&self) -> &'static str {
         "conv2d-weight-grad"
@@ -450,16 +462,14 @@ impl candle_core::CustomOp2 for ConvWeightGrad {
 
     #[cfg(feature = "cudnn")]
     fn cuda_fwd(&self, s1: &candle_core::cuda_backend::CudaStorage, l1: &Layout, s2: &candle_core::cuda_backend::CudaStorage, l2: &Layout) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
-        let (b, c, h, wd) = l1.shape().dims4()?;
-        let (_, o, _, _) = l2.shape().dims4()?;
-        let out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::WeightGrad, self.op.dims(b, c, h, wd, o, self.k), s1, l1, s2, l2)?;
-        Ok((out, Shape::from((o, c, self.k, self.k))))
+        let g = self.geometry(l1, l2)?;
+        let out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::WeightGrad, g, s1, l1, s2, l2)?;
+        Ok((out, Shape::from((g.o, g.c, g.k, g.k))))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, wd) = l1.shape().dims4()?;
-        let (_, o, _, _) = l2.shape().dims4()?;
-        let g = Geometry { b, c, h, w: wd, o, k: self.k, stride: self.op.stride, padding: self.op.padding };
+        let g = self.geometry(l1, l2)?;
+        let (b, c, h, wd, o) = (g.b, g.c, g.h, g.w, g.o);
         let x = contiguous_f32(s1, l1)?;
         let dy = contiguous_f32(s2, l2)?;
         let (img, hw, ckk) = (c * h * wd, g.hw_out(), g.ckk());

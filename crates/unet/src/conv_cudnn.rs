@@ -26,6 +26,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, Result, WithDType};
 use half::{bf16, f16};
 
+use crate::conv::Geometry;
+
 static TF32: AtomicBool = AtomicBool::new(true);
 
 /// Whether f32 convolutions may use TF32 tensor cores (default: yes, like PyTorch's cuDNN).
@@ -42,37 +44,6 @@ pub fn tf32() -> bool {
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("UNET_CUDA_CONV").map_or(true, |v| v != "candle"))
-}
-
-/// Shape of one convolution, NCHW, square kernel, stride and padding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct Dims {
-    pub b: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    pub o: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub padding: usize,
-}
-
-impl Dims {
-    fn ho(&self) -> usize {
-        (self.h + 2 * self.padding - self.k) / self.stride + 1
-    }
-    fn wo(&self) -> usize {
-        (self.w + 2 * self.padding - self.k) / self.stride + 1
-    }
-    fn x_len(&self) -> usize {
-        self.b * self.c * self.h * self.w
-    }
-    fn y_len(&self) -> usize {
-        self.b * self.o * self.ho() * self.wo()
-    }
-    fn w_len(&self) -> usize {
-        self.o * self.c * self.k * self.k
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,7 +64,7 @@ enum Algo {
 }
 
 /// Pass, element type, exact f32 or not, shape.
-type AlgoKey = (Pass, DType, bool, Dims);
+type AlgoKey = (Pass, DType, bool, Geometry);
 
 thread_local! {
     // cuDNN handles are neither Send nor Sync: one per thread and device, as candle does.
@@ -121,7 +92,7 @@ fn contiguous<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> 
 }
 
 /// Runs one pass: `a`, `b` are (x, w), (dy, w) or (x, dy) as `pass` says.
-pub(crate) fn run(pass: Pass, d: Dims, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
+pub(crate) fn run(pass: Pass, d: Geometry, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
     let dev = a.device.clone();
     let name = || format!("conv {pass:?} {}->{} {}x{} k{} s{} b{} {:?}", d.c, d.o, d.h, d.w, d.k, d.stride, d.b, a.dtype());
     crate::cuda_ops::profile::time(&dev, name, || match (&a.slice, &b.slice) {
@@ -133,7 +104,7 @@ pub(crate) fn run(pass: Pass, d: Dims, a: &CudaStorage, la: &Layout, b: &CudaSto
     })
 }
 
-fn run_typed<T, C>(pass: Pass, d: Dims, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout, dev: &CudaDevice) -> Result<CudaStorage>
+fn run_typed<T, C>(pass: Pass, d: Geometry, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout, dev: &CudaDevice) -> Result<CudaStorage>
 where
     T: CudaDType + DeviceRepr + ValidAsZeroBits + CudnnDataType + WithDType,
     C: CudnnDataType,
@@ -176,7 +147,7 @@ where
                 Err(_) if algo != fallback => (remember(key, Algo::Forward, fallback), workspace(dev, op.get_workspace_size(fallback).map_err(w)?)?),
                 Err(e) => return Err(e),
             };
-            let mut out = unsafe { dev.alloc::<T>(d.y_len())? };
+            let mut out = unsafe { dev.alloc::<T>(d.b * d.o * d.hw_out())? };
             unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &bv, &mut out).map_err(w)? };
             out
         }
@@ -192,7 +163,7 @@ where
                 Err(_) if algo != fallback => (remember(key, Algo::InputGrad, fallback), workspace(dev, op.get_workspace_size(fallback).map_err(w)?)?),
                 Err(e) => return Err(e),
             };
-            let mut out = unsafe { dev.alloc::<T>(d.x_len())? };
+            let mut out = unsafe { dev.alloc::<T>(d.b * d.c * d.h * d.w)? };
             // `a` is dy, `b` the kernel.
             unsafe { op.launch(algo, ws.as_mut(), (one, zero), &mut out, &bv, &av).map_err(w)? };
             out
@@ -209,7 +180,7 @@ where
                 Err(_) if algo != fallback => (remember(key, Algo::WeightGrad, fallback), workspace(dev, op.get_workspace_size(fallback).map_err(w)?)?),
                 Err(e) => return Err(e),
             };
-            let mut out = unsafe { dev.alloc::<T>(d.w_len())? };
+            let mut out = unsafe { dev.alloc::<T>(d.o * d.ckk())? };
             // `a` is x, `b` is dy.
             unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &mut out, &bv).map_err(w)? };
             out
