@@ -4,11 +4,13 @@ own process so that its peak memory is its own. Called by `cargo xtask bench`.
   python scripts/bench_torch.py --case forward|train8|train16|reduced-forward|reduced-train|ddim50|ddpm100
          |forward128|train128|ddim50x256|ddpm100x256|ddpm1000x256
          [--ref-dir ../shared/bench] [--threads 2] [--runs 3] [--warmup 1] [--device cpu|cuda] [--precision f32|bf16]
-         [--profile FILE]
+         [--profile FILE] [--compile]
 Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb (and peak_gpu_mb on CUDA).
 On CUDA, bf16 is torch.autocast(bfloat16) around the forward pass, as a Lightning user would run it.
 --profile runs the case once more under torch.profiler and writes its op table (self CUDA time,
 top 30) to FILE: where PyTorch's time goes, to set beside ours.
+--compile wraps the model in torch.compile (default mode) and calls it once, untimed, before the
+warm-up; the JSON then has compiled=true and compile_s, the time of that first call.
 """
 import argparse
 import json
@@ -28,6 +30,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="f32")
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
     sys.path.insert(0, a.ref_dir)
     import torch
@@ -59,6 +62,27 @@ def main():
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and a.precision == "bf16")
     if a.precision == "bf16" and not cuda:
         raise SystemExit("bf16 autocast is measured on CUDA only")
+    compile_s = None
+    if a.compile:
+        if not cuda and kind in ("forward", "train"):
+            raise SystemExit("--compile is measured on CUDA (bench_cpu.py times the CPU cases)")
+        model = torch.compile(model)
+        # Compiling happens at the first call, in train mode for training (the graph differs:
+        # dropout) and under no_grad for the rest; it is timed on its own.
+        model.train(kind == "train")
+        xc = torch.randn(bs, 3, hw, hw, device=dev)
+        tc = torch.randint(0, 1000, (bs,), device=dev)
+        t0 = time.perf_counter()
+        if kind == "train":
+            with amp:
+                model(xc, tc).float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad(), amp:
+                model(xc, tc)
+        if cuda:
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
 
     def sync():
         if cuda:
@@ -145,8 +169,12 @@ def main():
     out = dict(case=a.case, batch=bs, median_s=med, runs_s=ts, images_per_s=bs / med,
                peak_rss_mb=peak_mb, torch=torch.__version__, threads=torch.get_num_threads(),
                device=a.device, precision=a.precision)
+    if compile_s is not None:
+        out["compiled"] = True
+        out["compile_s"] = compile_s
     if cuda:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
         out["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(out))
 

@@ -9,6 +9,8 @@
 # Env knobs (defaults for an H100/H200: 7-8 minutes in all by estimate; AB=0 TRAIN_MINUTES=1 for a shorter rerun):
 #   DEVICE=cuda  RUNS=2  WARMUP=1  TRAIN_MINUTES=1.5  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
 #   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16  AB=1 (the train128 attribution runs)
+#   STEPS="1 2 2b 4" (which steps run: a rerun can redo only what failed; 5 = PyTorch with
+#   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare)
 # Each step has its own time limit, so that one hang cannot take the whole session.
 # On CPU (to test this script here): KIT=.gpu-cpu DEVICE=cpu CASES=reduced-forward PRECISIONS=f32 \
 #   TRAIN_MINUTES=0.3 CONFIG=configs/mini64.toml BATCH=16 GRID=4x4 RUNS=1 WARMUP=0
@@ -26,6 +28,8 @@ CONFIG=${CONFIG:-configs/anime64.toml}
 BATCH=${BATCH:-64}
 GRID=${GRID:-16x16}
 AB=${AB:-1}
+STEPS=" ${STEPS:-1 2 2b 4} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 BIN=$KIT/xtask
 mkdir -p "$OUT"
 if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then
@@ -54,6 +58,7 @@ fi
 "$BIN" --version
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' || echo "no torch: PyTorch side skipped"
 
+want 1 && {
 step "1. correctness: PyTorch fixtures, then each convolution pass against the CPU, through the $DEVICE path"
 # Our CUDA kernels (cuDNN convolution passes, fused GroupNorm, softmax, upsampling, in-place Adam) are checked first; should a check
 # fail, the run goes on with candle's own ops for the failing part, and says so, so that the
@@ -76,7 +81,9 @@ else
     cat "$OUT/self-test-fallback.txt"
   done
 fi
+}
 
+want 2 && {
 step "2+3. throughput and memory, ours then PyTorch, same card (cases: $CASES)"
 for p in $PRECISIONS; do
   MEM=$OUT/gpu-mem-$p.csv
@@ -88,7 +95,9 @@ for p in $PRECISIONS; do
     --python "$PY" --torch-bench "$KIT/bench" --out "$OUT/bench-$p.json" || echo "bench $p failed"
   [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null; SMI=
 done
+}
 
+want 2b && {
 step "2b. where the time goes: our per-op GPU times and PyTorch's profile, then ours with each of our CUDA kernels swapped for candle's"
 if [ "$DEVICE" != cpu ]; then
   for p in $PRECISIONS; do
@@ -102,13 +111,15 @@ if [ "$DEVICE" != cpu ]; then
 fi
 if [ "$AB" = 1 ]; then
   AB_CASE=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128)
-  for swap in "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "UNET_CUDA_UPSAMPLE=candle" "TRAINER_CUDA_ADAM=candle"; do
+  for swap in "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "UNET_CUDA_UPSAMPLE=candle" "TRAINER_CUDA_ADAM=candle" "UNET_CUDA_POOL=candle"; do
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
     env $swap timeout 120 "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 \
       --python none --out "$OUT/ab-$tag.json" || echo "A/B run with $swap failed or ran out of time"
   done
 fi
+}
 
+want 4 && {
 step "4. a real training run on anime-faces-mini ($TRAIN_MINUTES min), then a 16x16 grid; first 20 steps of bf16 training"
 if [ "$DEVICE" != cpu ]; then
   RUN_BF=$(mktemp -d)/mini-bf16
@@ -125,4 +136,15 @@ timeout 180 "$BIN" sample --checkpoint "$RUN" --device "$DEVICE" --grid "$GRID" 
 # Plain names only come back ('=' in the sampler's file name would not).
 for f in "$OUT"/gen/*.png; do [ -f "$f" ] && mv "$f" "$OUT/sample-grid-ddim50.png"; done
 rmdir "$OUT/gen" 2>/dev/null
+}
+
+want 5 && {
+step "5. PyTorch with torch.compile (train128, then ddim50x256), each precision"
+for p in $PRECISIONS; do
+  for c in train128 ddim50x256; do
+    timeout 240 $PY scripts/bench_torch.py --case "$c" --device "$DEVICE" --precision "$p" --ref-dir "$KIT/bench" \
+      --runs "$RUNS" --warmup "$WARMUP" --compile | tee "$OUT/torch-compile-$c-$p.json" || echo "torch.compile $c $p failed"
+  done
+done
+}
 step "done"

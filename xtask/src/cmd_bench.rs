@@ -347,11 +347,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let torch = torch_case(&args, name)?;
         let ours_s = ours["median_s"].as_f64().unwrap_or(f64::NAN);
         let t = torch.as_ref().and_then(|r| r["median_s"].as_f64());
-        // On a GPU the memory columns are device memory (ours over the context's baseline,
-        // PyTorch's max_memory_allocated); on the CPU, peak resident memory.
+        // On a GPU the memory columns are device memory (ours: the driver's count over the
+        // context's baseline, our memory pool included; PyTorch's max_memory_allocated, and its
+        // max_memory_reserved after it, the figure that counts its caching allocator as ours
+        // counts our pool); on the CPU, peak resident memory.
         let gpu = ours.get("peak_gpu_mb").is_some();
         let key = if gpu { "peak_gpu_mb" } else { "peak_rss_mb" };
         let tp = torch.as_ref().and_then(|r| r[key].as_f64());
+        let reserved = torch.as_ref().and_then(|r| r["peak_gpu_reserved_mb"].as_f64());
         println!(
             "{:<16} {:>5} {:>10.3} {:>10} {:>8} {:>9.0} {:>9}{}",
             name,
@@ -361,7 +364,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             t.map(|x| format!("{:.2}x", x / ours_s)).unwrap_or("-".into()),
             ours[key].as_f64().unwrap_or(f64::NAN),
             tp.map(|x| format!("{x:.0}")).unwrap_or("-".into()),
-            if gpu { "  (GPU MB)" } else { "" },
+            match (gpu, reserved) {
+                (true, Some(r)) => format!("  (GPU MB; torch reserved {r:.0})"),
+                (true, None) => "  (GPU MB)".into(),
+                _ => String::new(),
+            },
         );
         if let Some(p) = ours.get("profile") {
             // UNET_CUDA_PROFILE=1: where our GPU time went in one more run of the case.

@@ -21,7 +21,13 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("device '{s}' requested but this binary was built without CUDA (build with --features cuda, see README)");
             }
-            Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+            let dev = Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
+            // Only speed is at stake: should the driver refuse, run with candle's defaults.
+            #[cfg(feature = "cuda")]
+            if let Err(e) = unet::cuda_ops::tune_device(&dev) {
+                tracing::warn!("CUDA device {ordinal}: keeping candle's allocator settings ({e})");
+            }
+            Ok(dev)
         }
         other => bail!("unknown device '{other}': expected cpu, cuda or cuda:N"),
     }

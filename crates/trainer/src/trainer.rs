@@ -118,14 +118,18 @@ impl StepEngine {
             let predict = move |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Train { seed });
             self.schedule.loss(&predict, x0, &ts, &noise)?
         };
-        let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        if !loss_v.is_finite() {
-            return Err(TrainError::NonFinite(format!("loss is {loss_v} at step {}", step + 1)));
-        }
         let grads = loss.backward()?;
         let mut g = self.opt.gradients(&grads)?;
         drop(grads);
+        // One wait for the device a step, here: reading the loss before the backward pass would
+        // add a second one, leaving a GPU idle while the backward pass is queued. Nothing has
+        // been updated yet, so a non-finite loss is still caught before it does harm.
         let norm = global_norm(&g)?;
+        let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        drop(loss);
+        if !loss_v.is_finite() {
+            return Err(TrainError::NonFinite(format!("loss is {loss_v} at step {}", step + 1)));
+        }
         if !norm.is_finite() {
             return Err(TrainError::NonFinite(format!("gradient norm is {norm} at step {}", step + 1)));
         }

@@ -11,6 +11,7 @@
 //! - `upsample`'s nearest x2 upsampling and its backward (the sum of each 2x2 block): candle
 //!   computes that backward as a grouped convolution, which it runs as one convolution per
 //!   channel (256 launches and a concatenation per layer).
+//! - [`tune_device`]: the allocator settings a training loop wants, set once per device.
 
 use std::sync::OnceLock;
 
@@ -37,6 +38,46 @@ pub fn nvrtc_once(cell: &'static OnceLock<std::result::Result<String, String>>, 
     cell.get_or_init(|| candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(src).map(|p| p.to_src()).map_err(|e| format!("{e:?}")))
         .as_deref()
         .map_err(|e| candle_core::Error::Msg(format!("compiling {what}: {e}")))
+}
+
+/// Sets up a CUDA device for many short-lived tensors, unless `UNET_CUDA_POOL=candle`:
+/// - cudarc allocates from the device's stream-ordered memory pool, whose release threshold is 0
+///   by default: every synchronization (one per training step, reading the loss) hands the
+///   pool's free memory back to the driver, and the next step maps it again, gigabytes of it.
+///   PyTorch's caching allocator keeps it, and so do RMM and PyTorch's own cudaMallocAsync
+///   backend, by setting the threshold to the maximum; so do we.
+/// - cudarc creates two events per allocation to order uses across streams; candle runs every
+///   op on one stream, where they are never waited on, so tensors made after this skip them.
+///
+/// A device without memory pools is left as it is. Other devices: nothing to do.
+pub fn tune_device(dev: &candle_core::Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    static ON: OnceLock<bool> = OnceLock::new();
+    let candle_core::Device::Cuda(d) = dev else { return Ok(()) };
+    if !switch_on(&ON, "UNET_CUDA_POOL") {
+        return Ok(());
+    }
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    if ctx.has_async_alloc() {
+        ctx.bind_to_thread().w()?;
+        let mut keep_all = u64::MAX;
+        // SAFETY: the device comes from a live context, and the release threshold attribute
+        // takes a u64 (cuMemPoolSetAttribute's documentation).
+        unsafe {
+            let pool = result::device::get_mem_pool(ctx.cu_device()).w()?;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep_all as *mut u64).cast(),
+            )
+            .w()?;
+        }
+    }
+    // SAFETY: candle never puts this device in multi-stream mode (one stream per device), the
+    // only mode in which cudarc waits on these events.
+    unsafe { d.disable_event_tracking() };
+    Ok(())
 }
 
 /// The fused GroupNorm kernels, unless `UNET_CUDA_NORM=candle`.
