@@ -9,7 +9,7 @@
 # Env knobs (defaults for an H100/H200: 7-8 minutes in all by estimate; AB=0 TRAIN_MINUTES=1 for a shorter rerun):
 #   DEVICE=cuda  RUNS=2  WARMUP=1  TRAIN_MINUTES=1.5  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
 #   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16  AB=1 (the train128 attribution runs)
-#   STEPS="1 2 2b 4" (which steps run: a rerun can redo only what failed; 5 = PyTorch with
+#   THREADS=$(nproc)  STEPS="1 2 2b 4" (which steps run: a rerun can redo only what failed; 5 = PyTorch with
 #   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare)
 # Each step has its own time limit, so that one hang cannot take the whole session.
 # On CPU (to test this script here): KIT=.gpu-cpu DEVICE=cpu CASES=reduced-forward PRECISIONS=f32 \
@@ -28,6 +28,8 @@ CONFIG=${CONFIG:-configs/anime64.toml}
 BATCH=${BATCH:-64}
 GRID=${GRID:-16x16}
 AB=${AB:-1}
+# The host side of our steps (noise, batches) runs on these; a GPU machine's users have them all.
+THREADS=${THREADS:-$(nproc)}
 STEPS=" ${STEPS:-1 2 2b 4} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 BIN=$KIT/xtask
@@ -91,7 +93,7 @@ for p in $PRECISIONS; do
     nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 200 > "$MEM" &
     SMI=$!
   fi
-  timeout 300 "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$CASES" --runs "$RUNS" --warmup "$WARMUP" \
+  timeout 300 "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$CASES" --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" \
     --python "$PY" --torch-bench "$KIT/bench" --out "$OUT/bench-$p.json" || echo "bench $p failed"
   [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null; SMI=
 done
@@ -102,7 +104,7 @@ step "2b. where the time goes: our per-op GPU times and PyTorch's profile, then 
 if [ "$DEVICE" != cpu ]; then
   for p in $PRECISIONS; do
     # Ours: GPU time per op and shape of our own kernels in one training step (UNET_CUDA_PROFILE).
-    UNET_CUDA_PROFILE=1 timeout 120 "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 1 --warmup 1 \
+    UNET_CUDA_PROFILE=1 timeout 120 "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 1 --warmup 1 --threads "$THREADS" \
       --python none --out "$OUT/profile-ours-train128-$p.json" || echo "our profile $p failed"
     timeout 120 $PY scripts/bench_torch.py --case train128 --device "$DEVICE" --precision "$p" --ref-dir "$KIT/bench" \
       --runs 1 --warmup 2 --profile "$OUT/torch-profile-train128-$p.txt" > /dev/null || echo "torch profile $p failed"
@@ -113,7 +115,7 @@ if [ "$AB" = 1 ]; then
   AB_CASE=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128)
   for swap in "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "UNET_CUDA_UPSAMPLE=candle" "TRAINER_CUDA_ADAM=candle" "UNET_CUDA_POOL=candle"; do
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
-    env $swap timeout 120 "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 \
+    env $swap timeout 120 "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 --threads "$THREADS" \
       --python none --out "$OUT/ab-$tag.json" || echo "A/B run with $swap failed or ran out of time"
   done
 fi

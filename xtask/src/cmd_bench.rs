@@ -255,15 +255,19 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
         }
         "ddim" | "ddpm" => {
             let model = frozen(&c.cfg, &dev, dt)?;
-            let x_t = rng.randn((c.batch, 3, s, s), &dev)?.to_dtype(dt)?;
+            // An f32 state with a bf16 model, as PyTorch's autocast runs it.
+            let x_t = rng.randn((c.batch, 3, s, s), &dev)?;
             let kind = if c.kind == "ddim" {
                 SamplerKind::Ddim { steps: c.steps, eta: 0.0 }
             } else {
                 SamplerKind::Ddpm { variance: diffusion::Variance::BetaTilde, final_noise: Default::default() }
             };
             let t_start = if c.kind == "ddpm" { c.steps - 1 } else { schedule.num_steps() - 1 };
+            // The sampler users run (per-image noise streams drawn in parallel, images back
+            // on the host), one batch.
+            let sampler = sampler::Sampler::for_unet(&model, &schedule).batch(c.batch);
             time_runs(0, runs.min(1), || {
-                let x0 = diffusion::reverse_process(&schedule, &sampler::EvalModel(&model), &x_t, t_start, &kind, &mut rng, |_, _, _, _| {})?;
+                let x0 = sampler.sample_from_step(&x_t, t_start, &kind, rng.next_u64(), |_, _| {})?;
                 drop(x0);
                 sync(&dev)
             })?

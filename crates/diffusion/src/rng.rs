@@ -8,7 +8,11 @@ use candle_core::{Device, Shape, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+/// Above this many values, [`NoiseRng::normal_vec`] fills chunks of this size in parallel.
+pub const NORMAL_CHUNK: usize = 1 << 15;
 
 /// A ChaCha8 generator with Gaussian/uniform helpers that produce candle tensors.
 #[derive(Debug, Clone)]
@@ -69,8 +73,25 @@ impl NoiseRng {
         self.inner.random_bool(p)
     }
 
+    /// `n` standard normal values. Up to [`NORMAL_CHUNK`] they come straight from this stream;
+    /// above, one `u64` drawn from it seeds a stream per chunk of `NORMAL_CHUNK` values, filled
+    /// in parallel. The values depend on the stream's position and `n` only, not on the thread
+    /// count. Why: a training batch of 128 is 1.5 M values, ~11 ms on one core, and on a GPU the
+    /// device waits for them at the start of every step.
     pub fn normal_vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.inner.sample::<f32, _>(StandardNormal)).collect()
+        if n <= NORMAL_CHUNK {
+            return (0..n).map(|_| self.inner.sample::<f32, _>(StandardNormal)).collect();
+        }
+        let seed = self.next_u64();
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(NORMAL_CHUNK).enumerate().for_each(|(i, chunk)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(i as u64);
+            for v in chunk {
+                *v = rng.sample(StandardNormal);
+            }
+        });
+        out
     }
 
     /// Standard normal f32 tensor, drawn on the host and moved to `device`.
@@ -116,6 +137,32 @@ mod tests {
         let mut a = NoiseRng::with_stream(1, 0);
         let mut b = NoiseRng::with_stream(1, 1);
         assert_ne!(a.next_u64(), b.next_u64());
+    }
+
+    #[test]
+    fn parallel_normals_are_reproducible_resumable_and_independent() {
+        let n = 3 * NORMAL_CHUNK + 17;
+        let mut a = NoiseRng::new(5);
+        let first = a.normal_vec(n);
+        let saved = a.state();
+        let second = a.normal_vec(n);
+        assert_eq!(NoiseRng::new(5).normal_vec(n), first);
+        assert_eq!(NoiseRng::from_state(&saved).unwrap().normal_vec(n), second);
+        assert_ne!(first, second);
+        // Each chunk has its own stream: no two chunks repeat each other.
+        let chunks: Vec<&[f32]> = first.chunks(NORMAL_CHUNK).collect();
+        for i in 0..chunks.len() {
+            for j in i + 1..chunks.len() {
+                let k = chunks[j].len().min(chunks[i].len());
+                assert_ne!(chunks[i][..k], chunks[j][..k], "chunks {i} and {j}");
+            }
+        }
+        // The same values with one thread as with many.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        assert_eq!(pool.install(|| NoiseRng::new(5).normal_vec(n)), first);
+        let m = first.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+        let var = first.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n as f64;
+        assert!(m.abs() < 0.02 && (var - 1.0).abs() < 0.02, "{m} {var}");
     }
 
     #[test]

@@ -52,12 +52,14 @@ pub enum SamplerError {
 
 pub type Result<T> = std::result::Result<T, SamplerError>;
 
-/// A UNet in evaluation mode (dropout off) as a noise predictor.
+/// A UNet in evaluation mode (dropout off) as a noise predictor. A model in another dtype than
+/// the state (bf16 weights, f32 state) gets its input cast and gives its prediction back in the
+/// state's dtype, as under `torch.autocast`: the chain of small updates keeps f32 precision.
 pub struct EvalModel<'a>(pub &'a UNet);
 
 impl NoisePredictor for EvalModel<'_> {
     fn predict_noise(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        self.0.forward_t(x_t, t, Mode::Eval)
+        self.0.forward_t(&x_t.to_dtype(self.0.dtype())?, t, Mode::Eval)?.to_dtype(x_t.dtype())
     }
 }
 

@@ -285,10 +285,16 @@ impl<'a> Sampler<'a> {
 
     /// Samples from the given x_T (`[N, C, H, W]`); per-step noise of image i from stream i
     /// of `seed`. `on_step(i, n)` is called after step i (0-based) of n, for every batch.
-    pub fn sample_from(&self, x_t: &Tensor, kind: &SamplerKind, seed: u64, mut on_step: impl FnMut(usize, usize)) -> Result<Tensor> {
+    pub fn sample_from(&self, x_t: &Tensor, kind: &SamplerKind, seed: u64, on_step: impl FnMut(usize, usize)) -> Result<Tensor> {
+        self.sample_from_step(x_t, self.last_step(), kind, seed, on_step)
+    }
+
+    /// [`Sampler::sample_from`] with `x_t` taken as the state at step `t_start` (0-based)
+    /// rather than T-1: the last `t_start + 1` DDPM steps (the benchmark times 100 of 1000).
+    pub fn sample_from_step(&self, x_t: &Tensor, t_start: usize, kind: &SamplerKind, seed: u64, mut on_step: impl FnMut(usize, usize)) -> Result<Tensor> {
         validate_kind(self.schedule, kind)?;
         let n = x_t.dim(0)?;
-        let steps = reverse_steps(self.schedule, kind, self.last_step())?;
+        let steps = reverse_steps(self.schedule, kind, t_start)?;
         let total = steps.len();
         self.progress.begin(n.div_ceil(self.batch) * total);
         let mut outs = Vec::new();

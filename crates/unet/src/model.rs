@@ -349,6 +349,11 @@ impl UNet {
         self.time_embedding.table()
     }
 
+    /// The dtype of the weights (and so of the computation).
+    pub fn dtype(&self) -> candle_core::DType {
+        self.time_table().dtype()
+    }
+
     /// `x`: [B, C, H, W]; `t`: u32/i64 steps of shape [B] (or [1], broadcast over the batch).
     pub fn forward_t(&self, x: &Tensor, t: &Tensor, mode: Mode) -> Result<Tensor> {
         Ok(self.forward_with_intermediates(x, t, mode)?.0)
