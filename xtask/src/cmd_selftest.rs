@@ -227,7 +227,7 @@ fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
     Ok(out)
 }
 
-/// GroupNorm + Hardswish + dropout mask at the reference model's 64x64 level, the attention
+/// GroupNorm + Hardswish + dropout (a mask, and hashed) at the reference model's 64x64 level, the attention
 /// softmax at its 32x32 level, and the x2 upsampling from 32x32 to 64x64 (batch 2): output and
 /// input gradient on `dev` in `dtype` against
 /// the CPU ops in f32, relative to the largest CPU value. In bf16 the measure is the relative
@@ -243,12 +243,17 @@ fn fused_ops_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)
     let r = Tensor::randn(0f32, 1., (n, c, h, h), &cpu)?;
     let scores = (Tensor::randn(0f32, 1., (n, 1024, 1024), &cpu)? * 8.0)?;
     let rs = Tensor::randn(0f32, 1., (n, 1024, 1024), &cpu)?;
-    let run = |d: &Device, dt: DType| -> Result<[Tensor; 6]> {
+    // The CUDA training path's dropout: the device recomputes the mask from the hash, the CPU
+    // op takes it built on the host.
+    let hashed = unet::norm::HashedDropout::new(999, 3, 0.1);
+    let run = |d: &Device, dt: DType| -> Result<[Tensor; 8]> {
         let xv = Var::from_tensor(&x.to_device(d)?.to_dtype(dt)?)?;
         let tensors = [("weight".to_string(), w.to_device(d)?.to_dtype(dt)?), ("bias".to_string(), b.to_device(d)?.to_dtype(dt)?)].into();
         let gn = unet::norm::GroupNorm::new(VarBuilder::from_tensors(tensors, dt, d), 32, c, 1e-5)?;
         let y = gn.forward_hardswish_masked(xv.as_tensor(), &mask.to_device(d)?)?;
         let gx = y.to_dtype(DType::F32)?.mul(&r.to_device(d)?)?.sum_all()?.backward()?;
+        let yh = gn.forward_hardswish_dropout(xv.as_tensor(), hashed)?;
+        let gh = yh.to_dtype(DType::F32)?.mul(&r.to_device(d)?)?.sum_all()?.backward()?;
         let sv = Var::from_tensor(&scores.to_device(d)?.to_dtype(dt)?)?;
         let p = unet::softmax::scaled_softmax_last_dim(sv.as_tensor(), 1.0 / 16.0)?;
         let gs = p.to_dtype(DType::F32)?.mul(&rs.to_device(d)?)?.sum_all()?.backward()?;
@@ -258,6 +263,8 @@ fn fused_ops_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)
         Ok([
             y,
             gx.get(xv.as_tensor()).context("no GroupNorm input gradient")?.clone(),
+            yh,
+            gh.get(xv.as_tensor()).context("no GroupNorm (hashed dropout) input gradient")?.clone(),
             p,
             gs.get(sv.as_tensor()).context("no softmax input gradient")?.clone(),
             u,
@@ -267,7 +274,12 @@ fn fused_ops_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)
     let want = run(&cpu, DType::F32)?;
     let got = run(dev, dtype)?;
     let mut out = Vec::new();
-    let names = ["group norm+hardswish+mask fwd", "group norm+hardswish+mask dx", "softmax fwd", "softmax dx", "upsample 2x fwd", "upsample 2x dx"];
+    let names = [
+        "group norm+hardswish+mask fwd",
+        "group norm+hardswish+mask dx",
+        "group norm+hardswish+hashed dropout fwd",
+        "group norm+hardswish+hashed dropout dx",
+        "softmax fwd", "softmax dx", "upsample 2x fwd", "upsample 2x dx"];
     for (name, (g, e)) in names.iter().zip(got.iter().zip(&want)) {
         if dtype == DType::F32 {
             let scale: f32 = e.abs()?.flatten_all()?.max(0)?.to_scalar()?;

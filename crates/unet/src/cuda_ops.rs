@@ -1,6 +1,7 @@
 //! The CUDA side of unet's fused ops, in f32 and bf16 (`kernels.cu`, compiled once per process
 //! by NVRTC):
-//! - `norm`'s GroupNorm (+ Hardswish, + dropout mask): one kernel forward, one backward.
+//! - `norm`'s GroupNorm (+ Hardswish, + dropout: a stored mask, or `HashedDropout`, which stores
+//!   none): one kernel forward, one backward.
 //!   candle's composite GroupNorm is about ten kernels forward, each keeping a full-size
 //!   intermediate for the backward pass, and Hardswish and the mask add five more; on a GPU
 //!   these passes are memory-bound, so their count is the cost. Here the forward pass reads the
@@ -20,6 +21,8 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, LaunchConf
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{Layout, Result, Storage, Tensor};
 use half::bf16;
+
+use crate::norm::HashedDropout;
 
 const SRC: &str = include_str!("kernels.cu");
 const MODULE: &str = "unet_kernels";
@@ -103,13 +106,29 @@ fn ptx() -> Result<&'static str> {
     nvrtc_once(&PTX, SRC, "unet's CUDA kernels")
 }
 
-/// The GroupNorm kernels' first four arguments: x, w, b, and the mask or a null pointer.
-fn push_x_w_b_mask<'a, T>(args: &mut LaunchArgs<'a>, x: &'a CudaView<'a, T>, w: &'a CudaView<'a, T>, b: &'a CudaView<'a, T>, mask: &'a Option<CudaView<'a, f32>>, null: &'a usize) {
-    args.arg(x).arg(w).arg(b);
-    match mask {
-        Some(m) => args.arg(m),
-        None => args.arg(null),
-    };
+/// The GroupNorm kernels' dropout arguments (`GN_DROP_ARGS`), last: the mask or a null
+/// pointer, then the hash key, threshold (0: none) and scale.
+struct DropArgs {
+    key: u64,
+    thr: u32,
+    scale: f32,
+}
+
+impl DropArgs {
+    fn new(hashed: Option<HashedDropout>) -> Self {
+        match hashed {
+            Some(h) => Self { key: h.key, thr: h.threshold, scale: h.scale },
+            None => Self { key: 0, thr: 0, scale: 1.0 },
+        }
+    }
+
+    fn push<'a>(&'a self, args: &mut LaunchArgs<'a>, mask: &'a Option<CudaView<'a, f32>>, null: &'a usize) {
+        match mask {
+            Some(m) => args.arg(m),
+            None => args.arg(null),
+        };
+        args.arg(&self.key).arg(&self.thr).arg(&self.scale);
+    }
 }
 
 /// Shape of a GroupNorm call: [n, c, ...spatial].
@@ -155,13 +174,15 @@ fn with_mask<R>(mask: Option<&Tensor>, len: usize, f: impl FnOnce(Option<CudaVie
     }
 }
 
-/// y = act(group_norm(x) * w + b) * mask, in x's dtype (w and b share it).
+/// y = act(group_norm(x) * w + b) * dropout (the mask, or the hashed factors), in x's dtype (w
+/// and b share it).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
+pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
     let dev = x.device.clone();
     let len = d.n * d.c * d.hw;
     let (c, hw, g, act) = (d.c as i32, d.hw as i32, d.groups as i32, act as i32);
     let null = 0usize;
+    let drop = DropArgs::new(hashed);
     with_mask(mask, len, |mask| {
         macro_rules! run {
             ($t:ty, $name:literal) => {{
@@ -170,8 +191,8 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &C
                 let mut out = unsafe { dev.alloc::<$t>(len)? };
                 let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
                 let mut args = func.builder();
-                push_x_w_b_mask(&mut args, &xv, &wv, &bv, &mask, &null);
-                args.arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                args.arg(&xv).arg(&wv).arg(&bv).arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                drop.push(&mut args, &mask, &null);
                 let name = || format!("groupnorm{} fwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
                 // SAFETY: argument types and order match `gn_fwd_*` in kernels.cu; the buffers
                 // hold the lengths the kernel indexes (n*c*hw, c, c).
@@ -189,12 +210,13 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &C
 
 /// f32 [dx (n*c*hw) | dw partial sums (n*c) | db partial sums (n*c)] from x, dy and [w | b].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout) -> Result<CudaStorage> {
+pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout) -> Result<CudaStorage> {
     let dev = x.device.clone();
     let len = d.n * d.c * d.hw;
     let out_len = len + 2 * d.n * d.c;
     let (n, c, hw, g, act) = (d.n as i32, d.c as i32, d.hw as i32, d.groups as i32, act as i32);
     let null = 0usize;
+    let drop = DropArgs::new(hashed);
     with_mask(mask, len, |mask| {
         macro_rules! run {
             ($t:ty, $name:literal) => {{
@@ -204,8 +226,8 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, x: &
                 let mut out = unsafe { dev.alloc::<f32>(out_len)? };
                 let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
                 let mut args = func.builder();
-                push_x_w_b_mask(&mut args, &xv, &wv, &bv, &mask, &null);
-                args.arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                args.arg(&xv).arg(&wv).arg(&bv).arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                drop.push(&mut args, &mask, &null);
                 let name = || format!("groupnorm{} bwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
                 // SAFETY: argument types and order match `gn_bwd_*` in kernels.cu; `out` holds
                 // n*c*hw + 2*n*c floats.

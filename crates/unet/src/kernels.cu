@@ -1,10 +1,11 @@
 // The CUDA kernels of unet's fused ops, for f32 and bf16, compiled at run time by NVRTC
 // (`cuda_ops.rs`), so no headers: bf16 is handled as its bits. Each follows the CPU op it
 // stands for:
-// - GroupNorm, optionally followed by Hardswish and a dropout mask, forward and backward
-//   (`norm.rs`): one block per (image, group), a group being one contiguous run of
-//   channels_per_group * H * W values; statistics in two passes (mean, then the mean of
-//   squared deviations), recomputed in the backward pass.
+// - GroupNorm, optionally followed by Hardswish and dropout, forward and backward (`norm.rs`):
+//   one block per (image, group), a group being one contiguous run of channels_per_group * H * W
+//   values; statistics in two passes (mean, then the mean of squared deviations), recomputed in
+//   the backward pass. Dropout is either a stored f32 mask or, with no mask, `norm::HashedDropout`:
+//   each element's keep/drop recomputed from a hash of its index, in both passes.
 // - softmax(scale * x) over the last dimension, forward and backward (`softmax.rs`): one block
 //   per row.
 // - nearest x2 upsampling and its adjoint, the sum of each 2x2 block (`upsample.rs`): one
@@ -59,6 +60,33 @@ __device__ __forceinline__ float hardswish(float y) { return y * fminf(fmaxf(y +
 // PyTorch's hardswish_backward: 0 below -3, y/3 + 1/2 up to 3, 1 above.
 __device__ __forceinline__ float hardswish_grad(float y) { return y < -3.f ? 0.f : (y <= 3.f ? y / 3.f + 0.5f : 1.f); }
 
+// splitmix64's output function; `drop_factor` must give exactly what `HashedDropout::factor`
+// (norm.rs) gives: the CPU checks of these kernels build their masks with it.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Element i's dropout factor: 0 when the top 24 bits of its hash fall below `thr`, else `scale`.
+__device__ __forceinline__ float drop_factor(unsigned long long key, long i, unsigned int thr, float scale) {
+    const unsigned long long u = mix64(key + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ull);
+    return (unsigned int)(u >> 40) >= thr ? scale : 0.f;
+}
+
+// The dropout of a GroupNorm call: a stored mask, or (thr > 0) the hashed factors, or neither.
+struct Drop {
+    const float* mask;
+    unsigned long long key;
+    unsigned int thr;
+    float scale;
+    __device__ __forceinline__ float apply(float v, long i) const {
+        if (mask) return v * mask[i];
+        if (thr) return v * drop_factor(key, i, thr, scale);
+        return v;
+    }
+};
+
 // Group statistics: mean and 1/sqrt(var + eps).
 template <typename T>
 __device__ void stats(const T* x, long base, long len, float eps, float* sh, float* mean, float* rstd) {
@@ -76,7 +104,7 @@ __device__ void stats(const T* x, long base, long len, float eps, float* sh, flo
 }
 
 template <typename T>
-__device__ void gn_fwd(const T* x, const T* w, const T* b, const float* mask, T* y, int C, int HW, int G, float eps, int act) {
+__device__ void gn_fwd(const T* x, const T* w, const T* b, Drop drop, T* y, int C, int HW, int G, float eps, int act) {
     __shared__ float sh[32];
     const int n = blockIdx.x / G, g = blockIdx.x % G, cpg = C / G;
     const long len = (long)cpg * HW, base = ((long)n * C + (long)g * cpg) * HW;
@@ -87,8 +115,7 @@ __device__ void gn_fwd(const T* x, const T* w, const T* b, const float* mask, T*
         const float wc = ld(w, c);
         float z = ld(x, base + i) * (wc * rstd) + (ld(b, c) - mean * rstd * wc);
         if (act) z = hardswish(z);
-        if (mask) z *= mask[base + i];
-        st(y, base + i, z);
+        st(y, base + i, drop.apply(z, base + i));
     }
 }
 
@@ -96,7 +123,7 @@ __device__ void gn_fwd(const T* x, const T* w, const T* b, const float* mask, T*
 // dL/dz (z: the normalised, affine output before the activation) at out + N*C*HW and
 // out + N*C*HW + N*C, summed over images by the caller.
 template <typename T>
-__device__ void gn_bwd(const T* x, const T* w, const T* b, const float* mask, const T* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
+__device__ void gn_bwd(const T* x, const T* w, const T* b, Drop drop, const T* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
     __shared__ float sh[32];
     const int n = blockIdx.x / G, g = blockIdx.x % G, cpg = C / G;
     const long len = (long)cpg * HW, base = ((long)n * C + (long)g * cpg) * HW;
@@ -113,8 +140,7 @@ __device__ void gn_bwd(const T* x, const T* w, const T* b, const float* mask, co
         float sg = 0.f, sgx = 0.f;
         for (long i = threadIdx.x; i < HW; i += blockDim.x) {
             const float xh = (ld(x, cb + i) - mean) * rstd;
-            float gz = ld(dy, cb + i);
-            if (mask) gz *= mask[cb + i];
+            float gz = drop.apply(ld(dy, cb + i), cb + i);
             if (act) gz *= hardswish_grad(xh * wc + bc);
             sg += gz;
             sgx += gz * xh;
@@ -133,24 +159,27 @@ __device__ void gn_bwd(const T* x, const T* w, const T* b, const float* mask, co
         const int c = g * cpg + (int)(i / HW);
         const float wc = ld(w, c), bc = ld(b, c);
         const float xh = (ld(x, base + i) - mean) * rstd;
-        float gz = ld(dy, base + i);
-        if (mask) gz *= mask[base + i];
+        float gz = drop.apply(ld(dy, base + i), base + i);
         if (act) gz *= hardswish_grad(xh * wc + bc);
         dx[base + i] = rstd * (gz * wc - mg - xh * mgx);
     }
 }
 
-extern "C" __global__ void gn_fwd_f32(const float* x, const float* w, const float* b, const float* mask, float* y, int C, int HW, int G, float eps, int act) {
-    gn_fwd<float>(x, w, b, mask, y, C, HW, G, eps, act);
+// Dropout arguments, last: the mask (or null), then the hash key, threshold (0: no hashed
+// dropout) and scale.
+#define GN_DROP_ARGS const float *mask, unsigned long long drop_key, unsigned int drop_thr, float drop_scale
+#define GN_DROP Drop{mask, drop_key, drop_thr, drop_scale}
+extern "C" __global__ void gn_fwd_f32(const float* x, const float* w, const float* b, float* y, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
+    gn_fwd<float>(x, w, b, GN_DROP, y, C, HW, G, eps, act);
 }
-extern "C" __global__ void gn_fwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const float* mask, bf16_t* y, int C, int HW, int G, float eps, int act) {
-    gn_fwd<bf16_t>(x, w, b, mask, y, C, HW, G, eps, act);
+extern "C" __global__ void gn_fwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, bf16_t* y, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
+    gn_fwd<bf16_t>(x, w, b, GN_DROP, y, C, HW, G, eps, act);
 }
-extern "C" __global__ void gn_bwd_f32(const float* x, const float* w, const float* b, const float* mask, const float* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
-    gn_bwd<float>(x, w, b, mask, dy, out, N, C, HW, G, eps, act);
+extern "C" __global__ void gn_bwd_f32(const float* x, const float* w, const float* b, const float* dy, float* out, int N, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
+    gn_bwd<float>(x, w, b, GN_DROP, dy, out, N, C, HW, G, eps, act);
 }
-extern "C" __global__ void gn_bwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const float* mask, const bf16_t* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
-    gn_bwd<bf16_t>(x, w, b, mask, dy, out, N, C, HW, G, eps, act);
+extern "C" __global__ void gn_bwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const bf16_t* dy, float* out, int N, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
+    gn_bwd<bf16_t>(x, w, b, GN_DROP, dy, out, N, C, HW, G, eps, act);
 }
 
 // y = softmax(scale * x) along rows of `len` values; one block per row.

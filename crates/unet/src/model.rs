@@ -2,12 +2,12 @@
 
 use std::cell::Cell;
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
 use crate::bmm::bmm;
 use crate::conv::Conv2d;
-use crate::norm::GroupNorm;
+use crate::norm::{GroupNorm, HashedDropout};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -20,7 +20,8 @@ pub const TIME_TABLE_KEY: &str = "time_embedding.time_embedding.0.weight";
 const GN_EPS: f64 = 1e-5;
 
 /// Whether dropout is active. Training masks are drawn from `seed` (per forward pass), so a
-/// training step is reproducible: on CPU bit for bit, on CUDA through the device's seeded RNG.
+/// training step is reproducible: on CPU from ChaCha streams of the seed, bit for bit; on other
+/// devices from `norm::HashedDropout`, a hash of the seed, the call site and the element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Eval,
@@ -34,17 +35,23 @@ struct DropoutMasks {
 }
 
 impl DropoutMasks {
-    fn new(mode: Mode, device: &Device) -> Result<Self> {
+    fn new(mode: Mode) -> Self {
         let seed = match mode {
             Mode::Eval => None,
-            Mode::Train { seed } => {
-                if !device.is_cpu() {
-                    device.set_seed(seed)?;
-                }
-                Some(seed)
-            }
+            Mode::Train { seed } => Some(seed),
         };
-        Ok(Self { seed, next_stream: Cell::new(0) })
+        Self { seed, next_stream: Cell::new(0) }
+    }
+
+    /// The seed and the next call site's number, when dropout is on at rate `p`.
+    fn next_site(&self, p: f32) -> Option<(u64, u64)> {
+        let seed = self.seed?;
+        if p <= 0.0 {
+            return None;
+        }
+        let stream = self.next_stream.get();
+        self.next_stream.set(stream + 1);
+        Some((seed, stream))
     }
 
     #[cfg(test)]
@@ -55,22 +62,24 @@ impl DropoutMasks {
         }
     }
 
-    /// `hardswish(gn(x))` with dropout: the mask goes into the fused op on CPU.
+    /// `hardswish(gn(x))` with dropout, fused: on CPU with the ChaCha mask, elsewhere hashed (no
+    /// mask stored on CUDA).
     fn apply_after_norm(&self, gn: &GroupNorm, x: &Tensor, p: f32) -> Result<Tensor> {
-        match self.mask(x, p)? {
-            Some(mask) => gn.forward_hardswish_masked(x, &mask),
+        if x.device().is_cpu() {
+            return match self.mask(x, p)? {
+                Some(mask) => gn.forward_hardswish_masked(x, &mask),
+                None => gn.forward_hardswish(x),
+            };
+        }
+        match self.next_site(p) {
+            Some((seed, site)) => gn.forward_hardswish_dropout(x, HashedDropout::new(seed, site, p)),
             None => gn.forward_hardswish(x),
         }
     }
 
     /// The next call site's mask (0 or 1/(1-p) per element), or `None` when dropout is off.
     fn mask(&self, x: &Tensor, p: f32) -> Result<Option<Tensor>> {
-        let Some(seed) = self.seed else { return Ok(None) };
-        if p <= 0.0 {
-            return Ok(None);
-        }
-        let stream = self.next_stream.get();
-        self.next_stream.set(stream + 1);
+        let Some((seed, stream)) = self.next_site(p) else { return Ok(None) };
         let keep = 1.0 / (1.0 - p);
         let mask = if x.device().is_cpu() {
             // In bulk and in parallel, the same words `random::<f32>()` would draw one by one
@@ -90,8 +99,7 @@ impl DropoutMasks {
             });
             Tensor::from_vec(m, x.shape(), x.device())?
         } else {
-            let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-            u.ge(p as f64)?.to_dtype(DType::F32)?.affine(keep as f64, 0.0)?
+            HashedDropout::new(seed, stream, p).mask(x.shape(), x.device())?
         };
         Ok(Some(mask))
     }
@@ -360,7 +368,7 @@ impl UNet {
     }
 
     pub fn forward_with_intermediates(&self, x: &Tensor, t: &Tensor, mode: Mode) -> Result<(Tensor, Intermediates)> {
-        let masks = DropoutMasks::new(mode, x.device())?;
+        let masks = DropoutMasks::new(mode);
         let temb = self.time_embedding.forward(t)?;
         let mut h = self.head.forward(x)?;
         let mut skips = vec![h.clone()];
@@ -394,6 +402,7 @@ impl UNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn hardswish_matches_definition() {
@@ -406,8 +415,8 @@ mod tests {
     #[test]
     fn dropout_masks_are_reproducible_and_scaled() {
         let x = Tensor::ones((4, 1000), DType::F32, &Device::Cpu).unwrap();
-        let a = DropoutMasks::new(Mode::Train { seed: 7 }, &Device::Cpu).unwrap();
-        let b = DropoutMasks::new(Mode::Train { seed: 7 }, &Device::Cpu).unwrap();
+        let a = DropoutMasks::new(Mode::Train { seed: 7 });
+        let b = DropoutMasks::new(Mode::Train { seed: 7 });
         let ya = a.apply(&x, 0.1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let yb = b.apply(&x, 0.1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(ya, yb);
@@ -417,7 +426,7 @@ mod tests {
         // A second call site draws a different mask.
         let yc = a.apply(&x, 0.1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_ne!(ya, yc);
-        let eval = DropoutMasks::new(Mode::Eval, &Device::Cpu).unwrap();
+        let eval = DropoutMasks::new(Mode::Eval);
         assert_eq!(eval.apply(&x, 0.1).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 4000.0);
         // The bulk draw keeps the masks of the element-by-element one (same seeds, same runs),
         // also across the parallel tasks' boundaries (65536 words each).
@@ -426,7 +435,7 @@ mod tests {
         let one_by_one: Vec<f32> = (0..4000).map(|_| if rng.random::<f32>() < 0.1 { 0.0 } else { 1.0 / 0.9 }).collect();
         assert_eq!(ya, one_by_one);
         let big = Tensor::ones((3, 50_001), DType::F32, &Device::Cpu).unwrap();
-        let d = DropoutMasks::new(Mode::Train { seed: 11 }, &Device::Cpu).unwrap();
+        let d = DropoutMasks::new(Mode::Train { seed: 11 });
         let yd = d.apply(&big, 0.3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         rng.set_stream(0);

@@ -44,10 +44,22 @@ impl GroupNorm {
     /// `hardswish(group_norm(x)) * mask`: dropout with a mask drawn by the caller.
     pub fn forward_hardswish_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         if self.fused(x) && mask.dims() == x.dims() {
-            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: Some(mask.to_dtype(DType::F32)?.contiguous()?) };
+            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: Some(mask.to_dtype(DType::F32)?.contiguous()?), hashed: None };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
             self.apply(x, true)?.mul(&mask.to_dtype(x.dtype())?)
+        }
+    }
+
+    /// `hardswish(group_norm(x))` with dropout `d`. On CUDA, fused, the mask is never stored:
+    /// both passes recompute it from the hash. Elsewhere (and with `UNET_CUDA_NORM=candle`), the
+    /// same mask is built on the host and applied as a tensor.
+    pub fn forward_hardswish_dropout(&self, x: &Tensor, d: HashedDropout) -> Result<Tensor> {
+        if self.fused(x) && x.device().is_cuda() {
+            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: None, hashed: Some(d) };
+            x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
+        } else {
+            self.forward_hardswish_masked(x, &d.mask(x.shape(), x.device())?)
         }
     }
 
@@ -71,7 +83,7 @@ impl GroupNorm {
 
     fn apply(&self, x: &Tensor, act: bool) -> Result<Tensor> {
         if self.fused(x) {
-            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act, mask: None };
+            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act, mask: None, hashed: None };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
             let y = composite_group_norm(x, &self.weight, &self.bias, self.groups, self.eps)?;
@@ -95,14 +107,67 @@ pub fn composite_group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, e
     xn.broadcast_mul(&w.reshape(wd.as_slice())?)?.broadcast_add(&b.reshape(wd.as_slice())?)
 }
 
+/// Dropout whose mask is a function of the element's index: element `i` is dropped when the top
+/// 24 bits of `splitmix64(key + (i + 1) * GAMMA)` fall below `threshold` (= ceil(p * 2^24)), and
+/// scaled by `1 / (1 - p)` otherwise. A device kernel recomputes it in the backward pass instead
+/// of storing a mask (at batch 128 the reference network's masks would be 1.2 GB in f32), and it
+/// needs no RNG state on the device. The CUDA kernels (`kernels.cu`, `drop_factor`) compute
+/// exactly these factors; the CPU keeps its own ChaCha masks (`model.rs`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HashedDropout {
+    pub key: u64,
+    pub threshold: u32,
+    pub scale: f32,
+}
+
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl HashedDropout {
+    /// Call site `site` of a forward pass seeded with `seed`, dropping with probability `p`
+    /// (in (0, 1)).
+    pub fn new(seed: u64, site: u64, p: f32) -> Self {
+        let key = mix64(seed ^ mix64(site.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
+        let threshold = ((p as f64) * (1u64 << 24) as f64).ceil().clamp(1.0, (1u64 << 24) as f64) as u32;
+        Self { key, threshold, scale: 1.0 / (1.0 - p) }
+    }
+
+    /// Element `i`'s factor: 0 or `scale`.
+    pub fn factor(&self, i: u64) -> f32 {
+        let u = mix64(self.key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
+        if ((u >> 40) as u32) >= self.threshold { self.scale } else { 0.0 }
+    }
+
+    /// The mask as an f32 tensor (computed on the host, in parallel, then moved to `device`).
+    pub fn mask(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
+        const CHUNK: usize = 1 << 16;
+        let mut m = crate::output_buffer(shape.elem_count(), 0);
+        // Writes every element.
+        m.par_chunks_mut(CHUNK).enumerate().for_each(|(k, out)| {
+            for (j, v) in out.iter_mut().enumerate() {
+                *v = self.factor((k * CHUNK + j) as u64);
+            }
+        });
+        Tensor::from_vec(m, shape, device)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct GroupNormOp {
     groups: usize,
     eps: f32,
     act: bool,
-    /// A dropout mask (0 or 1/(1-p) per element, contiguous f32 on CPU) applied to the output:
-    /// fused here so that the unmasked activation is never stored for the backward pass.
+    /// A dropout mask (0 or 1/(1-p) per element, contiguous f32 on the input's device) applied
+    /// to the output: fused here so that the unmasked activation is never stored for the
+    /// backward pass.
     mask: Option<Tensor>,
+    /// Or hashed dropout (CUDA only): no mask at all.
+    hashed: Option<HashedDropout>,
 }
 
 /// Runs `f` with the mask's values, if any.
@@ -194,6 +259,9 @@ impl candle_core::CustomOp3 for GroupNormOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        if self.hashed.is_some() {
+            candle_core::bail!("group norm: hashed dropout is fused on CUDA only (the CPU takes its mask)");
+        }
         let d = self.dims(l1);
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let group_len = d.cpg * d.hw;
@@ -230,7 +298,7 @@ impl candle_core::CustomOp3 for GroupNormOp {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
-        let out = crate::cuda_ops::forward(self.cuda_dims(l1), self.eps, self.act, self.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
+        let out = crate::cuda_ops::forward(self.cuda_dims(l1), self.eps, self.act, self.mask.as_ref(), self.hashed, s1, l1, s2, l2, s3, l3)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -268,12 +336,15 @@ impl candle_core::CustomOp3 for GroupNormBackward {
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
         let op = &self.0;
         let d = op.cuda_dims(l1);
-        let out = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), s1, l1, s2, l2, s3, l3)?;
+        let out = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, s3, l3)?;
         Ok((out, Shape::from(d.n * d.c * d.hw + 2 * d.n * d.c)))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
+        if op.hashed.is_some() {
+            candle_core::bail!("group norm backward: hashed dropout is fused on CUDA only");
+        }
         let d = op.dims(l1);
         let (x, go, wb) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (w, b) = wb.split_at(d.c);
@@ -422,6 +493,44 @@ mod tests {
             let d = max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
             assert!(d < 1e-5, "grad {name}: {d}");
         }
+    }
+
+    #[test]
+    fn hashed_dropout_rate_scale_and_streams() {
+        let d = HashedDropout::new(42, 3, 0.1);
+        assert_eq!(d.threshold, 1_677_722); // ceil(0.1 * 2^24)
+        let f: Vec<f32> = (0..1_000_000u64).map(|i| d.factor(i)).collect();
+        let dropped = f.iter().filter(|&&v| v == 0.0).count() as f64 / f.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.002, "{dropped}");
+        assert!(f.iter().all(|&v| v == 0.0 || v == 1.0 / 0.9));
+        // Deterministic, and different for another site, another seed.
+        assert_eq!(HashedDropout::new(42, 3, 0.1), d);
+        for other in [HashedDropout::new(42, 4, 0.1), HashedDropout::new(43, 3, 0.1)] {
+            let same = (0..10_000u64).filter(|&i| (other.factor(i) == 0.0) == (d.factor(i) == 0.0)).count();
+            // Independent masks agree on ~0.9^2 + 0.1^2 = 82% of the elements.
+            assert!((7900..8500).contains(&same), "{same}");
+        }
+        // The tensor form (parallel chunks) is the element-by-element one.
+        let m = d.mask(&Shape::from((3, 70_000)), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(m.iter().enumerate().all(|(i, &v)| v == d.factor(i as u64)));
+        // Pinned values, from an independent (Python) implementation of the same definition:
+        // the CUDA kernel's `drop_factor` is checked against `factor`, and this keeps `factor`
+        // itself from drifting.
+        assert_eq!(d.key, 0x09E8_B054_3D5D_9451);
+        let dropped_bits = (0..64u64).filter(|&i| d.factor(i) == 0.0).fold(0u64, |acc, i| acc | 1 << i);
+        assert_eq!(dropped_bits, 0x8820_0420_0140_0008);
+        assert_eq!(mix64(0), 0);
+        assert_eq!(mix64(GOLDEN_GAMMA), 0xE220_A839_7B1D_CDAF); // splitmix64(0)'s first output
+    }
+
+    #[test]
+    fn hashed_dropout_off_cuda_is_the_masked_op() {
+        let x = rand(&[2, 8, 4, 3], 21, 3.0, 0.5);
+        let gn = GroupNorm { weight: rand(&[8], 22, 1.0, 1.0), bias: rand(&[8], 23, 1.0, 0.0), groups: 4, eps: 1e-5 };
+        let d = HashedDropout::new(5, 0, 0.3);
+        let a = gn.forward_hardswish_dropout(&x, d).unwrap();
+        let b = gn.forward_hardswish_masked(&x, &d.mask(x.shape(), &Device::Cpu).unwrap()).unwrap();
+        assert_eq!(max_diff(&a, &b), 0.0);
     }
 
     #[test]

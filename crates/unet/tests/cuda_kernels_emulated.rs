@@ -11,7 +11,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
-use unet::norm::GroupNorm;
+use unet::norm::{GroupNorm, HashedDropout};
 
 fn compile(dir: &Path) -> Option<PathBuf> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
@@ -83,12 +83,26 @@ fn rel(got: &[f32], want: &[f32]) -> f32 {
     got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale
 }
 
+/// The dropout a GroupNorm case runs with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Drop {
+    None,
+    /// A stored mask.
+    Mask,
+    /// `HashedDropout` (the CUDA training path): the kernels recompute it from the index.
+    Hashed,
+}
+
 #[allow(clippy::too_many_arguments)]
-fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, act: bool, masked: bool, bf16: bool) {
+fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, act: bool, drop: Drop, bf16: bool) {
     let len = n * c * hw;
     let seed = (n * 1000 + c * 10 + hw) as u64;
     let (mut x, mut w, mut b, mut dy) = (values(len, seed, 2.0, 0.5), values(c, seed + 1, 0.5, 1.0), values(c, seed + 2, 0.5, 0.0), values(len, seed + 3, 1.0, 0.0));
-    let mask: Vec<f32> = values(len, seed + 4, 1.0, 0.0).iter().map(|&u| if u > -0.8 { 1.0 / 0.9 } else { 0.0 }).collect();
+    let hashed = HashedDropout::new(seed, 2, 0.3);
+    let mask: Vec<f32> = match drop {
+        Drop::Hashed => (0..len as u64).map(|i| hashed.factor(i)).collect(),
+        _ => values(len, seed + 4, 1.0, 0.0).iter().map(|&u| if u > -0.8 { 1.0 / 0.9 } else { 0.0 }).collect(),
+    };
     if bf16 {
         // The reference sees exactly the values the kernels read.
         for v in [&mut x, &mut w, &mut b, &mut dy] {
@@ -105,7 +119,11 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
         write_f32(dir.join("dy.bin"), &dy);
     }
     write_f32(dir.join("mask.bin"), &mask);
-    let args = [n, c, hw, groups, act as usize, masked as usize, bf16 as usize].map(|v| v.to_string());
+    let mut args = [n, c, hw, groups, act as usize, drop as usize, bf16 as usize].map(|v| v.to_string()).to_vec();
+    if drop == Drop::Hashed {
+        // The kernels get the key, not the mask: they must draw the same factors as `factor`.
+        args.extend([hashed.key.to_string(), hashed.threshold.to_string(), hashed.scale.to_string()]);
+    }
     let out = Command::new(exe).arg("gn").args(&args).current_dir(dir).output().unwrap();
     assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
     let y = if bf16 { from_bf16_bits(&read_u16(dir.join("y.bin"))) } else { read_f32(dir.join("y.bin")) };
@@ -122,17 +140,17 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     let vb = VarBuilder::from_tensors([("weight".to_string(), wv.as_tensor().clone()), ("bias".to_string(), bv.as_tensor().clone())].into(), DType::F32, &dev);
     let gn = GroupNorm::new(vb, groups, c, 1e-5).unwrap();
     let mask_t = Tensor::from_vec(mask, (n, c, hw), &dev).unwrap();
-    let want = match (act, masked) {
-        (false, false) => gn.forward(xv.as_tensor()).unwrap(),
-        (true, false) => gn.forward_hardswish(xv.as_tensor()).unwrap(),
-        (true, true) => gn.forward_hardswish_masked(xv.as_tensor(), &mask_t).unwrap(),
-        (false, true) => unreachable!("the network never masks a bare GroupNorm"),
+    let want = match (act, drop) {
+        (false, Drop::None) => gn.forward(xv.as_tensor()).unwrap(),
+        (true, Drop::None) => gn.forward_hardswish(xv.as_tensor()).unwrap(),
+        (true, _) => gn.forward_hardswish_masked(xv.as_tensor(), &mask_t).unwrap(),
+        (false, _) => unreachable!("the network never drops out of a bare GroupNorm"),
     };
     let dy_t = Tensor::from_vec(dy, (n, c, hw), &dev).unwrap();
     let grads = want.mul(&dy_t).unwrap().sum_all().unwrap().backward().unwrap();
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let (y_tol, g_tol) = if bf16 { (8e-3, 1e-4) } else { (1e-5, 1e-5) };
-    let label = format!("n={n} c={c} hw={hw} groups={groups} act={act} mask={masked} bf16={bf16}");
+    let label = format!("n={n} c={c} hw={hw} groups={groups} act={act} drop={drop:?} bf16={bf16}");
     if bf16 {
         assert_bf16_rounded(&format!("{label} y"), &y, &flat(&want));
     }
@@ -255,9 +273,11 @@ fn group_norm_kernels_match_the_cpu_op() {
     let dir = tempfile::tempdir().unwrap();
     let Some(exe) = compile(dir.path()) else { return };
     // Group lengths below, at and above the block's 256 threads; odd sizes; every variant.
-    case(&exe, dir.path(), 2, 8, 100, 4, true, true, false);
-    case(&exe, dir.path(), 3, 8, 1000, 4, false, false, false);
-    case(&exe, dir.path(), 2, 4, 64, 2, true, false, false);
-    case(&exe, dir.path(), 2, 8, 300, 4, true, true, true);
-    case(&exe, dir.path(), 1, 6, 17, 3, true, false, true);
+    case(&exe, dir.path(), 2, 8, 100, 4, true, Drop::Mask, false);
+    case(&exe, dir.path(), 3, 8, 1000, 4, false, Drop::None, false);
+    case(&exe, dir.path(), 2, 4, 64, 2, true, Drop::None, false);
+    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::Mask, true);
+    case(&exe, dir.path(), 1, 6, 17, 3, true, Drop::None, true);
+    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::Hashed, false);
+    case(&exe, dir.path(), 2, 6, 50, 3, true, Drop::Hashed, true);
 }

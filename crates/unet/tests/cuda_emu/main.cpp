@@ -1,6 +1,8 @@
 // Driver for kernels.cu under shim.h, reading its inputs from and writing its outputs to the
 // working directory (f32, or bf16 bits where the kernel takes bf16):
-//   main gn N C HW G act use_mask bf16   x, w, b, mask, dy -> y, out (the backward's packed f32)
+//   main gn N C HW G act drop bf16 [key thr scale]
+//                                        x, w, b, mask, dy -> y, out (the backward's packed f32);
+//                                        drop: 0 none, 1 mask.bin, 2 hashed (key thr scale)
 //   main softmax ROWS LEN SCALE bf16     x, dy -> y, dx
 //   main up ROWS W bf16                  x [ROWS, W], g [ROWS, 2, 2W] -> y (x upsampled), dx (g's block sums)
 #include "kernels.cu"
@@ -21,15 +23,17 @@ template <class T> void wr(const char* p, const std::vector<T>& v) {
     fclose(f);
 }
 
+struct DropArg { const float* m; unsigned long long key; unsigned int thr; float scale; };
+
 template <class T, class Fwd, class Bwd>
-void run(int N, int C, int HW, int G, int act, const float* m, Fwd fwd, Bwd bwd) {
+void run(int N, int C, int HW, int G, int act, DropArg d, Fwd fwd, Bwd bwd) {
     const float eps = 1e-5f;
     const size_t len = (size_t)N * C * HW;
     auto x = rd<T>("x.bin", len), w = rd<T>("w.bin", C), b = rd<T>("b.bin", C), dy = rd<T>("dy.bin", len);
     std::vector<T> y(len);
     std::vector<float> out(len + 2 * (size_t)N * C);
-    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), m, y.data(), C, HW, G, eps, act); });
-    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), m, dy.data(), out.data(), N, C, HW, G, eps, act); });
+    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), y.data(), C, HW, G, eps, act, d.m, d.key, d.thr, d.scale); });
+    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), dy.data(), out.data(), N, C, HW, G, eps, act, d.m, d.key, d.thr, d.scale); });
     wr("y.bin", y);
     wr("out.bin", out);
 }
@@ -59,12 +63,18 @@ void run_up(int rows, int w, Up up, Sum sum) {
 
 int main(int argc, char** argv) {
     std::string mode = argc > 1 ? argv[1] : "";
-    if (mode == "gn" && argc == 9) {
-        int N = atoi(argv[2]), C = atoi(argv[3]), HW = atoi(argv[4]), G = atoi(argv[5]), act = atoi(argv[6]);
+    if (mode == "gn" && (argc == 9 || argc == 12)) {
+        int N = atoi(argv[2]), C = atoi(argv[3]), HW = atoi(argv[4]), G = atoi(argv[5]), act = atoi(argv[6]), drop = atoi(argv[7]);
         auto mask = rd<float>("mask.bin", (size_t)N * C * HW);
-        const float* m = atoi(argv[7]) ? mask.data() : nullptr;
-        if (atoi(argv[8])) run<bf16_t>(N, C, HW, G, act, m, gn_fwd_bf16, gn_bwd_bf16);
-        else run<float>(N, C, HW, G, act, m, gn_fwd_f32, gn_bwd_f32);
+        DropArg d{drop == 1 ? mask.data() : nullptr, 0, 0, 1.f};
+        if (drop == 2) {
+            if (argc != 12) { fprintf(stderr, "hashed dropout needs key thr scale\n"); return 2; }
+            d.key = strtoull(argv[9], nullptr, 10);
+            d.thr = (unsigned int)strtoul(argv[10], nullptr, 10);
+            d.scale = (float)atof(argv[11]);
+        }
+        if (atoi(argv[8])) run<bf16_t>(N, C, HW, G, act, d, gn_fwd_bf16, gn_bwd_bf16);
+        else run<float>(N, C, HW, G, act, d, gn_fwd_f32, gn_bwd_f32);
         return 0;
     }
     if (mode == "softmax" && argc == 6) {
@@ -80,6 +90,6 @@ int main(int argc, char** argv) {
         else run_up<float>(rows, w, up2x_f32, blocksum2x_f32);
         return 0;
     }
-    fprintf(stderr, "usage: main gn N C HW G act use_mask bf16 | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16\n");
+    fprintf(stderr, "usage: main gn N C HW G act drop bf16 [key thr scale] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16\n");
     return 2;
 }
