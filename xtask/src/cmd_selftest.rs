@@ -228,7 +228,7 @@ fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
 }
 
 /// GroupNorm + Hardswish + dropout (a mask, and hashed) at the reference model's 64x64 level, the attention
-/// softmax at its 32x32 level, and the x2 upsampling from 32x32 to 64x64 (batch 2): output and
+/// softmax over 1024-long rows (a 32x32 attention level: longer than the reference's 16x16), and the x2 upsampling from 32x32 to 64x64 (batch 2): output and
 /// input gradient on `dev` in `dtype` against
 /// the CPU ops in f32, relative to the largest CPU value. In bf16 the measure is the relative
 /// RMS difference instead: bf16 inputs move some values across Hardswish's kinks at +-3, where

@@ -7,8 +7,8 @@
 //!   these passes are memory-bound, so their count is the cost. Here the forward pass reads the
 //!   input twice for the statistics, writes the output once, and keeps only the input.
 //! - `softmax`'s scaled softmax over the last dimension: one kernel each way, keeping only the
-//!   output, where the composite keeps four attention-sized tensors per layer (at 32x32 and
-//!   batch 128, 512 MB each in f32).
+//!   output, where the composite keeps four attention-sized tensors per layer (the reference
+//!   model attends at 16x16: at batch 128, 32 MB each in f32; a 32x32 level would be 512 MB).
 //! - `upsample`'s nearest x2 upsampling and its backward (the sum of each 2x2 block): candle
 //!   computes that backward as a grouped convolution, which it runs as one convolution per
 //!   channel (256 launches and a concatenation per layer).
