@@ -66,14 +66,41 @@ step "1. correctness: PyTorch fixtures, then each convolution pass against the C
 # fail, the run goes on with candle's own ops for the failing part, and says so, so that the
 # figures below still come back.
 selftest() { timeout 300 "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures; }
+# The switches that send the parts named in a failed self-test's output (its FAIL lines, or the
+# error that stopped it) back to candle's ops.
+suspects() {
+  local f=$1 s=""
+  grep -qiE 'FAIL.*|error' "$f" || return 0
+  grep -E 'FAIL$' "$f" | grep -q '^conv ' && s="$s UNET_CUDA_CONV=candle"
+  grep -E 'FAIL$' "$f" | grep -q '^group norm' && s="$s UNET_CUDA_NORM=candle"
+  grep -E 'FAIL$' "$f" | grep -q '^softmax' && s="$s UNET_CUDA_SOFTMAX=candle"
+  grep -E 'FAIL$' "$f" | grep -q '^upsample' && s="$s UNET_CUDA_UPSAMPLE=candle"
+  grep -E 'FAIL$' "$f" | grep -q '^adam' && s="$s TRAINER_CUDA_ADAM=candle"
+  # Our kernels' errors say "in CUDA op: <name>" (conv, groupnorm, softmax, up2x/blocksum2x, adam).
+  local err; err=$(sed -n '/^Error/,$p' "$f" | head -12)
+  case "$err" in *cudnn*|*CUDNN*|*conv*) s="$s UNET_CUDA_CONV=candle";; esac
+  case "$err" in *gn_*|*groupnorm*|*"group norm"*) s="$s UNET_CUDA_NORM=candle";; esac
+  case "$err" in *softmax*) s="$s UNET_CUDA_SOFTMAX=candle";; esac
+  case "$err" in *up2x*|*blocksum*|*upsampl*) s="$s UNET_CUDA_UPSAMPLE=candle";; esac
+  case "$err" in *adam*|*Adam*) s="$s TRAINER_CUDA_ADAM=candle";; esac
+  # NVRTC could not build unet's kernels: every part they serve goes back.
+  case "$err" in *"unet's CUDA kernels"*) s="$s UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle";; esac
+  echo "$s" | tr ' ' '\n' | sort -u | tr '\n' ' '
+}
+ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle"
 if selftest > "$OUT/self-test.txt" 2>&1; then
   cat "$OUT/self-test.txt"
 else
   cat "$OUT/self-test.txt"
-  for fallback in "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "UNET_CUDA_UPSAMPLE=candle" "UNET_CUDA_CONV=candle" "TRAINER_CUDA_ADAM=candle" \
-                  "UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle"; do
+  # At most two retries (each under its own limit): the parts the output names, then everything.
+  named=$(suspects "$OUT/self-test.txt")
+  tries=()
+  [ -n "${named// /}" ] && tries+=("$named")
+  tries+=("$ALL_SWITCHES")
+  for fallback in "${tries[@]}"; do
     echo "self-test failed: retrying with $fallback"
-    if env $fallback "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-fallback.txt" 2>&1; then
+    # shellcheck disable=SC2086
+    if env $fallback timeout 300 "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-fallback.txt" 2>&1; then
       cat "$OUT/self-test-fallback.txt"
       echo "FALLBACK in use for everything below: $fallback"
       # shellcheck disable=SC2163

@@ -359,13 +359,17 @@ pub mod profile {
 
     /// Runs `f` (which queues work on `dev`'s stream) and, when profiling, records its GPU span
     /// under the name `name()` gives.
+    /// A failure of `f` gets the op's name as context, so that an error names the kernel.
     pub fn time<R>(dev: &CudaDevice, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<R>) -> Result<R> {
         if !enabled() {
-            return f();
+            return f().map_err(|e| e.context(format!("in CUDA op: {}", name())));
         }
         let stream = dev.cuda_stream();
         let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-        let out = f()?;
+        let out = match f() {
+            Ok(out) => out,
+            Err(e) => return Err(e.context(format!("in CUDA op: {}", name()))),
+        };
         let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
         SPANS.with(|s| s.borrow_mut().push((name(), start, end)));
         Ok(out)
