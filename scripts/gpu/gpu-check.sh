@@ -11,7 +11,9 @@
 #   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16  AB=1 (the train128 attribution runs)
 #   THREADS=$(nproc)  STEPS="1 2 2b 4" (which steps run: a rerun can redo only what failed; 5 = PyTorch with
 #   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare)
-# Each step has its own time limit, so that one hang cannot take the whole session.
+# Each step has its own time limit, so that one hang cannot take the whole session, and the whole
+# run keeps to DEADLINE_S (default 520 s: run it under a 540 s limit): each limit is cut to what is
+# left, and the profile and A/B runs give way to the training run and its grid.
 # On CPU (to test this script here): KIT=.gpu-cpu DEVICE=cpu CASES=reduced-forward PRECISIONS=f32 \
 #   TRAIN_MINUTES=0.3 CONFIG=configs/mini64.toml BATCH=16 GRID=4x4 RUNS=1 WARMUP=0
 set -uo pipefail
@@ -31,6 +33,17 @@ AB=${AB:-1}
 # The host side of our steps (noise, batches) runs on these; a GPU machine's users have them all.
 THREADS=${THREADS:-$(nproc)}
 STEPS=" ${STEPS:-1 2 2b 4} "
+DEADLINE_S=${DEADLINE_S:-520}
+T0=$(date +%s)
+left() { echo $(( T0 + DEADLINE_S - $(date +%s) )); }
+# A limit of $1 seconds, cut to what is left before the deadline less $2 seconds kept for later
+# steps (at least 5).
+cap() { local l=$(( $(left) - ${2:-0} )); [ "$l" -lt 5 ] && l=5; echo $(( $1 < l ? $1 : l )); }
+# Seconds step 4 needs (its training, the bf16 steps, the grid), kept free by the steps before it.
+RESERVE4=$(awk "BEGIN{print int($TRAIN_MINUTES * 60 + 110)}")
+[[ "$STEPS" == *" 4 "* ]] || RESERVE4=0
+# Whether $1 seconds are left beyond $2 kept for later; says so when not.
+room() { [ "$(left)" -ge $(( $1 + ${2:-0} )) ] || { echo "skipped (deadline): $3"; return 1; }; }
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 BIN=$KIT/xtask
 mkdir -p "$OUT"
@@ -65,7 +78,7 @@ step "1. correctness: PyTorch fixtures, then each convolution pass against the C
 # Our CUDA kernels (cuDNN convolution passes, fused GroupNorm, softmax, upsampling, in-place Adam) are checked first; should a check
 # fail, the run goes on with candle's own ops for the failing part, and says so, so that the
 # figures below still come back.
-selftest() { timeout 300 "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures; }
+selftest() { timeout "$(cap 300 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures; }
 # The switches that send the parts named in a failed self-test's output (its FAIL lines, or the
 # error that stopped it) back to candle's ops.
 suspects() {
@@ -100,7 +113,7 @@ else
   for fallback in "${tries[@]}"; do
     echo "self-test failed: retrying with $fallback"
     # shellcheck disable=SC2086
-    if env $fallback timeout 300 "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-fallback.txt" 2>&1; then
+    if env $fallback timeout "$(cap 300 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-fallback.txt" 2>&1; then
       cat "$OUT/self-test-fallback.txt"
       echo "FALLBACK in use for everything below: $fallback"
       # shellcheck disable=SC2163
@@ -120,7 +133,7 @@ for p in $PRECISIONS; do
     nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 200 > "$MEM" &
     SMI=$!
   fi
-  timeout 300 "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$CASES" --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" \
+  timeout "$(cap 300 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$CASES" --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" \
     --python "$PY" --torch-bench "$KIT/bench" --out "$OUT/bench-$p.json" || echo "bench $p failed"
   [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null; SMI=
 done
@@ -131,9 +144,11 @@ step "2b. where the time goes: our per-op GPU times and PyTorch's profile, then 
 if [ "$DEVICE" != cpu ]; then
   for p in $PRECISIONS; do
     # Ours: GPU time per op and shape of our own kernels in one training step (UNET_CUDA_PROFILE).
-    UNET_CUDA_PROFILE=1 timeout 120 "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 1 --warmup 1 --threads "$THREADS" \
+    room 30 "$RESERVE4" "our profile $p" || continue
+    UNET_CUDA_PROFILE=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 1 --warmup 1 --threads "$THREADS" \
       --python none --out "$OUT/profile-ours-train128-$p.json" || echo "our profile $p failed"
-    timeout 120 $PY scripts/bench_torch.py --case train128 --device "$DEVICE" --precision "$p" --ref-dir "$KIT/bench" \
+    room 30 "$RESERVE4" "PyTorch's profile $p" || continue
+    timeout "$(cap 120 "$RESERVE4")" $PY scripts/bench_torch.py --case train128 --device "$DEVICE" --precision "$p" --ref-dir "$KIT/bench" \
       --runs 1 --warmup 2 --profile "$OUT/torch-profile-train128-$p.txt" > /dev/null || echo "torch profile $p failed"
     head -45 "$OUT/torch-profile-train128-$p.txt" 2>/dev/null
   done
@@ -142,7 +157,8 @@ if [ "$AB" = 1 ]; then
   AB_CASE=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128)
   for swap in "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "UNET_CUDA_UPSAMPLE=candle" "TRAINER_CUDA_ADAM=candle" "UNET_CUDA_POOL=candle"; do
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
-    env $swap timeout 120 "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 --threads "$THREADS" \
+    room 40 "$RESERVE4" "A/B run with $swap" || continue
+    env $swap timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 --threads "$THREADS" \
       --python none --out "$OUT/ab-$tag.json" || echo "A/B run with $swap failed or ran out of time"
   done
 fi
@@ -152,15 +168,19 @@ want 4 && {
 step "4. a real training run on anime-faces-mini ($TRAIN_MINUTES min), then a 16x16 grid; first 20 steps of bf16 training"
 if [ "$DEVICE" != cpu ]; then
   RUN_BF=$(mktemp -d)/mini-bf16
-  timeout 120 "$BIN" train --config "$CONFIG" --data "$KIT/mini" --run "$RUN_BF" --device "$DEVICE" --precision bf16 \
+  timeout "$(cap 120 $((RESERVE4 - 40)))" "$BIN" train --config "$CONFIG" --data "$KIT/mini" --run "$RUN_BF" --device "$DEVICE" --precision bf16 \
     --max-steps 20 --batch-size "$BATCH" --sample-every 0 --no-progress --set data.test_frac=0.0 || echo "bf16 train failed"
   cp "$RUN_BF/metrics.jsonl" "$OUT/metrics-bf16.jsonl" 2>/dev/null
 fi
 RUN=$(mktemp -d)/mini
-timeout $(awk "BEGIN{print int($TRAIN_MINUTES * 60 + 90)}") "$BIN" train --config "$CONFIG" --data "$KIT/mini" --run "$RUN" --device "$DEVICE" \
-  --max-minutes "$TRAIN_MINUTES" --batch-size "$BATCH" --sample-every 0 --no-progress --set data.test_frac=0.0 || echo "train failed"
+# TRAIN_MINUTES, or less when the deadline is nearer (keeping ~90 s for start-up, the last
+# checkpoint and the grid).
+TM=$(awk "BEGIN{m = $TRAIN_MINUTES; l = ($(left) - 90) / 60; f = m < 0.2 ? m : 0.2; if (l < m) m = l; if (m < f) m = f; printf \"%.2f\", m}")
+echo "training for $TM minutes"
+timeout "$(awk "BEGIN{print int($TM * 60 + 60)}")" "$BIN" train --config "$CONFIG" --data "$KIT/mini" --run "$RUN" --device "$DEVICE" \
+  --max-minutes "$TM" --batch-size "$BATCH" --sample-every 0 --no-progress --set data.test_frac=0.0 || echo "train failed"
 cp "$RUN/metrics.jsonl" "$RUN/loss.png" "$OUT/" 2>/dev/null
-timeout 180 "$BIN" sample --checkpoint "$RUN" --device "$DEVICE" --grid "$GRID" --sampler ddim --steps 50 --variance beta-tilde \
+timeout "$(cap 180)" "$BIN" sample --checkpoint "$RUN" --device "$DEVICE" --grid "$GRID" --sampler ddim --steps 50 --variance beta-tilde \
   --out "$OUT/gen" || echo "sample failed"
 # Plain names only come back ('=' in the sampler's file name would not).
 for f in "$OUT"/gen/*.png; do [ -f "$f" ] && mv "$f" "$OUT/sample-grid-ddim50.png"; done
@@ -171,7 +191,8 @@ want 5 && {
 step "5. PyTorch with torch.compile (train128, then ddim50x256), each precision"
 for p in $PRECISIONS; do
   for c in train128 ddim50x256; do
-    timeout 240 $PY scripts/bench_torch.py --case "$c" --device "$DEVICE" --precision "$p" --ref-dir "$KIT/bench" \
+    room 60 0 "torch.compile $c $p" || continue
+    timeout "$(cap 240)" $PY scripts/bench_torch.py --case "$c" --device "$DEVICE" --precision "$p" --ref-dir "$KIT/bench" \
       --runs "$RUNS" --warmup "$WARMUP" --compile | tee "$OUT/torch-compile-$c-$p.json" || echo "torch.compile $c $p failed"
   done
 done
