@@ -97,7 +97,7 @@ suspects() {
   case "$err" in *up2x*|*blocksum*|*upsampl*) s="$s UNET_CUDA_UPSAMPLE=candle";; esac
   case "$err" in *adam*|*Adam*) s="$s TRAINER_CUDA_ADAM=candle";; esac
   # NVRTC could not build unet's kernels: every part they serve goes back.
-  case "$err" in *"unet's CUDA kernels"*) s="$s UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle";; esac
+  case "$err" in *"unet's CUDA kernels"*) s="$s UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle";; esac
   echo "$s" | tr ' ' '\n' | sort -u | tr '\n' ' '
 }
 ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle"

@@ -145,8 +145,8 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     Ok(())
 }
 
-/// Each convolution shape of the reference model (batch 4), plus odd sizes: forward, input
-/// gradient and weight gradient on `dev` in `dtype` against the CPU kernels in f32, as the
+/// Each convolution shape of the reference model (batch 4), plus odd sizes, with its bias:
+/// forward, input, weight and bias gradients on `dev` in `dtype` against the CPU kernels in f32, as the
 /// largest difference over the largest CPU value.
 fn conv_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)>> {
     // (C, O, H, W, k, stride, padding)
@@ -166,21 +166,28 @@ fn conv_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)>> {
         let x = Tensor::randn(0f32, 1., (4, c, h, w), &cpu)?;
         let wt = (Tensor::randn(0f32, 1., (o, c, k, k), &cpu)? / ((c * k * k) as f64).sqrt())?;
         let (ho, wo) = ((h + 2 * padding - k) / stride + 1, (w + 2 * padding - k) / stride + 1);
+        let bias = Tensor::randn(0f32, 0.5, o, &cpu)?;
         let r = Tensor::randn(0f32, 1., (4, o, ho, wo), &cpu)?;
-        let run = |d: &Device, dt: DType| -> Result<[Tensor; 3]> {
+        // The network's module: convolution plus bias (on CUDA the bias is added in place to
+        // cuDNN's output, and its gradient is our per-channel sum).
+        let run = |d: &Device, dt: DType| -> Result<[Tensor; 4]> {
             let xv = Var::from_tensor(&x.to_device(d)?.to_dtype(dt)?)?;
             let wv = Var::from_tensor(&wt.to_device(d)?.to_dtype(dt)?)?;
-            let y = unet::conv::conv2d(xv.as_tensor(), wv.as_tensor(), stride, padding)?;
+            let bv = Var::from_tensor(&bias.to_device(d)?.to_dtype(dt)?)?;
+            let tensors = [("weight".to_string(), wv.as_tensor().clone()), ("bias".to_string(), bv.as_tensor().clone())].into();
+            let conv = unet::conv::Conv2d::new(VarBuilder::from_tensors(tensors, dt, d), c, o, k, stride, padding)?;
+            let y = candle_core::Module::forward(&conv, xv.as_tensor())?;
             let loss = y.to_dtype(DType::F32)?.mul(&r.to_device(d)?)?.sum_all()?;
             let g = loss.backward()?;
             let dx = g.get(xv.as_tensor()).context("no input gradient")?.clone();
             let dw = g.get(wv.as_tensor()).context("no weight gradient")?.clone();
-            Ok([y, dx, dw])
+            let db = g.get(bv.as_tensor()).context("no bias gradient")?.clone();
+            Ok([y, dx, dw, db])
         };
         let want = run(&cpu, DType::F32)?;
         let got = run(dev, dtype)?;
         let tag = format!("#{i} {c}->{o} {h}x{w} k{k} s{stride}");
-        for (pass, (g, e)) in ["fwd", "dx", "dw"].iter().zip(got.iter().zip(&want)) {
+        for (pass, (g, e)) in ["fwd", "dx", "dw", "db"].iter().zip(got.iter().zip(&want)) {
             let scale: f32 = e.abs()?.flatten_all()?.max(0)?.to_scalar()?;
             out.push((format!("{tag} {pass}"), max_diff(g, e)? / scale.max(1e-12)));
         }

@@ -40,6 +40,10 @@ impl Module for Conv2d {
         let y = match backend(x, &self.weight) {
             // The bias is folded into the GEMM: no extra pass, no extra tensor kept for backward.
             Backend::Cpu => return x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias, BiasedConvOp(op)),
+            // Added in place to cuDNN's output: no second full-size tensor, none kept for backward.
+            Backend::Cudnn if matches!(x.dtype(), DType::F32 | DType::BF16) && self.bias.dtype() == x.dtype() => {
+                return x.contiguous()?.apply_op3(&self.weight.contiguous()?, &self.bias, BiasedConvOp(op));
+            }
             Backend::Cudnn => x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?,
             Backend::Candle => x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?,
         };
@@ -351,6 +355,24 @@ impl candle_core::CustomOp3 for BiasedConvOp {
         self.0.forward(s1, l1, s2, l2, Some(bias))
     }
 
+    #[cfg(feature = "cudnn")]
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::cuda_backend::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::cuda_backend::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::cuda_backend::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let g = self.0.geometry(l1, l2)?;
+        let mut out = crate::conv_cudnn::run(crate::conv_cudnn::Pass::Forward, g, s1, l1, s2, l2)?;
+        let hw = g.ho() * g.wo();
+        crate::cuda_ops::bias_add_inplace(&mut out, g.b * g.o * hw, s3, l3, g.o, hw)?;
+        Ok((out, Shape::from((g.b, g.o, g.ho(), g.wo()))))
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = candle_core::CustomOp2::bwd(&self.0, x, w, res, grad)?;
         let db = if b.track_op() { Some(grad.contiguous()?.apply_op1_no_bwd(&ChannelSum)?) } else { None };
@@ -364,6 +386,12 @@ struct ChannelSum;
 impl candle_core::CustomOp1 for ChannelSum {
     fn name(&self) -> &'static str {
         "channel-sum"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::cuda_backend::CudaStorage, l: &Layout) -> Result<(candle_core::cuda_backend::CudaStorage, Shape)> {
+        let c = l.shape().dims4()?.1;
+        Ok((crate::cuda_ops::channel_sum(s, l)?, Shape::from(c)))
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {

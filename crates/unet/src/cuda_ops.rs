@@ -12,6 +12,9 @@
 //! - `upsample`'s nearest x2 upsampling and its backward (the sum of each 2x2 block): candle
 //!   computes that backward as a grouped convolution, which it runs as one convolution per
 //!   channel (256 launches and a concatenation per layer).
+//! - `conv`'s bias: added in place to the cuDNN output (candle's broadcast add wrote a second
+//!   full-size tensor and kept the first for the backward pass), and its gradient, a sum per
+//!   channel.
 //! - [`tune_device`]: the allocator settings a training loop wants, set once per device.
 
 use std::sync::OnceLock;
@@ -331,6 +334,67 @@ pub(crate) fn upsample2x(x: &CudaStorage, lx: &Layout, up: bool) -> Result<CudaS
         (CudaStorageSlice::F32(_), false) => run!(f32, "blocksum2x_f32"),
         (CudaStorageSlice::BF16(_), false) => run!(bf16, "blocksum2x_bf16"),
         _ => candle_core::bail!("upsample2x (CUDA): dtype {:?} not supported", x.dtype()),
+    })
+}
+
+/// `y[n, c, :] += b[c]` in place, `y` being [n, c, hw...] (contiguous, as a convolution's fresh
+/// output is) and `b` [c], both f32 or both bf16.
+pub(crate) fn bias_add_inplace(y: &mut CudaStorage, total: usize, b: &CudaStorage, lb: &Layout, c: usize, hw: usize) -> Result<()> {
+    let dev = y.device.clone();
+    if c == 0 || hw == 0 || !total.is_multiple_of(c * hw) || lb.shape().elem_count() != c {
+        candle_core::bail!("bias add (CUDA): {total} values do not split into channels of {c} x {hw}, or the bias has not {c} values");
+    }
+    let (c_i, hw64, total64) = (c as i32, hw as i64, total as i64);
+    let blocks = total.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let dtype = y.dtype();
+    let name = || format!("conv bias add {c}ch {hw}px {dtype:?}");
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            let bv = view::<$t>(b, lb, c)?;
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+            let ys = y.as_cuda_slice_mut::<$t>()?;
+            if ys.len() < total {
+                candle_core::bail!("bias add (CUDA): the output holds {} values, not {total}", ys.len());
+            }
+            let mut args = func.builder();
+            args.arg(ys).arg(&bv).arg(&c_i).arg(&hw64).arg(&total64);
+            // SAFETY: argument types and order match `bias_add_*` in kernels.cu; `y` holds
+            // `total` values and `b` `c`.
+            profile::time(&dev, name, || unsafe { args.launch(cfg) }.w())?;
+        }};
+    }
+    match (dtype, b.dtype()) {
+        (candle_core::DType::F32, candle_core::DType::F32) => run!(f32, "bias_add_f32"),
+        (candle_core::DType::BF16, candle_core::DType::BF16) => run!(bf16, "bias_add_bf16"),
+        (a, bd) => candle_core::bail!("bias add (CUDA): dtypes {a:?}/{bd:?} not supported"),
+    }
+    Ok(())
+}
+
+/// The per-channel sum of `dy` [n, c, h, w] (a convolution's bias gradient), in its dtype.
+pub(crate) fn channel_sum(dy: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let dev = dy.device.clone();
+    let (n, c, h, w) = l.shape().dims4()?;
+    let (n_i, c_i, hw64) = (n as i32, c as i32, (h * w) as i64);
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            let dyv = view::<$t>(dy, l, n * c * h * w)?;
+            // SAFETY: one block per channel writes that channel's sum: every element.
+            let mut out = unsafe { dev.alloc::<$t>(c)? };
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+            let mut args = func.builder();
+            args.arg(&dyv).arg(&mut out).arg(&n_i).arg(&c_i).arg(&hw64);
+            let name = || format!("conv bias grad {c}ch {h}x{w} b{n} {}", stringify!($t));
+            // SAFETY: argument types and order match `channel_sum_*` in kernels.cu.
+            profile::time(&dev, name, || unsafe { args.launch(rows_config(c)) }.w())?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match &dy.slice {
+        CudaStorageSlice::F32(_) => run!(f32, "channel_sum_f32"),
+        CudaStorageSlice::BF16(_) => run!(bf16, "channel_sum_bf16"),
+        _ => candle_core::bail!("channel sum (CUDA): dtype {:?} not supported", dy.dtype()),
     })
 }
 

@@ -10,6 +10,8 @@
 //   per row.
 // - nearest x2 upsampling and its adjoint, the sum of each 2x2 block (`upsample.rs`): one
 //   thread per input (resp. output) value, grid-stride.
+// - a convolution's bias (`conv.rs`): added in place to the cuDNN output, grid-stride, and its
+//   gradient, the sum of dY per channel: one block per channel.
 
 typedef unsigned short bf16_t;
 
@@ -240,3 +242,29 @@ extern "C" __global__ void up2x_f32(const float* x, float* y, long long n, int w
 extern "C" __global__ void up2x_bf16(const bf16_t* x, bf16_t* y, long long n, int w) { up2x<bf16_t>(x, y, n, w); }
 extern "C" __global__ void blocksum2x_f32(const float* g, float* out, long long n, int w) { blocksum2x<float>(g, out, n, w); }
 extern "C" __global__ void blocksum2x_bf16(const bf16_t* g, bf16_t* out, long long n, int w) { blocksum2x<bf16_t>(g, out, n, w); }
+
+// y[n, c, :] += b[c], in place; `total` = N * C * HW.
+template <typename T>
+__device__ void bias_add(T* y, const T* b, int C, long long HW, long long total) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
+        st(y, i, ld(y, i) + ld(b, (i / HW) % C));
+}
+
+// out[c] = the sum of dy[n, c, :] over n and the HW positions (f32 sums); one block per channel.
+template <typename T>
+__device__ void channel_sum(const T* dy, T* out, int N, int C, long long HW) {
+    __shared__ float sh[32];
+    const int c = blockIdx.x;
+    float s = 0.f;
+    for (int n = 0; n < N; ++n) {
+        const long long base = ((long long)n * C + c) * HW;
+        for (long long i = threadIdx.x; i < HW; i += blockDim.x) s += ld(dy, base + i);
+    }
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) st(out, c, s);
+}
+
+extern "C" __global__ void bias_add_f32(float* y, const float* b, int C, long long HW, long long total) { bias_add<float>(y, b, C, HW, total); }
+extern "C" __global__ void bias_add_bf16(bf16_t* y, const bf16_t* b, int C, long long HW, long long total) { bias_add<bf16_t>(y, b, C, HW, total); }
+extern "C" __global__ void channel_sum_f32(const float* dy, float* out, int N, int C, long long HW) { channel_sum<float>(dy, out, N, C, HW); }
+extern "C" __global__ void channel_sum_bf16(const bf16_t* dy, bf16_t* out, int N, int C, long long HW) { channel_sum<bf16_t>(dy, out, N, C, HW); }

@@ -257,6 +257,52 @@ fn upsample_kernels_match_the_cpu_op() {
 }
 
 #[test]
+fn conv_bias_kernels_match_the_cpu_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(exe) = compile(dir.path()) else { return };
+    for bf16 in [false, true] {
+        let (n, c, h, w) = (3, 5, 6, 7);
+        let total = n * c * h * w;
+        let (mut y, mut b) = (values(total, 21, 2.0, 0.3), values(c, 22, 1.0, 0.0));
+        if bf16 {
+            y = from_bf16_bits(&to_bf16_bits(&y));
+            b = from_bf16_bits(&to_bf16_bits(&b));
+            write_u16(dir.path().join("y.bin"), &to_bf16_bits(&y));
+            write_u16(dir.path().join("b.bin"), &to_bf16_bits(&b));
+        } else {
+            write_f32(dir.path().join("y.bin"), &y);
+            write_f32(dir.path().join("b.bin"), &b);
+        }
+        let args = ["bias".to_string(), n.to_string(), c.to_string(), (h * w).to_string(), (bf16 as u8).to_string()];
+        let out = Command::new(&exe).args(&args).current_dir(dir.path()).output().unwrap();
+        assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
+        let read = |name: &str| if bf16 { from_bf16_bits(&read_u16(dir.path().join(name))) } else { read_f32(dir.path().join(name)) };
+        let (ya, cs) = (read("ya.bin"), read("cs.bin"));
+
+        // The CPU module: the biased convolution's output and its bias gradient, through a 1x1
+        // identity convolution (output = input + bias; dbias = per-channel sums of dY).
+        let dev = Device::Cpu;
+        let eye: Vec<f32> = (0..c * c).map(|i| if i / c == i % c { 1.0 } else { 0.0 }).collect();
+        let bv = Var::from_tensor(&Tensor::from_vec(b, c, &dev).unwrap()).unwrap();
+        let tensors = [("weight".to_string(), Tensor::from_vec(eye, (c, c, 1, 1), &dev).unwrap()), ("bias".to_string(), bv.as_tensor().clone())].into();
+        let conv = unet::conv::Conv2d::new(VarBuilder::from_tensors(tensors, DType::F32, &dev), c, c, 1, 1, 0).unwrap();
+        let yt = Tensor::from_vec(y.clone(), (n, c, h, w), &dev).unwrap();
+        let want = candle_core::Module::forward(&conv, &yt).unwrap();
+        let grads = want.mul(&yt).unwrap().sum_all().unwrap().backward().unwrap();
+        let want_y = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want_cs = grads.get(bv.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        if bf16 {
+            assert_bf16_rounded("bias add", &ya, &want_y);
+            assert_bf16_rounded("channel sums", &cs, &want_cs);
+        } else {
+            assert_eq!(ya, want_y, "bias add");
+            let d = rel(&cs, &want_cs);
+            assert!(d <= 1e-6, "channel sums differ by {d:e}");
+        }
+    }
+}
+
+#[test]
 fn softmax_kernels_match_the_cpu_op() {
     let dir = tempfile::tempdir().unwrap();
     let Some(exe) = compile(dir.path()) else { return };

@@ -5,6 +5,7 @@
 //                                        drop: 0 none, 1 mask.bin, 2 hashed (key thr scale)
 //   main softmax ROWS LEN SCALE bf16     x, dy -> y, dx
 //   main up ROWS W bf16                  x [ROWS, W], g [ROWS, 2, 2W] -> y (x upsampled), dx (g's block sums)
+//   main bias N C HW bf16                y [N, C, HW], b [C] -> ya (y + b, in place), cs (y's sums per channel)
 #include "kernels.cu"
 #include <cstdio>
 #include <cstdlib>
@@ -61,6 +62,19 @@ void run_up(int rows, int w, Up up, Sum sum) {
     wr("dx.bin", dx);
 }
 
+template <class T, class Add, class Sum>
+void run_bias(int N, int C, long long HW, Add add, Sum sum) {
+    const long long total = (long long)N * C * HW;
+    auto y = rd<T>("y.bin", total), b = rd<T>("b.bin", C);
+    std::vector<T> cs(C);
+    // The channel sums read y before the in-place add changes it.
+    launch(C, 256, [&] { sum(y.data(), cs.data(), N, C, HW); });
+    // A grid much smaller than the data: the grid-stride loop goes round several times.
+    launch(2, 64, [&] { add(y.data(), b.data(), C, HW, total); });
+    wr("ya.bin", y);
+    wr("cs.bin", cs);
+}
+
 int main(int argc, char** argv) {
     std::string mode = argc > 1 ? argv[1] : "";
     if (mode == "gn" && (argc == 9 || argc == 12)) {
@@ -90,6 +104,13 @@ int main(int argc, char** argv) {
         else run_up<float>(rows, w, up2x_f32, blocksum2x_f32);
         return 0;
     }
-    fprintf(stderr, "usage: main gn N C HW G act drop bf16 [key thr scale] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16\n");
+    if (mode == "bias" && argc == 6) {
+        int N = atoi(argv[2]), C = atoi(argv[3]);
+        long long HW = atoll(argv[4]);
+        if (atoi(argv[5])) run_bias<bf16_t>(N, C, HW, bias_add_bf16, channel_sum_bf16);
+        else run_bias<float>(N, C, HW, bias_add_f32, channel_sum_f32);
+        return 0;
+    }
+    fprintf(stderr, "usage: main gn N C HW G act drop bf16 [key thr scale] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16 | main bias N C HW bf16\n");
     return 2;
 }
