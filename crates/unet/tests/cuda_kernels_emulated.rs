@@ -72,6 +72,24 @@ fn read_u16(path: PathBuf) -> Vec<u16> {
     std::fs::read(path).unwrap().chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
+/// Writes each input to `dir/<name>`: as bf16 bits when `bf16`, after rounding the values in
+/// place so that the reference sees exactly what the kernels read; else as f32.
+fn write_inputs(dir: &Path, bf16: bool, inputs: &mut [(&str, &mut Vec<f32>)]) {
+    for (name, v) in inputs.iter_mut() {
+        if bf16 {
+            **v = from_bf16_bits(&to_bf16_bits(v));
+            write_u16(dir.join(name), &to_bf16_bits(v));
+        } else {
+            write_f32(dir.join(name), v);
+        }
+    }
+}
+
+/// An output of the emulator, as f32 values.
+fn read_output(dir: &Path, name: &str, bf16: bool) -> Vec<f32> {
+    if bf16 { from_bf16_bits(&read_u16(dir.join(name))) } else { read_f32(dir.join(name)) }
+}
+
 /// Largest difference over the largest reference value (infinite for a NaN or infinity, which
 /// `f32::max` would skip).
 fn rel(got: &[f32], want: &[f32]) -> f32 {
@@ -103,21 +121,7 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
         Drop::Hashed => (0..len as u64).map(|i| hashed.factor(i)).collect(),
         _ => values(len, seed + 4, 1.0, 0.0).iter().map(|&u| if u > -0.8 { 1.0 / 0.9 } else { 0.0 }).collect(),
     };
-    if bf16 {
-        // The reference sees exactly the values the kernels read.
-        for v in [&mut x, &mut w, &mut b, &mut dy] {
-            *v = from_bf16_bits(&to_bf16_bits(v));
-        }
-        write_u16(dir.join("x.bin"), &to_bf16_bits(&x));
-        write_u16(dir.join("w.bin"), &to_bf16_bits(&w));
-        write_u16(dir.join("b.bin"), &to_bf16_bits(&b));
-        write_u16(dir.join("dy.bin"), &to_bf16_bits(&dy));
-    } else {
-        write_f32(dir.join("x.bin"), &x);
-        write_f32(dir.join("w.bin"), &w);
-        write_f32(dir.join("b.bin"), &b);
-        write_f32(dir.join("dy.bin"), &dy);
-    }
+    write_inputs(dir, bf16, &mut [("x.bin", &mut x), ("w.bin", &mut w), ("b.bin", &mut b), ("dy.bin", &mut dy)]);
     write_f32(dir.join("mask.bin"), &mask);
     let mut args = [n, c, hw, groups, act as usize, drop as usize, bf16 as usize].map(|v| v.to_string()).to_vec();
     if drop == Drop::Hashed {
@@ -126,7 +130,7 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     }
     let out = Command::new(exe).arg("gn").args(&args).current_dir(dir).output().unwrap();
     assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
-    let y = if bf16 { from_bf16_bits(&read_u16(dir.join("y.bin"))) } else { read_f32(dir.join("y.bin")) };
+    let y = read_output(dir, "y.bin", bf16);
     let packed = read_f32(dir.join("out.bin"));
     let dx = &packed[..len];
     let sum_images = |part: &[f32]| (0..c).map(|ch| (0..n).map(|i| part[i * c + ch]).sum::<f32>()).collect::<Vec<f32>>();
@@ -180,20 +184,11 @@ fn softmax_case(exe: &Path, dir: &Path, rows: usize, len: usize, scale: f32, off
     let total = rows * len;
     let seed = (rows * 100 + len) as u64;
     let (mut x, mut dy) = (values(total, seed, 6.0, offset), values(total, seed + 1, 1.0, 0.0));
-    if bf16 {
-        x = from_bf16_bits(&to_bf16_bits(&x));
-        dy = from_bf16_bits(&to_bf16_bits(&dy));
-        write_u16(dir.join("x.bin"), &to_bf16_bits(&x));
-        write_u16(dir.join("dy.bin"), &to_bf16_bits(&dy));
-    } else {
-        write_f32(dir.join("x.bin"), &x);
-        write_f32(dir.join("dy.bin"), &dy);
-    }
+    write_inputs(dir, bf16, &mut [("x.bin", &mut x), ("dy.bin", &mut dy)]);
     let args = [rows.to_string(), len.to_string(), scale.to_string(), (bf16 as u8).to_string()];
     let out = Command::new(exe).arg("softmax").args(&args).current_dir(dir).output().unwrap();
     assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
-    let read = |name: &str| if bf16 { from_bf16_bits(&read_u16(dir.join(name))) } else { read_f32(dir.join(name)) };
-    let (y, dx) = (read("y.bin"), read("dx.bin"));
+    let (y, dx) = (read_output(dir, "y.bin", bf16), read_output(dir, "dx.bin", bf16));
 
     let dev = Device::Cpu;
     let xv = Var::from_tensor(&Tensor::from_vec(x, (rows, len), &dev).unwrap()).unwrap();
@@ -226,19 +221,10 @@ fn upsample_kernels_match_the_cpu_op() {
         let (n, c, h, w) = (2, 3, 5, 7);
         let rows = n * c * h;
         let (mut x, mut g) = (values(rows * w, 11, 3.0, 0.5), values(rows * w * 4, 12, 1.0, 0.0));
-        if bf16 {
-            x = from_bf16_bits(&to_bf16_bits(&x));
-            g = from_bf16_bits(&to_bf16_bits(&g));
-            write_u16(dir.path().join("x.bin"), &to_bf16_bits(&x));
-            write_u16(dir.path().join("g.bin"), &to_bf16_bits(&g));
-        } else {
-            write_f32(dir.path().join("x.bin"), &x);
-            write_f32(dir.path().join("g.bin"), &g);
-        }
+        write_inputs(dir.path(), bf16, &mut [("x.bin", &mut x), ("g.bin", &mut g)]);
         let out = Command::new(&exe).args(["up", &rows.to_string(), &w.to_string(), &(bf16 as u8).to_string()]).current_dir(dir.path()).output().unwrap();
         assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
-        let read = |name: &str| if bf16 { from_bf16_bits(&read_u16(dir.path().join(name))) } else { read_f32(dir.path().join(name)) };
-        let (y, dx) = (read("y.bin"), read("dx.bin"));
+        let (y, dx) = (read_output(dir.path(), "y.bin", bf16), read_output(dir.path(), "dx.bin", bf16));
 
         let xv = Var::from_tensor(&Tensor::from_vec(x, (n, c, h, w), &Device::Cpu).unwrap()).unwrap();
         let up = unet::upsample::upsample2x(xv.as_tensor()).unwrap();
@@ -264,20 +250,11 @@ fn conv_bias_kernels_match_the_cpu_op() {
         let (n, c, h, w) = (3, 5, 6, 7);
         let total = n * c * h * w;
         let (mut y, mut b) = (values(total, 21, 2.0, 0.3), values(c, 22, 1.0, 0.0));
-        if bf16 {
-            y = from_bf16_bits(&to_bf16_bits(&y));
-            b = from_bf16_bits(&to_bf16_bits(&b));
-            write_u16(dir.path().join("y.bin"), &to_bf16_bits(&y));
-            write_u16(dir.path().join("b.bin"), &to_bf16_bits(&b));
-        } else {
-            write_f32(dir.path().join("y.bin"), &y);
-            write_f32(dir.path().join("b.bin"), &b);
-        }
+        write_inputs(dir.path(), bf16, &mut [("y.bin", &mut y), ("b.bin", &mut b)]);
         let args = ["bias".to_string(), n.to_string(), c.to_string(), (h * w).to_string(), (bf16 as u8).to_string()];
         let out = Command::new(&exe).args(&args).current_dir(dir.path()).output().unwrap();
         assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
-        let read = |name: &str| if bf16 { from_bf16_bits(&read_u16(dir.path().join(name))) } else { read_f32(dir.path().join(name)) };
-        let (ya, cs) = (read("ya.bin"), read("cs.bin"));
+        let (ya, cs) = (read_output(dir.path(), "ya.bin", bf16), read_output(dir.path(), "cs.bin", bf16));
 
         // The CPU module: the biased convolution's output and its bias gradient, through a 1x1
         // identity convolution (output = input + bias; dbias = per-channel sums of dY).
