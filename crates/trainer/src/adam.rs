@@ -95,27 +95,67 @@ impl Adam {
 
     /// One update with the given gradients (same order as [`Adam::vars`]) and learning rate.
     pub fn step_with(&mut self, grads: &[Tensor], lr: f64) -> Result<(), TrainError> {
+        self.step_full(grads, lr, 1.0, None)
+    }
+
+    /// One update with the gradients scaled by `grad_scale` (clipping: [`clip_scale`]), then the
+    /// EMA copies (same order as [`Adam::vars`]) moved towards the new values:
+    /// `e = decay e + (1 - decay) p`. On CUDA all of it is one pass over each variable, a few
+    /// launches for all of them (`adam_cuda`); elsewhere, one variable at a time.
+    pub fn step_full(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64, ema: Option<(&mut [Tensor], f64)>) -> Result<(), TrainError> {
         if grads.len() != self.vars.len() {
             return Err(TrainError::Invalid(format!("Adam: {} gradients for {} variables", grads.len(), self.vars.len())));
         }
+        if let Some((e, _)) = &ema {
+            if e.len() != self.vars.len() {
+                return Err(TrainError::Invalid(format!("Adam: {} EMA copies for {} variables", e.len(), self.vars.len())));
+            }
+        }
         let AdamParams { beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled, .. } = self.params;
-        self.step += 1;
-        let t = self.step as i32;
+        let t = (self.step + 1) as i32;
         let bias1 = 1.0 - b1.powi(t);
         let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let step_size = lr / bias1;
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = self.vars.first().and_then(|v| crate::adam_cuda::device_of(v.as_tensor())) {
+            let grads = grads.iter().map(|g| g.detach().to_dtype(DType::F32)?.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+            let p: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let s = crate::adam_cuda::StepScalars {
+                b1: b1 as f32,
+                r1: (1.0 - b1) as f32,
+                b2: b2 as f32,
+                r2: (1.0 - b2) as f32,
+                step_size: step_size as f32,
+                bias2_sqrt: bias2_sqrt as f32,
+                eps: eps as f32,
+                grad_scale: grad_scale as f32,
+                wd_l2: if decoupled { 0.0 } else { wd as f32 },
+                p_mul: if decoupled { (1.0 - lr * wd) as f32 } else { 1.0 },
+                ema_decay: ema.as_ref().map_or(0.0, |(_, d)| *d as f32),
+                ema_rest: ema.as_ref().map_or(1.0, |(_, d)| (1.0 - *d) as f32),
+            };
+            if crate::adam_cuda::step(&dev, &p, &grads, &self.m, &self.v, ema.as_ref().map(|(e, _)| &**e), &s)? {
+                self.step += 1;
+                return Ok(());
+            }
+        }
+        self.step += 1;
         for (i, grad) in grads.iter().enumerate() {
             // The moments outlive the step: computed from a tracked gradient they would record it
             // as their input, and each step's moments would chain onto the previous ones.
             // The same for the weight-decay term, which reads the variable.
-            let grad = &grad.detach();
+            let mut grad = grad.detach();
+            if grad_scale != 1.0 {
+                grad = grad.affine(grad_scale, 0.0)?;
+            }
+            let grad = &grad;
             let p = &self.vars[i].as_tensor().detach();
             if in_place(p) && wd == 0.0 && p.is_contiguous() {
                 // In place, one pass per state tensor: the composite below allocates ~8
-                // parameter-sized temporaries per variable (and launches ~12 kernels on a GPU).
+                // parameter-sized temporaries per variable.
                 let g = grad.to_dtype(DType::F32)?.contiguous()?;
-                self.m[i].inplace_op2(&g, &MomentUpdate { beta: b1 as f32, square: false })?;
-                self.v[i].inplace_op2(&g, &MomentUpdate { beta: b2 as f32, square: true })?;
+                self.m[i].inplace_op2(&g, &MomentUpdate::new(b1, false))?;
+                self.v[i].inplace_op2(&g, &MomentUpdate::new(b2, true))?;
                 let update = ParamUpdate { step_size: step_size as f32, bias2_sqrt: bias2_sqrt as f32, eps: eps as f32 };
                 p.inplace_op3(&self.m[i], &self.v[i], &update)?;
                 continue;
@@ -135,6 +175,14 @@ impl Adam {
             self.vars[i].set(&new_p)?;
             self.m[i] = m;
             self.v[i] = v;
+        }
+        if let Some((ema, d)) = ema {
+            for (e, v) in ema.iter_mut().zip(&self.vars) {
+                // From the detached variable: computed from the variable itself, the new EMA would
+                // record the previous one as its input, and the chain grew by three
+                // parameter-sized tensors a step (an OOM kill after ~1400 steps of `mini64`).
+                *e = e.affine(d, 0.0)?.add(&v.as_tensor().detach().affine(1.0 - d, 0.0)?)?;
+            }
         }
         Ok(())
     }
@@ -183,8 +231,15 @@ impl Adam {
     }
 }
 
-/// The global L2 norm of all gradients (as `torch.nn.utils.clip_grad_norm_` computes it).
+/// The global L2 norm of all gradients (as `torch.nn.utils.clip_grad_norm_` computes it). On
+/// CUDA, a few launches for all of them (`adam_cuda`), accumulated in double.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
+    #[cfg(feature = "cuda")]
+    if let Some(dev) = grads.first().and_then(crate::adam_cuda::device_of) {
+        if let Some(norm) = crate::adam_cuda::global_norm(&dev, grads)? {
+            return Ok(norm);
+        }
+    }
     let mut acc: Option<Tensor> = None;
     for g in grads {
         let s = g.sqr()?.sum_all()?;
@@ -199,16 +254,11 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
     })
 }
 
-/// Scales the gradients so that their global norm is at most `max_norm` (PyTorch's
-/// `clip_coef = max_norm / (norm + 1e-6)`, applied when below 1).
-pub fn clip_gradients(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<(), TrainError> {
+/// The factor that brings gradients of global norm `norm` to at most `max_norm` (PyTorch's
+/// `clip_coef = max_norm / (norm + 1e-6)`, applied when below 1): 1 when they are within it.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut() {
-            *g = g.affine(coef, 0.0)?;
-        }
-    }
-    Ok(())
+    coef.min(1.0)
 }
 
 /// The learning rate at (0-based) step `step` with linear warm-up over `warmup` steps.
@@ -220,12 +270,9 @@ pub fn warmup_lr(lr: f64, step: u64, warmup: u64) -> f64 {
     }
 }
 
-/// Whether the in-place update ops run on `p`'s device: the CPU, and CUDA (`adam_cuda`).
+/// Whether the per-variable in-place update ops run on `p`'s device: the CPU (CUDA updates all
+/// variables at once, in `adam_cuda`).
 fn in_place(p: &Tensor) -> bool {
-    #[cfg(feature = "cuda")]
-    if p.device().is_cuda() {
-        return crate::adam_cuda::enabled();
-    }
     p.device().is_cpu()
 }
 
@@ -246,7 +293,16 @@ fn contiguous_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::R
 /// `m = beta m + (1 - beta) g` (or `g^2` for the second moment), in place.
 struct MomentUpdate {
     beta: f32,
+    /// `1 - beta` in f64, then rounded, as PyTorch's `value=1 - beta` (in f32, `1 - 0.999`
+    /// would be 4.7e-5 off).
+    rest: f32,
     square: bool,
+}
+
+impl MomentUpdate {
+    fn new(beta: f64, square: bool) -> Self {
+        Self { beta: beta as f32, rest: (1.0 - beta) as f32, square }
+    }
 }
 
 impl InplaceOp2 for MomentUpdate {
@@ -257,18 +313,13 @@ impl InplaceOp2 for MomentUpdate {
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
         let g = contiguous_slice(gs, gl)?;
         let m = contiguous_slice_mut(dst, dst_l)?;
-        let (beta, rest) = (self.beta, 1.0 - self.beta);
+        let (beta, rest) = (self.beta, self.rest);
         if self.square {
             m.iter_mut().zip(g).for_each(|(m, &g)| *m = beta * *m + rest * (g * g));
         } else {
             m.iter_mut().zip(g).for_each(|(m, &g)| *m = beta * *m + rest * g);
         }
         Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, dst_l: &Layout, gs: &candle_core::CudaStorage, gl: &Layout) -> candle_core::Result<()> {
-        crate::adam_cuda::moment(dst, dst_l, gs, gl, self.beta, self.square)
     }
 }
 
@@ -292,11 +343,6 @@ impl InplaceOp3 for ParamUpdate {
             *p -= self.step_size * m / (v.sqrt() / self.bias2_sqrt + self.eps);
         }
         Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, dst: &mut candle_core::CudaStorage, dst_l: &Layout, ms: &candle_core::CudaStorage, ml: &Layout, vs: &candle_core::CudaStorage, vl: &Layout) -> candle_core::Result<()> {
-        crate::adam_cuda::update(dst, dst_l, ms, ml, vs, vl, self.step_size, self.bias2_sqrt, self.eps)
     }
 }
 
@@ -412,15 +458,37 @@ mod tests {
     }
 
     #[test]
+    fn full_step_scales_the_gradients_then_moves_the_ema() {
+        for params in [AdamParams::default(), AdamParams { weight_decay: 0.1, ..Default::default() }] {
+            let g = Tensor::new(&[0.3f32, -0.2, 0.0, 4.0], &Device::Cpu).unwrap();
+            let (a, b) = (var(&[1.0, 2.0, -3.0, 0.5]), var(&[1.0, 2.0, -3.0, 0.5]));
+            let mut oa = Adam::new(vec![("a".into(), a.clone())], params).unwrap();
+            let mut ob = Adam::new(vec![("b".into(), b.clone())], params).unwrap();
+            let mut ema = vec![Tensor::new(&[0f32, 1.0, 2.0, 3.0], &Device::Cpu).unwrap()];
+            for k in 0..3 {
+                let e0 = ema[0].to_vec1::<f32>().unwrap();
+                oa.step_full(std::slice::from_ref(&g), 1e-2, 0.25, Some((ema.as_mut_slice(), 0.9))).unwrap();
+                ob.step_with(&[g.affine(0.25, 0.0).unwrap()], 1e-2).unwrap();
+                let (pa, pb) = (a.as_tensor().to_vec1::<f32>().unwrap(), b.as_tensor().to_vec1::<f32>().unwrap());
+                assert_eq!(pa, pb, "step {k}, weight decay {}", params.weight_decay);
+                let want: Vec<f32> = e0.iter().zip(&pa).map(|(e, p)| e * 0.9 + p * 0.1).collect();
+                for (got, want) in ema[0].to_vec1::<f32>().unwrap().iter().zip(&want) {
+                    assert!((got - want).abs() < 1e-6, "EMA {got} against {want}");
+                }
+            }
+            let mut short: Vec<Tensor> = vec![];
+            assert!(oa.step_full(std::slice::from_ref(&g), 1e-2, 1.0, Some((short.as_mut_slice(), 0.9))).is_err());
+        }
+    }
+
+    #[test]
     fn clipping_and_norm_and_warmup() {
-        let mut gs = vec![Tensor::new(&[3f32, 0.0], &Device::Cpu).unwrap(), Tensor::new(&[4f32], &Device::Cpu).unwrap()];
+        let gs = vec![Tensor::new(&[3f32, 0.0], &Device::Cpu).unwrap(), Tensor::new(&[4f32], &Device::Cpu).unwrap()];
         let n = global_norm(&gs).unwrap();
         assert!((n - 5.0).abs() < 1e-9);
-        clip_gradients(&mut gs, n, 1.0).unwrap();
-        assert!((global_norm(&gs).unwrap() - 1.0).abs() < 1e-5);
-        let before = gs[0].to_vec1::<f32>().unwrap();
-        clip_gradients(&mut gs, 1.0, 10.0).unwrap();
-        assert_eq!(gs[0].to_vec1::<f32>().unwrap(), before);
+        let scaled: Vec<Tensor> = gs.iter().map(|g| g.affine(clip_scale(n, 1.0), 0.0).unwrap()).collect();
+        assert!((global_norm(&scaled).unwrap() - 1.0).abs() < 1e-5);
+        assert_eq!(clip_scale(1.0, 10.0), 1.0);
         assert_eq!(warmup_lr(1e-3, 0, 0), 1e-3);
         assert!((warmup_lr(1e-3, 0, 10) - 1e-4).abs() < 1e-12);
         assert_eq!(warmup_lr(1e-3, 9, 10), 1e-3);

@@ -1,19 +1,89 @@
-// Adam's two in-place passes on CUDA (f32), the same arithmetic as the CPU ops in adam.rs.
-// Compiled at run time by NVRTC (adam_cuda.rs). Grid-stride loops: any grid covers any n.
+// The optimizer step on CUDA over many tensors a launch (the plan: multi_tensor.rs), in f32:
+// the gradients' sum of squares (sumsq_multi, then sum_partials) and Adam with its clipping
+// scale, weight decay and EMA in one pass over each variable (adam_multi). The arithmetic is
+// that of the CPU ops in adam.rs. Compiled at run time by NVRTC (adam_cuda.rs).
 
-extern "C" __global__ void adam_moment(float* m, const float* g, unsigned long long n, float beta, int square) {
-    const float rest = 1.f - beta;
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        float gv = g[i];
-        if (square) gv *= gv;
-        m[i] = beta * m[i] + rest * gv;
+#define MT_MAX 64
+
+// Device addresses as integers: the same layout as multi_tensor::MtArgs in Rust.
+struct MtArgs {
+    unsigned long long p[MT_MAX], g[MT_MAX], m[MT_MAX], v[MT_MAX], e[MT_MAX];
+    unsigned long long n[MT_MAX];
+    unsigned int first_block[MT_MAX + 1];
+    unsigned int count;
+    unsigned int chunk;
+};
+static_assert(sizeof(MtArgs) == 3344, "MtArgs must match multi_tensor::MtArgs");
+
+// The tensor whose chunks hold block b (first_block ascends; empty tensors are skipped).
+__device__ __forceinline__ unsigned int mt_tensor(const MtArgs& a, unsigned int b) {
+    unsigned int t = 0;
+    while (t + 1 < a.count && a.first_block[t + 1] <= b) ++t;
+    return t;
+}
+
+// g' = g * gscale (+ wd_l2 * p, Adam's L2 term); m, v = the moments of g'; p = p * p_mul (AdamW's
+// decay) - step_size * m / (sqrt(v) / bias2_sqrt + eps); e = ema_d * e + (1 - ema_d) * p when
+// the tensor has an EMA copy.
+// r1, r2 and ema_r are 1 - b1, 1 - b2 and 1 - ema_d computed in double by the caller.
+extern "C" __global__ void adam_multi(const MtArgs a, float b1, float r1, float b2, float r2, float step_size, float bias2_sqrt,
+                                      float eps, float gscale, float wd_l2, float p_mul, float ema_d, float ema_r) {
+    const unsigned int b = blockIdx.x, t = mt_tensor(a, b);
+    const unsigned long long n = a.n[t];
+    const unsigned long long start = (unsigned long long)(b - a.first_block[t]) * a.chunk;
+    const unsigned long long end = start + a.chunk < n ? start + a.chunk : n;
+    float* p = (float*)a.p[t];
+    const float* g = (const float*)a.g[t];
+    float* m = (float*)a.m[t];
+    float* v = (float*)a.v[t];
+    float* e = (float*)a.e[t];
+    for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float pv = p[i];
+        float gv = g[i] * gscale;
+        if (wd_l2 != 0.f) gv += pv * wd_l2;
+        const float mv = b1 * m[i] + r1 * gv;
+        const float vv = b2 * v[i] + r2 * (gv * gv);
+        m[i] = mv;
+        v[i] = vv;
+        pv = pv * p_mul - step_size * mv / (sqrtf(vv) / bias2_sqrt + eps);
+        p[i] = pv;
+        if (e) e[i] = ema_d * e[i] + ema_r * pv;
     }
 }
 
-extern "C" __global__ void adam_update(float* p, const float* m, const float* v, unsigned long long n, float step_size, float bias2_sqrt, float eps) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        p[i] -= step_size * m[i] / (sqrtf(v[i]) / bias2_sqrt + eps);
+// The block's reduction of one double a thread, in a fixed order (blockDim.x a power of two,
+// at most 1024): the same inputs give the same bits on every run.
+__device__ __forceinline__ double block_sum(double x) {
+    __shared__ double sh[1024];
+    sh[threadIdx.x] = x;
+    __syncthreads();
+    for (unsigned int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
     }
+    return sh[0];
+}
+
+// partial[b] = the sum of g^2 over block b's chunk (in double: ~25 M squares).
+extern "C" __global__ void sumsq_multi(const MtArgs a, double* partial) {
+    const unsigned int b = blockIdx.x, t = mt_tensor(a, b);
+    const unsigned long long n = a.n[t];
+    const unsigned long long start = (unsigned long long)(b - a.first_block[t]) * a.chunk;
+    const unsigned long long end = start + a.chunk < n ? start + a.chunk : n;
+    const float* g = (const float*)a.g[t];
+    double acc = 0.0;
+    for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const double x = g[i];
+        acc += x * x;
+    }
+    const double s = block_sum(acc);
+    if (threadIdx.x == 0) partial[b] = s;
+}
+
+// out[0] = the sum of partial[0..n], by one block.
+extern "C" __global__ void sum_partials(const double* partial, unsigned int n, double* out) {
+    double acc = 0.0;
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    const double s = block_sum(acc);
+    if (threadIdx.x == 0) out[0] = s;
 }

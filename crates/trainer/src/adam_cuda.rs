@@ -1,19 +1,31 @@
-//! The CUDA side of Adam's in-place updates (`adam::MomentUpdate`, `adam::ParamUpdate`): three
-//! kernels per variable (first moment, second moment, parameter), where the composite update
-//! is about twelve kernels and eight parameter-sized temporaries per variable. With ~250
-//! variables, launches rather than bytes are the composite's cost on a GPU.
+//! The optimizer step on CUDA: the gradients' global norm and the Adam update (with clipping,
+//! weight decay and EMA) over many variables a launch (`adam_cuda.cu`, planned by
+//! [`crate::multi_tensor`]). Per variable, the norm took three kernels, Adam three (in place;
+//! composed of candle's ops, twelve and eight parameter-sized temporaries) and the EMA three:
+//! for the reference network's 331 variables, about 2,000 launches a step (3,000 with EMA).
+//! This takes 13: six for the norm's partial sums, one to total them, six for the update.
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorage, WrapErr};
-use candle_core::{Layout, Result};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::backend::BackendDevice;
+use candle_core::{DType, Result, Storage, Tensor};
+
+use crate::multi_tensor::{plan, Buffers, MtArgs};
 
 const SRC: &str = include_str!("adam_cuda.cu");
 const MODULE: &str = "trainer_adam";
+const THREADS: u32 = 256;
+/// Elements a block: ~1,600 blocks for the reference's 25.4 M parameters.
+const CHUNK: u32 = 16384;
 
-/// The in-place kernels are used on CUDA unless `TRAINER_CUDA_ADAM=candle` (the composite: for
-/// A/B runs, and a way out).
+// SAFETY: `MtArgs` is `repr(C)`, plain integers, laid out as the kernels' `struct MtArgs`
+// (asserted on both sides), and passed by value.
+unsafe impl DeviceRepr for MtArgs {}
+
+/// The multi-tensor kernels are used on CUDA unless `TRAINER_CUDA_ADAM=candle` (the composite:
+/// for A/B runs, and a way out).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     unet::cuda_ops::switch_on(&ON, "TRAINER_CUDA_ADAM")
@@ -24,59 +36,127 @@ fn ptx() -> Result<&'static str> {
     unet::cuda_ops::nvrtc_once(&PTX, SRC, "the Adam CUDA kernels")
 }
 
-fn range(l: &Layout) -> Result<(usize, usize)> {
-    l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adam (CUDA): non-contiguous operand".into()))
+/// The device address of a contiguous f32 CUDA tensor's first element, and its element count,
+/// if it is one. The tensor must outlive the kernels that use the address.
+fn address(t: &Tensor, dev: &CudaDevice) -> Option<(u64, usize)> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cuda(s) if s.device.same_device(dev) => {
+            let slice = s.as_cuda_slice::<f32>().ok()?;
+            let stream = dev.cuda_stream();
+            let (ptr, _sync) = slice.device_ptr(&stream);
+            Some((ptr + 4 * start as u64, end - start))
+        }
+        _ => None,
+    }
 }
 
-fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
-    let (a, b) = range(l)?;
-    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
-}
-
-fn view_mut<'a>(s: &'a mut CudaStorage, l: &Layout) -> Result<CudaViewMut<'a, f32>> {
-    let (a, b) = range(l)?;
-    Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b))
-}
-
-fn config(n: usize) -> LaunchConfig {
-    const THREADS: u32 = 256;
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, 4096) as u32;
+fn launch_config(blocks: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// `m = beta m + (1 - beta) g` (`g^2` when `square`), in place.
-pub(crate) fn moment(m: &mut CudaStorage, ml: &Layout, g: &CudaStorage, gl: &Layout, beta: f32, square: bool) -> Result<()> {
-    let dev = m.device.clone();
-    let n = ml.shape().elem_count();
-    if gl.shape().elem_count() != n {
-        candle_core::bail!("adam (CUDA): gradient of {} elements for a state of {n}", gl.shape().elem_count());
+/// The CUDA device of `t`, when the multi-tensor kernels serve it.
+pub fn device_of(t: &Tensor) -> Option<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) if enabled() => Some(d.clone()),
+        _ => None,
     }
-    let gv = view(g, gl)?;
-    let mut mv = view_mut(m, ml)?;
-    let func = dev.get_or_load_custom_func("adam_moment", MODULE, ptx()?)?;
-    let (n64, square) = (n as u64, square as i32);
-    let mut args = func.builder();
-    args.arg(&mut mv).arg(&gv).arg(&n64).arg(&beta).arg(&square);
-    // SAFETY: argument types and order match `adam_moment`; both buffers hold n floats.
-    unet::cuda_ops::profile::time(&dev, || "adam moment".into(), || unsafe { args.launch(config(n)) }.w())?;
-    Ok(())
 }
 
-/// `p -= step_size * m / (sqrt(v) / bias2_sqrt + eps)`, in place.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn update(p: &mut CudaStorage, pl: &Layout, m: &CudaStorage, ml: &Layout, v: &CudaStorage, vl: &Layout, step_size: f32, bias2_sqrt: f32, eps: f32) -> Result<()> {
-    let dev = p.device.clone();
-    let n = pl.shape().elem_count();
-    if ml.shape().elem_count() != n || vl.shape().elem_count() != n {
-        candle_core::bail!("adam (CUDA): moments and parameter differ in size");
+/// `sqrt(sum g^2)` over all of `grads` (contiguous f32 on `dev`), or `None` if one of them is
+/// not. Accumulated in double, in a fixed order.
+pub fn global_norm(dev: &CudaDevice, grads: &[Tensor]) -> Result<Option<f64>> {
+    let mut bufs = Vec::with_capacity(grads.len());
+    for g in grads {
+        let Some((g, n)) = address(g, dev) else { return Ok(None) };
+        bufs.push(Buffers { g, n, ..Default::default() });
     }
-    let (mv, vv) = (view(m, ml)?, view(v, vl)?);
-    let mut pv = view_mut(p, pl)?;
-    let func = dev.get_or_load_custom_func("adam_update", MODULE, ptx()?)?;
-    let n64 = n as u64;
-    let mut args = func.builder();
-    args.arg(&mut pv).arg(&mv).arg(&vv).arg(&n64).arg(&step_size).arg(&bias2_sqrt).arg(&eps);
-    // SAFETY: argument types and order match `adam_update`; the three buffers hold n floats.
-    unet::cuda_ops::profile::time(&dev, || "adam update".into(), || unsafe { args.launch(config(n)) }.w())?;
-    Ok(())
+    let launches = plan(&bufs, CHUNK);
+    let total: u32 = launches.iter().map(|(_, b)| b).sum();
+    if total == 0 {
+        return Ok(Some(0.0));
+    }
+    let func = dev.get_or_load_custom_func("sumsq_multi", MODULE, ptx()?)?;
+    // SAFETY: every element is written: block b of a launch writes partial[offset + b].
+    let mut partial = unsafe { dev.alloc::<f64>(total as usize)? };
+    let mut offset = 0usize;
+    for (args, blocks) in &launches {
+        if *blocks == 0 {
+            continue;
+        }
+        let mut out = partial.slice_mut(offset..offset + *blocks as usize);
+        let mut b = func.builder();
+        b.arg(args).arg(&mut out);
+        // SAFETY: argument types and order match `sumsq_multi`; the addresses are live
+        // contiguous f32 buffers of the given sizes (`grads` outlives the launch in stream order).
+        unet::cuda_ops::profile::time(dev, || format!("adam grad sumsq {} tensors", args.count), || unsafe { b.launch(launch_config(*blocks)) }.w())?;
+        offset += *blocks as usize;
+    }
+    let mut sum = dev.alloc_zeros::<f64>(1)?;
+    let func = dev.get_or_load_custom_func("sum_partials", MODULE, ptx()?)?;
+    let mut b = func.builder();
+    b.arg(&partial).arg(&total).arg(&mut sum);
+    // SAFETY: argument types and order match `sum_partials`; `partial` holds `total` values.
+    unet::cuda_ops::profile::time(dev, || "adam grad sumsq total".into(), || unsafe { b.launch(launch_config(1)) }.w())?;
+    let host = dev.clone_dtoh(&sum)?;
+    Ok(Some(host[0].sqrt()))
+}
+
+/// The scalars of one Adam step (see `adam_multi` in `adam_cuda.cu`).
+pub struct StepScalars {
+    pub b1: f32,
+    /// `1 - b1` in f64, rounded (as PyTorch's `value=1 - beta1`), and so on.
+    pub r1: f32,
+    pub b2: f32,
+    pub r2: f32,
+    pub step_size: f32,
+    pub bias2_sqrt: f32,
+    pub eps: f32,
+    pub grad_scale: f32,
+    pub wd_l2: f32,
+    pub p_mul: f32,
+    pub ema_decay: f32,
+    pub ema_rest: f32,
+}
+
+/// One Adam step over all variables in place: `p`, `m`, `v` (and `ema`, when given) updated
+/// from `grads`. Returns `false`, touching nothing, when one of the tensors is not a
+/// contiguous f32 tensor on `dev` (the caller then takes the composite path).
+pub fn step(dev: &CudaDevice, p: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], ema: Option<&[Tensor]>, s: &StepScalars) -> Result<bool> {
+    let mut bufs = Vec::with_capacity(p.len());
+    for i in 0..p.len() {
+        let e = match ema {
+            Some(e) => match address(&e[i], dev) {
+                Some(a) => Some(a),
+                None => return Ok(false),
+            },
+            None => None,
+        };
+        let (Some(pa), Some(ga), Some(ma), Some(va)) = (address(&p[i], dev), address(&grads[i], dev), address(&m[i], dev), address(&v[i], dev)) else {
+            return Ok(false);
+        };
+        let n = pa.1;
+        if [ga.1, ma.1, va.1, e.map_or(n, |e| e.1)].iter().any(|&k| k != n) {
+            candle_core::bail!("adam (CUDA): variable {i} has {n} elements, but its gradient or state differs");
+        }
+        bufs.push(Buffers { p: pa.0, g: ga.0, m: ma.0, v: va.0, e: e.map_or(0, |e| e.0), n });
+    }
+    let func = dev.get_or_load_custom_func("adam_multi", MODULE, ptx()?)?;
+    for (args, blocks) in plan(&bufs, CHUNK) {
+        if blocks == 0 {
+            continue;
+        }
+        let mut b = func.builder();
+        b.arg(&args).arg(&s.b1).arg(&s.r1).arg(&s.b2).arg(&s.r2).arg(&s.step_size).arg(&s.bias2_sqrt).arg(&s.eps);
+        b.arg(&s.grad_scale).arg(&s.wd_l2).arg(&s.p_mul).arg(&s.ema_decay).arg(&s.ema_rest);
+        // SAFETY: argument types and order match `adam_multi`; every address is a live,
+        // contiguous f32 buffer of its tensor's size. The kernel writes p, m, v and e in place:
+        // the optimizer owns m, v and e, and p is a variable, which candle updates in place too.
+        unet::cuda_ops::profile::time(dev, || format!("adam step {} tensors", args.count), || unsafe { b.launch(launch_config(blocks)) }.w())?;
+    }
+    Ok(true)
 }

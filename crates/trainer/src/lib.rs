@@ -16,6 +16,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod metrics;
+#[doc(hidden)]
+pub mod multi_tensor;
 pub mod plot;
 pub mod preview;
 pub mod tensorboard;

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::{info, warn};
 use unet::{Mode, ModelWeights, UNet};
 
-use crate::adam::{clip_gradients, global_norm, warmup_lr, Adam, AdamParams};
+use crate::adam::{clip_scale, global_norm, warmup_lr, Adam, AdamParams};
 use crate::checkpoint::{self, TrainState};
 use crate::metrics::{MetricsLog, Record};
 use crate::tensorboard::EventWriter;
@@ -119,7 +119,7 @@ impl StepEngine {
             self.schedule.loss(&predict, x0, &ts, &noise)?
         };
         let grads = loss.backward()?;
-        let mut g = self.opt.gradients(&grads)?;
+        let g = self.opt.gradients(&grads)?;
         drop(grads);
         // One wait for the device a step, here: reading the loss before the backward pass would
         // add a second one, leaving a GPU idle while the backward pass is queued. Nothing has
@@ -133,21 +133,14 @@ impl StepEngine {
         if !norm.is_finite() {
             return Err(TrainError::NonFinite(format!("gradient norm is {norm} at step {}", step + 1)));
         }
-        if let Some(max) = self.cfg.train.clip() {
-            clip_gradients(&mut g, norm, max)?;
-        }
+        let grad_scale = self.cfg.train.clip().map_or(1.0, |max| clip_scale(norm, max));
         let lr = warmup_lr(self.cfg.train.lr, step, self.cfg.train.warmup_steps);
-        self.opt.step_with(&g, lr)?;
-        if let (Some(ema), Some(decay)) = (self.ema.as_mut(), self.cfg.train.ema()) {
-            // Warm-up: early on the average follows the weights closely.
-            let d = decay.min((1.0 + step as f64) / (10.0 + step as f64));
-            for (e, v) in ema.iter_mut().zip(self.opt.vars()) {
-                // From the detached variable: computed from the variable itself, the new EMA would
-                // record the previous one as its input, and the chain grew by three
-                // parameter-sized tensors a step (an OOM kill after ~1400 steps of `mini64`).
-                *e = e.affine(d, 0.0)?.add(&v.as_tensor().detach().affine(1.0 - d, 0.0)?)?;
-            }
-        }
+        // Warm-up: early on the average follows the weights closely.
+        let ema = match (self.ema.as_mut(), self.cfg.train.ema()) {
+            (Some(e), Some(decay)) => Some((e.as_mut_slice(), decay.min((1.0 + step as f64) / (10.0 + step as f64)))),
+            _ => None,
+        };
+        self.opt.step_full(&g, lr, grad_scale, ema)?;
         Ok(StepOutput { loss: loss_v, grad_norm: Some(norm), lr })
     }
 
@@ -185,7 +178,8 @@ impl StepEngine {
             if let Some(ema) = self.ema.as_mut() {
                 let key = format!("{}{name}", unet::weights::EMA_PREFIX);
                 let e = w.tensors.get(&key).ok_or_else(|| TrainError::Checkpoint(format!("model file has no '{key}'")))?;
-                ema[i] = e.to_dtype(DType::F32)?.to_device(&self.device)?;
+                // A private copy: on CUDA the EMA is updated in place.
+                ema[i] = e.to_dtype(DType::F32)?.to_device(&self.device)?.copy()?;
             }
         }
         Ok(())

@@ -1,118 +1,236 @@
-//! The CUDA Adam kernels (`src/adam_cuda.cu`) run on the CPU under unet's kernel emulator
-//! (`crates/unet/tests/cuda_emu/shim.h`: a thread per CUDA thread), two steps on a grid much
-//! smaller than the data (so every grid-stride loop goes round several times), against
-//! `trainer::Adam` on the CPU. The launches themselves are checked on a GPU by
-//! `cargo xtask self-test --device cuda`.
+//! The CUDA optimizer kernels (`src/adam_cuda.cu`) run on the CPU under unet's kernel emulator
+//! (`crates/unet/tests/cuda_emu/shim.h`: a thread per CUDA thread), on launch plans made by
+//! `trainer::multi_tensor::plan` (the same bytes the GPU gets), against `trainer::Adam` and
+//! `trainer::adam::global_norm` on the CPU: two steps over more variables than one launch takes,
+//! with chunks smaller than the variables, for Adam with clipping and EMA, AdamW, and Adam's L2
+//! term. The launches themselves are checked on a GPU by `cargo xtask self-test --device cuda`.
 //!
 //! Needs a C++20 compiler (`$CXX`, else `g++`): without one the test says so and skips.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, Tensor, Var};
+use trainer::adam::global_norm;
+use trainer::multi_tensor::{plan, Buffers, MtArgs};
 use trainer::{Adam, AdamParams};
 
 const DRIVER: &str = r#"
 #include "adam_cuda.cu"
 #include <cstdio>
 #include <cstdlib>
-static std::vector<float> rd(const char* p, size_t n) {
-    std::vector<float> v(n);
+static std::vector<char> rd(const char* p) {
     FILE* f = fopen(p, "rb");
-    if (!f || fread(v.data(), 4, n, f) != n) { fprintf(stderr, "cannot read %s\n", p); exit(2); }
+    if (!f) { fprintf(stderr, "cannot read %s\n", p); exit(2); }
+    std::vector<char> v;
+    char buf[65536];
+    size_t k;
+    while ((k = fread(buf, 1, sizeof buf, f)) > 0) v.insert(v.end(), buf, buf + k);
     fclose(f);
     return v;
 }
-static void wr(const char* p, const std::vector<float>& v) { FILE* f = fopen(p, "wb"); fwrite(v.data(), 4, v.size(), f); fclose(f); }
-// adam_main n b1 b2 eps step_size_1 bias2_sqrt_1 step_size_2 bias2_sqrt_2: two steps, one gradient.
+// adam_main b1 r1 b2 r2 eps wd_l2 p_mul step_size bias2_sqrt gscale ema_d ema_r: one step. The plan's
+// addresses are byte offsets into arena.bin (0: absent). Writes arena_out.bin, and the norm of
+// the gradients (before the step) to norm.txt.
 int main(int argc, char** argv) {
-    if (argc != 9) { fprintf(stderr, "usage: adam_main n b1 b2 eps step1 bias2_1 step2 bias2_2\n"); return 2; }
-    unsigned long long n = strtoull(argv[1], 0, 10);
-    float b1 = atof(argv[2]), b2 = atof(argv[3]), eps = atof(argv[4]);
-    auto p = rd("p.bin", n), g = rd("g.bin", n);
-    std::vector<float> m(n, 0.f), v(n, 0.f);
-    for (int t = 0; t < 2; ++t) {
-        float step = atof(argv[5 + 2 * t]), bias2 = atof(argv[6 + 2 * t]);
-        launch(3, 64, [&] { adam_moment(m.data(), g.data(), n, b1, 0); });
-        launch(3, 64, [&] { adam_moment(v.data(), g.data(), n, b2, 1); });
-        launch(3, 64, [&] { adam_update(p.data(), m.data(), v.data(), n, step, bias2, eps); });
+    if (argc != 13) { fprintf(stderr, "usage: adam_main b1 r1 b2 r2 eps wd_l2 p_mul step_size bias2_sqrt gscale ema_d ema_r\n"); return 2; }
+    float x[12];
+    for (int i = 0; i < 12; ++i) x[i] = atof(argv[i + 1]);
+    std::vector<char> arena = rd("arena.bin"), raw = rd("plan.bin");
+    const size_t rec = sizeof(MtArgs) + 4;
+    if (raw.size() % rec) { fprintf(stderr, "plan.bin is not a list of MtArgs + u32\n"); return 2; }
+    std::vector<MtArgs> args(raw.size() / rec);
+    std::vector<unsigned> blocks(args.size());
+    unsigned total = 0;
+    const unsigned long long base = (unsigned long long)arena.data();
+    for (size_t k = 0; k < args.size(); ++k) {
+        memcpy(&args[k], raw.data() + k * rec, sizeof(MtArgs));
+        memcpy(&blocks[k], raw.data() + k * rec + sizeof(MtArgs), 4);
+        total += blocks[k];
+        for (unsigned long long* list : {args[k].p, args[k].g, args[k].m, args[k].v, args[k].e})
+            for (int i = 0; i < MT_MAX; ++i) if (list[i]) list[i] += base;
     }
-    wr("p_out.bin", p); wr("m_out.bin", m); wr("v_out.bin", v);
+    // -1: a block that writes nothing shows in the sum.
+    std::vector<double> partial(total, -1.0);
+    double sum = -1.0;
+    unsigned off = 0;
+    for (size_t k = 0; k < args.size(); ++k) {
+        launch(blocks[k], 32, [&] { sumsq_multi(args[k], partial.data() + off); });
+        off += blocks[k];
+    }
+    launch(1, 32, [&] { sum_partials(partial.data(), total, &sum); });
+    for (size_t k = 0; k < args.size(); ++k)
+        launch(blocks[k], 32, [&] { adam_multi(args[k], x[0], x[1], x[2], x[3], x[7], x[8], x[4], x[9], x[5], x[6], x[10], x[11]); });
+    FILE* f = fopen("norm.txt", "w");
+    fprintf(f, "%.17g\n", sqrt(sum));
+    fclose(f);
+    f = fopen("arena_out.bin", "wb");
+    fwrite(arena.data(), 1, arena.size(), f);
+    fclose(f);
 }
 "#;
 
-fn write(path: &Path, v: &[f32]) {
-    std::fs::write(path, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-}
-
-fn read(path: &Path) -> Vec<f32> {
-    std::fs::read(path).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-#[test]
-fn adam_kernels_match_the_cpu_optimizer() {
-    let dir = tempfile::tempdir().unwrap();
+fn build_driver(dir: &Path) -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    std::fs::write(dir.path().join("adam_main.cpp"), DRIVER).unwrap();
-    let exe = dir.path().join("adam_main");
+    std::fs::write(dir.join("adam_main.cpp"), DRIVER).unwrap();
+    let exe = dir.join("adam_main");
     let status = Command::new(&cxx)
         .args(["-std=c++20", "-O1", "-pthread", "-include"])
         .arg(root.join("../unet/tests/cuda_emu/shim.h"))
         .arg("-I")
         .arg(root.join("src"))
-        .arg(dir.path().join("adam_main.cpp"))
+        .arg(dir.join("adam_main.cpp"))
         .arg("-o")
         .arg(&exe)
         .status();
     match status {
-        Ok(s) => assert!(s.success(), "{cxx} failed to build the Adam kernel emulator"),
+        Ok(s) => {
+            assert!(s.success(), "{cxx} failed to build the Adam kernel emulator");
+            Some(exe)
+        }
         Err(e) => {
             eprintln!("SKIPPED: no C++ compiler '{cxx}' to emulate the CUDA kernels ({e})");
-            return;
+            None
         }
     }
+}
 
-    // 1000 values on 3 blocks of 64 threads: each thread's loop runs 5 or 6 times.
-    let n = 1000;
-    let p0: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02).collect();
-    let g: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) * 1e-3).collect();
-    write(&dir.path().join("p.bin"), &p0);
-    write(&dir.path().join("g.bin"), &g);
-    let params = AdamParams { lr: 1e-3, ..Default::default() };
-    let scalars: Vec<String> = (1..=2)
-        .flat_map(|t| {
-            let step_size = params.lr / (1.0 - params.beta1.powi(t));
-            let bias2_sqrt = (1.0 - params.beta2.powi(t)).sqrt();
-            [(step_size as f32).to_string(), (bias2_sqrt as f32).to_string()]
+fn bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn floats(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn args_bytes(a: &MtArgs) -> &[u8] {
+    // SAFETY: MtArgs is repr(C) plain integers with no padding (3,344 bytes: asserted in
+    // multi_tensor's tests).
+    unsafe { std::slice::from_raw_parts((a as *const MtArgs).cast::<u8>(), std::mem::size_of::<MtArgs>()) }
+}
+
+/// Largest difference over largest expected value.
+fn rel(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(want).fold(0f32, |m, (g, w)| if (g - w).is_nan() { f32::INFINITY } else { m.max((g - w).abs()) });
+    worst / scale.max(1e-30)
+}
+
+struct Case {
+    name: &'static str,
+    params: AdamParams,
+    /// Per step: the clipping scale.
+    grad_scale: [f64; 2],
+    /// Per step: the EMA decay, when EMA is on.
+    ema: Option<[f64; 2]>,
+}
+
+fn run_case(exe: &Path, dir: &Path, case: &Case) {
+    // 70 variables (two launches: 64 + 6) of 1..=200 values in chunks of 37, so most variables
+    // span several blocks, some end mid-chunk, and some fit in one.
+    let sizes: Vec<usize> = (0..70).map(|i| (i * 29 + 11) % 200 + 1).collect();
+    let p0: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(k, &n)| (0..n).map(|i| (((i * 37 + k * 11) % 101) as f32 - 50.0) * 0.02).collect()).collect();
+    let grad = |k: usize, step: usize| -> Vec<f32> {
+        (0..sizes[k]).map(|i| (((i * 53 + k * 7 + step * 13) % 97) as f32 - 48.0) * 1e-3 * (1 + k % 5) as f32).collect()
+    };
+    let ema0: Vec<Vec<f32>> = p0.iter().map(|p| p.iter().map(|x| x * 0.9 + 0.01).collect()).collect();
+
+    // The arena: per variable p, m, v, e (with EMA) and g, at byte offsets from 64, so that 0
+    // stays "absent".
+    let mut arena: Vec<f32> = vec![0.0; 16];
+    let mut put = |v: &[f32]| {
+        let off = 4 * arena.len() as u64;
+        arena.extend_from_slice(v);
+        off
+    };
+    let bufs: Vec<Buffers> = (0..sizes.len())
+        .map(|k| {
+            let zeros = vec![0f32; sizes[k]];
+            let (p, m, v) = (put(&p0[k]), put(&zeros), put(&zeros));
+            let e = if case.ema.is_some() { put(&ema0[k]) } else { 0 };
+            Buffers { p, g: put(&zeros), m, v, e, n: sizes[k] }
         })
         .collect();
-    let out = Command::new(&exe)
-        .arg(n.to_string())
-        .args([params.beta1 as f32, params.beta2 as f32, params.eps as f32].map(|v| v.to_string()))
-        .args(&scalars)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
-
-    let var = Var::from_tensor(&Tensor::from_vec(p0.clone(), n, &Device::Cpu).unwrap()).unwrap();
-    let mut opt = Adam::new(vec![("p".into(), var.clone())], params).unwrap();
-    let gt = Tensor::from_vec(g, n, &Device::Cpu).unwrap();
-    for _ in 0..2 {
-        opt.step_with(std::slice::from_ref(&gt), params.lr).unwrap();
+    let launches = plan(&bufs, 37);
+    assert_eq!(launches.iter().map(|(a, _)| a.count).collect::<Vec<_>>(), [64, 6]);
+    let mut raw = Vec::new();
+    for (a, blocks) in &launches {
+        raw.extend_from_slice(args_bytes(a));
+        raw.extend_from_slice(&blocks.to_le_bytes());
     }
+    std::fs::write(dir.join("plan.bin"), &raw).unwrap();
+
+    // The CPU optimizer, from the same values.
+    let cpu = Device::Cpu;
+    let vars: Vec<(String, Var)> =
+        p0.iter().enumerate().map(|(k, p)| (format!("v{k:03}"), Var::from_tensor(&Tensor::new(p.as_slice(), &cpu).unwrap()).unwrap())).collect();
+    let mut opt = Adam::new(vars, case.params).unwrap();
+    let mut ema: Vec<Tensor> = ema0.iter().map(|e| Tensor::new(e.as_slice(), &cpu).unwrap()).collect();
+
+    let AdamParams { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled } = case.params;
+    let (wd_l2, p_mul) = if decoupled { (0.0, 1.0 - lr * wd) } else { (wd, 1.0) };
+    for t in 0..2 {
+        let grads: Vec<Vec<f32>> = (0..sizes.len()).map(|k| grad(k, t)).collect();
+        for (b, g) in bufs.iter().zip(&grads) {
+            let at = b.g as usize / 4;
+            arena[at..at + g.len()].copy_from_slice(g);
+        }
+        std::fs::write(dir.join("arena.bin"), bytes(&arena)).unwrap();
+        let step = (t + 1) as i32;
+        let step_size = lr / (1.0 - b1.powi(step));
+        let bias2_sqrt = (1.0 - b2.powi(step)).sqrt();
+        let ema_d = case.ema.map_or(0.0, |d| d[t]);
+        let out = Command::new(exe)
+            .args([b1, 1.0 - b1, b2, 1.0 - b2, eps, wd_l2, p_mul, step_size, bias2_sqrt, case.grad_scale[t], ema_d, 1.0 - ema_d].map(|v| format!("{:e}", v as f32)))
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: emulator failed: {}", case.name, String::from_utf8_lossy(&out.stderr));
+        arena = floats(&std::fs::read(dir.join("arena_out.bin")).unwrap());
+
+        let gt: Vec<Tensor> = grads.iter().map(|g| Tensor::new(g.as_slice(), &cpu).unwrap()).collect();
+        let norm: f64 = std::fs::read_to_string(dir.join("norm.txt")).unwrap().trim().parse().unwrap();
+        let want = global_norm(&gt).unwrap();
+        assert!((norm - want).abs() <= 1e-6 * want, "{}: step {}: gradient norm {norm} against {want}", case.name, t + 1);
+        let e = case.ema.map(|d| (ema.as_mut_slice(), d[t]));
+        opt.step_full(&gt, lr, case.grad_scale[t], e).unwrap();
+    }
+
     let state = opt.state_tensors().unwrap();
-    let cpu = |t: &Tensor| t.to_vec1::<f32>().unwrap();
-    let want_change: Vec<f32> = cpu(var.as_tensor()).iter().zip(&p0).map(|(a, b)| a - b).collect();
-    let got_change: Vec<f32> = read(&dir.path().join("p_out.bin")).iter().zip(&p0).map(|(a, b)| a - b).collect();
-    for (name, got, want) in [
-        ("parameter change", got_change, want_change),
-        ("first moment", read(&dir.path().join("m_out.bin")), cpu(&state["m.p"])),
-        ("second moment", read(&dir.path().join("v_out.bin")), cpu(&state["v.p"])),
-    ] {
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let worst = got.iter().zip(&want).fold(0f32, |m, (g, w)| if (g - w).is_nan() { f32::INFINITY } else { m.max((g - w).abs()) });
-        assert!(worst <= 1e-4 * scale, "{name}: largest difference {worst:e} against a largest value of {scale:e}");
+    let get = |off: u64, n: usize| arena[off as usize / 4..off as usize / 4 + n].to_vec();
+    for (k, b) in bufs.iter().enumerate() {
+        let name = &opt.names()[k];
+        let p_cpu = opt.vars()[k].as_tensor().to_vec1::<f32>().unwrap();
+        // The change of each parameter, not its value: the value's scale would hide an error in
+        // updates a thousand times smaller.
+        let change = |p: &[f32]| p.iter().zip(&p0[k]).map(|(a, b)| a - b).collect::<Vec<f32>>();
+        let mut checks = vec![
+            ("parameter change", rel(&change(&get(b.p, b.n)), &change(&p_cpu)), 1e-4),
+            ("first moment", rel(&get(b.m, b.n), &state[&format!("m.{name}")].to_vec1::<f32>().unwrap()), 1e-5),
+            ("second moment", rel(&get(b.v, b.n), &state[&format!("v.{name}")].to_vec1::<f32>().unwrap()), 1e-5),
+        ];
+        if case.ema.is_some() {
+            checks.push(("EMA", rel(&get(b.e, b.n), &ema[k].to_vec1::<f32>().unwrap()), 1e-5));
+        }
+        for (what, d, tol) in checks {
+            assert!(d <= tol, "{}: variable {k} ({} values): {what} differs by {d:e} of its largest value", case.name, b.n);
+        }
+    }
+}
+
+#[test]
+fn optimizer_kernels_match_the_cpu_optimizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(exe) = build_driver(dir.path()) else { return };
+    let base = AdamParams { lr: 1e-3, ..Default::default() };
+    let cases = [
+        Case { name: "Adam, clipping, EMA", params: base, grad_scale: [1.0, 0.25], ema: Some([0.5, 0.9]) },
+        Case { name: "AdamW", params: AdamParams { weight_decay: 0.1, decoupled: true, ..base }, grad_scale: [1.0, 1.0], ema: None },
+        Case { name: "Adam, L2", params: AdamParams { weight_decay: 0.1, ..base }, grad_scale: [0.5, 1.0], ema: None },
+    ];
+    for case in &cases {
+        run_case(&exe, dir.path(), case);
     }
 }
