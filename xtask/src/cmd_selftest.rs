@@ -195,11 +195,13 @@ fn conv_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)>> {
     Ok(out)
 }
 
-/// Three Adam steps on `dev` and on the CPU from the same values and gradients, over 70
+/// Three optimizer steps on `dev` and on the CPU from the same values and gradients, over 70
 /// variables of the reference network's kinds of shapes (more than one multi-tensor launch
-/// takes; a 4.7 M-value one spans many chunks), the second step clipped, with EMA: the gradient
-/// norms, the parameters, moments and EMA copies, as the largest difference over the largest CPU
-/// value.
+/// takes; the 589,824-value ones span many chunks), the second step clipped, with EMA: Adam,
+/// AdamW and Adam with its L2 term. Gives the gradient norms against f64 sums, then per
+/// optimizer the largest difference over the variables of each quantity (parameter change,
+/// moments, EMA), relative to the largest CPU value; and, on CUDA, a failure (infinity) if the
+/// multi-tensor kernels were not the ones that ran.
 fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
     let cpu = Device::Cpu;
     let base: [&[usize]; 7] = [&[256, 256, 3, 3], &[64, 3, 3, 3], &[1000], &[64], &[512, 256], &[3], &[7, 5]];
@@ -210,9 +212,9 @@ fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
         .collect::<candle_core::Result<_>>()?;
     /// What three steps leave: the gradient norms, the variables, their EMA copies, the moments.
     struct Steps(Vec<f64>, Vec<Tensor>, Vec<Tensor>, HashMap<String, Tensor>);
-    let run = |d: &Device| -> Result<Steps> {
+    let run = |d: &Device, params: trainer::AdamParams| -> Result<Steps> {
         let vars = init.iter().enumerate().map(|(i, t)| Ok((format!("p{i:02}"), Var::from_tensor(&t.to_device(d)?)?))).collect::<Result<Vec<_>>>()?;
-        let mut opt = trainer::Adam::new(vars, trainer::AdamParams { lr: 1e-3, ..Default::default() })?;
+        let mut opt = trainer::Adam::new(vars, params)?;
         let mut ema = opt.vars().iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
         let mut norms = Vec::new();
         for (k, g) in grads.iter().enumerate() {
@@ -224,39 +226,50 @@ fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
         }
         Ok(Steps(norms, opt.vars().iter().map(|v| v.as_tensor().clone()).collect(), ema, opt.state_tensors()?))
     };
-    let Steps(_, want_p, want_e, want_s) = run(&cpu)?;
-    let Steps(got_n, got_p, got_e, got_s) = run(dev)?;
-    // The norms against f64 sums (the CPU's sums in f32 are the less accurate).
-    let want_n = grads
-        .iter()
-        .map(|g| Ok(g.iter().map(|t| t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()).sum::<candle_core::Result<f64>>()?.sqrt()))
-        .collect::<Result<Vec<f64>>>()?;
     let rel = |g: &Tensor, w: &Tensor| -> Result<f32> {
         let scale: f32 = w.abs()?.flatten_all()?.max(0)?.to_scalar()?;
-        Ok(max_diff(g, w)? / scale.max(1e-30))
+        Ok(max_diff(&g.to_device(&Device::Cpu)?, w)? / scale.max(1e-30))
     };
     let mut out = Vec::new();
-    for (k, (g, w)) in got_n.iter().zip(&want_n).enumerate() {
-        out.push((format!("gradient norm, step {}", k + 1), ((g - w).abs() / w) as f32));
+    let base = trainer::AdamParams { lr: 1e-3, ..Default::default() };
+    let optimizers = [
+        ("Adam", base),
+        ("AdamW", trainer::AdamParams { weight_decay: 0.01, decoupled: true, ..base }),
+        ("Adam+L2", trainer::AdamParams { weight_decay: 0.01, ..base }),
+    ];
+    let used_before = trainer::adam::cuda_kernel_use();
+    for (k, (label, params)) in optimizers.into_iter().enumerate() {
+        let Steps(_, want_p, want_e, want_s) = run(&cpu, params)?;
+        let Steps(got_n, got_p, got_e, got_s) = run(dev, params)?;
+        if k == 0 {
+            // The norms against f64 sums (the CPU's sums in f32 are the less accurate).
+            for (t, (g, gs)) in got_n.iter().zip(&grads).enumerate() {
+                let want = gs.iter().map(|t| t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()).sum::<candle_core::Result<f64>>()?.sqrt();
+                out.push((format!("gradient norm, step {}", t + 1), ((g - want).abs() / want) as f32));
+            }
+        }
+        let mut worst = [0f32; 4];
+        for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
+            // The change of each variable, not its value: the value's scale would hide an error
+            // in updates 1000 times smaller.
+            let p0 = &init[i];
+            worst[0] = worst[0].max(rel(&g.to_device(&cpu)?.sub(p0)?, &w.sub(p0)?)?);
+            worst[1] = worst[1].max(rel(&got_e[i].to_device(&cpu)?.sub(p0)?, &want_e[i].sub(p0)?)?);
+        }
+        for (key, w) in &want_s {
+            let slot = if key.starts_with("m.") { 2 } else { 3 };
+            worst[slot] = worst[slot].max(rel(&got_s[key], w)?);
+        }
+        for (what, d) in ["change over 3 steps", "EMA after 3 steps", "first moment", "second moment"].iter().zip(worst) {
+            out.push((format!("{label} {what}"), d));
+        }
     }
-    // The largest difference over the variables of each kind.
-    let mut worst: std::collections::BTreeMap<String, f32> = Default::default();
-    let mut note = |key: String, d: f32| {
-        let w = worst.entry(key).or_insert(0.0);
-        *w = w.max(d);
-    };
-    for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
-        // The change of each parameter, not its value: the value's scale would hide an error in
-        // updates 1000 times smaller.
-        let p0 = &init[i];
-        note(format!("{:?} change over 3 steps", w.dims()), rel(&g.to_device(&cpu)?.sub(p0)?, &w.sub(p0)?)?);
-        note(format!("{:?} EMA after 3 steps", w.dims()), rel(&got_e[i].to_device(&cpu)?.sub(p0)?, &want_e[i].sub(p0)?)?);
+    if dev.is_cuda() && std::env::var("TRAINER_CUDA_ADAM").map_or(true, |v| v != "candle") {
+        let used = trainer::adam::cuda_kernel_use();
+        let (steps, norms) = (used.0 - used_before.0, used.1 - used_before.1);
+        // Three runs of three steps (and norms) on the device.
+        out.push((format!("multi-tensor kernels ran ({steps} steps, {norms} norms of 9)"), if steps == 9 && norms == 9 { 0.0 } else { f32::INFINITY }));
     }
-    for (k, w) in &want_s {
-        let dims = w.dims().to_vec();
-        note(format!("{dims:?} {} after 3 steps", if k.starts_with("m.") { "first moment" } else { "second moment" }), rel(&got_s[k], w)?);
-    }
-    out.extend(worst);
     Ok(out)
 }
 

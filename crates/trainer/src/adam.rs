@@ -138,6 +138,8 @@ impl Adam {
                 self.step += 1;
                 return Ok(());
             }
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!("Adam on CUDA: a tensor is not contiguous f32 on the device; using candle's ops (slower)"));
         }
         self.step += 1;
         for (i, grad) in grads.iter().enumerate() {
@@ -150,6 +152,11 @@ impl Adam {
             }
             let grad = &grad;
             let p = &self.vars[i].as_tensor().detach();
+            if p.elem_count() == 0 {
+                // Nothing to update (and candle's ops may hand an empty tensor back as it is,
+                // which `Var::set` refuses).
+                continue;
+            }
             if in_place(p) && wd == 0.0 && p.is_contiguous() {
                 // In place, one pass per state tensor: the composite below allocates ~8
                 // parameter-sized temporaries per variable.
@@ -254,6 +261,15 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
     })
 }
 
+/// (optimizer steps, gradient norms) done by the CUDA multi-tensor kernels in this process
+/// (always 0 without the `cuda` feature): a CUDA run can check it did not fall back.
+pub fn cuda_kernel_use() -> (u64, u64) {
+    #[cfg(feature = "cuda")]
+    return crate::adam_cuda::kernel_use();
+    #[cfg(not(feature = "cuda"))]
+    (0, 0)
+}
+
 /// The factor that brings gradients of global norm `norm` to at most `max_norm` (PyTorch's
 /// `clip_coef = max_norm / (norm + 1e-6)`, applied when below 1): 1 when they are within it.
 pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
@@ -293,8 +309,8 @@ fn contiguous_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::R
 /// `m = beta m + (1 - beta) g` (or `g^2` for the second moment), in place.
 struct MomentUpdate {
     beta: f32,
-    /// `1 - beta` in f64, then rounded, as PyTorch's `value=1 - beta` (in f32, `1 - 0.999`
-    /// would be 4.7e-5 off).
+    /// `1 - beta` in f64, then rounded, as PyTorch passes it to its kernels (in f32,
+    /// `1 - 0.999` is 1.3e-5 off, and `1 - 0.9999` 1.7e-4), and as the composite path has it.
     rest: f32,
     square: bool,
 }

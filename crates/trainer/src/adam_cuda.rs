@@ -5,6 +5,7 @@
 //! for the reference network's 331 variables, about 2,000 launches a step (3,000 with EMA).
 //! This takes 13: six for the norm's partial sums, one to total them, six for the update.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -23,6 +24,16 @@ const CHUNK: u32 = 16384;
 // SAFETY: `MtArgs` is `repr(C)`, plain integers, laid out as the kernels' `struct MtArgs`
 // (asserted on both sides), and passed by value.
 unsafe impl DeviceRepr for MtArgs {}
+
+/// Optimizer steps and gradient norms done by these kernels in this process: the self-test
+/// checks that a CUDA run did not fall back to the composite path unnoticed.
+static STEPS: AtomicU64 = AtomicU64::new(0);
+static NORMS: AtomicU64 = AtomicU64::new(0);
+
+/// (optimizer steps, gradient norms) done by the multi-tensor kernels so far.
+pub fn kernel_use() -> (u64, u64) {
+    (STEPS.load(Ordering::Relaxed), NORMS.load(Ordering::Relaxed))
+}
 
 /// The multi-tensor kernels are used on CUDA unless `TRAINER_CUDA_ADAM=candle` (the composite:
 /// for A/B runs, and a way out).
@@ -78,6 +89,7 @@ pub fn global_norm(dev: &CudaDevice, grads: &[Tensor]) -> Result<Option<f64>> {
     let launches = plan(&bufs, CHUNK);
     let total: u32 = launches.iter().map(|(_, b)| b).sum();
     if total == 0 {
+        NORMS.fetch_add(1, Ordering::Relaxed);
         return Ok(Some(0.0));
     }
     let func = dev.get_or_load_custom_func("sumsq_multi", MODULE, ptx()?)?;
@@ -103,13 +115,14 @@ pub fn global_norm(dev: &CudaDevice, grads: &[Tensor]) -> Result<Option<f64>> {
     // SAFETY: argument types and order match `sum_partials`; `partial` holds `total` values.
     unet::cuda_ops::profile::time(dev, || "adam grad sumsq total".into(), || unsafe { b.launch(launch_config(1)) }.w())?;
     let host = dev.clone_dtoh(&sum)?;
+    NORMS.fetch_add(1, Ordering::Relaxed);
     Ok(Some(host[0].sqrt()))
 }
 
 /// The scalars of one Adam step (see `adam_multi` in `adam_cuda.cu`).
 pub struct StepScalars {
     pub b1: f32,
-    /// `1 - b1` in f64, rounded (as PyTorch's `value=1 - beta1`), and so on.
+    /// `1 - b1` in f64, rounded (as `adam::MomentUpdate`), and so on.
     pub r1: f32,
     pub b2: f32,
     pub r2: f32,
@@ -125,7 +138,8 @@ pub struct StepScalars {
 
 /// One Adam step over all variables in place: `p`, `m`, `v` (and `ema`, when given) updated
 /// from `grads`. Returns `false`, touching nothing, when one of the tensors is not a
-/// contiguous f32 tensor on `dev` (the caller then takes the composite path).
+/// contiguous f32 tensor on `dev` (the caller then takes the composite path). A failed launch
+/// leaves the earlier launches' variables updated: the caller treats it as fatal.
 pub fn step(dev: &CudaDevice, p: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], ema: Option<&[Tensor]>, s: &StepScalars) -> Result<bool> {
     let mut bufs = Vec::with_capacity(p.len());
     for i in 0..p.len() {
@@ -158,5 +172,6 @@ pub fn step(dev: &CudaDevice, p: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &
         // the optimizer owns m, v and e, and p is a variable, which candle updates in place too.
         unet::cuda_ops::profile::time(dev, || format!("adam step {} tensors", args.count), || unsafe { b.launch(launch_config(blocks)) }.w())?;
     }
+    STEPS.fetch_add(1, Ordering::Relaxed);
     Ok(true)
 }

@@ -129,8 +129,9 @@ struct Case {
 
 fn run_case(exe: &Path, dir: &Path, case: &Case) {
     // 70 variables (two launches: 64 + 6) of 1..=200 values in chunks of 37, so most variables
-    // span several blocks, some end mid-chunk, and some fit in one.
-    let sizes: Vec<usize> = (0..70).map(|i| (i * 29 + 11) % 200 + 1).collect();
+    // span several blocks, some end mid-chunk, and some fit in one; and empty ones (no blocks)
+    // first, inside and last in a launch, and last of all.
+    let sizes: Vec<usize> = (0..70).map(|i| if [0, 30, 63, 69].contains(&i) { 0 } else { (i * 29 + 11) % 200 + 1 }).collect();
     let p0: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(k, &n)| (0..n).map(|i| (((i * 37 + k * 11) % 101) as f32 - 50.0) * 0.02).collect()).collect();
     let grad = |k: usize, step: usize| -> Vec<f32> {
         (0..sizes[k]).map(|i| (((i * 53 + k * 7 + step * 13) % 97) as f32 - 48.0) * 1e-3 * (1 + k % 5) as f32).collect()
