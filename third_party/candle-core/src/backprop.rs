@@ -698,7 +698,9 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
-/// Whether `t` is the whole of a CPU buffer (not a view into a larger one). Off CPU: false,
+/// Whether `t` is the whole of a CPU or CUDA buffer (not a view into a larger one). On CUDA
+/// unless `UNET_CUDA_GRADS=candle` (upstream's `zeros_like` + add for every first gradient: an
+/// allocation, a memset and an addition per graph node, for A/B runs). Other devices: false,
 /// which keeps upstream's behaviour there.
 fn owns_its_storage(t: &Tensor) -> bool {
     if !t.is_contiguous() || t.layout().start_offset() != 0 {
@@ -710,9 +712,24 @@ fn owns_its_storage(t: &Tensor) -> bool {
         crate::Storage::Cpu(crate::CpuStorage::F64(v)) => v.len(),
         crate::Storage::Cpu(crate::CpuStorage::BF16(v)) => v.len(),
         crate::Storage::Cpu(crate::CpuStorage::F16(v)) => v.len(),
+        #[cfg(feature = "cuda")]
+        crate::Storage::Cuda(s) if cuda_first_grad_as_is() => match &s.slice {
+            crate::cuda_backend::CudaStorageSlice::F32(v) => v.len(),
+            crate::cuda_backend::CudaStorageSlice::F64(v) => v.len(),
+            crate::cuda_backend::CudaStorageSlice::BF16(v) => v.len(),
+            crate::cuda_backend::CudaStorageSlice::F16(v) => v.len(),
+            _ => return false,
+        },
         _ => return false,
     };
     len == t.elem_count()
+}
+
+/// Patched: `UNET_CUDA_GRADS=candle` restores upstream's first-gradient handling on CUDA.
+#[cfg(feature = "cuda")]
+fn cuda_first_grad_as_is() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_CUDA_GRADS").map_or(true, |v| v != "candle"))
 }
 
 /// `sum += grad` in `sum`'s own buffer, when this store holds the only handle on `sum` and on
