@@ -1,7 +1,8 @@
 //! The vendored candle-core's backprop patch (third_party/README.md): gradients of a tensor used
 //! several times are summed in place when the store holds the only handle on the running sum.
 //! These check that the sums are exact and that a gradient shared by two entries (both inputs
-//! of an addition receive the same tensor) is never written through.
+//! of an addition receive the same tensor) is never written through; and that a first gradient
+//! that is a view is stored as its own compact buffer.
 
 use candle_core::{Device, Tensor, Var};
 
@@ -61,6 +62,37 @@ fn a_gradient_shared_by_two_inputs_is_not_written_in_place() {
         for i in 0..N {
             assert_eq!(gy[i], wv[i], "y's gradient changed at {i} (x term first: {x_term_first})");
             assert_eq!(gx[i], wv[i] + vv[i], "x's gradient at {i} (x term first: {x_term_first})");
+        }
+    }
+}
+
+/// The length of `t`'s whole CPU buffer.
+fn buffer_len(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.len(),
+        _ => panic!("expected an f32 CPU tensor"),
+    }
+}
+
+#[test]
+fn a_view_gradient_is_stored_as_a_compact_exact_copy() {
+    // A concatenation hands each input a narrow of its gradient: strided along dim 1, an offset
+    // slice along dim 0. Each must be stored as its own buffer (not a view keeping the whole
+    // gradient alive), with the same values.
+    for (dim, a_shape, b_shape) in [(0, (2, 4), (3, 4)), (1, (2, 3), (2, 5))] {
+        let a = Var::from_tensor(&ramp_n(a_shape.0 * a_shape.1, 0.3, 0.1).reshape(a_shape).unwrap()).unwrap();
+        let b = Var::from_tensor(&ramp_n(b_shape.0 * b_shape.1, 0.2, 0.7).reshape(b_shape).unwrap()).unwrap();
+        let c = Tensor::cat(&[a.as_tensor(), b.as_tensor()], dim).unwrap();
+        let w = ramp_n(c.elem_count(), 0.13, 0.3).reshape(c.shape()).unwrap();
+        let g = c.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let split = a.as_tensor().dim(dim).unwrap();
+        for (x, start, len) in [(&a, 0, split), (&b, split, c.dim(dim).unwrap() - split)] {
+            let got = g.get(x.as_tensor()).unwrap();
+            let want = w.narrow(dim, start, len).unwrap();
+            assert!(got.is_contiguous() && got.layout().start_offset() == 0, "dim {dim}: a view was stored");
+            assert_eq!(buffer_len(got), got.elem_count(), "dim {dim}: the gradient keeps a larger buffer");
+            assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "dim {dim}");
         }
     }
 }

@@ -725,6 +725,17 @@ fn owns_its_storage(t: &Tensor) -> bool {
     len == t.elem_count()
 }
 
+/// Whether a first gradient that is not stored as it is gets a compact copy instead of
+/// upstream's `zeros + add`: on the CPU, and on CUDA unless `UNET_CUDA_GRADS=candle`.
+fn compacts_views(t: &Tensor) -> bool {
+    match t.device() {
+        crate::Device::Cpu => true,
+        #[cfg(feature = "cuda")]
+        crate::Device::Cuda(_) => cuda_first_grad_as_is(),
+        _ => false,
+    }
+}
+
 /// Patched: `UNET_CUDA_GRADS=candle` restores upstream's first-gradient handling on CUDA.
 #[cfg(feature = "cuda")]
 fn cuda_first_grad_as_is() -> bool {
@@ -831,12 +842,16 @@ impl GradStore {
                 }
             }
             Entry::Vacant(entry) => {
-                if grad.shape() == tensor.shape() && grad.dtype() == tensor.dtype() && owns_its_storage(grad) {
+                let fits = grad.shape() == tensor.shape() && grad.dtype() == tensor.dtype() && grad.device().same_device(tensor.device());
+                if fits && owns_its_storage(grad) {
                     entry.insert(grad.clone());
-                } else {
+                } else if fits && compacts_views(grad) {
                     // A view (a narrow of a concatenation's gradient, say) would keep its whole
-                    // buffer alive until this gradient is consumed: store a compact sum as
-                    // upstream does. A mismatch is reported by the addition, as upstream.
+                    // buffer alive until this gradient is consumed: store a compact copy, one
+                    // pass, where upstream's `zeros + add` made two and cleared a buffer.
+                    entry.insert(grad.force_contiguous()?);
+                } else {
+                    // Upstream's way; a mismatch is reported by the addition, as upstream.
                     entry.insert(tensor.zeros_like()?.add(grad)?);
                 }
             }
