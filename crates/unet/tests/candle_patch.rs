@@ -6,6 +6,7 @@
 
 use candle_core::{Device, Tensor, Var};
 
+
 /// Above the in-place sum's serial threshold (64K) and not a multiple of its parallel chunk
 /// (16K); `SMALL` stays on the serial path.
 const N: usize = 100_000;
@@ -84,7 +85,11 @@ fn a_view_gradient_is_stored_as_a_compact_exact_copy() {
         let a = Var::from_tensor(&ramp_n(a_shape.0 * a_shape.1, 0.3, 0.1).reshape(a_shape).unwrap()).unwrap();
         let b = Var::from_tensor(&ramp_n(b_shape.0 * b_shape.1, 0.2, 0.7).reshape(b_shape).unwrap()).unwrap();
         let c = Tensor::cat(&[a.as_tensor(), b.as_tensor()], dim).unwrap();
-        let w = ramp_n(c.elem_count(), 0.13, 0.3).reshape(c.shape()).unwrap();
+        // With -0.0 in each input's part: a copy keeps it, upstream's 0 + g made it +0.0.
+        let mut wv = values(&ramp_n(c.elem_count(), 0.13, 0.3));
+        let last = wv.len() - 1;
+        (wv[0], wv[last]) = (-0.0, -0.0);
+        let w = Tensor::from_vec(wv, c.shape(), &Device::Cpu).unwrap();
         let g = c.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
         let split = a.as_tensor().dim(dim).unwrap();
         for (x, start, len) in [(&a, 0, split), (&b, split, c.dim(dim).unwrap() - split)] {
@@ -92,7 +97,38 @@ fn a_view_gradient_is_stored_as_a_compact_exact_copy() {
             let want = w.narrow(dim, start, len).unwrap();
             assert!(got.is_contiguous() && got.layout().start_offset() == 0, "dim {dim}: a view was stored");
             assert_eq!(buffer_len(got), got.elem_count(), "dim {dim}: the gradient keeps a larger buffer");
-            assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "dim {dim}");
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(got), bits(&want), "dim {dim}");
+        }
+    }
+}
+
+#[test]
+fn a_packed_gradient_is_stored_without_a_copy_and_sums_stay_exact() {
+    // GroupNorm's backward returns its input gradient as the head of one buffer [dx | dw | db]:
+    // a short tail, so the gradient is stored as it is (no copy). A second use of the input
+    // then adds to it, in either order of the two terms. 131,072 values: above the in-place
+    // sum's serial threshold.
+    let dev = Device::Cpu;
+    let shape = (2, 4, 128, 128);
+    let vm = candle_nn::VarMap::new();
+    let gn = unet::norm::GroupNorm::new(candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &dev), 2, 4, 1e-5).unwrap();
+    let n = 2 * 4 * 128 * 128;
+    let x = Var::from_tensor(&ramp_n(n, 0.37, 0.2).reshape(shape).unwrap()).unwrap();
+    let (w, v) = (ramp_n(n, 0.011, 0.4).reshape(shape).unwrap(), ramp_n(n, 0.017, 1.1).reshape(shape).unwrap());
+    let gn_term = || gn.forward(x.as_tensor()).unwrap().mul(&w).unwrap().sum_all().unwrap();
+    let g = gn_term().backward().unwrap();
+    let alone = g.get(x.as_tensor()).unwrap();
+    assert!(buffer_len(alone) > n, "GroupNorm's input gradient was copied (or is no longer packed)");
+    let alone = values(&alone.flatten_all().unwrap());
+    let vv = values(&v.flatten_all().unwrap());
+    for gn_first in [true, false] {
+        let other = x.mul(&v).unwrap().sum_all().unwrap();
+        let f = if gn_first { (gn_term() + other).unwrap() } else { (other + gn_term()).unwrap() };
+        let g = f.backward().unwrap();
+        let got = values(&g.get(x.as_tensor()).unwrap().flatten_all().unwrap());
+        for i in 0..n {
+            assert_eq!(got[i], alone[i] + vv[i], "at {i} (GroupNorm term first: {gn_first})");
         }
     }
 }

@@ -698,7 +698,9 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
-/// Whether `t` is the whole of a CPU or CUDA buffer (not a view into a larger one). On CUDA
+/// Whether `t` is, from its start, the whole of a CPU or CUDA buffer or all of it but a short
+/// tail (at most 1/16 of `t`'s size more: a custom op's packed extra outputs, as GroupNorm's
+/// per-channel sums after its input gradient), rather than a view into a larger one. On CUDA
 /// unless `UNET_CUDA_GRADS=candle` (upstream's `zeros_like` + add for every first gradient: an
 /// allocation, a memset and an addition per graph node, for A/B runs). Other devices: false,
 /// which keeps upstream's behaviour there.
@@ -722,7 +724,8 @@ fn owns_its_storage(t: &Tensor) -> bool {
         },
         _ => return false,
     };
-    len == t.elem_count()
+    let n = t.elem_count();
+    len >= n && (len - n) * 16 <= n
 }
 
 /// Whether a first gradient that is not stored as it is gets a compact copy instead of
@@ -750,7 +753,8 @@ fn cuda_first_grad_as_is() -> bool {
 /// skip connection) no longer allocates a new activation-sized buffer; the result is the same
 /// IEEE addition, element for element.
 fn add_in_place(sum: &Tensor, grad: &Tensor) -> bool {
-    if sum.dtype() != crate::DType::F32
+    if !sum.device().is_cpu()
+        || sum.dtype() != crate::DType::F32
         || grad.dtype() != crate::DType::F32
         || sum.shape() != grad.shape()
         || !grad.is_contiguous()
@@ -770,8 +774,10 @@ fn add_in_place(sum: &Tensor, grad: &Tensor) -> bool {
     let crate::Storage::Cpu(crate::CpuStorage::F32(s)) = &mut *s_storage else {
         return false;
     };
+    // The sum's own elements: its buffer may have a short tail (`owns_its_storage`).
+    let n = sum.elem_count();
+    let s = &mut s[..n];
     const CHUNK: usize = 16 * 1024;
-    let n = s.len();
     // As candle's element-wise ops: below 64K elements waking the pool costs more than it saves.
     if n < 4 * CHUNK {
         for (d, &v) in s.iter_mut().zip(g) {
@@ -824,8 +830,6 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` to the gradient of `tensor`. A first gradient is stored as it is, instead
     /// of `zeros_like` plus an addition (two extra passes over every activation-sized
     /// gradient). Patched in this vendored copy; see third_party/README.md.
@@ -859,6 +863,8 @@ impl GradStore {
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
