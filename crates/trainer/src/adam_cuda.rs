@@ -44,7 +44,9 @@ pub fn enabled() -> bool {
 
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    unet::cuda_ops::nvrtc_once(&PTX, SRC, "the Adam CUDA kernels")
+    // Unfused: the step then rounds as the CPU's does, so a run's weights follow the same path
+    // on either device (bit for bit for Adam; the kernel is memory-bound, so this costs nothing).
+    unet::cuda_ops::nvrtc_once(&PTX, SRC, "the Adam CUDA kernels", false)
 }
 
 /// The device address of a contiguous f32 CUDA tensor's first element, and its element count,

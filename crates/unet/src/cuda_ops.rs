@@ -39,9 +39,14 @@ pub fn switch_on(cell: &'static OnceLock<bool>, var: &str) -> bool {
 }
 
 /// `src` compiled to PTX by NVRTC once per process (into `cell`; a failure is kept too, and
-/// reported with `what` on every call).
-pub fn nvrtc_once(cell: &'static OnceLock<std::result::Result<String, String>>, src: &str, what: &str) -> Result<&'static str> {
-    cell.get_or_init(|| candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(src).map(|p| p.to_src()).map_err(|e| format!("{e:?}")))
+/// reported with `what` on every call). `fmad`: whether NVRTC may contract a multiply and an add
+/// into one fused operation (its default, and nvcc's); without it each rounds on its own, as on
+/// the CPU.
+pub fn nvrtc_once(cell: &'static OnceLock<std::result::Result<String, String>>, src: &str, what: &str, fmad: bool) -> Result<&'static str> {
+    use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+    cell.get_or_init(|| {
+        compile_ptx_with_opts(src, CompileOptions { fmad: Some(fmad), ..Default::default() }).map(|p| p.to_src()).map_err(|e| format!("{e:?}"))
+    })
         .as_deref()
         .map_err(|e| candle_core::Error::Msg(format!("compiling {what}: {e}")))
 }
@@ -106,7 +111,7 @@ pub fn softmax_enabled() -> bool {
 
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    nvrtc_once(&PTX, SRC, "unet's CUDA kernels")
+    nvrtc_once(&PTX, SRC, "unet's CUDA kernels", true)
 }
 
 /// The GroupNorm kernels' dropout arguments (`GN_DROP_ARGS`), last: the mask or a null
