@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use diffusion::{NoiseRng, SamplerKind, Schedule};
 use serde_json::{json, Value};
 use unet::{Mode, UNet, UNetConfig};
+use crate::common::{say, out};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -298,7 +299,7 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
         return Ok(None);
     }
     if !args.torch_bench.join("bench_cpu.py").exists() {
-        eprintln!("PyTorch reference not found in {} (use --torch-bench): skipping it", args.torch_bench.display());
+        say!("PyTorch reference not found in {} (use --torch-bench): skipping it", args.torch_bench.display());
         return Ok(None);
     }
     let o = Command::new(&args.python)
@@ -310,7 +311,7 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
         .output()
         .with_context(|| format!("running {} scripts/bench_torch.py", args.python))?;
     if !o.status.success() {
-        eprintln!("PyTorch side of {name} failed (is torch installed for '{}'?): {}", args.python,
+        say!("PyTorch side of {name} failed (is torch installed for '{}'?): {}", args.python,
             String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
         return Ok(None);
     }
@@ -320,7 +321,7 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
 pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(name) = &args.child {
         let v = run_child(name, args.warmup, args.runs, &args.device, &args.precision)?;
-        println!("{v}");
+        out!("{v}");
         return Ok(());
     }
     let names: Vec<String> = if args.cases == "all" {
@@ -334,7 +335,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         case(n)?;
     }
     let exe = std::env::current_exe()?;
-    println!("{:<16} {:>5} {:>10} {:>10} {:>8} {:>9} {:>9}", "case", "batch", "ours s", "torch s", "speedup", "ours MB", "torch MB");
+    out!("{:<16} {:>5} {:>10} {:>10} {:>8} {:>9} {:>9}", "case", "batch", "ours s", "torch s", "speedup", "ours MB", "torch MB");
     let mut rows = Vec::new();
     for name in &names {
         // Back to back, same case: the machine's load drifts, so pairs are what compare.
@@ -359,7 +360,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let key = if gpu { "peak_gpu_mb" } else { "peak_rss_mb" };
         let tp = torch.as_ref().and_then(|r| r[key].as_f64());
         let reserved = torch.as_ref().and_then(|r| r["peak_gpu_reserved_mb"].as_f64());
-        println!(
+        out!(
             "{:<16} {:>5} {:>10.3} {:>10} {:>8} {:>9.0} {:>9}{}",
             name,
             ours["batch"],
@@ -377,20 +378,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if let Some(p) = ours.get("profile") {
             // UNET_CUDA_PROFILE=1: where our GPU time went in one more run of the case.
             let (run, mine) = (p["run_ms"].as_f64().unwrap_or(f64::NAN), p["our_ops_ms"].as_f64().unwrap_or(f64::NAN));
-            println!("  profile of one run: {run:.1} ms wall, {mine:.1} ms in our CUDA ops (the rest: candle's ops and launch gaps)");
+            out!("  profile of one run: {run:.1} ms wall, {mine:.1} ms in our CUDA ops (the rest: candle's ops and launch gaps)");
             for o in p["ops"].as_array().into_iter().flatten().take(25) {
-                println!("    {:>9.2} ms {:>5}x  {}", o["ms"].as_f64().unwrap_or(f64::NAN), o["calls"], o["op"].as_str().unwrap_or(""));
+                out!("    {:>9.2} ms {:>5}x  {}", o["ms"].as_f64().unwrap_or(f64::NAN), o["calls"], o["op"].as_str().unwrap_or(""));
             }
         }
         rows.push(json!({"ours": ours, "torch": torch, "speedup": t.map(|x| x / ours_s)}));
     }
-    println!("speedup = PyTorch time / our time (above 1: we are faster); threads = {}", args.threads);
+    out!("speedup = PyTorch time / our time (above 1: we are faster); threads = {}", args.threads);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
     let doc = json!({"device": args.device, "precision": args.precision, "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "cpu": cpu, "rows": rows});
     std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
-    println!("wrote {}", args.out.display());
+    out!("wrote {}", args.out.display());
     Ok(())
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use crate::common::out;
 
 #[derive(clap::Args)]
 pub struct PrepareDataArgs {
@@ -13,7 +14,7 @@ pub struct PrepareDataArgs {
     #[arg(long, default_value = "dataset/anime/processed")]
     out: PathBuf,
     /// Side of the square output images.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = anime_data::DEFAULT_SIZE)]
     size: u32,
     /// Redo every output, even those a previous run left valid.
     #[arg(long)]
@@ -50,7 +51,7 @@ pub fn prepare(a: PrepareDataArgs) -> Result<()> {
     } else {
         anime_data::prepare(&opts, true).context("prepare-data")?
     };
-    println!("{report}");
+    out!("{report}");
     Ok(())
 }
 
@@ -96,6 +97,6 @@ pub struct BenchDataArgs {
 pub fn bench(a: BenchDataArgs) -> Result<()> {
     let opts = anime_data::bench::BenchOptions { n: a.n, workdir: a.workdir, size: a.size, repeat: a.repeat, python: a.python };
     let report = anime_data::bench::run_bench(&opts).context("bench-data")?;
-    println!("{report}");
+    out!("{report}");
     Ok(())
 }

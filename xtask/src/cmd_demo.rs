@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use crate::common;
+use crate::common::{say, out};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -37,7 +38,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: stopping training early, then sampling (press again to quit)");
+        say!("\nCtrl-C: stopping training early, then sampling (press again to quit)");
     })
     .context("cannot install the Ctrl-C handler")?;
     let opts = trainer::demo::DemoOptions {
@@ -50,7 +51,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     };
     let r = trainer::demo::run_demo(&opts, &device, stop).context("demo failed")?;
     let s = &r.summary;
-    eprintln!(
+    say!(
         "trained {} steps ({} epochs) in {:.0} s, {:.1} images/s; loss {} -> {}",
         s.steps,
         s.epochs,
@@ -59,9 +60,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         r.first_loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "-".into()),
         r.last_loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "-".into()),
     );
-    println!("samples:       {}", r.samples.display());
-    println!("training data: {}", r.data_grid.display());
-    println!("loss curve:    {}", r.loss.display());
-    println!("run folder:    {}  (cargo xtask sample --checkpoint {})", r.run_dir.display(), r.run_dir.display());
+    out!("samples:       {}", r.samples.display());
+    out!("training data: {}", r.data_grid.display());
+    out!("loss curve:    {}", r.loss.display());
+    out!("run folder:    {}  (cargo xtask sample --checkpoint {})", r.run_dir.display(), r.run_dir.display());
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use unet::lightning::{self, Imported};
 use unet::UNetError;
+use crate::common::out;
 
 #[derive(clap::Args)]
 pub struct ImportArgs {
@@ -65,16 +66,16 @@ fn print_summary(ckpt: &Path, out: &Path, r: &Imported) -> Result<()> {
         origin.push(format!("step {s}"));
     }
     let origin = if origin.is_empty() { String::new() } else { format!(" ({})", origin.join(", ")) };
-    println!("imported {}{origin}", ckpt.display());
-    println!(
+    out!("imported {}{origin}", ckpt.display());
+    out!(
         "  config (from {}): image {}x{}x{}, num_steps {}, ch {}, ch_mult {:?}, attn {:?}, num_res_blocks {}, dropout {}",
         r.config_source, c.image_channels, c.image_size, c.image_size, c.num_steps, c.ch, c.ch_mult, c.attn, c.num_res_blocks, c.dropout
     );
     if !r.defaulted.is_empty() {
-        println!("  not in the checkpoint, reference default used: {}", r.defaulted.join(", "));
+        out!("  not in the checkpoint, reference default used: {}", r.defaulted.join(", "));
     }
     let dtypes: Vec<String> = r.source_dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
-    println!(
+    out!(
         "  parameters: {} ({} trainable), {} tensors (stored as {}), {} other state_dict entries ignored",
         thousands(total),
         thousands(trainable),
@@ -82,8 +83,8 @@ fn print_summary(ckpt: &Path, out: &Path, r: &Imported) -> Result<()> {
         dtypes.join(", "),
         r.ignored.len()
     );
-    println!("  wrote {}", out.display());
-    println!("  sample from it: cargo xtask sample --checkpoint {}", out.display());
+    out!("  wrote {}", out.display());
+    out!("  sample from it: cargo xtask sample --checkpoint {}", out.display());
     Ok(())
 }
 

@@ -164,6 +164,11 @@ fn parse_grid(flag: &str, s: &str) -> Result<(usize, usize)> {
     if c == 0 || r == 0 {
         return Err(bad());
     }
+    // Every image is held until the grid is written: bound the run before it starts.
+    const MAX_IMAGES: usize = 100_000;
+    if c.checked_mul(r).is_none_or(|n| n > MAX_IMAGES) {
+        anyhow::bail!("{flag} '{s}' asks for too many images: at most 100,000 a run (250x200 gives FID's 50,000; for more, run again with another --seed)");
+    }
     Ok((c, r))
 }
 
@@ -398,6 +403,11 @@ mod tests {
         for bad in ["16", "x4", "0x4", "4x", "axb", "4x4x4"] {
             let e = parse_grid("--grid", bad).unwrap_err().to_string();
             assert!(e.contains("COLSxROWS"), "{bad}: {e}");
+        }
+        assert_eq!(parse_grid("--grid", "250x400").unwrap(), (250, 400));
+        for huge in ["100000x100000", "250x401", "18446744073709551615x2"] {
+            let e = parse_grid("--grid", huge).unwrap_err().to_string();
+            assert!(e.contains("too many images"), "{huge}: {e}");
         }
     }
 }

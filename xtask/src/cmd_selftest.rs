@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use diffusion::{FinalStepNoise, Schedule, Variance};
 use unet::{Mode, UNet};
+use crate::common::out;
 
 #[derive(clap::Args)]
 pub struct SelfTestArgs {
@@ -36,7 +37,7 @@ struct Checks {
 impl Checks {
     fn check(&mut self, name: &str, d: f32, tol: f32) {
         let ok = d <= tol;
-        println!("{:<44} max |diff| {:>10.3e}  (tol {:.0e})  {}", name, d, tol, if ok { "ok" } else { "FAIL" });
+        out!("{:<44} max |diff| {:>10.3e}  (tol {:.0e})  {}", name, d, tol, if ok { "ok" } else { "FAIL" });
         if !ok {
             self.failures += 1;
         }
@@ -141,7 +142,7 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     if failures > 0 {
         bail!("{failures} check(s) failed on {}", a.device);
     }
-    println!("self-test: all checks passed on {}", a.device);
+    out!("self-test: all checks passed on {}", a.device);
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use trainer::{StopReason, TrainOptions, Trainer};
 
 use crate::common;
+use crate::common::say;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -28,12 +29,16 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Epochs to train in total (the reference: 500).
     #[arg(long)]
     epochs: Option<u64>,
+    /// Images per step (the reference: 128).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Adam's learning rate (the reference: 1e-4).
     #[arg(long)]
     lr: Option<f64>,
+    /// Seed of the initial weights and of the training noise (the reference: 999).
     #[arg(long)]
     seed: Option<u64>,
     /// Stop (with a checkpoint) after this many steps in total.
@@ -133,16 +138,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let flag = stop.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: quitting without saving (the last checkpoint is kept)");
+            say!("\nsecond Ctrl-C: quitting without saving (the last checkpoint is kept)");
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)");
+        say!("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)");
     })
     .context("cannot install the Ctrl-C handler")?;
 
     let has_checkpoint = !trainer::checkpoint::list(&run_dir).is_empty();
     if has_checkpoint && !a.resume {
-        eprintln!("{} already has checkpoints: resuming it (use another --run to start a new run)", run_dir.display());
+        say!("{} already has checkpoints: resuming it (use another --run to start a new run)", run_dir.display());
     }
     let opts = TrainOptions { progress: !a.no_progress, require_resume: a.resume, ..Default::default() };
     let mut t = Trainer::new(cfg, &run_dir, &device, opts).with_context(|| format!("cannot start the run in {}", run_dir.display()))?;
@@ -153,8 +158,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         StopReason::TimeLimit => "reached the time limit",
         StopReason::Interrupted => "interrupted",
     };
-    eprintln!(
-        "{how}: {} steps ({} epochs) in total; this session {} steps in {:.0} s ({:.1} images/s); last loss {}",
+    say!(
+        "{how}: {} steps ({} epochs complete) in total; this session {} steps in {:.0} s ({:.1} images/s); last loss {}",
         s.steps,
         s.epochs,
         s.session_steps,
@@ -163,12 +168,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         s.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
     );
     if let Some(c) = &s.last_checkpoint {
-        eprintln!("checkpoint: {}", c.display());
+        say!("checkpoint: {}", c.display());
     }
-    eprintln!("model:      {}  (cargo xtask sample --checkpoint {})", run_dir.join("model.safetensors").display(), run_dir.display());
-    eprintln!("logs:       {} , {} , tensorboard --logdir {}", run_dir.join("metrics.jsonl").display(), run_dir.join("loss.png").display(), run_dir.display());
-    if s.reason != StopReason::Finished {
-        eprintln!("continue:   the same command (or add --resume)");
+    say!("model:      {}  (cargo xtask sample --checkpoint {})", run_dir.join("model.safetensors").display(), run_dir.display());
+    say!("logs:       {} , {} , tensorboard --logdir {}", run_dir.join("metrics.jsonl").display(), run_dir.join("loss.png").display(), run_dir.display());
+    match s.reason {
+        StopReason::Finished => {}
+        StopReason::MaxSteps => say!("continue:   the same command with a larger --max-steps"),
+        StopReason::TimeLimit | StopReason::Interrupted => say!("continue:   the same command (or add --resume)"),
     }
     Ok(())
 }

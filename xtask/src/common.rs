@@ -6,7 +6,9 @@ use candle_core::Device;
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+    // Colours only for a terminal: a log file or pipe would get escape codes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -32,3 +34,22 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         other => bail!("unknown device '{other}': expected cpu, cuda or cuda:N"),
     }
 }
+
+/// `eprintln!` that ignores a closed stderr (`... 2>&1 | head`): a lost line of report must not
+/// turn a finished command into a panic (exit code 101).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
+/// `println!` that ignores a closed stdout, as [`say`] does for stderr.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use out;

@@ -5,6 +5,7 @@
 //! (2 for bad usage, which clap handles).
 
 use clap::{Parser, Subcommand};
+use common::say;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -83,8 +84,65 @@ fn main() {
         Command::SelfTest(a) => cmd_selftest::run(a),
     };
     if let Err(err) = result {
-        // One line: the chain of contexts joined, as ripgrep and cargo do.
-        eprintln!("error: {err:#}");
+        say!("error: {}", one_line(&err));
         std::process::exit(1);
+    }
+}
+
+/// The chain of contexts joined on one line, as ripgrep and cargo do; less what a message
+/// already says: our library errors print their source themselves ("cannot read X: <os
+/// error>"), and a context naming a path may precede an error that starts with it.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        let mut rest = text.as_str();
+        if let Some(last) = line.rsplit(' ').next().filter(|w| !w.is_empty()) {
+            rest = rest.strip_prefix(last).and_then(|r| r.strip_prefix(": ")).unwrap_or(rest);
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(rest);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+    use anyhow::Context;
+
+    #[test]
+    fn error_line_says_each_thing_once() {
+        let os = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let lib = trainer::TrainError::Checkpoint(format!("cannot read config mini64: {os}"));
+        let e = Err::<(), _>(lib).context("cannot start the run in runs/x").unwrap_err();
+        assert_eq!(one_line(&e), format!("cannot start the run in runs/x: checkpoint: cannot read config mini64: {os}"));
+        // A library error that prints its source and gives it as `source()` too (thiserror's
+        // `source` field): said once.
+        #[derive(Debug)]
+        struct Io(std::io::Error);
+        impl std::fmt::Display for Io {
+            fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "cannot read config mini64: {}", self.0)
+            }
+        }
+        impl std::error::Error for Io {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Io(std::io::Error::from(std::io::ErrorKind::IsADirectory)));
+        assert_eq!(one_line(&e), format!("cannot read config mini64: {}", std::io::Error::from(std::io::ErrorKind::IsADirectory)));
+        // A context ending with the path the error starts with.
+        let e = Err::<(), _>(anyhow::anyhow!("a.png: not a safetensors model file")).context("loading checkpoint a.png").unwrap_err();
+        assert_eq!(one_line(&e), "loading checkpoint a.png: not a safetensors model file");
+        // Nothing to merge: the plain chain.
+        let e = Err::<(), _>(anyhow::anyhow!("inner")).context("outer").unwrap_err();
+        assert_eq!(one_line(&e), "outer: inner");
     }
 }

@@ -38,3 +38,6 @@ pub use prepare::{
 };
 pub use split::{epoch_order, split_indices, Split, REFERENCE_SEED, REFERENCE_TEST_FRAC, REFERENCE_VAL_FRAC};
 pub use synth::{synthetic_faces, write_images};
+
+/// The side of prepared images unless asked otherwise: the reference's 64x64.
+pub const DEFAULT_SIZE: u32 = 64;

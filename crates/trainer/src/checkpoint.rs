@@ -12,7 +12,8 @@
 //!
 //! The folder is written as `step_XXXXXXXX.tmp/` (each file atomically, fsynced) and renamed
 //! when complete; a checkpoint whose `state.json` is missing, unreadable, or disagrees with a
-//! file's size or checksum is corrupt, and loading falls back to the previous one.
+//! file's size or checksum is corrupt, and loading falls back to the previous one; a run that
+//! resumes moves it aside to `step_XXXXXXXX.unusable/`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -62,6 +63,20 @@ pub struct TrainState {
     pub saved_unix: u64,
     pub config: RunConfig,
     pub files: Vec<FileEntry>,
+    /// Losses trained on but not yet in a mean of `metrics.jsonl` (absent in older checkpoints).
+    #[serde(default)]
+    pub pending_loss: PendingLoss,
+}
+
+/// Sums of training losses whose means are logged later: of the epoch in progress (its end's
+/// line) and of the `log.every_steps` window (the next step line). Kept in checkpoints so that a
+/// resumed run logs the same means as an uninterrupted one, not means of its own steps only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PendingLoss {
+    pub epoch_sum: f64,
+    pub epoch_steps: u64,
+    pub window_sum: f64,
+    pub window_steps: u64,
 }
 
 /// A checkpoint read back and verified.
@@ -212,9 +227,12 @@ pub fn load(dir: &Path) -> Result<Loaded, String> {
     Ok(Loaded { dir: dir.to_path_buf(), state, model, optimizer })
 }
 
-/// The newest checkpoint that verifies, and a warning for each newer one that did not.
-/// `Ok(None)` when the run has no checkpoint at all; an error when it has some but none is usable.
-pub fn load_latest(run: &Path) -> Result<Option<(Loaded, Vec<String>)>, TrainError> {
+/// A checkpoint folder that did not verify, and the warning that says why.
+pub type Unusable = (PathBuf, String);
+
+/// The newest checkpoint that verifies, and each newer one that did not. `Ok(None)` when the run
+/// has no checkpoint at all; an error when it has some but none is usable.
+pub fn load_latest(run: &Path) -> Result<Option<(Loaded, Vec<Unusable>)>, TrainError> {
     let all = list(run);
     if all.is_empty() {
         return Ok(None);
@@ -226,7 +244,7 @@ pub fn load_latest(run: &Path) -> Result<Option<(Loaded, Vec<String>)>, TrainErr
             Err(reason) => {
                 let w = format!("checkpoint {} is unusable: {reason}; falling back to the previous one", dir.display());
                 tracing::warn!("{w}");
-                warnings.push(w);
+                warnings.push((dir.clone(), w));
             }
         }
     }
@@ -234,8 +252,22 @@ pub fn load_latest(run: &Path) -> Result<Option<(Loaded, Vec<String>)>, TrainErr
         "none of the {} checkpoints in {} is usable ({}); move the folder away to start over",
         all.len(),
         run.join(CHECKPOINTS_DIR).display(),
-        warnings.join("; ")
+        warnings.iter().map(|w| w.1.as_str()).collect::<Vec<_>>().join("; ")
     )))
+}
+
+/// Renames an unusable checkpoint folder to `step_XXXXXXXX.unusable` (`.unusable.N` when taken):
+/// kept for a look, but no longer listed, so that pruning counts only the good ones (it would
+/// otherwise delete a good checkpoint and keep the broken one).
+pub fn set_aside(dir: &Path) -> Result<PathBuf, TrainError> {
+    let mut to = dir.with_extension("unusable");
+    let mut n = 1;
+    while to.exists() {
+        to = dir.with_extension(format!("unusable.{n}"));
+        n += 1;
+    }
+    std::fs::rename(dir, &to).map_err(|e| TrainError::io("cannot move the unusable checkpoint", dir, e))?;
+    Ok(to)
 }
 
 /// Metadata of the model files: the diffusion config and where in training they come from.

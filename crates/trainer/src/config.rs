@@ -252,13 +252,17 @@ impl RunConfig {
     /// A preset name (`anime64`, `tiny`, `demo`, `cifar10`, `mini64`) or a TOML file path.
     pub fn from_name_or_path(spec: &str) -> Result<Self, TrainError> {
         let p = Path::new(spec);
-        if p.exists() {
+        if p.is_file() {
             return Self::load(p);
         }
+        // A folder may well share a preset's name (`prepare-data --out mini64`).
         if let Some((name, text)) = PRESETS.iter().find(|(n, _)| *n == spec) {
             return Self::from_toml_str(text, &format!("preset {name}"));
         }
         let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+        if p.exists() {
+            return Err(TrainError::Config(format!("config '{spec}' is a folder, not a TOML file (presets: {})", names.join(", "))));
+        }
         Err(TrainError::Config(format!("no config file '{spec}' (and it is not a preset: {})", names.join(", "))))
     }
 
@@ -304,6 +308,13 @@ impl RunConfig {
         let t = &self.train;
         if t.batch_size == 0 {
             return bad("train.batch_size must be positive".into());
+        }
+        // Zero would "train" nothing and still write a checkpoint of untrained weights.
+        if t.epochs == 0 || t.max_steps == Some(0) {
+            return bad("train.epochs and train.max_steps must be at least 1".into());
+        }
+        if t.max_minutes.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+            return bad(format!("train.max_minutes must be a number > 0, got {}", t.max_minutes.unwrap_or_default()));
         }
         if !(t.lr.is_finite() && t.lr >= 0.0) {
             return bad(format!("train.lr must be a finite number >= 0, got {}", t.lr));

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use unet::{Mode, ModelWeights, UNet};
 
 use crate::adam::{clip_scale, global_norm, warmup_lr, Adam, AdamParams};
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint::{self, PendingLoss, TrainState};
 use crate::metrics::{MetricsLog, Record};
 use crate::tensorboard::EventWriter;
 use crate::{Precision, RunConfig, TrainError};
@@ -290,6 +290,7 @@ pub struct Trainer {
     resumed_from: Option<u64>,
     warnings: Vec<String>,
     fixed_noise: Option<Tensor>,
+    pending_loss: PendingLoss,
 }
 
 /// `path` itself when it is a file, else `path/packed.safetensors`.
@@ -306,10 +307,15 @@ impl Trainer {
     /// one (checking the config against it), else starts from seeded initial weights.
     pub fn new(cfg: RunConfig, run_dir: &Path, device: &Device, opts: TrainOptions) -> Result<Self, TrainError> {
         cfg.validate()?;
+        if run_dir.exists() && !run_dir.is_dir() {
+            return Err(TrainError::Config(format!("run folder {} is a file", run_dir.display())));
+        }
         let packed = packed_path(Path::new(&cfg.data.path));
         if !packed.exists() {
+            let size = cfg.unet.image_size;
+            let size = if size == anime_data::DEFAULT_SIZE as usize { String::new() } else { format!(" --size {size}") };
             return Err(TrainError::Data(format!(
-                "no packed dataset at {}: run `cargo xtask prepare-data --out {}` first (or pass --data)",
+                "no packed dataset at {}: run `cargo xtask prepare-data --out {}{size}` first (or pass --data)",
                 packed.display(),
                 cfg.data.path
             )));
@@ -337,9 +343,9 @@ impl Trainer {
         let mut warnings = Vec::new();
         let mut resumed_from = None;
         let mut last_saved = None;
+        let mut pending_loss = PendingLoss::default();
         match checkpoint::load_latest(run_dir)? {
             Some((ck, skipped)) => {
-                warnings.extend(skipped);
                 let st = &ck.state;
                 for w in cfg.check_resume(&st.config, &ck.dir.join(checkpoint::STATE_FILE))? {
                     warn!("{w}");
@@ -355,8 +361,15 @@ impl Trainer {
                 }
                 engine.load_weights(&ck.model)?;
                 engine.opt.load_state(&ck.optimizer, st.step)?;
+                // Resuming for sure now: the broken newer ones go out of the way.
+                for (dir, w) in skipped {
+                    let to = checkpoint::set_aside(&dir)?;
+                    warn!("moved {} to {}", dir.display(), to.display());
+                    warnings.push(format!("{w} (moved to {})", to.display()));
+                }
                 rng = NoiseRng::from_state(&st.rng)?;
                 (epoch, position, step, elapsed_before) = (st.epoch, st.position, st.step, st.elapsed_s);
+                pending_loss = st.pending_loss;
                 info!(
                     "resuming {} from {} (step {}, epoch {}, image {} of the epoch)",
                     run_dir.display(),
@@ -370,6 +383,15 @@ impl Trainer {
             }
             None if opts.require_resume => {
                 return Err(TrainError::Checkpoint(format!("nothing to resume: {} has no checkpoint", run_dir.display())));
+            }
+            None if run_dir.join(checkpoint::MODEL_FILE).exists() => {
+                // A trained model without its checkpoints (deleted, or copied without them): a
+                // new run would overwrite it and its logs.
+                return Err(TrainError::Checkpoint(format!(
+                    "{} holds a {} but no checkpoint to resume from: not starting a new run over it (use another --run, or move it away)",
+                    run_dir.display(),
+                    checkpoint::MODEL_FILE
+                )));
             }
             None => {
                 let (total, trainable) = unet::parameter_counts(&cfg.unet)?;
@@ -408,6 +430,7 @@ impl Trainer {
             resumed_from,
             warnings,
             fixed_noise: None,
+            pending_loss,
         })
     }
 
@@ -503,6 +526,7 @@ impl Trainer {
             saved_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             config: self.cfg.clone(),
             files: Vec::new(),
+            pending_loss: self.pending_loss,
         }
     }
 
@@ -573,7 +597,9 @@ impl Trainer {
         let t0 = Instant::now();
         let session_start_step = self.step;
         let mut last_save = Instant::now();
-        let mut window = (Instant::now(), 0u64, 0.0f64, 0u64); // (since, images, loss sum, steps)
+        // This session's part of the logging window: (since, images); its losses are in
+        // `pending_loss`, which may hold some from before a resume.
+        let mut window = (Instant::now(), 0u64);
         let mut last_loss = None;
         let mut last_val = None;
         let mut last_lr = self.cfg.train.lr;
@@ -599,7 +625,7 @@ impl Trainer {
                 ProgressBar::hidden()
             };
             let epoch_t0 = Instant::now();
-            let (mut epoch_loss, mut epoch_steps, mut epoch_images) = (0.0f64, 0u64, 0u64);
+            let mut epoch_images = 0u64;
             while !self.epoch_done() {
                 let session_s = t0.elapsed().as_secs_f64();
                 if stop.load(Ordering::SeqCst) {
@@ -627,10 +653,11 @@ impl Trainer {
                 last_lr = out.lr;
                 last_norm = out.grad_norm;
                 window.1 += b;
-                window.2 += out.loss as f64;
-                window.3 += 1;
-                epoch_loss += out.loss as f64;
-                epoch_steps += 1;
+                let pending = &mut self.pending_loss;
+                pending.window_sum += out.loss as f64;
+                pending.window_steps += 1;
+                pending.epoch_sum += out.loss as f64;
+                pending.epoch_steps += 1;
                 epoch_images += b;
                 session_images += b;
                 let ips = epoch_images as f64 / epoch_t0.elapsed().as_secs_f64().max(1e-9);
@@ -642,7 +669,7 @@ impl Trainer {
                         kind: "step".into(),
                         step: self.step,
                         epoch: self.epoch,
-                        loss: window.2 / window.3 as f64,
+                        loss: self.pending_loss.window_sum / self.pending_loss.window_steps as f64,
                         val_loss: None,
                         lr: out.lr,
                         grad_norm: out.grad_norm,
@@ -658,7 +685,8 @@ impl Trainer {
                         tb.scalar(self.step, "perf/images_per_s", rec.images_per_s)?;
                     }
                     self.metrics.push(rec)?;
-                    window = (Instant::now(), 0, 0.0, 0);
+                    window = (Instant::now(), 0);
+                    (self.pending_loss.window_sum, self.pending_loss.window_steps) = (0.0, 0);
                 }
                 let c = &self.cfg.checkpoint;
                 let due_steps = c.every_steps > 0 && self.step.is_multiple_of(c.every_steps);
@@ -679,7 +707,9 @@ impl Trainer {
                 None
             };
             last_val = val.or(last_val);
-            let mean = if epoch_steps > 0 { epoch_loss / epoch_steps as f64 } else { f64::NAN };
+            let PendingLoss { epoch_sum, epoch_steps, .. } = self.pending_loss;
+            let mean = if epoch_steps > 0 { epoch_sum / epoch_steps as f64 } else { f64::NAN };
+            (self.pending_loss.epoch_sum, self.pending_loss.epoch_steps) = (0.0, 0);
             let rec = Record {
                 kind: "epoch".into(),
                 step: self.step,

@@ -48,8 +48,30 @@ fn overrides_and_errors() {
     let mut bad = RunConfig::default();
     bad.diffusion.num_steps = 500;
     assert!(bad.validate().unwrap_err().to_string().contains("num_steps"));
+    for (key, value, says) in [("train.epochs", "0", "train.epochs"), ("train.max_steps", "0", "train.max_steps"), ("train.max_minutes", "-1", "train.max_minutes")] {
+        let mut c = RunConfig::default();
+        c.set(key, value).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(says), "{key} = {value}: {e}");
+    }
     let mut bf = RunConfig::from_name_or_path("tiny").unwrap();
     bf.train.precision = Precision::Bf16;
     let e = StepEngine::new(&bf, &candle_core::Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("bf16") && e.contains("CUDA"), "{e}");
+}
+
+#[test]
+fn a_folder_named_like_a_preset_does_not_hide_it() {
+    // `prepare-data --out mini64` then `train --config mini64`, from the same folder. The working
+    // directory is process-wide: no other test here reads relative paths.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("tiny")).unwrap();
+    let before = std::env::current_dir().unwrap();
+    std::env::set_current_dir(tmp.path()).unwrap();
+    let preset = RunConfig::from_name_or_path("tiny");
+    std::env::set_current_dir(before).unwrap();
+    assert_eq!(preset.unwrap().unet, RunConfig::from_toml_str(trainer::config::PRESETS.iter().find(|p| p.0 == "tiny").unwrap().1, "tiny").unwrap().unet);
+    // A folder that is no preset: said so, in one line.
+    let e = RunConfig::from_name_or_path(&tmp.path().join("tiny").display().to_string()).unwrap_err().to_string();
+    assert!(e.contains("is a folder, not a TOML file") && !e.contains('\n'), "{e}");
 }
