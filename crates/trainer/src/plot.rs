@@ -37,6 +37,42 @@ fn smoothing_weight(n: usize) -> f64 {
     (1.0 - 10.0 / n.max(1) as f64).clamp(0.0, 0.9)
 }
 
+/// Where the log-scale loss axis gets labels: 1, 2, 5 x 10^k inside [lo, hi], or every digit x
+/// 10^k when that gives fewer than three, or five even steps for a range narrower than that.
+/// (plotters labels only powers of ten on a log axis: a loss between 0.13 and 0.9 had none.)
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let within = |mantissas: &[f64]| -> Vec<f64> {
+        let mut out = Vec::new();
+        for k in (lo.log10().floor() as i32)..=(hi.log10().ceil() as i32) {
+            for m in mantissas {
+                let v = m * 10f64.powi(k);
+                if v >= lo && v <= hi {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    };
+    for mantissas in [&[1.0, 2.0, 5.0][..], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]] {
+        let t = within(mantissas);
+        if t.len() >= 3 {
+            return t;
+        }
+    }
+    (0..5).map(|i| lo + (hi - lo) * (i as f64 + 0.5) / 5.0).collect()
+}
+
+/// A tick value with three significant digits, without trailing zeros (0.02, 0.15, 2).
+fn tick_label(v: f64) -> String {
+    let decimals = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 /// Draws the training loss (raw and smoothed) and the validation loss against the step, on a
 /// log scale, into a `width x height` PNG at `path` (written atomically).
 pub fn loss_curve(path: &Path, title: &str, train: &[(u64, f64)], val: &[(u64, f64)], size: (u32, u32)) -> Result<(), TrainError> {
@@ -61,14 +97,14 @@ pub fn loss_curve(path: &Path, title: &str, train: &[(u64, f64)], val: &[(u64, f
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(0u64..max_step, (lo..hi).log_scale())
+            .build_cartesian_2d(0u64..max_step, (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)))
             .map_err(|e| err(e.to_string()))?;
         chart
             .configure_mesh()
             .x_desc("step")
             .y_desc("MSE loss (log)")
             .label_style(("sans-serif", 13))
-            .y_label_formatter(&|v| format!("{v:.3}"))
+            .y_label_formatter(&|v| tick_label(*v))
             .draw()
             .map_err(|e| err(e.to_string()))?;
         let ok = |p: &&(u64, f64)| p.1.is_finite() && p.1 > 0.0;
@@ -126,5 +162,18 @@ mod tests {
         let s = smooth(&[1.0, 0.0], 0.5);
         assert!((s[0] - 1.0).abs() < 1e-12 && (s[1] - 1.0 / 3.0).abs() < 1e-12, "{s:?}");
         assert_eq!(smooth(&[1.0, 0.0], 0.0), vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn the_loss_axis_has_labels_inside_any_range() {
+        // 1-2-5 gives two here (0.2, 0.5): every digit instead.
+        assert_eq!(log_ticks(0.117, 0.99).len(), 8);
+        assert_eq!(log_ticks(0.015, 0.9), vec![0.02, 0.05, 0.1, 0.2, 0.5]);
+        for (lo, hi) in [(0.117, 0.99), (0.018, 0.11), (0.02, 0.045), (0.5, 0.55), (1e-4, 3.0), (0.031, 0.032)] {
+            let t = log_ticks(lo, hi);
+            assert!(t.len() >= 2 && t.iter().all(|v| (lo..=hi).contains(v)), "{lo}..{hi}: {t:?}");
+        }
+        let labels: Vec<String> = [0.02, 0.15, 2.0, 0.0035, 0.12345].iter().map(|v| tick_label(*v)).collect();
+        assert_eq!(labels, ["0.02", "0.15", "2", "0.0035", "0.123"]);
     }
 }
