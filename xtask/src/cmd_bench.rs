@@ -30,7 +30,8 @@ pub struct BenchArgs {
     /// f32, or bf16 (autocast-style: f32 master weights, bf16 compute; CUDA).
     #[arg(long, default_value = "f32")]
     precision: String,
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs per case and side (after the warm-up runs).
+    #[arg(long, default_value_t = 3, value_parser = crate::common::positive())]
     runs: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,

@@ -51,7 +51,7 @@ pub enum RecoverModeArg {
     Sdedit,
     /// All T reverse steps from the noised image, as the reference did (recover_reference_t=...png).
     Reference,
-    /// Both, side by side.
+    /// Both, one file each.
     Both,
 }
 
@@ -132,7 +132,7 @@ pub struct SampleArgs {
     #[arg(long, value_enum, default_value = "paper")]
     final_noise: FinalNoiseArg,
     /// Recover: noise levels t (1-based, noised with step index t-1), comma-separated
-    #[arg(long, value_delimiter = ',', default_value = "100,500,1000", value_name = "T,..")]
+    #[arg(long, value_delimiter = ',', default_value = "100,500,1000", value_name = "T,..", value_parser = crate::common::positive())]
     recover_t: Vec<usize>,
     /// Recover: how to denoise
     #[arg(long, value_enum, default_value = "sdedit")]
@@ -282,9 +282,12 @@ fn save(img: &sampler::RgbImage, path: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn run(a: SampleArgs) -> Result<()> {
+pub fn run(mut a: SampleArgs) -> Result<()> {
     // Flags first: cheap errors before loading anything.
     let what = outputs(&a);
+    // A t named twice would only write its file twice.
+    let mut seen = std::collections::HashSet::new();
+    a.recover_t.retain(|t| seen.insert(*t));
     let (cols, rows) = parse_grid("--grid", &a.grid)?;
     let (icols, irows) = parse_grid("--interp-grid", &a.interp_grid)?;
     let kinds = kinds(&a)?;

@@ -266,6 +266,11 @@ fn missing_or_empty_raw_folder_is_a_one_line_error_with_the_kaggle_url() {
         assert!(msg.contains(KAGGLE_URL), "{msg}");
         assert!(msg.contains("dataset/anime/raw/images"), "{msg}");
     }
+    // A file where the folder should be: said so, not "not found".
+    let file = tmp.path().join("one.png");
+    std::fs::write(&file, b"x").unwrap();
+    let e = prepare(&options(&file, &out), false).unwrap_err().to_string();
+    assert!(e.contains("is a file") && !e.contains("not found"), "{e}");
     // Only bad files: nothing to pack is an error too, after writing skipped.txt.
     let bad = tmp.path().join("bad");
     std::fs::create_dir_all(&bad).unwrap();

@@ -393,6 +393,9 @@ fn diff_values(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: 
 fn show(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Null => "unset".into(),
+        // An f32 field (unet.dropout) reaches JSON widened to f64: 0.1 would show as
+        // 0.10000000149011612. Shown as the f32 it is.
+        serde_json::Value::Number(n) if n.is_f64() && n.as_f64().is_some_and(|f| f64::from(f as f32) == f) => format!("{}", n.as_f64().unwrap() as f32),
         other => other.to_string(),
     }
 }

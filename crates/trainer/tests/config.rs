@@ -54,6 +54,16 @@ fn overrides_and_errors() {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains(says), "{key} = {value}: {e}");
     }
+    // What may and may not change on resume, with the values as written (unet.dropout is an
+    // f32: 0.1, not 0.10000000149011612).
+    let saved = RunConfig::default();
+    let mut now = saved.clone();
+    now.set("train.lr", "2e-4").unwrap();
+    let w = now.check_resume(&saved, std::path::Path::new("state.json")).unwrap();
+    assert!(w.len() == 1 && w[0].contains("train.lr changed on resume: 0.0001 -> 0.0002"), "{w:?}");
+    now.set("unet.dropout", "0.2").unwrap();
+    let e = now.check_resume(&saved, std::path::Path::new("state.json")).unwrap_err().to_string();
+    assert!(e.contains("unet.dropout is 0.1 in state.json but 0.2 now"), "{e}");
     let mut bf = RunConfig::from_name_or_path("tiny").unwrap();
     bf.train.precision = Precision::Bf16;
     let e = StepEngine::new(&bf, &candle_core::Device::Cpu).err().unwrap().to_string();
