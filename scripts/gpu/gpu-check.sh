@@ -182,7 +182,7 @@ echo "training for $TM minutes"
 timeout "$(awk "BEGIN{print int($TM * 60 + 60)}")" "$BIN" train --config "$CONFIG" --data "$KIT/mini" --run "$RUN" --device "$DEVICE" \
   --max-minutes "$TM" --batch-size "$BATCH" --sample-every 0 --no-progress --set data.test_frac=0.0 || echo "train failed"
 cp "$RUN/metrics.jsonl" "$RUN/loss.png" "$OUT/" 2>/dev/null
-timeout "$(cap 180)" "$BIN" sample --checkpoint "$RUN" --device "$DEVICE" --grid "$GRID" --sampler ddim --steps 50 --variance beta-tilde \
+timeout "$(cap 180)" "$BIN" sample --checkpoint "$RUN" --device "$DEVICE" --grid "$GRID" --sampler ddim --steps 50 \
   --out "$OUT/gen" || echo "sample failed"
 # Plain names only come back ('=' in the sampler's file name would not).
 for f in "$OUT"/gen/*.png; do [ -f "$f" ] && mv "$f" "$OUT/sample-grid-ddim50.png"; done

@@ -95,8 +95,9 @@ pub struct SampleArgs {
     #[arg(long, default_value = "16x16", value_name = "COLSxROWS")]
     grid: String,
     /// Reverse-process variance for DDPM: sigma^2 = beta (file suffix 0), beta-tilde (1), or both
-    #[arg(long, value_enum, default_value = "both")]
-    variance: VarianceArg,
+    /// [default: both]
+    #[arg(long, value_enum, value_name = "VARIANCE")]
+    variance: Option<VarianceArg>,
     /// Reverse process: ddpm (all T steps) or ddim (--steps, --eta)
     #[arg(long, value_enum, default_value = "ddpm")]
     sampler: SamplerArg,
@@ -216,7 +217,7 @@ fn kinds(a: &SampleArgs) -> Result<Vec<SamplerKind>> {
     Ok(match a.sampler {
         SamplerArg::Ddpm => {
             ensure!(a.eta.is_none(), "--eta applies to --sampler ddim");
-            let variances = match a.variance {
+            let variances = match a.variance.unwrap_or(VarianceArg::Both) {
                 VarianceArg::Beta => vec![Variance::Beta],
                 VarianceArg::BetaTilde => vec![Variance::BetaTilde],
                 VarianceArg::Both => vec![Variance::Beta, Variance::BetaTilde],
@@ -224,6 +225,9 @@ fn kinds(a: &SampleArgs) -> Result<Vec<SamplerKind>> {
             variances.into_iter().map(|variance| SamplerKind::Ddpm { variance, final_noise }).collect()
         }
         SamplerArg::Ddim => {
+            if a.variance.is_some() {
+                tracing::warn!("--variance applies to --sampler ddpm: ignored (DDIM's noise is set by --eta)");
+            }
             let eta = a.eta.unwrap_or(0.0);
             ensure!((0.0..=1.0).contains(&eta), "--eta must be in [0, 1], got {eta}");
             vec![SamplerKind::Ddim { steps: a.steps.unwrap_or(50), eta }]
