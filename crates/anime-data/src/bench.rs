@@ -67,9 +67,13 @@ impl Timing {
         self.images as f64 / self.best.as_secs_f64().max(1e-9)
     }
 
-    /// Images per CPU-second.
+    /// Images per CPU-second; NaN when the CPU time is below what the OS counts (10 ms ticks):
+    /// a handful of images would otherwise read as billions a second.
     pub fn images_per_cpu_sec(&self) -> f64 {
-        self.images as f64 / self.cpu.as_secs_f64().max(1e-9)
+        if self.cpu < Duration::from_millis(20) {
+            return f64::NAN;
+        }
+        self.images as f64 / self.cpu.as_secs_f64()
     }
 }
 
