@@ -177,7 +177,7 @@ fi
 RUN=$(mktemp -d)/mini
 # TRAIN_MINUTES, or less when the deadline is nearer (keeping ~90 s for start-up, the last
 # checkpoint and the grid).
-TM=$(awk "BEGIN{m = $TRAIN_MINUTES; l = ($(left) - 90) / 60; f = m < 0.2 ? m : 0.2; if (l < m) m = l; if (m < f) m = f; printf \"%.2f\", m}")
+TM=$(awk "BEGIN{m = $TRAIN_MINUTES; l = ($(left) - 90) / 60; f = m < 0.2 ? m : 0.2; if (l < m) m = l; if (m < f) m = f; if (m < 0.01) m = 0.01; printf \"%.2f\", m}")
 echo "training for $TM minutes"
 timeout "$(awk "BEGIN{print int($TM * 60 + 60)}")" "$BIN" train --config "$CONFIG" --data "$KIT/mini" --run "$RUN" --device "$DEVICE" \
   --max-minutes "$TM" --batch-size "$BATCH" --sample-every 0 --no-progress --set data.test_frac=0.0 || echo "train failed"

@@ -31,6 +31,7 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
+    anyhow::ensure!(a.minutes.is_finite() && a.minutes > 0.0, "--minutes must be a number > 0, got {}", a.minutes);
     let device = common::parse_device(&a.device)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

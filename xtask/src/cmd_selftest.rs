@@ -231,10 +231,11 @@ fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
     let rel = |g: &Tensor, w: &Tensor| -> Result<f32> { Ok(max_diff(&g.to_device(&Device::Cpu)?, w)? / largest(w)?.max(1e-30)) };
     // A change is ~1e-3 of its variable's value, and the devices may round a step's arithmetic
     // differently (the CPU's composite AdamW and L2 order it otherwise; contracted multiply-adds
-    // would too): one unit in the last place of a value near 4 is then already 1e-3 of the
-    // change. So the difference is measured against the change only beyond a rounding allowance
-    // of 16 units of the variable's largest value (~20x what three steps and the EMA can
-    // accumulate); a wrong update still shows from ~0.3% of the change.
+    // would too): one unit in the last place of a value near 4 is then already 1.6e-4 of the
+    // parameters' change over three steps, and 1e-3 of the EMA's. So the difference is measured
+    // against the change only beyond a rounding allowance of 16 units of the variable's largest
+    // value (~20x what three steps and the EMA accumulated in a model of both sides); a wrong
+    // update still shows from ~0.3% of the parameters' change, ~1.5% of the EMA's.
     let rel_change = |g: &Tensor, w: &Tensor, p0: &Tensor, value: &Tensor| -> Result<f32> {
         let allowance = 16.0 * f32::EPSILON * largest(value)?;
         let change = w.sub(p0)?;

@@ -38,7 +38,8 @@ pub struct TrainArgs {
     /// Adam's learning rate (the reference: 1e-4).
     #[arg(long)]
     lr: Option<f64>,
-    /// Seed of the initial weights and of the training noise (the reference: 999).
+    /// Seed of the initial weights and of every training random stream: epoch order, flips,
+    /// timesteps, noise, dropout, validation noise (the reference: 999).
     #[arg(long)]
     seed: Option<u64>,
     /// Stop (with a checkpoint) after this many steps in total.
@@ -174,7 +175,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     say!("logs:       {} , {} , tensorboard --logdir {}", run_dir.join("metrics.jsonl").display(), run_dir.join("loss.png").display(), run_dir.display());
     match s.reason {
         StopReason::Finished => {}
-        StopReason::MaxSteps => say!("continue:   the same command with a larger --max-steps"),
+        StopReason::MaxSteps => say!("continue:   the same command with a larger --max-steps (it overrides train.max_steps)"),
         StopReason::TimeLimit | StopReason::Interrupted => say!("continue:   the same command (or add --resume)"),
     }
     Ok(())

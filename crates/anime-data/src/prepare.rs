@@ -204,10 +204,13 @@ fn list_raw(opts: &PrepareOptions) -> Result<(Vec<Source>, Vec<Skipped>, usize),
     let raw = &opts.raw;
     let entries = match std::fs::read_dir(raw) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory || raw.is_file() => {
+        Err(_) if raw.is_file() => {
             return Err(DataError::Invalid(format!("--raw {} is a file: give the folder that holds the raw images", raw.display())))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DataError::RawMissing { path: raw.clone() }),
+        // NotADirectory: a parent in the path is a file, so the folder is not there either.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(DataError::RawMissing { path: raw.clone() })
+        }
         Err(e) => return Err(DataError::io("cannot list", raw, e)),
     };
     let mut files = Vec::new();

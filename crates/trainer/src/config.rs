@@ -249,10 +249,12 @@ impl RunConfig {
         Self::from_toml_str(&text, &path.display().to_string())
     }
 
-    /// A preset name (`anime64`, `tiny`, `demo`, `cifar10`, `mini64`) or a TOML file path.
+    /// A preset name (`anime64`, `tiny`, `demo`, `cifar10`, `mini64`) or a TOML file path. A
+    /// file of a preset's name is read (a TOML file need not end in .toml); a folder is not.
     pub fn from_name_or_path(spec: &str) -> Result<Self, TrainError> {
         let p = Path::new(spec);
-        if p.is_file() {
+        // Not `is_file`: `--config <(...)` and /dev/stdin are pipes.
+        if p.exists() && !p.is_dir() {
             return Self::load(p);
         }
         // A folder may well share a preset's name (`prepare-data --out mini64`).
@@ -261,7 +263,7 @@ impl RunConfig {
         }
         let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
         if p.exists() {
-            return Err(TrainError::Config(format!("config '{spec}' is a folder, not a TOML file (presets: {})", names.join(", "))));
+            return Err(TrainError::Config(format!("'{spec}' is a folder, not a TOML file (presets: {})", names.join(", "))));
         }
         Err(TrainError::Config(format!("no config file '{spec}' (and it is not a preset: {})", names.join(", "))))
     }

@@ -38,9 +38,11 @@ fn smoothing_weight(n: usize) -> f64 {
 }
 
 /// Where the log-scale loss axis gets labels: 1, 2, 5 x 10^k inside [lo, hi], or every digit x
-/// 10^k when that gives fewer than three, or five even steps for a range narrower than that.
-/// (plotters labels only powers of ten on a log axis: a loss between 0.13 and 0.9 had none.)
+/// 10^k when 1-2-5 gives fewer than three, or five even steps for a range narrower than that;
+/// over more than four decades, powers of ten only. (plotters labels only powers of ten on a
+/// log axis: a loss between 0.13 and 0.9 had none.) `0 < lo < hi`, both finite.
 fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    debug_assert!(lo > 0.0 && hi > lo && hi.is_finite(), "log_ticks({lo}, {hi})");
     let within = |mantissas: &[f64]| -> Vec<f64> {
         let mut out = Vec::new();
         for k in (lo.log10().floor() as i32)..=(hi.log10().ceil() as i32) {
@@ -53,6 +55,9 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
         }
         out
     };
+    if hi / lo > 1e4 {
+        return within(&[1.0]);
+    }
     for mantissas in [&[1.0, 2.0, 5.0][..], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]] {
         let t = within(mantissas);
         if t.len() >= 3 {
@@ -62,8 +67,12 @@ fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     (0..5).map(|i| lo + (hi - lo) * (i as f64 + 0.5) / 5.0).collect()
 }
 
-/// A tick value with three significant digits, without trailing zeros (0.02, 0.15, 2).
+/// A tick value to three significant digits (all digits from 100 up), without trailing zeros
+/// (0.02, 0.15, 2).
 fn tick_label(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
     let decimals = (2 - v.abs().log10().floor() as i32).max(0) as usize;
     let s = format!("{v:.decimals$}");
     if s.contains('.') {
@@ -171,8 +180,10 @@ mod tests {
         assert_eq!(log_ticks(0.015, 0.9), vec![0.02, 0.05, 0.1, 0.2, 0.5]);
         for (lo, hi) in [(0.117, 0.99), (0.018, 0.11), (0.02, 0.045), (0.5, 0.55), (1e-4, 3.0), (0.031, 0.032)] {
             let t = log_ticks(lo, hi);
-            assert!(t.len() >= 2 && t.iter().all(|v| (lo..=hi).contains(v)), "{lo}..{hi}: {t:?}");
+            assert!(t.len() >= 3 && t.iter().all(|v| (lo..=hi).contains(v)), "{lo}..{hi}: {t:?}");
         }
+        // A diverging run's twelve decades: one label each, not 36.
+        assert_eq!(log_ticks(2e-12, 1.5).len(), 12);
         let labels: Vec<String> = [0.02, 0.15, 2.0, 0.0035, 0.12345].iter().map(|v| tick_label(*v)).collect();
         assert_eq!(labels, ["0.02", "0.15", "2", "0.0035", "0.123"]);
     }

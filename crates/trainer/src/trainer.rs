@@ -308,7 +308,7 @@ impl Trainer {
     pub fn new(cfg: RunConfig, run_dir: &Path, device: &Device, opts: TrainOptions) -> Result<Self, TrainError> {
         cfg.validate()?;
         if run_dir.exists() && !run_dir.is_dir() {
-            return Err(TrainError::Config(format!("run folder {} is a file", run_dir.display())));
+            return Err(TrainError::Invalid(format!("run folder {} is a file", run_dir.display())));
         }
         let packed = packed_path(Path::new(&cfg.data.path));
         if !packed.exists() {

@@ -84,4 +84,18 @@ fn a_folder_named_like_a_preset_does_not_hide_it() {
     // A folder that is no preset: said so, in one line.
     let e = RunConfig::from_name_or_path(&tmp.path().join("tiny").display().to_string()).unwrap_err().to_string();
     assert!(e.contains("is a folder, not a TOML file") && !e.contains('\n'), "{e}");
+    // A pipe is read (`--config <(...)`), not taken for a folder.
+    #[cfg(unix)]
+    {
+        let fifo = tmp.path().join("cfg.fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let text = trainer::config::PRESETS.iter().find(|p| p.0 == "tiny").unwrap().1;
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, text).unwrap())
+        };
+        let from_pipe = RunConfig::from_name_or_path(&fifo.display().to_string()).unwrap();
+        writer.join().unwrap();
+        assert_eq!(from_pipe.unet, RunConfig::from_toml_str(text, "tiny").unwrap().unet);
+    }
 }
