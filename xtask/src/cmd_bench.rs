@@ -5,7 +5,7 @@
 //! Each of our cases runs in a child process of this binary so that its peak memory (VmHWM)
 //! is its own.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 use diffusion::{NoiseRng, SamplerKind, Schedule};
 use serde_json::{json, Value};
 use unet::{Mode, UNet, UNetConfig};
-use crate::common::{say, out};
+use crate::common::{self, out, say};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -31,7 +31,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "f32")]
     precision: String,
     /// Timed runs per case and side (after the warm-up runs).
-    #[arg(long, default_value_t = 3, value_parser = crate::common::positive())]
+    #[arg(long, default_value_t = 3, value_parser = crate::common::positive)]
     runs: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -86,7 +86,7 @@ fn case(name: &str) -> Result<Case> {
         // The first 100 of the 1000 DDPM steps: per-step cost is constant, so x10 gives the full run
         // in a tenth of the GPU time.
         "ddpm100x256" => Case { cfg: full, batch: 256, kind: "ddpm", steps: 100 },
-        other => bail!("unknown bench case '{other}' (known: {}, {})", ALL.join(", "), GPU.join(", ")),
+        other => bail!("unknown bench case '{other}' (known: {}, {}, ddpm1000x256)", ALL.join(", "), GPU.join(", ")),
     })
 }
 
@@ -303,14 +303,19 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
         say!("PyTorch reference not found in {} (use --torch-bench): skipping it", args.torch_bench.display());
         return Ok(None);
     }
+    let script = common::repo_path(Path::new("scripts/bench_torch.py"));
+    if !script.exists() {
+        say!("scripts/bench_torch.py not found (run from the repository's root): skipping PyTorch's side");
+        return Ok(None);
+    }
     let o = Command::new(&args.python)
-        .arg("scripts/bench_torch.py")
+        .arg(&script)
         .args(["--case", name, "--runs", &args.runs.to_string(), "--warmup", &args.warmup.to_string()])
         .args(["--threads", &args.threads.to_string(), "--device", &args.device, "--precision", &args.precision])
         .arg("--ref-dir")
         .arg(&args.torch_bench)
         .output()
-        .with_context(|| format!("running {} scripts/bench_torch.py", args.python))?;
+        .with_context(|| format!("running {} {}", args.python, script.display()))?;
     if !o.status.success() {
         say!("PyTorch side of {name} failed (is torch installed for '{}'?): {}", args.python,
             String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
@@ -334,6 +339,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     for n in &names {
         case(n)?;
+        // Batches of 128-256 through the full model: hours on a CPU.
+        if args.device == "cpu" && (GPU.contains(&n.as_str()) || n == "ddpm1000x256") {
+            tracing::warn!("bench case {n} is sized for a GPU: on the CPU it takes hours");
+        }
     }
     let exe = std::env::current_exe()?;
     out!("{:<16} {:>5} {:>10} {:>10} {:>8} {:>9} {:>9}", "case", "batch", "ours s", "torch s", "speedup", "ours MB", "torch MB");

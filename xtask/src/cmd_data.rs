@@ -23,7 +23,7 @@ pub struct PrepareDataArgs {
     #[arg(long, default_value = "none", value_parser = ["none", "center"])]
     crop: String,
     /// Only the first N image files (in name order).
-    #[arg(long, value_parser = crate::common::positive())]
+    #[arg(long, value_parser = crate::common::positive)]
     limit: Option<usize>,
     /// Skip inputs above this many megapixels without decoding them.
     #[arg(long, default_value_t = 40.0)]

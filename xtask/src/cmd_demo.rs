@@ -18,10 +18,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3.0)]
     minutes: f64,
     /// Generated training images.
-    #[arg(long, default_value_t = 512, value_parser = common::positive())]
+    #[arg(long, default_value_t = 512, value_parser = common::positive)]
     images: usize,
     /// Images in the sample grid.
-    #[arg(long, default_value_t = 64, value_parser = common::positive())]
+    #[arg(long, default_value_t = 64, value_parser = common::positive)]
     samples: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,

@@ -27,6 +27,9 @@ pub fn default_out(ckpt: &Path) -> PathBuf {
 
 pub fn run(a: ImportArgs) -> Result<()> {
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.ckpt));
+    if out.is_dir() {
+        bail!("--out {} is a folder: give the file to write, e.g. {}", out.display(), out.join(default_out(&a.ckpt).file_name().unwrap_or_default()).display());
+    }
     if out.exists() {
         if !a.force {
             bail!("{} already exists (pass --force to overwrite it)", out.display());

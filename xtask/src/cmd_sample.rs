@@ -59,14 +59,17 @@ pub enum RecoverModeArg {
 #[command(after_help = "\
 Outputs (in --out):
   samples      sample_0.png / sample_1.png (sigma^2 = beta / beta-tilde), or sample_ddim_steps=N_eta=E.png
-  process      process_0.png / process_1.png: one row per sample, x_T ... x_0, columns labelled t=...
+  process      process_0.png / process_1.png (process_ddim_steps=N_eta=E.png): one row per sample,
+               x_T ... x_0, columns labelled t=... (at most one per reverse step)
   recover      recover_t=100.png ...: rows = test images; columns = original, noised to t, denoised
                with each variance (recover_reference_t=...png with --recover-mode reference)
   interpolate  interpolate.png: rows = pairs of noises, columns = slerp weights 0..1 (DDIM, eta 0)
+With --clip-x0 every name ends in _clip (sample_1_clip.png, ...).
 
 Naming any of --what/--process/--recover/--interpolate makes only what is named; with none of
 them, only the sample grids are made. Image i uses noise stream i of --seed: the same seed gives
-the same images whatever --batch is.
+the same images whatever --batch is (up to the rounding of batched matrix products: at most one
+8-bit level in a few pixels).
 
 Examples:
   cargo xtask sample                                  # 16x16 grids, both variances, DDPM 1000 steps
@@ -126,14 +129,15 @@ pub struct SampleArgs {
     #[arg(long)]
     no_ema: bool,
     /// Clip each step's predicted x_0 to [-1, 1] (the DDPM paper's code: clip_denoised); the
-    /// reference does not. Keeps small or undertrained models' samples from saturating
+    /// reference does not. Keeps small or undertrained models' samples from saturating. Output
+    /// names get a _clip suffix
     #[arg(long)]
     clip_x0: bool,
     /// Whether DDPM's last step (t = 0) adds noise
     #[arg(long, value_enum, default_value = "paper")]
     final_noise: FinalNoiseArg,
     /// Recover: noise levels t (1-based, noised with step index t-1), comma-separated
-    #[arg(long, value_delimiter = ',', default_value = "100,500,1000", value_name = "T,..", value_parser = crate::common::positive())]
+    #[arg(long, value_delimiter = ',', default_value = "100,500,1000", value_name = "T,..", value_parser = crate::common::positive)]
     recover_t: Vec<usize>,
     /// Recover: how to denoise
     #[arg(long, value_enum, default_value = "sdedit")]
@@ -349,18 +353,23 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         tracing::info!("predicted x_0 clipped to [-1, 1] at every step (--clip-x0)");
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let file = |name: String| a.out.join(clipped_name(&name, a.clip_x0));
 
     if what.contains(&What::Samples) {
         let n = cols * rows;
         for k in &kinds {
             let name = sampler::kind_name(k);
-            info!("sampling {n} images ({name}, {} network evaluations per batch of {batch})", sampler::reverse_steps(&model.schedule, k, t_count - 1)?.len());
+            info!(
+                "sampling {n} images ({name}, {} network evaluations per batch of {})",
+                sampler::reverse_steps(&model.schedule, k, t_count - 1)?.len(),
+                batch.min(n)
+            );
             s.set_progress(Progress::stderr(name.clone()));
             let x = s.sample(n, k, a.seed)?;
             let imgs = sampler::tensor_to_images(&x)?;
-            save(&sampler::make_grid(&imgs, cols, 2), &a.out.join(sampler::sample_file_name(k)))?;
+            save(&sampler::make_grid(&imgs, cols, 2), &file(sampler::sample_file_name(k)))?;
             if a.save_individual {
-                let dir = a.out.join("individual").join(&name);
+                let dir = a.out.join("individual").join(if a.clip_x0 { format!("{name}-clip") } else { name });
                 for (i, img) in imgs.iter().enumerate() {
                     sampler::save_png(img, &dir.join(format!("{i:05}.png")))?;
                 }
@@ -372,7 +381,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         for k in &kinds {
             s.set_progress(Progress::stderr(format!("process {}", sampler::kind_name(k))));
             let p = s.process(a.process_rows, k, a.seed, a.process_columns)?;
-            save(&p.to_image()?, &a.out.join(sampler::process_file_name(k)))?;
+            save(&p.to_image()?, &file(sampler::process_file_name(k)))?;
         }
     }
     if let Some(originals) = &originals {
@@ -387,16 +396,25 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
                 let r = s.recover(originals, t, &kinds, mode, a.seed)?;
                 let mut labels = vec!["original".to_string(), format!("t={t}")];
                 labels.extend(kinds.iter().map(short_label));
-                save(&r.to_image(Some(&labels))?, &a.out.join(sampler::recover_file_name(t, mode)))?;
+                save(&r.to_image(Some(&labels))?, &file(sampler::recover_file_name(t, mode)))?;
             }
         }
     }
     if what.contains(&What::Interpolate) {
         s.set_progress(Progress::stderr("interpolate"));
         let x = s.interpolate(irows, icols, interp_steps, a.seed)?;
-        save(&sampler::tensor_grid(&x, icols)?, &a.out.join("interpolate.png"))?;
+        save(&sampler::tensor_grid(&x, icols)?, &file("interpolate.png".into()))?;
     }
     Ok(())
+}
+
+/// `sample_1.png` -> `sample_1_clip.png` with --clip-x0, so that clipped and unclipped outputs
+/// can share a folder; the reference's names without it.
+fn clipped_name(name: &str, clip: bool) -> String {
+    match (clip, name.strip_suffix(".png")) {
+        (true, Some(stem)) => format!("{stem}_clip.png"),
+        _ => name.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -416,5 +434,11 @@ mod tests {
             let e = parse_grid("--grid", huge).unwrap_err().to_string();
             assert!(e.contains("too many images"), "{huge}: {e}");
         }
+    }
+
+    #[test]
+    fn clipped_outputs_get_their_own_names() {
+        assert_eq!(clipped_name("sample_ddim_steps=50_eta=1.png", true), "sample_ddim_steps=50_eta=1_clip.png");
+        assert_eq!(clipped_name("sample_1.png", false), "sample_1.png");
     }
 }

@@ -61,9 +61,10 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 pub fn run(a: SelfTestArgs) -> Result<()> {
     let dev = crate::common::parse_device(&a.device)?;
-    let ckpt = a.fixtures.join("seed_tiny.ckpt");
-    let weights = unet::lightning::import(&ckpt).with_context(|| format!("loading {}", ckpt.display()))?;
-    let io_path = a.fixtures.join("seed_tiny_io.safetensors");
+    let fixtures = crate::common::repo_path(&a.fixtures);
+    let ckpt = fixtures.join("seed_tiny.ckpt");
+    let weights = unet::lightning::import(&ckpt).with_context(|| format!("loading {} (--fixtures names the folder)", ckpt.display()))?;
+    let io_path = fixtures.join("seed_tiny_io.safetensors");
     let io: HashMap<String, Tensor> = candle_core::safetensors::load(&io_path, &dev).with_context(|| format!("loading {}", io_path.display()))?;
     let schedule = Schedule::reference();
     let mut checks = Checks { failures: 0 };

@@ -12,9 +12,28 @@ pub fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
-/// Clap's parser for counts that must be at least 1.
-pub fn positive() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+/// `rel`, a path inside this repository, from the working directory when it is there, else
+/// from the checkout this binary was built in (for a run from another folder).
+pub fn repo_path(rel: &std::path::Path) -> std::path::PathBuf {
+    if rel.exists() || rel.is_absolute() {
+        return rel.to_path_buf();
+    }
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+    if built.exists() {
+        built
+    } else {
+        rel.to_path_buf()
+    }
+}
+
+/// Clap's parser for counts that must be at least 1 (clap's own range parser would print the
+/// range as 1..18446744073709551615).
+pub fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.

@@ -20,13 +20,13 @@ from PIL import Image
 src, dst, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 os.makedirs(dst, exist_ok=True)
 names = sorted(os.listdir(src))
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 for n in names:
     img = Image.open(os.path.join(src, n))
     img = img.resize((size, size))
     img = img.convert("RGB")
     img.save(os.path.join(dst, n), quality=100)
-print(len(names), time.perf_counter() - t)
+print(len(names), time.perf_counter() - t, time.process_time() - c)
 "#;
 
 /// What [`run_bench`] does.
@@ -107,14 +107,15 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(f, "  {:<52} {:>8} {:>10} {:>8} {:>12}", "", "wall", "images/s", "CPU", "images/CPU-s")?;
         let line = |f: &mut std::fmt::Formatter<'_>, t: &Timing| {
+            let per_cpu = t.images_per_cpu_sec();
             writeln!(
                 f,
-                "  {:<52} {:>7.3}s {:>10.0} {:>7.2}s {:>12.0}",
+                "  {:<52} {:>7.3}s {:>10.0} {:>7.2}s {:>12}",
                 t.label,
                 t.best.as_secs_f64(),
                 t.images_per_sec(),
                 t.cpu.as_secs_f64(),
-                t.images_per_cpu_sec()
+                if per_cpu.is_nan() { "- (too short)".to_string() } else { format!("{per_cpu:.0}") }
             )
         };
         line(f, &self.ours)?;
@@ -122,13 +123,14 @@ impl std::fmt::Display for BenchReport {
         match &self.reference {
             Ok(r) => {
                 line(f, r)?;
+                let per_cpu = self.ours_single.images_per_cpu_sec() / r.images_per_cpu_sec();
                 write!(
                     f,
-                    "  speed-up vs reference (wall): {:.1}x ({} threads), {:.1}x (1 thread); per CPU-second: {:.1}x",
+                    "  speed-up vs reference (wall): {:.1}x ({} threads), {:.1}x (1 thread); per CPU-second: {}",
                     self.ours.images_per_sec() / r.images_per_sec(),
                     self.threads,
                     self.ours_single.images_per_sec() / r.images_per_sec(),
-                    self.ours_single.images_per_cpu_sec() / r.images_per_cpu_sec()
+                    if per_cpu.is_nan() { "- (too short to time)".to_string() } else { format!("{per_cpu:.1}x") }
                 )
             }
             Err(why) => write!(f, "  reference skipped: {why}"),
@@ -181,38 +183,37 @@ fn kaggle_like(seed: u64, i: usize) -> RgbImage {
     img
 }
 
-/// CPU time (user + system) of this process and of its waited-for children, from
-/// `/proc/self/stat` (Linux; zero elsewhere). Clock ticks are taken as 100 Hz (USER_HZ).
-fn cpu_times() -> (Duration, Duration) {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return (Duration::ZERO, Duration::ZERO) };
+/// CPU time (user + system) of this process, from `/proc/self/stat` (Linux; zero elsewhere).
+/// Clock ticks are taken as 100 Hz (USER_HZ).
+fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return Duration::ZERO };
     // Fields after the command name (which is in parentheses and may contain spaces).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<u64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
-    // rest starts at field 3 (state); utime=14, stime=15, cutime=16, cstime=17.
+    // rest starts at field 3 (state); utime=14, stime=15.
     let tick = |i: usize| f.get(i - 3).copied().unwrap_or(0);
-    let ticks = |a: u64| Duration::from_millis(a * 10);
-    (ticks(tick(14) + tick(15)), ticks(tick(16) + tick(17)))
+    Duration::from_millis((tick(14) + tick(15)) * 10)
 }
 
 /// Best wall time and the CPU time of that run.
 fn best_of<F: FnMut() -> Result<(), DataError>>(repeat: usize, mut f: F) -> Result<(Duration, Duration), DataError> {
     let mut best = (Duration::MAX, Duration::ZERO);
     for _ in 0..repeat.max(1) {
-        let c = cpu_times().0;
+        let c = cpu_time();
         let t = Instant::now();
         f()?;
         let wall = t.elapsed();
         if wall < best.0 {
-            best = (wall, cpu_times().0.saturating_sub(c));
+            best = (wall, cpu_time().saturating_sub(c));
         }
     }
     Ok(best)
 }
 
-/// Runs the reference loop once; returns its own timing of the loop and the child's CPU time
-/// (which includes interpreter start-up, ~0.05 s).
+/// Runs the reference loop once; returns its own timing of the loop, wall and CPU: both without
+/// the interpreter's start-up and imports (~0.1 s of CPU, which the child's CPU time as the OS
+/// counts it would add, in our favour).
 fn run_pil(python: &str, src: &Path, dst: &Path, size: u32) -> Result<(Duration, Duration), String> {
-    let c = cpu_times().1;
     let out = Command::new(python)
         .args(["-c", PIL_SCRIPT])
         .arg(src)
@@ -225,12 +226,10 @@ fn run_pil(python: &str, src: &Path, dst: &Path, size: u32) -> Result<(Duration,
         return Err(format!("reference loop failed: {}", err.lines().last().unwrap_or("")));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let secs: f64 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("unexpected output from the reference loop: {text}"))?;
-    Ok((Duration::from_secs_f64(secs), cpu_times().1.saturating_sub(c)))
+    let field = |i: usize| -> Result<f64, String> {
+        text.split_whitespace().nth(i).and_then(|s| s.parse().ok()).ok_or_else(|| format!("unexpected output from the reference loop: {text}"))
+    };
+    Ok((Duration::from_secs_f64(field(1)?), Duration::from_secs_f64(field(2)?)))
 }
 
 /// `python -c "import PIL"` works? Returns "Python X + Pillow Y".

@@ -121,11 +121,11 @@ impl std::fmt::Display for PrepareReport {
         let mb = self.packed as f64 * f64::from(self.size * self.size * 3) / 1e6;
         writeln!(
             f,
-            "prepared {} images of {s}x{s} in {} ({}: {:.0} MB)",
+            "prepared {} images of {s}x{s} in {} ({}: {})",
             self.packed,
             self.out.join("images").display(),
             self.packed_path.display(),
-            mb,
+            if mb < 10.0 { format!("{mb:.1} MB") } else { format!("{mb:.0} MB") },
             s = self.size
         )?;
         write!(
