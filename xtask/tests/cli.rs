@@ -75,3 +75,30 @@ fn import_then_sample_a_small_grid() {
     let out = xtask(&["sample", "--checkpoint", "micro.safetensors", "--grid", "0x2"], dir.path());
     assert_one_line_error(&out, "grid");
 }
+
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    // `... 2>&1 | head -1`: the reader has gone before the command writes. println!/eprintln!
+    // panic on the broken pipe (exit code 101); the command's own result must stand.
+    let dir = tempfile::tempdir().unwrap();
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(args)
+            .current_dir(dir.path())
+            .stdout(closed())
+            .stderr(closed())
+            .status()
+            .expect("run xtask")
+    };
+    // An error line to stderr: still exit code 1.
+    assert_eq!(run(&["sample", "--grid", "0x4"]).code(), Some(1));
+    // A report to stdout and stderr, then success.
+    let ckpt = fixtures().join("seed_tiny.ckpt");
+    assert_eq!(run(&["import-checkpoint", ckpt.to_str().unwrap(), "--out", "m.safetensors"]).code(), Some(0));
+    assert!(dir.path().join("m.safetensors").exists());
+}
