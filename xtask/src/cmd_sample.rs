@@ -379,6 +379,10 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     }
     if what.contains(&What::Process) {
         for k in &kinds {
+            let steps = sampler::reverse_steps(&model.schedule, k, t_count - 1)?.len();
+            if a.process_columns > steps + 1 {
+                info!("--process-columns {}: {} has {steps} steps, so {} columns (x_T and each step)", a.process_columns, sampler::kind_name(k), steps + 1);
+            }
             s.set_progress(Progress::stderr(format!("process {}", sampler::kind_name(k))));
             let p = s.process(a.process_rows, k, a.seed, a.process_columns)?;
             save(&p.to_image()?, &file(sampler::process_file_name(k)))?;

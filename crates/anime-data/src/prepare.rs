@@ -104,6 +104,9 @@ pub struct PrepareReport {
     pub elapsed: Duration,
     /// Of which, writing the packed file.
     pub pack_time: Duration,
+    /// Files in `<out>/images` that no input of this run made (left by an earlier run over
+    /// other inputs, or a larger --limit): not in the packed file. Reported, never deleted.
+    pub stale: usize,
 }
 
 impl PrepareReport {
@@ -125,7 +128,11 @@ impl std::fmt::Display for PrepareReport {
             self.packed,
             self.out.join("images").display(),
             self.packed_path.display(),
-            if mb < 10.0 { format!("{mb:.1} MB") } else { format!("{mb:.0} MB") },
+            match mb {
+                _ if mb < 1.0 => format!("{:.0} KB", mb * 1e3),
+                _ if mb < 10.0 => format!("{mb:.1} MB"),
+                _ => format!("{mb:.0} MB"),
+            },
             s = self.size
         )?;
         write!(
@@ -152,6 +159,14 @@ impl std::fmt::Display for PrepareReport {
             for s in &self.skipped[..shown] {
                 write!(f, "\n    {}: {}", s.name, s.reason)?;
             }
+        }
+        if self.stale > 0 {
+            write!(
+                f,
+                "\n  {} file(s) in {} come from no input of this run (an earlier run's?): not packed; delete them if unwanted",
+                self.stale,
+                self.out.join("images").display()
+            )?;
         }
         Ok(())
     }
@@ -381,6 +396,10 @@ pub(crate) fn run(
     }
 
     let pack_start = Instant::now();
+    let made: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+    let stale = std::fs::read_dir(&img_dir)
+        .map(|rd| rd.flatten().filter(|e| e.path().is_file() && !made.contains(e.file_name().to_string_lossy().as_ref())).count())
+        .unwrap_or(0);
     let packed_path = out.join(PACKED_FILE);
     let packed = names.len();
     PackedDataset::from_images(names, s, pixels)?.save(&packed_path)?;
@@ -401,6 +420,7 @@ pub(crate) fn run(
         packed_path,
         elapsed: start.elapsed(),
         pack_time,
+        stale,
     })
 }
 

@@ -224,6 +224,10 @@ fn prepare_mixed_folder_skips_bad_inputs_and_is_idempotent() {
     let ds = PackedDataset::load(&out.join("packed.safetensors")).unwrap();
     assert_eq!(ds.size(), 32);
     assert_eq!(ds.names(), &good[..3]);
+    // The other outputs of the full run are still in images/: reported, not packed, kept.
+    assert_eq!(report.stale, good.len() - 3);
+    assert!(report.to_string().contains("come from no input of this run"), "{report}");
+    assert_eq!(list_dir(&out.join("images")).len(), good.len());
 }
 
 #[test]
