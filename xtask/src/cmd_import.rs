@@ -38,11 +38,10 @@ pub fn run(a: ImportArgs) -> Result<()> {
             bail!("--out {} is the checkpoint itself", out.display());
         }
     }
-    // UNetError's Display is already the whole story (file and cause): flatten it, so that the
-    // `{:#}` in main does not print the io::Error source a second time.
     let imported = lightning::import_report(&a.ckpt).map_err(|e| match e {
-        UNetError::Format { .. } | UNetError::Io { .. } => anyhow!("{e}"),
-        other => anyhow!("{}: {other}", a.ckpt.display()),
+        // These name the file themselves.
+        UNetError::Format { .. } | UNetError::Io { .. } => anyhow::Error::new(e),
+        other => anyhow::Error::new(other).context(a.ckpt.display().to_string()),
     })?;
     for key in &imported.ignored {
         tracing::debug!("ignored state_dict entry '{key}' (not a unet.* tensor)");
