@@ -279,3 +279,54 @@ pub fn model_metadata(cfg: &RunConfig, step: u64, epoch: u64) -> BTreeMap<String
     m.insert("producer".to_string(), "ddpm-anime trainer".to_string());
     m
 }
+
+/// The lock file inside a run folder; it holds the trainer's process id.
+pub const LOCK_FILE: &str = ".lock";
+
+/// Exclusive use of a run folder for as long as it lives. Two trainers in one folder would
+/// prune each other's checkpoints and interleave their metrics. It is an OS lock (`flock`), so a
+/// crashed or killed trainer frees it, and a stale lock file never blocks a new run.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+    /// Set when the filesystem cannot lock (some network mounts): training goes on unguarded.
+    pub unguarded: Option<String>,
+}
+
+impl RunLock {
+    /// Creates `run` if needed and locks it, or says which process holds it.
+    pub fn acquire(run: &Path) -> Result<Self, TrainError> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(run).map_err(|e| TrainError::io("cannot create", run, e))?;
+        let path = run.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| TrainError::io("cannot open", &path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let by = if holder.is_empty() { "another process".to_string() } else { format!("another process (pid {holder})") };
+                return Err(TrainError::Invalid(format!(
+                    "{} is in use by {by}: wait for it to end or stop it, or use another --run",
+                    run.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Ok(Self {
+                    _file: file,
+                    unguarded: Some(format!("cannot lock {} ({e}): nothing stops a second trainer from using this run folder", path.display())),
+                });
+            }
+        }
+        // Only a courtesy for the message above, so a failure to write it does not matter.
+        let _ = file.set_len(0).and_then(|_| file.rewind()).and_then(|_| writeln!(file, "{}", std::process::id()));
+        Ok(Self { _file: file, unguarded: None })
+    }
+}

@@ -291,6 +291,7 @@ pub struct Trainer {
     warnings: Vec<String>,
     fixed_noise: Option<Tensor>,
     pending_loss: PendingLoss,
+    _lock: checkpoint::RunLock,
 }
 
 /// `path` itself when it is a file, else `path/packed.safetensors`.
@@ -344,6 +345,26 @@ impl Trainer {
         let mut resumed_from = None;
         let mut last_saved = None;
         let mut pending_loss = PendingLoss::default();
+        if checkpoint::list(run_dir).is_empty() {
+            if opts.require_resume {
+                return Err(TrainError::Checkpoint(format!("nothing to resume: {} has no checkpoint", run_dir.display())));
+            }
+            if run_dir.join(checkpoint::MODEL_FILE).exists() {
+                // A trained model without its checkpoints (deleted, or copied without them): a
+                // new run would overwrite it and its logs.
+                return Err(TrainError::Checkpoint(format!(
+                    "{} holds a {} but no checkpoint to resume from: not starting a new run over it (use another --run, or move it away)",
+                    run_dir.display(),
+                    checkpoint::MODEL_FILE
+                )));
+            }
+        }
+        // Before reading checkpoints: resuming sets broken ones aside.
+        let lock = checkpoint::RunLock::acquire(run_dir)?;
+        if let Some(w) = &lock.unguarded {
+            warn!("{w}");
+            warnings.push(w.clone());
+        }
         match checkpoint::load_latest(run_dir)? {
             Some((ck, skipped)) => {
                 let st = &ck.state;
@@ -381,18 +402,6 @@ impl Trainer {
                 resumed_from = Some(step);
                 last_saved = Some((step, ck.dir.clone()));
             }
-            None if opts.require_resume => {
-                return Err(TrainError::Checkpoint(format!("nothing to resume: {} has no checkpoint", run_dir.display())));
-            }
-            None if run_dir.join(checkpoint::MODEL_FILE).exists() => {
-                // A trained model without its checkpoints (deleted, or copied without them): a
-                // new run would overwrite it and its logs.
-                return Err(TrainError::Checkpoint(format!(
-                    "{} holds a {} but no checkpoint to resume from: not starting a new run over it (use another --run, or move it away)",
-                    run_dir.display(),
-                    checkpoint::MODEL_FILE
-                )));
-            }
             None => {
                 let (total, trainable) = unet::parameter_counts(&cfg.unet)?;
                 info!(
@@ -403,7 +412,6 @@ impl Trainer {
                 );
             }
         }
-        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io("cannot create", run_dir, e))?;
         unet::weights::write_atomic(&run_dir.join("config.toml"), cfg.to_toml_string().as_bytes())?;
         let resume_epoch = epoch;
         let metrics = MetricsLog::open(run_dir, |r| {
@@ -431,6 +439,7 @@ impl Trainer {
             warnings,
             fixed_noise: None,
             pending_loss,
+            _lock: lock,
         })
     }
 

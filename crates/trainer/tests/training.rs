@@ -298,3 +298,25 @@ fn ema_does_not_keep_past_steps_alive() {
         assert!(diff < 0.1, "EMA {diff} away from the weights");
     }
 }
+
+#[test]
+fn a_run_folder_in_use_is_refused_and_freed_when_its_trainer_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(&tmp.path().join("data"), 24, 8);
+    let mut cfg = small_cfg(&data);
+    cfg.train.max_steps = Some(2);
+    let dir = tmp.path().join("run");
+    let first = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).unwrap();
+    // A second trainer (a second terminal, a re-run script) would prune the first one's
+    // checkpoints and interleave the metrics.
+    let err = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).err().expect("second trainer refused");
+    let msg = err.to_string();
+    let pid = std::process::id().to_string();
+    assert!(msg.contains("in use by another process") && msg.contains(&pid) && !msg.contains('\n'), "{msg}");
+    drop(first);
+    // The lock file stays behind, but without its lock it blocks nothing (as after a kill -9).
+    assert!(dir.join(checkpoint::LOCK_FILE).exists());
+    run(&cfg, &dir, TrainOptions::default()).unwrap();
+    let again = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).unwrap();
+    assert_eq!(again.steps_done(), 2);
+}
