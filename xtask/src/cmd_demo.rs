@@ -53,9 +53,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let r = trainer::demo::run_demo(&opts, &device, stop).context("demo failed")?;
     let s = &r.summary;
     say!(
-        "trained {} steps ({} epochs) in {:.0} s, {:.1} images/s; loss {} -> {}",
-        s.steps,
-        s.epochs,
+        "trained {} ({}) in {:.0} s, {:.1} images/s; loss {} -> {}",
+        common::count(s.steps, "step"),
+        common::count(s.epochs, "epoch"),
         s.session_seconds,
         s.images_per_s,
         r.first_loss.map(|l| format!("{l:.3}")).unwrap_or_else(|| "-".into()),

@@ -160,10 +160,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         StopReason::Interrupted => "interrupted",
     };
     say!(
-        "{how}: {} steps ({} epochs complete) in total; this session {} steps in {:.0} s ({:.1} images/s); last loss {}",
-        s.steps,
-        s.epochs,
-        s.session_steps,
+        "{how}: {} ({} complete) in total; this session {} in {:.0} s ({:.1} images/s); last loss {}",
+        common::count(s.steps, "step"),
+        common::count(s.epochs, "epoch"),
+        common::count(s.session_steps, "step"),
         s.session_seconds,
         s.images_per_s,
         s.last_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),

@@ -78,3 +78,13 @@ macro_rules! out {
     }};
 }
 pub(crate) use out;
+
+/// `n` and the noun, singular for 1: "1 step", "3 steps".
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
