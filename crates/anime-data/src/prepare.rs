@@ -211,7 +211,23 @@ pub fn output_name(input: &str) -> String {
 pub fn prepare(opts: &PrepareOptions, progress: bool) -> Result<PrepareReport, DataError> {
     let start = Instant::now();
     let (sources, mut pre_skipped, inputs) = list_raw(opts)?;
+    refuse_to_overwrite_raw(opts)?;
     run(sources, &mut pre_skipped, inputs, opts, progress, start)
+}
+
+/// The resized images go to `out/images`: were that the raw folder itself (`--out` its parent,
+/// as with the Kaggle layout `raw/images`), they would replace the originals.
+fn refuse_to_overwrite_raw(opts: &PrepareOptions) -> Result<(), DataError> {
+    let img_dir = opts.out.join("images");
+    let (Ok(raw), Ok(dst)) = (opts.raw.canonicalize(), img_dir.canonicalize()) else { return Ok(()) };
+    if raw == dst {
+        return Err(DataError::Invalid(format!(
+            "--out {} would write the resized images over the raw ones in {}: choose another --out",
+            opts.out.display(),
+            opts.raw.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Lists the raw folder: image files become sources, others are skipped with a reason.

@@ -324,3 +324,20 @@ fn packed_load_errors_are_clear() {
     assert!(!back.is_empty());
     assert_eq!(list_dir(tmp.path()), vec!["x.safetensors".to_string()]);
 }
+
+#[test]
+fn an_out_folder_whose_images_are_the_raw_folder_is_refused() {
+    // The Kaggle layout is raw/images: `--out raw` would resize the originals in place.
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw").join("images");
+    std::fs::create_dir_all(&raw).unwrap();
+    face(96, 96, 1).save(raw.join("a.png")).unwrap();
+    let before = std::fs::read(raw.join("a.png")).unwrap();
+    let e = prepare(&options(&raw, &tmp.path().join("raw")), false).unwrap_err().to_string();
+    assert!(e.contains("over the raw ones") && !e.contains('\n'), "{e}");
+    // The same through another spelling of the path.
+    let other = tmp.path().join("raw").join(".").join("images").join("..");
+    assert!(prepare(&options(&raw, &other), false).is_err());
+    assert_eq!(std::fs::read(raw.join("a.png")).unwrap(), before);
+    assert_eq!(std::fs::read_dir(&raw).unwrap().count(), 1);
+}
