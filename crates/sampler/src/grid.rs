@@ -73,11 +73,24 @@ pub fn with_column_labels(grid: &RgbImage, labels: &[String], cell: usize, paddi
 
 /// Writes `img` as PNG, creating parent folders.
 pub fn save_png(img: &RgbImage, path: &std::path::Path) -> Result<()> {
+    let io = |source| crate::SamplerError::Io { path: path.display().to_string(), source };
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| crate::SamplerError::Io { path: dir.display().to_string(), source: e })?;
     }
-    img.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| crate::SamplerError::Image { path: path.display().to_string(), reason: e.to_string() })
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| crate::SamplerError::Image { path: path.display().to_string(), reason: e.to_string() })?;
+    // Through a temporary name: a full disk or a kill must not turn an earlier good file into a
+    // truncated one. No fsync: these are regenerable, and folders of thousands (FID) would crawl.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = std::fs::write(&tmp, &png).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
 }
 
 /// `[N, 3, H, W]` in [-1, 1] as a `make_grid` grid with `ncol` columns and 2 px padding.
@@ -88,6 +101,22 @@ pub fn tensor_grid(images: &Tensor, ncol: usize) -> Result<RgbImage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn save_png_replaces_whole_files_and_leaves_no_temporary() {
+        let tmp = std::env::temp_dir().join(format!("save_png_{}", std::process::id()));
+        let path = tmp.join("a").join("g.png");
+        save_png(&RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3])), &path).unwrap();
+        save_png(&RgbImage::from_pixel(8, 8, image::Rgb([9, 9, 9])), &path).unwrap();
+        assert_eq!(image::open(&path).unwrap().to_rgb8().get_pixel(7, 7).0, [9, 9, 9]);
+        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        // A folder in the way of the file: an error, and no temporary left behind.
+        let blocked = tmp.join("b").join("g.png");
+        std::fs::create_dir_all(&blocked).unwrap();
+        assert!(save_png(&RgbImage::new(2, 2), &blocked).is_err());
+        assert_eq!(std::fs::read_dir(tmp.join("b")).unwrap().count(), 1);
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 
     #[test]
     fn grid_geometry_matches_torchvision() {

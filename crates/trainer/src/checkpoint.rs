@@ -109,7 +109,7 @@ pub fn save_png_atomic(path: &Path, img: &image::RgbImage) -> Result<(), TrainEr
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| TrainError::Invalid(format!("cannot encode {}: {e}", path.display())))?;
-    write(path, &png)
+    write_atomic(path, &png).map_err(|e| TrainError::Invalid(format!("cannot write {e}")))
 }
 
 fn fsync_dir(dir: &Path) {
@@ -144,12 +144,19 @@ pub fn save(
     opt_meta.insert("optimizer".to_string(), "adam".to_string());
     let opt_data = serialize(optimizer, opt_meta)?;
     state.files.clear();
-    for (name, data) in [(MODEL_FILE, &model_data), (OPTIMIZER_FILE, &opt_data)] {
-        write(&tmp_dir.join(name), data)?;
-        state.files.push(FileEntry { name: name.into(), bytes: data.len() as u64, crc32: crc32fast::hash(data) });
+    let built = (|| {
+        for (name, data) in [(MODEL_FILE, &model_data), (OPTIMIZER_FILE, &opt_data)] {
+            write(&tmp_dir.join(name), data)?;
+            state.files.push(FileEntry { name: name.into(), bytes: data.len() as u64, crc32: crc32fast::hash(data) });
+        }
+        let json = serde_json::to_vec_pretty(&state).expect("state serialises");
+        write(&tmp_dir.join(STATE_FILE), &json)
+    })();
+    if let Err(e) = built {
+        // On a full disk, the half-built folder would keep it full.
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+        return Err(e);
     }
-    let json = serde_json::to_vec_pretty(&state).expect("state serialises");
-    write(&tmp_dir.join(STATE_FILE), &json)?;
     fsync_dir(&tmp_dir);
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(io("cannot replace", &final_dir))?;
@@ -158,7 +165,7 @@ pub fn save(
     fsync_dir(final_dir.parent().expect("checkpoints folder"));
     // What `cargo xtask sample --checkpoint <run>` loads.
     write(&run.join(MODEL_FILE), &model_data)?;
-    prune(run, keep)?;
+    prune(run, keep);
     Ok(final_dir)
 }
 
@@ -181,11 +188,15 @@ pub fn list(run: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-fn prune(run: &Path, keep: usize) -> Result<(), TrainError> {
+fn prune(run: &Path, keep: usize) {
     let all = list(run);
     let n = all.len();
     for (_, dir) in all.into_iter().take(n.saturating_sub(keep)) {
-        std::fs::remove_dir_all(&dir).map_err(|e| TrainError::io("cannot delete old checkpoint", &dir, e))?;
+        // The new checkpoint is safe by now: an old one that will not go (a busy file on a
+        // network mount, an immutable folder) costs disk space, not the run.
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!("cannot delete old checkpoint {}: {e}", dir.display());
+        }
     }
     // Leftovers of an interrupted save.
     if let Ok(rd) = std::fs::read_dir(run.join(CHECKPOINTS_DIR)) {
@@ -195,7 +206,6 @@ fn prune(run: &Path, keep: usize) -> Result<(), TrainError> {
             }
         }
     }
-    Ok(())
 }
 
 /// Reads `state.json` and checks every file's size and checksum.
@@ -205,6 +215,14 @@ pub fn verify(dir: &Path) -> Result<TrainState, String> {
     if state.format != STATE_FORMAT {
         return Err(format!("unknown checkpoint format '{}'", state.format));
     }
+    // state.json has no checksum of its own: what it says must at least agree with its folder,
+    // and its RNG state must be one that can be restored, or an earlier checkpoint serves.
+    if let Some(named) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step_")).and_then(|n| n.parse::<u64>().ok()) {
+        if named != state.step {
+            return Err(format!("{STATE_FILE} says step {} in the folder of step {named}", state.step));
+        }
+    }
+    diffusion::NoiseRng::from_state(&state.rng).map_err(|e| format!("bad RNG state in {STATE_FILE}: {e}"))?;
     for name in [MODEL_FILE, OPTIMIZER_FILE] {
         let entry = state.files.iter().find(|f| f.name == name).ok_or_else(|| format!("{STATE_FILE} lists no {name}"))?;
         let data = std::fs::read(dir.join(name)).map_err(|e| format!("cannot read {name} ({e})"))?;
@@ -329,4 +347,35 @@ impl RunLock {
         let _ = file.set_len(0).and_then(|_| file.rewind()).and_then(|_| writeln!(file, "{}", std::process::id()));
         Ok(Self { _file: file, unguarded: None })
     }
+}
+
+/// The `__metadata__` of a safetensors file, read from its header only.
+fn header_metadata(path: &Path) -> Option<BTreeMap<String, String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).ok()?;
+    let mut json: HashMap<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
+    serde_json::from_value(json.remove("__metadata__")?).ok()
+}
+
+/// Makes `<run>/model.safetensors` the model of the checkpoint being resumed when it is not
+/// (a save that failed between the checkpoint and this copy, or a file put there by hand):
+/// otherwise `sample --checkpoint <run>` would go on with an older model after the run
+/// reported success. Returns whether it had to.
+pub fn refresh_run_model(run: &Path, ck: &Loaded) -> Result<bool, TrainError> {
+    let path = run.join(MODEL_FILE);
+    let theirs = ck.dir.join(MODEL_FILE);
+    if header_metadata(&path).is_some_and(|m| Some(&m) == header_metadata(&theirs).as_ref()) {
+        return Ok(false);
+    }
+    let data = std::fs::read(&theirs).map_err(|e| TrainError::io("cannot read", &theirs, e))?;
+    write(&path, &data)?;
+    Ok(true)
 }

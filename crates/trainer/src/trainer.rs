@@ -383,10 +383,17 @@ impl Trainer {
                 engine.load_weights(&ck.model)?;
                 engine.opt.load_state(&ck.optimizer, st.step)?;
                 // Resuming for sure now: the broken newer ones go out of the way.
+                let fell_back = !skipped.is_empty();
                 for (dir, w) in skipped {
                     let to = checkpoint::set_aside(&dir)?;
                     warn!("moved {} to {}", dir.display(), to.display());
                     warnings.push(format!("{w} (moved to {})", to.display()));
+                }
+                // After a fall-back the run's model is expected to be a newer one: no news.
+                if checkpoint::refresh_run_model(run_dir, &ck)? && !fell_back {
+                    let w = format!("{} was not the model of {}: replaced by it", run_dir.join(checkpoint::MODEL_FILE).display(), ck.dir.display());
+                    warn!("{w}");
+                    warnings.push(w);
                 }
                 rng = NoiseRng::from_state(&st.rng)?;
                 (epoch, position, step, elapsed_before) = (st.epoch, st.position, st.step, st.elapsed_s);
@@ -586,17 +593,23 @@ impl Trainer {
         }
         let grid = self.sample_grid_from(self.fixed_noise.as_ref().unwrap(), l.sample_steps, l.sample_ema)?;
         let path = self.run_dir.join("samples").join(format!("epoch_{:04}.png", self.epoch));
-        checkpoint::save_png_atomic(&path, &grid)?;
+        // A preview is a look at the run, not part of it: an unwritable one must not stop training.
+        if let Err(e) = checkpoint::save_png_atomic(&path, &grid) {
+            warn!("sample preview not saved: {e}");
+        }
         if let Some(tb) = self.tb.as_mut() {
             tb.image(self.step, "samples", &grid)?;
         }
         Ok(path)
     }
 
-    fn plot(&self) -> Result<(), TrainError> {
+    /// Redraws `loss.png`; like the previews, a failure is only a warning.
+    fn plot(&self) {
         let (train, val) = self.metrics.curves();
         let name = self.run_dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        crate::plot::loss_curve(&self.run_dir.join("loss.png"), &format!("{name}: training loss"), &train, &val, (900, 560))
+        if let Err(e) = crate::plot::loss_curve(&self.run_dir.join("loss.png"), &format!("{name}: training loss"), &train, &val, (900, 560)) {
+            warn!("loss curve not saved: {e}");
+        }
     }
 
     /// Trains until all epochs are done, `train.max_steps` or `train.max_minutes` is reached, or
@@ -755,7 +768,7 @@ impl Trainer {
                 let p = self.preview()?;
                 info!("samples: {}", p.display());
             }
-            self.plot()?;
+            self.plot();
             self.save_checkpoint("epoch", t0.elapsed().as_secs_f64())?;
             last_save = Instant::now();
             if let Some(tb) = self.tb.as_mut() {
@@ -769,7 +782,7 @@ impl Trainer {
             StopReason::Interrupted => "stop",
         };
         let dir = self.save_checkpoint(reason_str, t0.elapsed().as_secs_f64())?;
-        self.plot()?;
+        self.plot();
         if let Some(tb) = self.tb.as_mut() {
             tb.flush()?;
         }

@@ -125,6 +125,11 @@ fn resumed_runs_end_bit_for_bit_like_an_uninterrupted_one() {
         let so = checkpoint::verify(&checkpoint::checkpoint_dir(other, 10)).unwrap();
         assert_eq!((sa.rng, sa.epoch, sa.position), (so.rng, so.epoch, so.position));
         assert_bit_equal(&a.join(MODEL_FILE), &other.join(MODEL_FILE));
+        // Byte for byte too (sorted headers), so that `sha256sum` can confirm it.
+        for file in [MODEL_FILE, OPTIMIZER_FILE] {
+            let read = |run: &Path| std::fs::read(checkpoint::checkpoint_dir(run, 10).join(file)).unwrap();
+            assert!(read(&a) == read(other), "{file} differs in bytes from {}", other.display());
+        }
     }
     // The model file is the sampler's: EMA copies and the diffusion config in its metadata.
     let w = unet::ModelWeights::load(&a.join(MODEL_FILE)).unwrap();
@@ -319,4 +324,33 @@ fn a_run_folder_in_use_is_refused_and_freed_when_its_trainer_ends() {
     run(&cfg, &dir, TrainOptions::default()).unwrap();
     let again = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).unwrap();
     assert_eq!(again.steps_done(), 2);
+}
+
+#[test]
+fn resume_repairs_a_stale_run_model_and_distrusts_a_state_json_from_another_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(&tmp.path().join("data"), 24, 8);
+    let mut cfg = small_cfg(&data);
+    cfg.checkpoint.every_steps = 2;
+    cfg.train.max_steps = Some(4);
+    let dir = tmp.path().join("run");
+    run(&cfg, &dir, TrainOptions::default()).unwrap();
+    let step = |n| checkpoint::checkpoint_dir(&dir, n);
+
+    // As after a save that failed between the checkpoint and the run's model (a full disk): the
+    // run's model is an older one, and a resume that has nothing left to do must still fix it.
+    std::fs::copy(step(2).join(MODEL_FILE), dir.join(MODEL_FILE)).unwrap();
+    let t = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).unwrap();
+    assert!(t.warnings().iter().any(|w| w.contains("was not the model of")), "{:?}", t.warnings());
+    drop(t);
+    assert_eq!(std::fs::read(dir.join(MODEL_FILE)).unwrap(), std::fs::read(step(4).join(MODEL_FILE)).unwrap());
+    let t = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).unwrap();
+    assert!(t.warnings().is_empty(), "{:?}", t.warnings());
+    drop(t);
+
+    // step_4's state.json put in step_2's place (no checksum covers it): step_2 is not trusted.
+    std::fs::copy(step(4).join(checkpoint::STATE_FILE), step(2).join(checkpoint::STATE_FILE)).unwrap();
+    let e = checkpoint::verify(&step(2)).unwrap_err();
+    assert!(e.contains("says step 4 in the folder of step 2"), "{e}");
+    assert!(checkpoint::verify(&step(4)).is_ok());
 }

@@ -115,8 +115,35 @@ pub fn serialize_safetensors(tensors: &HashMap<String, Tensor>, metadata: HashMa
         .into_iter()
         .map(|k| Ok((k.clone(), tensors[k].to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
-    safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-        .map_err(|e| UNetError::Format { path: "<memory>".into(), reason: format!("cannot serialise tensors: {e}") })
+    let bytes = safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+        .map_err(|e| UNetError::Format { path: "<memory>".into(), reason: format!("cannot serialise tensors: {e}") })?;
+    Ok(canonical_header(bytes))
+}
+
+/// The same file with its JSON header's keys sorted. safetensors writes the metadata from a
+/// `HashMap`, in an order that changes from process to process: two identical runs would give
+/// files that differ byte for byte, and `sha256sum` could not confirm a bit-exact resume.
+fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
+    let header = &bytes[8..8 + header_len];
+    let parsed: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).expect("safetensors wrote valid JSON");
+    let sorted: BTreeMap<String, serde_json::Value> = parsed
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::Object(m) => (k, serde_json::to_value(m.into_iter().collect::<BTreeMap<_, _>>()).expect("a map")),
+            v => (k, v),
+        })
+        .collect();
+    let mut json = serde_json::to_vec(&sorted).expect("a map serialises");
+    // The data that follows stays 8-byte aligned, as safetensors pads it.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - header_len);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + header_len..]);
+    out
 }
 
 /// Serialises `tensors` with `metadata` and writes them atomically.
@@ -125,7 +152,7 @@ pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>, m
 }
 
 /// Write to `path.tmp`, fsync, rename over `path`, fsync the folder: a crash leaves either the
-/// old file or the new one, never half of one.
+/// old file or the new one, never half of one. On an error the temporary is removed.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), UNetError> {
     let io = |e| UNetError::Io { path: path.display().to_string(), source: e };
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -134,12 +161,14 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), UNetError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(data).map_err(io)?;
-        f.sync_all().map_err(io)?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(data).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // A full disk would otherwise stay full of our half-written temporary.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
     }
-    std::fs::rename(&tmp, path).map_err(io)?;
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
@@ -246,4 +275,27 @@ pub fn state_dict(model: &UNet, varmap: &VarMap) -> Result<HashMap<String, Tenso
         varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
     out.insert(crate::TIME_TABLE_KEY.to_string(), model.time_table().clone());
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serialised_bytes_do_not_depend_on_map_order() {
+        let t = |v: f32| Tensor::new(&[v, v + 1.0, v + 2.0], &Device::Cpu).unwrap();
+        let tensors: HashMap<String, Tensor> = (0..5).map(|i| (format!("w{i}"), t(i as f32))).collect();
+        let entries: Vec<(String, String)> = (0..30).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let a: HashMap<String, String> = entries.iter().cloned().collect();
+        let b: HashMap<String, String> = entries.iter().rev().cloned().collect();
+        let (x, y) = (serialize_safetensors(&tensors, a).unwrap(), serialize_safetensors(&tensors, b).unwrap());
+        assert_eq!(x, y);
+        let header_len = u64::from_le_bytes(x[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&x).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["key17"], "value 17");
+        let back = safetensors::SafeTensors::deserialize(&x).unwrap();
+        let w3 = back.tensor("w3").unwrap();
+        assert_eq!(w3.data(), t(3.0).to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    }
 }
