@@ -139,10 +139,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let flag = stop.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            say!("\nsecond Ctrl-C: quitting without saving (the last checkpoint is kept)");
+            say!("\nsecond stop request: quitting without saving (the last checkpoint is kept)");
             std::process::exit(130);
         }
-        say!("\nCtrl-C: saving a checkpoint after this step (press again to quit at once)");
+        // Also SIGTERM and SIGHUP (`timeout`, `docker stop`, a scheduler's pre-emption, a
+        // closed terminal), which would otherwise lose everything since the last checkpoint.
+        say!("\nstop requested (Ctrl-C or a termination signal): saving a checkpoint after this step (Ctrl-C again to quit at once)");
     })
     .context("cannot install the Ctrl-C handler")?;
 

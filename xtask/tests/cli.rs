@@ -102,3 +102,42 @@ fn a_closed_output_pipe_is_not_a_panic() {
     assert_eq!(run(&["import-checkpoint", ckpt.to_str().unwrap(), "--out", "m.safetensors"]).code(), Some(0));
     assert!(dir.path().join("m.safetensors").exists());
 }
+
+#[cfg(unix)]
+#[test]
+fn a_termination_signal_saves_a_checkpoint_like_ctrl_c() {
+    // `timeout`, `docker stop`, a scheduler's pre-emption and a closed terminal send SIGTERM or
+    // SIGHUP; without a handler those lost everything since the last checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let faces = anime_data::synthetic_faces(24, 16, 3);
+    let names = (0..faces.len()).map(|i| format!("f{i}.png")).collect();
+    let pixels = faces.iter().flat_map(|f| f.as_raw().iter().copied()).collect();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    anime_data::PackedDataset::from_images(names, 16, pixels).unwrap().save(&data.join("packed.safetensors")).unwrap();
+    for signal in ["TERM", "HUP"] {
+        let run = format!("run_{signal}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["train", "--config", "tiny", "--data", "data", "--run", &run, "--max-steps", "1000000"])
+            .args(["--log-every", "1", "--sample-every", "0", "--checkpoint-minutes", "1000", "--no-progress"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let metrics = dir.path().join(&run).join("metrics.jsonl");
+        let started = std::time::Instant::now();
+        while std::fs::metadata(&metrics).map_or(true, |m| m.len() == 0) {
+            assert!(started.elapsed().as_secs() < 300, "no training step within 5 minutes");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let sent = Command::new("kill").args([format!("-{signal}"), child.id().to_string()]).status().unwrap();
+        assert!(sent.success());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "SIG{signal}: {err}");
+        assert!(err.contains("stop requested"), "{err}");
+        let saved = std::fs::read_dir(dir.path().join(&run).join("checkpoints")).unwrap().count();
+        assert_eq!(saved, 1, "SIG{signal}: {err}");
+    }
+}
