@@ -240,6 +240,22 @@ fn kinds(a: &SampleArgs) -> Result<Vec<SamplerKind>> {
 }
 
 /// Column label of a sampler setting (fits a 64 px cell at scale 1 at least).
+/// Deletes `NNNNN.png` files numbered `from` or above: a folder of individual samples is read
+/// as one set (an FID folder), and an earlier run's extra images would silently join it.
+/// Files of other names are the user's and stay.
+fn remove_numbered_pngs_from(dir: &Path, from: usize) -> Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".png") else { continue };
+        if stem.len() == 5 && stem.bytes().all(|b| b.is_ascii_digit()) && stem.parse::<usize>().is_ok_and(|i| i >= from) {
+            std::fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 fn short_label(kind: &SamplerKind) -> String {
     match kind {
         SamplerKind::Ddpm { variance: Variance::Beta, .. } => "beta".into(),
@@ -373,7 +389,9 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
                 for (i, img) in imgs.iter().enumerate() {
                     sampler::save_png(img, &dir.join(format!("{i:05}.png")))?;
                 }
-                info!("wrote {} images to {}", imgs.len(), dir.display());
+                let stale = remove_numbered_pngs_from(&dir, imgs.len())?;
+                let stale = if stale > 0 { format!(" (and removed {stale} left from an earlier, larger run)") } else { String::new() };
+                info!("wrote {} images to {}{stale}", imgs.len(), dir.display());
             }
         }
     }

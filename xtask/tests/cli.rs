@@ -74,6 +74,21 @@ fn import_then_sample_a_small_grid() {
     assert!(!produced.is_empty());
     let out = xtask(&["sample", "--checkpoint", "micro.safetensors", "--grid", "0x2"], dir.path());
     assert_one_line_error(&out, "grid");
+
+    // Individual images: a smaller second run into the same folder leaves exactly its own set
+    // (an FID folder must not mix runs), and the user's other files alone.
+    let individual = |grid: &str| {
+        let args = ["sample", "--checkpoint", "micro.safetensors", "--grid", grid, "--sampler", "ddim", "--steps", "2", "--out", "ind", "--save-individual"];
+        let out = xtask(&args, dir.path());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    individual("3x3");
+    let folder = std::fs::read_dir(dir.path().join("ind/individual")).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(folder.join("notes.txt"), b"mine").unwrap();
+    individual("2x2");
+    let mut names: Vec<String> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["00000.png", "00001.png", "00002.png", "00003.png", "notes.txt"]);
 }
 
 #[test]
