@@ -13,7 +13,8 @@ use crate::common::say;
 #[derive(clap::Args)]
 pub struct TrainArgs {
     /// Config: a TOML file or a preset (anime64 = the reference, cifar10, tiny, mini64, demo).
-    /// Default: the run's saved config.toml when resuming, else anime64.
+    /// Default when resuming: the config of the run's last checkpoint (or its config.toml before
+    /// the first checkpoint); for a new run, anime64.
     #[arg(long)]
     config: Option<String>,
     /// Prepared data: the prepare-data output folder (or its packed.safetensors).

@@ -208,6 +208,14 @@ fn prune(run: &Path, keep: usize) {
     }
 }
 
+/// The config recorded by the newest checkpoint whose `state.json` reads (files unchecked).
+pub fn latest_config(run: &Path) -> Option<RunConfig> {
+    list(run).iter().rev().find_map(|(_, dir)| {
+        let text = std::fs::read(dir.join(STATE_FILE)).ok()?;
+        serde_json::from_slice::<TrainState>(&text).ok().map(|s| s.config)
+    })
+}
+
 /// Reads `state.json` and checks every file's size and checksum.
 pub fn verify(dir: &Path) -> Result<TrainState, String> {
     let text = std::fs::read(dir.join(STATE_FILE)).map_err(|e| format!("no readable {STATE_FILE} ({e})"))?;

@@ -25,14 +25,20 @@ const TRAIN_STREAM: u64 = 1;
 /// Stream of the validation timesteps and noise: the same every epoch.
 const VAL_STREAM: u64 = 2;
 
-/// The resolved config of a run: `config` (a file or preset name) if given, else the run's
-/// saved `config.toml` if there is one, else the reference; then the `key=value` overrides.
+/// The resolved config of a run: `config` (a file or preset name) if given, else the config of
+/// the run's last checkpoint, else its saved `config.toml` (a run stopped before its first
+/// checkpoint), else the reference; then the `key=value` overrides. The checkpoint comes before
+/// `config.toml` because that file is written when a session starts: a session that failed at
+/// once (`--lr 1e30`, diverged) would otherwise pass its override on to the next.
 pub fn resolve_config(run_dir: &Path, config: Option<&str>, overrides: &[(String, String)]) -> Result<RunConfig, TrainError> {
     let saved = run_dir.join("config.toml");
     let mut cfg = match config {
         Some(spec) => RunConfig::from_name_or_path(spec)?,
-        None if saved.exists() => RunConfig::load(&saved)?,
-        None => RunConfig::reference(),
+        None => match checkpoint::latest_config(run_dir) {
+            Some(c) => c,
+            None if saved.exists() => RunConfig::load(&saved)?,
+            None => RunConfig::reference(),
+        },
     };
     for (k, v) in overrides {
         cfg.set(k, v)?;

@@ -348,6 +348,20 @@ fn resume_repairs_a_stale_run_model_and_distrusts_a_state_json_from_another_fold
     assert!(t.warnings().is_empty(), "{:?}", t.warnings());
     drop(t);
 
+    // A session that failed at once with a bad override (lr 1e30 diverges before any save)
+    // has written it to config.toml: the next plain resume takes the checkpoint's config.
+    let mut bad = cfg.clone();
+    bad.train.lr = 1e30;
+    std::fs::write(dir.join("config.toml"), bad.to_toml_string()).unwrap();
+    assert_eq!(trainer::resolve_config(&dir, None, &[]).unwrap().train.lr, cfg.train.lr);
+    let overridden = trainer::resolve_config(&dir, None, &[("train.lr".into(), "0.5".into())]).unwrap();
+    assert_eq!(overridden.train.lr, 0.5);
+    // Before the first checkpoint, config.toml is all there is.
+    let fresh = tmp.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(fresh.join("config.toml"), bad.to_toml_string()).unwrap();
+    assert_eq!(trainer::resolve_config(&fresh, None, &[]).unwrap().train.lr, 1e30);
+
     // step_4's state.json put in step_2's place (no checksum covers it): step_2 is not trusted.
     std::fs::copy(step(4).join(checkpoint::STATE_FILE), step(2).join(checkpoint::STATE_FILE)).unwrap();
     let e = checkpoint::verify(&step(2)).unwrap_err();
