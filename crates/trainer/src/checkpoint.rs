@@ -66,6 +66,10 @@ pub struct TrainState {
     /// Losses trained on but not yet in a mean of `metrics.jsonl` (absent in older checkpoints).
     #[serde(default)]
     pub pending_loss: PendingLoss,
+    /// CRC-32 of the packed dataset's pixels: the image count alone does not show that the
+    /// data changed (absent in older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_crc32: Option<u32>,
 }
 
 /// Sums of training losses whose means are logged later: of the epoch in progress (its end's

@@ -297,6 +297,7 @@ pub struct Trainer {
     warnings: Vec<String>,
     fixed_noise: Option<Tensor>,
     pending_loss: PendingLoss,
+    data_crc32: u32,
     _lock: checkpoint::RunLock,
 }
 
@@ -342,6 +343,7 @@ impl Trainer {
             return Err(TrainError::Data(format!("{} has no training images", packed.display())));
         }
         let data = DeviceImages::new(&ds, device)?;
+        let data_crc32 = crc32fast::hash(ds.pixels());
         drop(ds);
 
         let mut engine = StepEngine::new(&cfg, device)?;
@@ -385,6 +387,17 @@ impl Trainer {
                         packed.display(),
                         split.train.len()
                     )));
+                }
+                if st.data_crc32.is_some_and(|c| c != data_crc32) {
+                    // Allowed (the data may have been prepared again), but no longer the run an
+                    // uninterrupted one would have been, as for a change of lr.
+                    let w = format!(
+                        "{} holds other images than the run was trained on (pixel checksum {data_crc32:08x}, was {:08x}): the run goes on with them",
+                        packed.display(),
+                        st.data_crc32.unwrap_or_default()
+                    );
+                    warn!("{w}");
+                    warnings.push(w);
                 }
                 engine.load_weights(&ck.model)?;
                 engine.opt.load_state(&ck.optimizer, st.step)?;
@@ -452,6 +465,7 @@ impl Trainer {
             warnings,
             fixed_noise: None,
             pending_loss,
+            data_crc32,
             _lock: lock,
         })
     }
@@ -549,6 +563,7 @@ impl Trainer {
             config: self.cfg.clone(),
             files: Vec::new(),
             pending_loss: self.pending_loss,
+            data_crc32: Some(self.data_crc32),
         }
     }
 

@@ -348,6 +348,21 @@ fn resume_repairs_a_stale_run_model_and_distrusts_a_state_json_from_another_fold
     assert!(t.warnings().is_empty(), "{:?}", t.warnings());
     drop(t);
 
+    // The same number of images, but other ones (prepared again with another crop, say):
+    // said, not silent. The same images under another path: nothing to say.
+    let (names, size, mut pixels) = PackedDataset::load(&data.join("packed.safetensors")).unwrap().into_parts();
+    std::fs::create_dir_all(tmp.path().join("same")).unwrap();
+    PackedDataset::from_images(names.clone(), size, pixels.clone()).unwrap().save(&tmp.path().join("same/packed.safetensors")).unwrap();
+    pixels[100] ^= 0x40;
+    std::fs::create_dir_all(tmp.path().join("other")).unwrap();
+    PackedDataset::from_images(names, size, pixels).unwrap().save(&tmp.path().join("other/packed.safetensors")).unwrap();
+    for (folder, warned) in [("same", false), ("other", true)] {
+        let mut moved = cfg.clone();
+        moved.data.path = tmp.path().join(folder).display().to_string();
+        let t = Trainer::new(moved, &dir, &Device::Cpu, TrainOptions::default()).unwrap();
+        assert_eq!(t.warnings().iter().any(|w| w.contains("other images than the run was trained on")), warned, "{folder}: {:?}", t.warnings());
+    }
+
     // A session that failed at once with a bad override (lr 1e30 diverges before any save)
     // has written it to config.toml: the next plain resume takes the checkpoint's config.
     let mut bad = cfg.clone();
