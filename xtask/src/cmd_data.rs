@@ -26,7 +26,7 @@ pub struct PrepareDataArgs {
     #[arg(long, value_parser = crate::common::positive)]
     limit: Option<usize>,
     /// Skip inputs above this many megapixels without decoding them.
-    #[arg(long, default_value_t = 40.0)]
+    #[arg(long, default_value_t = 40.0, allow_negative_numbers = true)]
     max_megapixels: f64,
     /// Fetch an image-parquet dataset from the Hugging Face hub instead of reading --raw,
     /// e.g. DrishtiSharma/Anime-Face-Dataset (needs a build with --features hub).

@@ -15,7 +15,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
     /// Training time budget in minutes.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     minutes: f64,
     /// Generated training images.
     #[arg(long, default_value_t = 512, value_parser = common::positive)]

@@ -108,7 +108,7 @@ pub struct SampleArgs {
     #[arg(long, value_name = "N")]
     steps: Option<usize>,
     /// DDIM eta in [0, 1]: 0 deterministic, 1 = DDPM with beta-tilde [default: 0]
-    #[arg(long, value_name = "E")]
+    #[arg(long, value_name = "E", allow_negative_numbers = true)]
     eta: Option<f64>,
     /// Noise seed
     #[arg(long, default_value_t = 0)]
@@ -368,7 +368,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     if a.clip_x0 {
         tracing::info!("predicted x_0 clipped to [-1, 1] at every step (--clip-x0)");
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    unet::weights::create_dir_all(&a.out).with_context(|| format!("cannot create --out {}", a.out.display()))?;
     let file = |name: String| a.out.join(clipped_name(&name, a.clip_x0));
 
     if what.contains(&What::Samples) {

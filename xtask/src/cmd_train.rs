@@ -37,7 +37,7 @@ pub struct TrainArgs {
     #[arg(long)]
     batch_size: Option<usize>,
     /// Adam's learning rate (the reference: 1e-4).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Seed of the initial weights and of every training random stream: epoch order, flips,
     /// timesteps, noise, dropout, validation noise (the reference: 999).
@@ -47,19 +47,19 @@ pub struct TrainArgs {
     #[arg(long)]
     max_steps: Option<u64>,
     /// Stop (with a checkpoint) after this many minutes.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_minutes: Option<f64>,
-    /// Checkpoint every M minutes (and at every epoch end).
-    #[arg(long)]
+    /// Checkpoint every M minutes (and at every epoch end); 0: only at epoch ends.
+    #[arg(long, allow_negative_numbers = true)]
     checkpoint_minutes: Option<f64>,
     /// Keep the last K checkpoints.
     #[arg(long)]
     keep_last: Option<usize>,
     /// EMA decay of the weights (0 = off; the DDPM paper: 0.9999).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     ema_decay: Option<f64>,
     /// Clip the global gradient norm (0 = off; the DDPM paper: 1.0).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     grad_clip: Option<f64>,
     /// Linear learning-rate warm-up steps (the DDPM paper: 5000).
     #[arg(long)]

@@ -108,13 +108,20 @@ fn one_line(err: &anyhow::Error) -> String {
         }
         line.push_str(rest);
     }
-    line
+    // Messages can quote what a bad file holds (a corrupt pickle's bytes): keep them on one line.
+    line.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::one_line;
     use anyhow::Context;
+
+    #[test]
+    fn error_line_escapes_control_characters() {
+        let e = anyhow::anyhow!("bad pickle opcode in \"a\nb\r\u{1b}[31m\"");
+        assert_eq!(one_line(&e), "bad pickle opcode in \"a\\nb\\r\\u{1b}[31m\"");
+    }
 
     #[test]
     fn error_line_says_each_thing_once() {

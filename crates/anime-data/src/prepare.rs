@@ -314,6 +314,9 @@ pub(crate) fn run(
         return Err(DataError::Invalid(format!("--size must be in 1..=4096, got {}", opts.size)));
     }
     let out = &opts.out;
+    if let Some(file) = out.ancestors().find(|a| a.is_file()) {
+        return Err(DataError::Invalid(format!("--out {}: {} is a file, not a folder", out.display(), file.display())));
+    }
     let img_dir = out.join("images");
     std::fs::create_dir_all(&img_dir).map_err(|e| DataError::io("cannot create", &img_dir, e))?;
     remove_stale_temporaries(&img_dir);

@@ -75,7 +75,7 @@ pub fn with_column_labels(grid: &RgbImage, labels: &[String], cell: usize, paddi
 pub fn save_png(img: &RgbImage, path: &std::path::Path) -> Result<()> {
     let io = |source| crate::SamplerError::Io { path: path.display().to_string(), source };
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| crate::SamplerError::Io { path: dir.display().to_string(), source: e })?;
+        unet::weights::create_dir_all(dir).map_err(|e| crate::SamplerError::Io { path: dir.display().to_string(), source: e })?;
     }
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)

@@ -336,6 +336,10 @@ impl RunConfig {
         if !(d.val_frac >= 0.0 && d.test_frac >= 0.0 && d.val_frac + d.test_frac < 1.0) {
             return bad(format!("data.val_frac + data.test_frac must be in [0, 1), got {} + {}", d.val_frac, d.test_frac));
         }
+        let every = self.checkpoint.every_minutes;
+        if !(every.is_finite() && every >= 0.0) {
+            return bad(format!("checkpoint.every_minutes must be a number >= 0 (0: only at epoch ends), got {every}"));
+        }
         if self.checkpoint.keep_last == 0 {
             return bad("checkpoint.keep_last must be at least 1".into());
         }

@@ -350,6 +350,15 @@ impl Trainer {
         let mut rng = NoiseRng::with_stream(cfg.train.seed, TRAIN_STREAM);
         let (mut epoch, mut position, mut step, mut elapsed_before) = (0, 0, 0, 0.0);
         let mut warnings = Vec::new();
+        if cfg.train.batch_size > split.train.len() {
+            let w = format!(
+                "train.batch_size {} is more than the {} training images: every step is one batch of all of them",
+                cfg.train.batch_size,
+                split.train.len()
+            );
+            warn!("{w}");
+            warnings.push(w);
+        }
         let mut resumed_from = None;
         let mut last_saved = None;
         let mut pending_loss = PendingLoss::default();

@@ -151,12 +151,23 @@ pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>, m
     write_atomic(path, &serialize_safetensors(tensors, metadata)?)
 }
 
+/// `std::fs::create_dir_all`, whose "File exists" does not say that a file stands where a
+/// folder of the path should be: this names it.
+pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        match dir.ancestors().find(|a| a.is_file()) {
+            Some(file) => std::io::Error::new(e.kind(), format!("{} is a file, not a folder", file.display())),
+            None => e,
+        }
+    })
+}
+
 /// Write to `path.tmp`, fsync, rename over `path`, fsync the folder: a crash leaves either the
 /// old file or the new one, never half of one. On an error the temporary is removed.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), UNetError> {
     let io = |e| UNetError::Io { path: path.display().to_string(), source: e };
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        create_dir_all(dir).map_err(io)?;
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -280,6 +291,16 @@ pub fn state_dict(model: &UNet, varmap: &VarMap) -> Result<HashMap<String, Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_in_the_way_of_a_folder_is_named() {
+        let tmp = std::env::temp_dir().join(format!("weights_dirs_{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("f"), b"x").unwrap();
+        let e = write_atomic(&tmp.join("f").join("sub").join("m.safetensors"), b"data").unwrap_err().to_string();
+        assert!(e.contains(&format!("{} is a file, not a folder", tmp.join("f").display())), "{e}");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 
     #[test]
     fn serialised_bytes_do_not_depend_on_map_order() {
