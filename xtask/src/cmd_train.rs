@@ -149,12 +149,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     })
     .context("cannot install the Ctrl-C handler")?;
 
-    let has_checkpoint = !trainer::checkpoint::list(&run_dir).is_empty();
-    if has_checkpoint && !a.resume {
-        say!("{} already has checkpoints: resuming it (use another --run to start a new run)", run_dir.display());
-    }
     let opts = TrainOptions { progress: !a.no_progress, require_resume: a.resume, ..Default::default() };
     let mut t = Trainer::new(cfg, &run_dir, &device, opts).with_context(|| format!("cannot start the run in {}", run_dir.display()))?;
+    if t.resumed_from().is_some() && !a.resume {
+        say!("{} already had checkpoints: resuming it (use another --run to start a new run)", run_dir.display());
+    }
     let s = t.run(stop).context("training failed")?;
     let how = match s.reason {
         StopReason::Finished => "finished",

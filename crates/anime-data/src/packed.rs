@@ -1,6 +1,7 @@
 //! The packed dataset file: one safetensors file with a single u8 tensor `images`
 //! `[N, size, size, 3]` (HWC, RGB) and, in `__metadata__`, `names` (a JSON array of the N file
-//! names, in tensor order), `size`, and `format` = [`PACKED_FORMAT`].
+//! names, in tensor order), `size`, `format` = [`PACKED_FORMAT`] and `crc32` (of the pixels, in
+//! hex; files written before it was added have none and are read unchecked).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -76,6 +77,13 @@ impl PackedDataset {
         if names.len() != count {
             return Err(bad(format!("{} names for {count} images", names.len())));
         }
+        if let Some(want) = metadata.get("crc32") {
+            // Pixels are not validated by anything else: a flipped bit would train silently.
+            let got = format!("{:08x}", crc32fast::hash(&buf[offset..offset + count * size * size * 3]));
+            if &got != want {
+                return Err(bad(format!("pixel checksum {got} != {want} (corrupt: run prepare-data again)")));
+            }
+        }
         Ok(PackedDataset { buf, offset, names, size })
     }
 
@@ -103,6 +111,7 @@ impl PackedDataset {
         meta.insert("format", PACKED_FORMAT.to_string());
         meta.insert("names", serde_json::to_string(&self.names).expect("strings serialise"));
         meta.insert("size", self.size.to_string());
+        meta.insert("crc32", format!("{:08x}", crc32fast::hash(self.pixels())));
         let header = serde_json::json!({
             "__metadata__": meta,
             TENSOR_NAME: {

@@ -323,6 +323,13 @@ fn packed_load_errors_are_clear() {
     assert_eq!(back.size(), 4);
     assert!(!back.is_empty());
     assert_eq!(list_dir(tmp.path()), vec!["x.safetensors".to_string()]);
+    // One flipped pixel bit is found (nothing else would notice it).
+    let mut bytes = std::fs::read(&p).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&p, &bytes).unwrap();
+    let e = PackedDataset::load(&p).unwrap_err().to_string();
+    assert!(e.contains("pixel checksum") && e.contains("prepare-data again") && !e.contains('\n'), "{e}");
 }
 
 #[test]

@@ -492,6 +492,10 @@ impl Trainer {
         &self.run_dir
     }
     /// Steps done so far.
+    /// The step the run resumed from; `None` for a new run.
+    pub fn resumed_from(&self) -> Option<u64> {
+        self.resumed_from
+    }
     pub fn steps_done(&self) -> u64 {
         self.step
     }
