@@ -45,12 +45,19 @@ impl MetricsLog {
         let path = run.join(METRICS_FILE);
         let mut records = Vec::new();
         if let Ok(text) = std::fs::read_to_string(&path) {
-            for line in text.lines() {
-                if let Ok(r) = serde_json::from_str::<Record>(line) {
-                    if keep(&r) {
-                        records.push(r);
-                    }
+            let lines: Vec<&str> = text.lines().collect();
+            let mut unreadable = 0;
+            for (i, line) in lines.iter().enumerate() {
+                match serde_json::from_str::<Record>(line) {
+                    Ok(r) if keep(&r) => records.push(r),
+                    Ok(_) => {}
+                    // A kill during an append leaves half a last line: expected, and dropped.
+                    Err(_) if i + 1 < lines.len() => unreadable += 1,
+                    Err(_) => {}
                 }
+            }
+            if unreadable > 0 {
+                tracing::warn!("{}: dropped {unreadable} unreadable line(s) while cutting it back to the checkpoint", path.display());
             }
         }
         let mut out = String::new();
