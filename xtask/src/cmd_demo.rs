@@ -35,13 +35,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let device = common::parse_device(&a.device)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    ctrlc::set_handler(move || {
+    common::on_stop_signal(move || {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
         say!("\nCtrl-C: stopping training early, then sampling (press again to quit)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    })?;
     let opts = trainer::demo::DemoOptions {
         out: a.out.clone(),
         minutes: a.minutes,

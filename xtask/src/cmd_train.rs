@@ -138,7 +138,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    ctrlc::set_handler(move || {
+    common::on_stop_signal(move || {
         if flag.swap(true, Ordering::SeqCst) {
             say!("\nsecond stop request: quitting without saving (the last checkpoint is kept)");
             std::process::exit(130);
@@ -146,8 +146,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         // Also SIGTERM and SIGHUP (`timeout`, `docker stop`, a scheduler's pre-emption, a
         // closed terminal), which would otherwise lose everything since the last checkpoint.
         say!("\nstop requested (Ctrl-C or a termination signal): saving a checkpoint after this step (Ctrl-C again to quit at once)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    })?;
 
     let opts = TrainOptions { progress: !a.no_progress, require_resume: a.resume, ..Default::default() };
     let mut t = Trainer::new(cfg, &run_dir, &device, opts).with_context(|| format!("cannot start the run in {}", run_dir.display()))?;

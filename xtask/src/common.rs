@@ -88,3 +88,26 @@ pub fn count(n: impl Into<u64>, noun: &str) -> String {
         format!("{n} {noun}s")
     }
 }
+
+/// Installs `handler` for Ctrl-C, SIGTERM and SIGHUP (ctrlc's `termination` feature), except
+/// for the signals the process was started with ignored: `nohup` (SIGHUP) and a script's
+/// background jobs (SIGINT) ask not to be stopped by them, and a handler would override that.
+pub fn on_stop_signal(handler: impl FnMut() + Send + 'static) -> Result<()> {
+    #[cfg(unix)]
+    let ignored: Vec<libc::c_int> = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+        .into_iter()
+        .filter(|&sig| {
+            // SAFETY: a null new action only reads the current one into `old`.
+            let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+            let ok = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } == 0;
+            ok && old.sa_sigaction == libc::SIG_IGN
+        })
+        .collect();
+    ctrlc::set_handler(handler).context("cannot install the Ctrl-C handler")?;
+    #[cfg(unix)]
+    for sig in ignored {
+        // SAFETY: setting a signal back to "ignore" has no handler to race with.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    Ok(())
+}

@@ -130,9 +130,15 @@ fn a_termination_signal_saves_a_checkpoint_like_ctrl_c() {
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
     anime_data::PackedDataset::from_images(names, 16, pixels).unwrap().save(&data.join("packed.safetensors")).unwrap();
-    for signal in ["TERM", "HUP"] {
-        let run = format!("run_{signal}");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    // Under nohup, SIGHUP is ignored from the start and must stay so (a closed terminal must
+    // not stop the run); SIGTERM still stops it.
+    for (signal, nohup) in [("TERM", false), ("HUP", false), ("TERM", true)] {
+        let run = format!("run_{signal}_{nohup}");
+        let mut child = if nohup { Command::new("nohup") } else { Command::new(env!("CARGO_BIN_EXE_xtask")) };
+        if nohup {
+            child.arg(env!("CARGO_BIN_EXE_xtask"));
+        }
+        let mut child = child
             .args(["train", "--config", "tiny", "--data", "data", "--run", &run, "--max-steps", "1000000"])
             .args(["--log-every", "1", "--sample-every", "0", "--checkpoint-minutes", "1000", "--no-progress"])
             .current_dir(dir.path())
@@ -146,13 +152,23 @@ fn a_termination_signal_saves_a_checkpoint_like_ctrl_c() {
             assert!(started.elapsed().as_secs() < 300, "no training step within 5 minutes");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        if nohup {
+            assert!(Command::new("kill").args(["-HUP".to_string(), child.id().to_string()]).status().unwrap().success());
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            assert!(child.try_wait().unwrap().is_none(), "nohup: SIGHUP stopped the run");
+        }
         let sent = Command::new("kill").args([format!("-{signal}"), child.id().to_string()]).status().unwrap();
         assert!(sent.success());
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "SIG{signal}: {err}");
         assert!(err.contains("stop requested"), "{err}");
-        let saved = std::fs::read_dir(dir.path().join(&run).join("checkpoints")).unwrap().count();
-        assert_eq!(saved, 1, "SIG{signal}: {err}");
+        // The run says where it stopped and which checkpoint holds that step (an epoch end may
+        // have saved it already); that checkpoint must be the newest.
+        let line = err.lines().find(|l| l.contains("stopped (stop) at step")).unwrap_or_else(|| panic!("SIG{signal}: {err}"));
+        let ckpt = line.rsplit("checkpoint ").next().unwrap().trim();
+        let mut saved: Vec<_> = std::fs::read_dir(dir.path().join(&run).join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+        saved.sort();
+        assert!(saved.last().expect("a checkpoint").ends_with(ckpt), "SIG{signal}: {ckpt} is not the newest of {saved:?}");
     }
 }

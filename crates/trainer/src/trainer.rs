@@ -491,11 +491,11 @@ impl Trainer {
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
     }
-    /// Steps done so far.
     /// The step the run resumed from; `None` for a new run.
     pub fn resumed_from(&self) -> Option<u64> {
         self.resumed_from
     }
+    /// Steps done so far.
     pub fn steps_done(&self) -> u64 {
         self.step
     }
@@ -618,7 +618,8 @@ impl Trainer {
         Ok(sampler::make_grid(&imgs, ncol, 2))
     }
 
-    fn preview(&mut self) -> Result<PathBuf, TrainError> {
+    /// The preview grid of the fixed noise, where it was saved (`None`: it could not be).
+    fn preview(&mut self) -> Result<Option<PathBuf>, TrainError> {
         let l = &self.cfg.log;
         if self.fixed_noise.is_none() {
             let s = self.cfg.unet.image_size;
@@ -628,13 +629,17 @@ impl Trainer {
         let grid = self.sample_grid_from(self.fixed_noise.as_ref().unwrap(), l.sample_steps, l.sample_ema)?;
         let path = self.run_dir.join("samples").join(format!("epoch_{:04}.png", self.epoch));
         // A preview is a look at the run, not part of it: an unwritable one must not stop training.
-        if let Err(e) = checkpoint::save_png_atomic(&path, &grid) {
-            warn!("sample preview not saved: {e}");
-        }
+        let saved = match checkpoint::save_png_atomic(&path, &grid) {
+            Ok(()) => Some(path),
+            Err(e) => {
+                warn!("sample preview not saved: {e}");
+                None
+            }
+        };
         if let Some(tb) = self.tb.as_mut() {
             tb.image(self.step, "samples", &grid)?;
         }
-        Ok(path)
+        Ok(saved)
     }
 
     /// Redraws `loss.png`; like the previews, a failure is only a warning.
@@ -799,8 +804,9 @@ impl Trainer {
             self.end_epoch();
             let every = self.cfg.log.sample_every_epochs;
             if every > 0 && (ended + 1).is_multiple_of(every) {
-                let p = self.preview()?;
-                info!("samples: {}", p.display());
+                if let Some(p) = self.preview()? {
+                    info!("samples: {}", p.display());
+                }
             }
             self.plot();
             self.save_checkpoint("epoch", t0.elapsed().as_secs_f64())?;
