@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use crate::common::out;
 
 #[derive(clap::Args)]
@@ -43,6 +43,7 @@ pub fn prepare(a: PrepareDataArgs) -> Result<()> {
     opts.force = a.force;
     opts.crop = a.crop.parse().map_err(anyhow::Error::msg)?;
     opts.limit = a.limit;
+    ensure!(a.max_megapixels.is_finite() && a.max_megapixels > 0.0, "--max-megapixels must be a number > 0, got {}", a.max_megapixels);
     opts.max_pixels = (a.max_megapixels * 1e6) as u64;
     let report = if let Some(dataset) = &a.from_hub {
         from_hub(dataset, &opts)?

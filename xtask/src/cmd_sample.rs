@@ -232,7 +232,8 @@ fn kinds(a: &SampleArgs) -> Result<Vec<SamplerKind>> {
             if a.variance.is_some() {
                 tracing::warn!("--variance applies to --sampler ddpm: ignored (DDIM's noise is set by --eta)");
             }
-            let eta = a.eta.unwrap_or(0.0);
+            // + 0.0 turns -0 into 0 (file names would read "eta=-0").
+            let eta = a.eta.unwrap_or(0.0) + 0.0;
             ensure!((0.0..=1.0).contains(&eta), "--eta must be in [0, 1], got {eta}");
             vec![SamplerKind::Ddim { steps: a.steps.unwrap_or(50), eta }]
         }
@@ -248,6 +249,9 @@ fn remove_numbered_pngs_from(dir: &Path, from: usize) -> Result<usize> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(stem) = name.strip_suffix(".png") else { continue };
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
         if stem.len() == 5 && stem.bytes().all(|b| b.is_ascii_digit()) && stem.parse::<usize>().is_ok_and(|i| i >= from) {
             std::fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
             removed += 1;

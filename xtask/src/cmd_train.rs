@@ -93,6 +93,16 @@ pub struct TrainArgs {
     no_progress: bool,
 }
 
+/// A float as TOML writes it: Rust's `NaN`/`inf` are TOML's `nan`/`inf`, so that such a flag
+/// meets the config's own check (and its message) rather than a TOML syntax error.
+fn toml_float(v: f64) -> String {
+    match v {
+        v if v.is_nan() => "nan".into(),
+        v if v.is_infinite() => (if v > 0.0 { "inf" } else { "-inf" }).into(),
+        v => format!("{v:?}"),
+    }
+}
+
 fn default_run_name(config: Option<&str>) -> String {
     match config {
         None => "anime64".into(),
@@ -113,14 +123,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     put("data.path", a.data.as_ref().map(|p| quote(&p.display().to_string())));
     put("train.epochs", a.epochs.map(|v| v.to_string()));
     put("train.batch_size", a.batch_size.map(|v| v.to_string()));
-    put("train.lr", a.lr.map(|v| format!("{v:e}")));
+    put("train.lr", a.lr.map(toml_float));
     put("train.seed", a.seed.map(|v| v.to_string()));
     put("train.max_steps", a.max_steps.map(|v| v.to_string()));
-    put("train.max_minutes", a.max_minutes.map(|v| format!("{v:?}")));
-    put("checkpoint.every_minutes", a.checkpoint_minutes.map(|v| format!("{v:?}")));
+    put("train.max_minutes", a.max_minutes.map(toml_float));
+    put("checkpoint.every_minutes", a.checkpoint_minutes.map(toml_float));
     put("checkpoint.keep_last", a.keep_last.map(|v| v.to_string()));
-    put("train.ema_decay", a.ema_decay.map(|v| format!("{v:?}")));
-    put("train.grad_clip", a.grad_clip.map(|v| format!("{v:?}")));
+    put("train.ema_decay", a.ema_decay.map(toml_float));
+    put("train.grad_clip", a.grad_clip.map(toml_float));
     put("train.warmup_steps", a.warmup_steps.map(|v| v.to_string()));
     put("data.hflip", a.hflip.map(|v| v.to_string()));
     put("train.validate", a.validate.map(|v| v.to_string()));

@@ -220,7 +220,7 @@ pub fn prepare(opts: &PrepareOptions, progress: bool) -> Result<PrepareReport, D
 fn refuse_to_overwrite_raw(opts: &PrepareOptions) -> Result<(), DataError> {
     let img_dir = opts.out.join("images");
     let (Ok(raw), Ok(dst)) = (opts.raw.canonicalize(), img_dir.canonicalize()) else { return Ok(()) };
-    if raw == dst {
+    if raw == dst || same_folder(&raw, &dst) {
         return Err(DataError::Invalid(format!(
             "--out {} would write the resized images over the raw ones in {}: choose another --out",
             opts.out.display(),
@@ -228,6 +228,22 @@ fn refuse_to_overwrite_raw(opts: &PrepareOptions) -> Result<(), DataError> {
         )));
     }
     Ok(())
+}
+
+/// The same folder under two paths that canonicalising does not unite (a bind mount, as with
+/// Docker volumes `-v data/raw:/raw -v data:/out`).
+#[cfg(unix)]
+fn same_folder(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_folder(_: &Path, _: &Path) -> bool {
+    false
 }
 
 /// Lists the raw folder: image files become sources, others are skipped with a reason.
@@ -314,10 +330,10 @@ pub(crate) fn run(
         return Err(DataError::Invalid(format!("--size must be in 1..=4096, got {}", opts.size)));
     }
     let out = &opts.out;
-    if let Some(file) = out.ancestors().find(|a| a.is_file()) {
+    let img_dir = out.join("images");
+    if let Some(file) = img_dir.ancestors().find(|a| a.is_file()) {
         return Err(DataError::Invalid(format!("--out {}: {} is a file, not a folder", out.display(), file.display())));
     }
-    let img_dir = out.join("images");
     std::fs::create_dir_all(&img_dir).map_err(|e| DataError::io("cannot create", &img_dir, e))?;
     remove_stale_temporaries(&img_dir);
 

@@ -235,6 +235,14 @@ pub fn verify(dir: &Path) -> Result<TrainState, String> {
         }
     }
     diffusion::NoiseRng::from_state(&state.rng).map_err(|e| format!("bad RNG state in {STATE_FILE}: {e}"))?;
+    // Never written otherwise: the epoch counter stops at the configured epochs, and the
+    // position within an epoch at its number of images.
+    if state.epoch > state.config.train.epochs || state.position > state.train_images {
+        return Err(format!(
+            "{STATE_FILE} says epoch {} of {}, image {} of {}: impossible",
+            state.epoch, state.config.train.epochs, state.position, state.train_images
+        ));
+    }
     for name in [MODEL_FILE, OPTIMIZER_FILE] {
         let entry = state.files.iter().find(|f| f.name == name).ok_or_else(|| format!("{STATE_FILE} lists no {name}"))?;
         let data = std::fs::read(dir.join(name)).map_err(|e| format!("cannot read {name} ({e})"))?;
@@ -327,7 +335,7 @@ impl RunLock {
     /// Creates `run` if needed and locks it, or says which process holds it.
     pub fn acquire(run: &Path) -> Result<Self, TrainError> {
         use std::io::{Read, Seek, Write};
-        std::fs::create_dir_all(run).map_err(|e| TrainError::io("cannot create", run, e))?;
+        unet::weights::create_dir_all(run).map_err(|e| TrainError::io("cannot create", run, e))?;
         let path = run.join(LOCK_FILE);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -343,10 +351,7 @@ impl RunLock {
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
                 let by = if holder.is_empty() { "another process".to_string() } else { format!("another process (pid {holder})") };
-                return Err(TrainError::Invalid(format!(
-                    "{} is in use by {by}: wait for it to end or stop it, or use another --run",
-                    run.display()
-                )));
+                return Err(TrainError::Invalid(format!("{} is in use by {by}: wait for it to end or stop it, or use another folder", run.display())));
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 return Ok(Self {
@@ -361,30 +366,20 @@ impl RunLock {
     }
 }
 
-/// The `__metadata__` of a safetensors file, read from its header only.
-fn header_metadata(path: &Path) -> Option<BTreeMap<String, String>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).ok()?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return None;
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).ok()?;
-    let mut json: HashMap<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
-    serde_json::from_value(json.remove("__metadata__")?).ok()
-}
-
 /// Makes `<run>/model.safetensors` the model of the checkpoint being resumed when it is not
-/// (a save that failed between the checkpoint and this copy, or a file put there by hand):
-/// otherwise `sample --checkpoint <run>` would go on with an older model after the run
-/// reported success. Returns whether it had to.
+/// (a save that failed between the checkpoint and this copy, a damaged file, or one put there by
+/// hand): otherwise `sample --checkpoint <run>` would go on with another model after the run
+/// reported success. The two are written from the same bytes, so size and CRC-32 (recorded in
+/// `state.json`) tell. Returns whether it had to.
 pub fn refresh_run_model(run: &Path, ck: &Loaded) -> Result<bool, TrainError> {
     let path = run.join(MODEL_FILE);
     let theirs = ck.dir.join(MODEL_FILE);
-    if header_metadata(&path).is_some_and(|m| Some(&m) == header_metadata(&theirs).as_ref()) {
+    let entry = ck.state.files.iter().find(|f| f.name == MODEL_FILE);
+    let same = match (entry, std::fs::metadata(&path)) {
+        (Some(e), Ok(m)) if m.len() == e.bytes => std::fs::read(&path).is_ok_and(|d| crc32fast::hash(&d) == e.crc32),
+        _ => false,
+    };
+    if same {
         return Ok(false);
     }
     let data = std::fs::read(&theirs).map_err(|e| TrainError::io("cannot read", &theirs, e))?;

@@ -327,9 +327,14 @@ impl RunConfig {
         if t.adam_eps <= 0.0 || t.weight_decay < 0.0 {
             return bad("train.adam_eps must be > 0 and train.weight_decay >= 0".into());
         }
-        if let Some(d) = t.ema() {
-            if d >= 1.0 {
-                return bad(format!("train.ema_decay must be in (0, 1), got {d}"));
+        if let Some(d) = t.ema_decay {
+            if !(0.0..1.0).contains(&d) {
+                return bad(format!("train.ema_decay must be in [0, 1) (0: off), got {d}"));
+            }
+        }
+        if let Some(c) = t.grad_clip {
+            if !(c.is_finite() && c >= 0.0) {
+                return bad(format!("train.grad_clip must be a number >= 0 (0: off), got {c}"));
             }
         }
         let d = &self.data;

@@ -53,12 +53,15 @@ pub fn run_demo(opts: &DemoOptions, device: &Device, stop: Arc<AtomicBool>) -> R
     cfg.data.path = data_dir.display().to_string();
     cfg.train.max_minutes = Some(opts.minutes);
     cfg.validate()?;
+    // The demo rewrites its whole folder (data, `run/` deleted first): a second demo into the
+    // same folder would delete the first one's run, lock and all, under it.
+    let _lock = crate::checkpoint::RunLock::acquire(&opts.out)?;
 
     info!("generating {} procedural {size}x{size} faces in {}", opts.images, data_dir.display());
     let faces = anime_data::synthetic_faces(opts.images, size, opts.seed);
     let names = (0..faces.len()).map(|i| format!("face_{i:05}.png")).collect();
     let pixels: Vec<u8> = faces.iter().flat_map(|f| f.as_raw().iter().copied()).collect();
-    std::fs::create_dir_all(&data_dir).map_err(|e| TrainError::io("cannot create", &data_dir, e))?;
+    unet::weights::create_dir_all(&data_dir).map_err(|e| TrainError::io("cannot create", &data_dir, e))?;
     PackedDataset::from_images(names, size, pixels)?.save(&data_dir.join(anime_data::PACKED_FILE))?;
     let n_show = opts.samples.min(faces.len());
     let data_grid = opts.out.join("data.png");

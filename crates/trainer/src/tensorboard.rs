@@ -238,7 +238,7 @@ impl EventWriter {
     /// A new event file in `dir`; with `resume_step`, a SessionLog START at that step so that
     /// TensorBoard discards what earlier files logged after it.
     pub fn create(dir: &Path, resume_step: Option<u64>) -> Result<Self, TrainError> {
-        std::fs::create_dir_all(dir).map_err(|e| TrainError::io("cannot create", dir, e))?;
+        unet::weights::create_dir_all(dir).map_err(|e| TrainError::io("cannot create", dir, e))?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let host = hostname();
         let mut path = dir.join(format!("events.out.tfevents.{}.{host}", now.as_secs()));

@@ -417,9 +417,16 @@ impl Trainer {
                     warn!("moved {} to {}", dir.display(), to.display());
                     warnings.push(format!("{w} (moved to {})", to.display()));
                 }
-                // After a fall-back the run's model is expected to be a newer one: no news.
-                if checkpoint::refresh_run_model(run_dir, &ck)? && !fell_back {
-                    let w = format!("{} was not the model of {}: replaced by it", run_dir.join(checkpoint::MODEL_FILE).display(), ck.dir.display());
+                // After a fall-back the run's model is expected to be a newer one: no news. A
+                // failure (a full disk) must not keep the run from starting: the next checkpoint
+                // writes the model again.
+                let model = run_dir.join(checkpoint::MODEL_FILE);
+                let w = match checkpoint::refresh_run_model(run_dir, &ck) {
+                    Ok(true) if !fell_back => Some(format!("{} was not the model of {}: replaced by it", model.display(), ck.dir.display())),
+                    Ok(_) => None,
+                    Err(e) => Some(format!("{} is not the model of {} and could not be replaced ({e})", model.display(), ck.dir.display())),
+                };
+                if let Some(w) = w {
                     warn!("{w}");
                     warnings.push(w);
                 }

@@ -48,7 +48,16 @@ fn overrides_and_errors() {
     let mut bad = RunConfig::default();
     bad.diffusion.num_steps = 500;
     assert!(bad.validate().unwrap_err().to_string().contains("num_steps"));
-    for (key, value, says) in [("train.epochs", "0", "train.epochs"), ("train.max_steps", "0", "train.max_steps"), ("train.max_minutes", "-1", "train.max_minutes")] {
+    for (key, value, says) in [
+        ("train.epochs", "0", "train.epochs"),
+        ("train.max_steps", "0", "train.max_steps"),
+        ("train.max_minutes", "-1", "train.max_minutes"),
+        // Negative values used to pass as "off".
+        ("train.ema_decay", "-1", "train.ema_decay"),
+        ("train.grad_clip", "-1", "train.grad_clip"),
+        ("train.lr", "nan", "train.lr"),
+        ("checkpoint.every_minutes", "-1", "checkpoint.every_minutes"),
+    ] {
         let mut c = RunConfig::default();
         c.set(key, value).unwrap();
         let e = c.validate().unwrap_err().to_string();

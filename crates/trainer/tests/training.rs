@@ -319,6 +319,15 @@ fn a_run_folder_in_use_is_refused_and_freed_when_its_trainer_ends() {
     let pid = std::process::id().to_string();
     assert!(msg.contains("in use by another process") && msg.contains(&pid) && !msg.contains('\n'), "{msg}");
     drop(first);
+    // A demo deletes and rewrites its folder: a second one into a folder in use is refused
+    // before it touches anything.
+    let demo = tmp.path().join("demo");
+    let held = checkpoint::RunLock::acquire(&demo).unwrap();
+    let opts = trainer::demo::DemoOptions { out: demo.clone(), minutes: 0.01, images: 8, samples: 4, progress: false, ..Default::default() };
+    let e = trainer::demo::run_demo(&opts, &Device::Cpu, Arc::new(AtomicBool::new(false))).err().expect("refused").to_string();
+    assert!(e.contains("in use by another process"), "{e}");
+    assert_eq!(std::fs::read_dir(&demo).unwrap().count(), 1, "only the lock file");
+    drop(held);
     // The lock file stays behind, but without its lock it blocks nothing (as after a kill -9).
     assert!(dir.join(checkpoint::LOCK_FILE).exists());
     run(&cfg, &dir, TrainOptions::default()).unwrap();
@@ -347,6 +356,15 @@ fn resume_repairs_a_stale_run_model_and_distrusts_a_state_json_from_another_fold
     let t = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).unwrap();
     assert!(t.warnings().is_empty(), "{:?}", t.warnings());
     drop(t);
+    // A damaged run model with an intact header (one flipped bit in the weights): repaired too.
+    let mut bytes = std::fs::read(dir.join(MODEL_FILE)).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(dir.join(MODEL_FILE), &bytes).unwrap();
+    let t = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).unwrap();
+    assert!(t.warnings().iter().any(|w| w.contains("was not the model of")), "{:?}", t.warnings());
+    drop(t);
+    assert_eq!(std::fs::read(dir.join(MODEL_FILE)).unwrap(), std::fs::read(step(4).join(MODEL_FILE)).unwrap());
 
     // The same number of images, but other ones (prepared again with another crop, say):
     // said, not silent. The same images under another path: nothing to say.
@@ -382,4 +400,11 @@ fn resume_repairs_a_stale_run_model_and_distrusts_a_state_json_from_another_fold
     let e = checkpoint::verify(&step(2)).unwrap_err();
     assert!(e.contains("says step 4 in the folder of step 2"), "{e}");
     assert!(checkpoint::verify(&step(4)).is_ok());
+    // A position past the epoch's images would skip the rest of the epoch silently.
+    let text = std::fs::read_to_string(step(4).join(checkpoint::STATE_FILE)).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    state["position"] = 100_000.into();
+    std::fs::write(step(4).join(checkpoint::STATE_FILE), state.to_string()).unwrap();
+    let e = checkpoint::verify(&step(4)).unwrap_err();
+    assert!(e.contains("image 100000 of") && e.contains("impossible"), "{e}");
 }

@@ -155,9 +155,12 @@ pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>, m
 /// folder of the path should be: this names it.
 pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| {
-        match dir.ancestors().find(|a| a.is_file()) {
-            Some(file) => std::io::Error::new(e.kind(), format!("{} is a file, not a folder", file.display())),
-            None => e,
+        // The first part of the path that exists but is no folder.
+        let blocker = dir.ancestors().find(|a| !a.as_os_str().is_empty() && a.symlink_metadata().is_ok() && !a.is_dir());
+        match blocker {
+            Some(file) if file.is_file() => std::io::Error::new(e.kind(), format!("{} is a file, not a folder", file.display())),
+            Some(link) if link.is_symlink() => std::io::Error::new(e.kind(), format!("{} is a link to a missing folder", link.display())),
+            _ => e,
         }
     })
 }
