@@ -136,9 +136,7 @@ fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
         .collect();
     let mut json = serde_json::to_vec(&sorted).expect("a map serialises");
     // The data that follows stays 8-byte aligned, as safetensors pads it.
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
+    json.resize(json.len().next_multiple_of(8), b' ');
     let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - header_len);
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
