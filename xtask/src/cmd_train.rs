@@ -99,7 +99,8 @@ fn toml_float(v: f64) -> String {
     match v {
         v if v.is_nan() => "nan".into(),
         v if v.is_infinite() => (if v > 0.0 { "inf" } else { "-inf" }).into(),
-        v => format!("{v:?}"),
+        // + 0.0: -0 is 0.
+        v => format!("{:?}", v + 0.0),
     }
 }
 

@@ -216,14 +216,19 @@ fn prune(run: &Path, keep: usize) {
 pub fn latest_config(run: &Path) -> Option<RunConfig> {
     list(run).iter().rev().find_map(|(_, dir)| {
         let text = std::fs::read(dir.join(STATE_FILE)).ok()?;
-        serde_json::from_slice::<TrainState>(&text).ok().map(|s| s.config)
+        serde_json::from_slice::<TrainState>(&text).ok().map(|s| {
+            let mut c = s.config;
+            c.normalise_legacy();
+            c
+        })
     })
 }
 
 /// Reads `state.json` and checks every file's size and checksum.
 pub fn verify(dir: &Path) -> Result<TrainState, String> {
     let text = std::fs::read(dir.join(STATE_FILE)).map_err(|e| format!("no readable {STATE_FILE} ({e})"))?;
-    let state: TrainState = serde_json::from_slice(&text).map_err(|e| format!("bad {STATE_FILE}: {e}"))?;
+    let mut state: TrainState = serde_json::from_slice(&text).map_err(|e| format!("bad {STATE_FILE}: {e}"))?;
+    state.config.normalise_legacy();
     if state.format != STATE_FORMAT {
         return Err(format!("unknown checkpoint format '{}'", state.format));
     }

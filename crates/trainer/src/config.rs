@@ -360,6 +360,17 @@ impl RunConfig {
 
     /// Compares with the config a run was started with. Errors (one line) on the first key that
     /// may not change on resume; returns warnings for keys that may.
+    /// What earlier builds accepted and meant as "off", in today's spelling: negative
+    /// `ema_decay` and `grad_clip` became 0. Applied to configs read from checkpoints, so runs
+    /// started with `--ema-decay -1` still resume.
+    pub fn normalise_legacy(&mut self) {
+        for v in [&mut self.train.ema_decay, &mut self.train.grad_clip].into_iter().flatten() {
+            if *v < 0.0 {
+                *v = 0.0;
+            }
+        }
+    }
+
     pub fn check_resume(&self, saved: &RunConfig, saved_path: &Path) -> Result<Vec<String>, TrainError> {
         let a = serde_json::to_value(saved).expect("config serialises");
         let b = serde_json::to_value(self).expect("config serialises");

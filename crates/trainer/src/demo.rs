@@ -55,7 +55,14 @@ pub fn run_demo(opts: &DemoOptions, device: &Device, stop: Arc<AtomicBool>) -> R
     cfg.validate()?;
     // The demo rewrites its whole folder (data, `run/` deleted first): a second demo into the
     // same folder would delete the first one's run, lock and all, under it.
-    let _lock = crate::checkpoint::RunLock::acquire(&opts.out)?;
+    let lock = crate::checkpoint::RunLock::acquire(&opts.out)?;
+    if let Some(w) = &lock.unguarded {
+        tracing::warn!("{w}");
+    }
+    // Always a fresh run: the demo owns `<out>/run`, but not while a trainer uses it
+    // (`train --run <out>/run`): its lock says so, before anything here is rewritten.
+    let run_dir = opts.out.join("run");
+    let run_in_use = if run_dir.exists() { Some(crate::checkpoint::RunLock::acquire(&run_dir)?) } else { None };
 
     info!("generating {} procedural {size}x{size} faces in {}", opts.images, data_dir.display());
     let faces = anime_data::synthetic_faces(opts.images, size, opts.seed);
@@ -68,11 +75,10 @@ pub fn run_demo(opts: &DemoOptions, device: &Device, stop: Arc<AtomicBool>) -> R
     let ncol = (n_show as f64).sqrt().ceil() as usize;
     crate::checkpoint::save_png_atomic(&data_grid, &enlarge(&sampler::make_grid(&faces[..n_show], ncol, 2), 4))?;
 
-    // Always a fresh run: the demo owns `<out>/run`.
-    let run_dir = opts.out.join("run");
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir).map_err(|e| TrainError::io("cannot clear", &run_dir, e))?;
     }
+    drop(run_in_use);
     info!("training the demo UNet for {} min on {:?} (Ctrl-C stops early and still samples)", opts.minutes, device);
     let mut trainer = Trainer::new(cfg.clone(), &run_dir, device, TrainOptions { progress: opts.progress, ..Default::default() })?;
     let summary = trainer.run(stop)?;

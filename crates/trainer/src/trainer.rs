@@ -378,6 +378,9 @@ impl Trainer {
         }
         // Before reading checkpoints: resuming sets broken ones aside.
         let lock = checkpoint::RunLock::acquire(run_dir)?;
+        // Now, not at the first save an epoch later: a file in the way would cost that epoch.
+        let ckpts = run_dir.join(checkpoint::CHECKPOINTS_DIR);
+        unet::weights::create_dir_all(&ckpts).map_err(|e| TrainError::io("cannot create", &ckpts, e))?;
         if let Some(w) = &lock.unguarded {
             warn!("{w}");
             warnings.push(w.clone());

@@ -328,6 +328,12 @@ fn a_run_folder_in_use_is_refused_and_freed_when_its_trainer_ends() {
     assert!(e.contains("in use by another process"), "{e}");
     assert_eq!(std::fs::read_dir(&demo).unwrap().count(), 1, "only the lock file");
     drop(held);
+    // Nor when a trainer uses its run folder (`train --run <out>/run`).
+    let held = checkpoint::RunLock::acquire(&demo.join("run")).unwrap();
+    let e = trainer::demo::run_demo(&opts, &Device::Cpu, Arc::new(AtomicBool::new(false))).err().expect("refused").to_string();
+    assert!(e.contains("run is in use by another process"), "{e}");
+    assert!(!demo.join("data").exists(), "refused before writing its data");
+    drop(held);
     // The lock file stays behind, but without its lock it blocks nothing (as after a kill -9).
     assert!(dir.join(checkpoint::LOCK_FILE).exists());
     run(&cfg, &dir, TrainOptions::default()).unwrap();
@@ -400,6 +406,15 @@ fn resume_repairs_a_stale_run_model_and_distrusts_a_state_json_from_another_fold
     let e = checkpoint::verify(&step(2)).unwrap_err();
     assert!(e.contains("says step 4 in the folder of step 2"), "{e}");
     assert!(checkpoint::verify(&step(4)).is_ok());
+    // Earlier builds took a negative ema_decay / grad_clip for "off"; such runs must resume.
+    let text = std::fs::read_to_string(step(4).join(checkpoint::STATE_FILE)).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    state["config"]["train"]["ema_decay"] = (-1.0).into();
+    state["config"]["train"]["grad_clip"] = (-1.0).into();
+    std::fs::write(step(4).join(checkpoint::STATE_FILE), state.to_string()).unwrap();
+    let resolved = trainer::resolve_config(&dir, None, &[]).unwrap();
+    assert_eq!((resolved.train.ema_decay, resolved.train.grad_clip), (Some(0.0), Some(0.0)));
+    assert_eq!(checkpoint::verify(&step(4)).unwrap().config.train.ema_decay, Some(0.0));
     // A position past the epoch's images would skip the rest of the epoch silently.
     let text = std::fs::read_to_string(step(4).join(checkpoint::STATE_FILE)).unwrap();
     let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
