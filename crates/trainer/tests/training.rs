@@ -174,15 +174,21 @@ fn resumed_runs_end_bit_for_bit_like_an_uninterrupted_one() {
     assert!(recs.len() > 20, "{} TensorBoard records", recs.len());
 }
 
-#[test]
-fn corrupt_latest_checkpoint_falls_back_mismatch_and_divergence_are_errors() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = dataset(&tmp.path().join("data"), 24, 8);
+/// A run of 4 steps in `tmp/run` on `tmp/data`, with checkpoints at steps 2 and 4.
+fn four_steps_checkpointed_at_2_and_4(tmp: &Path) -> (PathBuf, RunConfig, PathBuf) {
+    let data = dataset(&tmp.join("data"), 24, 8);
     let mut cfg = small_cfg(&data);
     cfg.checkpoint.every_steps = 2;
     cfg.train.max_steps = Some(4);
-    let dir = tmp.path().join("run");
+    let dir = tmp.join("run");
     run(&cfg, &dir, TrainOptions::default()).unwrap();
+    (data, cfg, dir)
+}
+
+#[test]
+fn corrupt_latest_checkpoint_falls_back_mismatch_and_divergence_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, cfg, dir) = four_steps_checkpointed_at_2_and_4(tmp.path());
     assert_eq!(checkpoint::list(&dir).iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4]);
 
     // Truncate the latest checkpoint's optimizer file: the run resumes from step 2, warning.
@@ -344,12 +350,7 @@ fn a_run_folder_in_use_is_refused_and_freed_when_its_trainer_ends() {
 #[test]
 fn resume_repairs_a_stale_run_model_and_distrusts_a_state_json_from_another_folder() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = dataset(&tmp.path().join("data"), 24, 8);
-    let mut cfg = small_cfg(&data);
-    cfg.checkpoint.every_steps = 2;
-    cfg.train.max_steps = Some(4);
-    let dir = tmp.path().join("run");
-    run(&cfg, &dir, TrainOptions::default()).unwrap();
+    let (data, cfg, dir) = four_steps_checkpointed_at_2_and_4(tmp.path());
     let step = |n| checkpoint::checkpoint_dir(&dir, n);
 
     // As after a save that failed between the checkpoint and the run's model (a full disk): the
