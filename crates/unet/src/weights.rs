@@ -123,7 +123,7 @@ pub fn serialize_safetensors(tensors: &HashMap<String, Tensor>, metadata: HashMa
 /// The same file with its JSON header's keys sorted. safetensors writes the metadata from a
 /// `HashMap`, in an order that changes from process to process: two identical runs would give
 /// files that differ byte for byte, and `sha256sum` could not confirm a bit-exact resume.
-fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
+fn canonical_header(mut bytes: Vec<u8>) -> Vec<u8> {
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
     let header = &bytes[8..8 + header_len];
     let parsed: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).expect("safetensors wrote valid JSON");
@@ -137,6 +137,11 @@ fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
     let mut json = serde_json::to_vec(&sorted).expect("a map serialises");
     // The data that follows stays 8-byte aligned, as safetensors pads it.
     json.resize(json.len().next_multiple_of(8), b' ');
+    if json.len() == header_len {
+        // The usual case (the same keys, reordered): no second copy of a model-sized buffer.
+        bytes[8..8 + header_len].copy_from_slice(&json);
+        return bytes;
+    }
     let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - header_len);
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
