@@ -24,6 +24,8 @@ pub struct PackedDataset {
     offset: usize,
     names: Vec<String>,
     size: usize,
+    /// CRC-32 of the pixels, once computed (on load when the file records one).
+    crc32: std::sync::OnceLock<u32>,
 }
 
 impl std::fmt::Debug for PackedDataset {
@@ -77,14 +79,15 @@ impl PackedDataset {
         if names.len() != count {
             return Err(bad(format!("{} names for {count} images", names.len())));
         }
+        let ds = PackedDataset { buf, offset, names, size, crc32: Default::default() };
         if let Some(want) = metadata.get("crc32") {
             // Pixels are not validated by anything else: a flipped bit would train silently.
-            let got = format!("{:08x}", crc32fast::hash(&buf[offset..offset + count * size * size * 3]));
+            let got = format!("{:08x}", ds.pixels_crc32());
             if &got != want {
                 return Err(bad(format!("pixel checksum {got} != {want} (corrupt: run prepare-data again)")));
             }
         }
-        Ok(PackedDataset { buf, offset, names, size })
+        Ok(ds)
     }
 
     /// Wraps pixels (`names.len() * size * size * 3` bytes, HWC RGB) and their names.
@@ -100,7 +103,7 @@ impl PackedDataset {
                 names.len()
             )));
         }
-        Ok(PackedDataset { buf: pixels, offset: 0, names, size })
+        Ok(PackedDataset { buf: pixels, offset: 0, names, size, crc32: Default::default() })
     }
 
     /// Writes the file atomically: a temporary file in the same folder, fsync, rename.
@@ -111,7 +114,7 @@ impl PackedDataset {
         meta.insert("format", PACKED_FORMAT.to_string());
         meta.insert("names", serde_json::to_string(&self.names).expect("strings serialise"));
         meta.insert("size", self.size.to_string());
-        meta.insert("crc32", format!("{:08x}", crc32fast::hash(self.pixels())));
+        meta.insert("crc32", format!("{:08x}", self.pixels_crc32()));
         let header = serde_json::json!({
             "__metadata__": meta,
             TENSOR_NAME: {
@@ -128,6 +131,11 @@ impl PackedDataset {
             w.write_all(&header)?;
             w.write_all(self.pixels())
         })
+    }
+
+    /// CRC-32 of all pixels (computed once).
+    pub fn pixels_crc32(&self) -> u32 {
+        *self.crc32.get_or_init(|| crc32fast::hash(self.pixels()))
     }
 
     /// Number of images.

@@ -73,24 +73,15 @@ pub fn with_column_labels(grid: &RgbImage, labels: &[String], cell: usize, paddi
 
 /// Writes `img` as PNG, creating parent folders.
 pub fn save_png(img: &RgbImage, path: &std::path::Path) -> Result<()> {
-    let io = |source| crate::SamplerError::Io { path: path.display().to_string(), source };
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        unet::weights::create_dir_all(dir).map_err(|e| crate::SamplerError::Io { path: dir.display().to_string(), source: e })?;
-    }
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| crate::SamplerError::Image { path: path.display().to_string(), reason: e.to_string() })?;
     // Through a temporary name: a full disk or a kill must not turn an earlier good file into a
     // truncated one. No fsync: these are regenerable, and folders of thousands (FID) would crawl.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let written = std::fs::write(&tmp, &png).and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    Ok(())
+    unet::weights::write_replacing(path, &png).map_err(|e| match e {
+        unet::UNetError::Io { path, source } => crate::SamplerError::Io { path, source },
+        e => crate::SamplerError::Image { path: path.display().to_string(), reason: e.to_string() },
+    })
 }
 
 /// `[N, 3, H, W]` in [-1, 1] as a `make_grid` grid with `ncol` columns and 2 px padding.
@@ -103,13 +94,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn save_png_replaces_whole_files_and_leaves_no_temporary() {
+    fn save_png_replaces_whole_files_or_keeps_the_old_one() {
         let tmp = std::env::temp_dir().join(format!("save_png_{}", std::process::id()));
         let path = tmp.join("a").join("g.png");
         save_png(&RgbImage::from_pixel(4, 4, image::Rgb([1, 2, 3])), &path).unwrap();
         save_png(&RgbImage::from_pixel(8, 8, image::Rgb([9, 9, 9])), &path).unwrap();
         assert_eq!(image::open(&path).unwrap().to_rgb8().get_pixel(7, 7).0, [9, 9, 9]);
         assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        // A write that fails (here: its temporary cannot be created, as on a full disk) keeps
+        // the earlier file whole; writing in place would already have truncated it.
+        let before = std::fs::read(&path).unwrap();
+        std::fs::create_dir(tmp.join("a").join("g.png.tmp")).unwrap();
+        assert!(save_png(&RgbImage::from_pixel(16, 16, image::Rgb([5, 5, 5])), &path).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
         // A folder in the way of the file: an error, and no temporary left behind.
         let blocked = tmp.join("b").join("g.png");
         std::fs::create_dir_all(&blocked).unwrap();

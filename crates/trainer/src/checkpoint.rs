@@ -214,21 +214,21 @@ fn prune(run: &Path, keep: usize) {
 
 /// The config recorded by the newest checkpoint whose `state.json` reads (files unchecked).
 pub fn latest_config(run: &Path) -> Option<RunConfig> {
-    list(run).iter().rev().find_map(|(_, dir)| {
-        let text = std::fs::read(dir.join(STATE_FILE)).ok()?;
-        serde_json::from_slice::<TrainState>(&text).ok().map(|s| {
-            let mut c = s.config;
-            c.normalise_legacy();
-            c
-        })
-    })
+    list(run).iter().rev().find_map(|(_, dir)| read_state(dir).ok().map(|s| s.config))
+}
+
+/// Parses a checkpoint's `state.json`, its config in today's spelling (see
+/// [`RunConfig::normalise_legacy`]).
+fn read_state(dir: &Path) -> Result<TrainState, String> {
+    let text = std::fs::read(dir.join(STATE_FILE)).map_err(|e| format!("no readable {STATE_FILE} ({e})"))?;
+    let mut state: TrainState = serde_json::from_slice(&text).map_err(|e| format!("bad {STATE_FILE}: {e}"))?;
+    state.config.normalise_legacy();
+    Ok(state)
 }
 
 /// Reads `state.json` and checks every file's size and checksum.
 pub fn verify(dir: &Path) -> Result<TrainState, String> {
-    let text = std::fs::read(dir.join(STATE_FILE)).map_err(|e| format!("no readable {STATE_FILE} ({e})"))?;
-    let mut state: TrainState = serde_json::from_slice(&text).map_err(|e| format!("bad {STATE_FILE}: {e}"))?;
-    state.config.normalise_legacy();
+    let state = read_state(dir)?;
     if state.format != STATE_FORMAT {
         return Err(format!("unknown checkpoint format '{}'", state.format));
     }

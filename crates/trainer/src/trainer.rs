@@ -343,7 +343,7 @@ impl Trainer {
             return Err(TrainError::Data(format!("{} has no training images", packed.display())));
         }
         let data = DeviceImages::new(&ds, device)?;
-        let data_crc32 = crc32fast::hash(ds.pixels());
+        let data_crc32 = ds.pixels_crc32();
         drop(ds);
 
         let mut engine = StepEngine::new(&cfg, device)?;

@@ -171,25 +171,35 @@ pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
 /// Write to `path.tmp`, fsync, rename over `path`, fsync the folder: a crash leaves either the
 /// old file or the new one, never half of one. On an error the temporary is removed.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), UNetError> {
+    replace_file(path, data, true)
+}
+
+/// [`write_atomic`] without the fsyncs, for regenerable outputs written by the thousand (sample
+/// images): a kill or a full disk still leaves the old file or the new one, not half of one;
+/// only a power cut could lose the new one.
+pub fn write_replacing(path: &Path, data: &[u8]) -> Result<(), UNetError> {
+    replace_file(path, data, false)
+}
+
+fn replace_file(path: &Path, data: &[u8], sync: bool) -> Result<(), UNetError> {
     let io = |e| UNetError::Io { path: path.display().to_string(), source: e };
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = dir {
         create_dir_all(dir).map_err(io)?;
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
     let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(data).and_then(|_| f.sync_all()))
+        .and_then(|mut f| f.write_all(data).and_then(|_| if sync { f.sync_all() } else { Ok(()) }))
         .and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = written {
         // A full disk would otherwise stay full of our half-written temporary.
         let _ = std::fs::remove_file(&tmp);
         return Err(io(e));
     }
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    if let Some(d) = dir.filter(|_| sync).and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = d.sync_all();
     }
     Ok(())
 }
