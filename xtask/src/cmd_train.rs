@@ -156,7 +156,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         // Also SIGTERM and SIGHUP (`timeout`, `docker stop`, a scheduler's pre-emption, a
         // closed terminal), which would otherwise lose everything since the last checkpoint.
-        say!("\nstop requested (Ctrl-C or a termination signal): saving a checkpoint after this step (Ctrl-C again to quit at once)");
+        say!("\nstop requested (Ctrl-C or a termination signal): saving a checkpoint after this step (a second stop signal quits at once)");
     })?;
 
     let opts = TrainOptions { progress: !a.no_progress, require_resume: a.resume, ..Default::default() };
@@ -184,7 +184,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         say!("checkpoint: {}", c.display());
     }
     say!("model:      {}  (cargo xtask sample --checkpoint {})", run_dir.join("model.safetensors").display(), run_dir.display());
-    say!("logs:       {} , {} , tensorboard --logdir {}", run_dir.join("metrics.jsonl").display(), run_dir.join("loss.png").display(), run_dir.display());
+    // The curve is best effort (a failed redraw is only a warning): name it only if it is there.
+    let loss_png = run_dir.join("loss.png");
+    let curve = if loss_png.is_file() { format!(" , {}", loss_png.display()) } else { String::new() };
+    say!("logs:       {}{curve} , tensorboard --logdir {}", run_dir.join("metrics.jsonl").display(), run_dir.display());
     match s.reason {
         StopReason::Finished => {}
         StopReason::MaxSteps => say!("continue:   the same command with a larger --max-steps (it overrides train.max_steps)"),

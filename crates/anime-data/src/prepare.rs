@@ -334,6 +334,10 @@ pub(crate) fn run(
     if let Some(file) = img_dir.ancestors().find(|a| a.is_file()) {
         return Err(DataError::Invalid(format!("--out {}: {} is a file, not a folder", out.display(), file.display())));
     }
+    // `create_dir_all` on a link to a missing folder fails with a bare "File exists".
+    if let Some(link) = img_dir.ancestors().find(|a| a.symlink_metadata().is_ok_and(|m| m.is_symlink()) && !a.exists()) {
+        return Err(DataError::Invalid(format!("--out {}: {} is a link to a missing folder", out.display(), link.display())));
+    }
     std::fs::create_dir_all(&img_dir).map_err(|e| DataError::io("cannot create", &img_dir, e))?;
     remove_stale_temporaries(&img_dir);
 

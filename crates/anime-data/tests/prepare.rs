@@ -348,3 +348,20 @@ fn an_out_folder_whose_images_are_the_raw_folder_is_refused() {
     assert_eq!(std::fs::read(raw.join("a.png")).unwrap(), before);
     assert_eq!(std::fs::read_dir(&raw).unwrap().count(), 1);
 }
+
+#[cfg(unix)]
+#[test]
+fn an_out_folder_that_is_a_link_to_nothing_is_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    face(96, 96, 1).save(raw.join("a.png")).unwrap();
+    let out = tmp.path().join("out");
+    std::os::unix::fs::symlink(tmp.path().join("unmounted"), &out).unwrap();
+    let e = prepare(&options(&raw, &out), false).unwrap_err().to_string();
+    assert!(e.contains("link to a missing folder") && !e.contains('\n'), "{e}");
+    // A link to an existing folder is an ordinary --out.
+    std::fs::create_dir(tmp.path().join("unmounted")).unwrap();
+    prepare(&options(&raw, &out), false).unwrap();
+    assert!(tmp.path().join("unmounted").join("packed.safetensors").is_file());
+}
