@@ -28,7 +28,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// f32, or bf16 (autocast-style: f32 master weights, bf16 compute; CUDA).
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     precision: String,
     /// Timed runs per case and side (after the warm-up runs).
     #[arg(long, default_value_t = 3, value_parser = crate::common::positive)]
@@ -36,7 +36,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Threads for both sides (RAYON_NUM_THREADS / torch.set_num_threads).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::common::positive)]
     threads: usize,
     /// Python with torch for the side-by-side reference; `none` to skip it.
     #[arg(long, default_value = "python3")]
@@ -314,8 +314,14 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
         .args(["--threads", &args.threads.to_string(), "--device", &args.device, "--precision", &args.precision])
         .arg("--ref-dir")
         .arg(&args.torch_bench)
-        .output()
-        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+        .output();
+    let o = match o {
+        Ok(o) => o,
+        Err(e) => {
+            say!("cannot run --python {} ({e}): skipping PyTorch's side", args.python);
+            return Ok(None);
+        }
+    };
     if !o.status.success() {
         say!("PyTorch side of {name} failed (is torch installed for '{}'?): {}", args.python,
             String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
@@ -337,6 +343,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         args.cases.split(',').map(|s| s.trim().to_string()).collect()
     };
+    if args.precision == "bf16" && args.device == "cpu" {
+        bail!("--precision bf16 needs --device cuda (candle's CPU matmul has no bf16)");
+    }
+    // The results are written at the end: find out now, not after an hour of runs, that they cannot be.
+    let out_dir = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let probe = out_dir.join(".write-test");
+    unet::weights::write_replacing(&probe, b"").with_context(|| format!("cannot write --out {}", args.out.display()))?;
+    let _ = std::fs::remove_file(&probe);
     for n in &names {
         case(n)?;
         // Batches of 128-256 through the full model: hours on a CPU.
@@ -396,12 +410,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         rows.push(json!({"ours": ours, "torch": torch, "speedup": t.map(|x| x / ours_s)}));
     }
     out!("speedup = PyTorch time / our time (above 1: we are faster); threads = {}", args.threads);
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
     let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
     let doc = json!({"device": args.device, "precision": args.precision, "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "cpu": cpu, "rows": rows});
-    std::fs::write(&args.out, serde_json::to_string_pretty(&doc)?)?;
+    unet::weights::write_replacing(&args.out, serde_json::to_string_pretty(&doc)?.as_bytes())
+        .with_context(|| format!("cannot write --out {}", args.out.display()))?;
     out!("wrote {}", args.out.display());
     Ok(())
 }

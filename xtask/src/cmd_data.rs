@@ -88,9 +88,9 @@ pub struct BenchDataArgs {
     #[arg(long, default_value_t = 64)]
     size: u32,
     /// Timed runs of each contender (the best is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::common::positive)]
     repeat: usize,
-    /// Python interpreter for the reference Pillow loop.
+    /// Python interpreter for the reference Pillow loop; `none` to skip it.
     #[arg(long, default_value = "python3")]
     python: String,
 }

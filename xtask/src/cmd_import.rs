@@ -47,7 +47,23 @@ pub fn run(a: ImportArgs) -> Result<()> {
         tracing::debug!("ignored state_dict entry '{key}' (not a unet.* tensor)");
     }
     imported.weights.save(&out).map_err(|e| anyhow!("cannot write the model file: {e}"))?;
-    print_summary(&a.ckpt, &out, &imported)
+    print_summary(&a.ckpt, &out, &imported)?;
+    // A diverged run's weights import fine and sample black: say so now.
+    let mut broken: Vec<&String> = Vec::new();
+    for (name, t) in &imported.weights.tensors {
+        if t.flatten_all()?.to_vec1::<f32>()?.iter().any(|v| !v.is_finite()) {
+            broken.push(name);
+        }
+    }
+    if !broken.is_empty() {
+        broken.sort();
+        tracing::warn!(
+            "{} of the tensors hold NaN or infinite values (e.g. {}): the checkpoint is of a diverged run, and its samples will be blank",
+            broken.len(),
+            broken[0]
+        );
+    }
+    Ok(())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

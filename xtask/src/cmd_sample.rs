@@ -232,6 +232,9 @@ fn kinds(a: &SampleArgs) -> Result<Vec<SamplerKind>> {
             if a.variance.is_some() {
                 tracing::warn!("--variance applies to --sampler ddpm: ignored (DDIM's noise is set by --eta)");
             }
+            if a.final_noise == FinalNoiseArg::Reference {
+                tracing::warn!("--final-noise applies to --sampler ddpm: ignored (DDIM's last step is deterministic)");
+            }
             // + 0.0 turns -0 into 0 (file names would read "eta=-0").
             let eta = a.eta.unwrap_or(0.0) + 0.0;
             ensure!((0.0..=1.0).contains(&eta), "--eta must be in [0, 1], got {eta}");
@@ -331,6 +334,18 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     }
     if what.contains(&What::Process) {
         ensure!(a.process_rows > 0 && a.process_columns >= 2, "--process-rows must be >= 1 and --process-columns >= 2");
+        // Like --grid: every snapshot is held until the strip is written.
+        ensure!(
+            a.process_rows.checked_mul(a.process_columns).is_some_and(|n| n <= 100_000),
+            "--process-rows x --process-columns must be at most 100,000 images, got {} x {}",
+            a.process_rows,
+            a.process_columns
+        );
+    } else if a.process_rows != 6 || a.process_columns != 15 {
+        tracing::warn!("--process-rows and --process-columns apply to --what process: ignored");
+    }
+    if !what.contains(&What::Recover) && a.recover_mode != RecoverModeArg::Sdedit {
+        tracing::warn!("--recover-mode applies to --what recover: ignored");
     }
 
     let device = pick_device(a.device.as_deref())?;
@@ -373,6 +388,10 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         tracing::info!("predicted x_0 clipped to [-1, 1] at every step (--clip-x0)");
     }
     unet::weights::create_dir_all(&a.out).with_context(|| format!("cannot create --out {}", a.out.display()))?;
+    // A read-only --out would otherwise fail only after all the sampling (hours for the 64 px model).
+    let probe = a.out.join(".write-test");
+    unet::weights::write_replacing(&probe, b"").with_context(|| format!("cannot write to --out {}", a.out.display()))?;
+    let _ = std::fs::remove_file(&probe);
     let file = |name: String| a.out.join(clipped_name(&name, a.clip_x0));
 
     if what.contains(&What::Samples) {

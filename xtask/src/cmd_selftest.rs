@@ -26,8 +26,17 @@ pub struct SelfTestArgs {
     fixtures: PathBuf,
     /// Largest absolute difference accepted (f32 on a GPU: TF32 is off for these checks, 1e-3
     /// leaves room for reduction order).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = tolerance)]
     tol: f32,
+}
+
+/// A finite tolerance above 0: `inf` would pass any build, NaN or a negative one fail every check.
+fn tolerance(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(t) if t.is_finite() && t > 0.0 => Ok(t),
+        Ok(t) => Err(format!("must be a finite number > 0, got {t}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 struct Checks {
@@ -54,7 +63,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     if a.dims() != b.dims() {
-        bail!("shape {:?} vs {:?}", a.dims(), b.dims());
+        bail!("our result has shape {:?} but the fixture's {:?}: the fixtures folder's files are not seed_tiny's pair", a.dims(), b.dims());
     }
     Ok(a.sub(&b)?.abs()?.flatten_all()?.max(0)?.to_scalar()?)
 }
@@ -62,6 +71,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 pub fn run(a: SelfTestArgs) -> Result<()> {
     let dev = crate::common::parse_device(&a.device)?;
     let fixtures = crate::common::repo_path(&a.fixtures);
+    // The default falls back to the source tree this binary was built from: say which was used.
+    out!("fixtures: {}", fixtures.display());
     let ckpt = fixtures.join("seed_tiny.ckpt");
     let weights = unet::lightning::import(&ckpt).with_context(|| format!("loading {} (--fixtures names the folder)", ckpt.display()))?;
     let io_path = fixtures.join("seed_tiny_io.safetensors");

@@ -46,7 +46,8 @@ pub struct TrainArgs {
     /// Stop (with a checkpoint) after this many steps in total.
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Stop (with a checkpoint) after this many minutes.
+    /// Stop (with a checkpoint) after this many minutes of this session (a re-run trains as long
+    /// again; --max-steps counts in total).
     #[arg(long, allow_negative_numbers = true)]
     max_minutes: Option<f64>,
     /// Checkpoint every M minutes (and at every epoch end); 0: only at epoch ends.
@@ -79,11 +80,11 @@ pub struct TrainArgs {
     /// DDIM steps of the preview sampler.
     #[arg(long)]
     sample_steps: Option<usize>,
-    /// A metrics line every N steps.
+    /// A metrics line every N steps (0 is taken as 1).
     #[arg(long)]
     log_every: Option<u64>,
     /// f32, or bf16 (CUDA only: bf16 compute from f32 master weights).
-    #[arg(long)]
+    #[arg(long, value_parser = ["f32", "bf16"])]
     precision: Option<String>,
     /// Any other config key, e.g. --set unet.dropout=0.0 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -140,20 +141,35 @@ pub fn run(a: TrainArgs) -> Result<()> {
     put("log.sample_steps", a.sample_steps.map(|v| v.to_string()));
     put("log.every_steps", a.log_every.map(|v| v.to_string()));
     put("train.precision", a.precision.as_deref().map(quote));
+    let from_flags = overrides.len();
     for kv in &a.set {
         let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
-        overrides.push((k.trim().to_string(), v.trim().to_string()));
+        let k = k.trim();
+        // One of the two would silently win.
+        if overrides[..from_flags].iter().any(|(f, _)| f == k) {
+            anyhow::bail!("{k} is given twice, by its own flag and by --set: keep one");
+        }
+        overrides.push((k.to_string(), v.trim().to_string()));
     }
     let cfg = trainer::resolve_config(&run_dir, a.config.as_deref(), &overrides)?;
     let device = common::parse_device(&a.device)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    let mut first_request: Option<std::time::Instant> = None;
     common::on_stop_signal(move || {
-        if flag.swap(true, Ordering::SeqCst) {
+        // GNU `timeout` (without --foreground) signals the trainer and then its whole process
+        // group, so one stop arrives twice within microseconds: only a request a second or more
+        // after the first is a user's "quit now".
+        if let Some(first) = first_request {
+            if first.elapsed() < std::time::Duration::from_secs(1) {
+                return;
+            }
             say!("\nsecond stop request: quitting without saving (the last checkpoint is kept)");
             std::process::exit(130);
         }
+        first_request = Some(std::time::Instant::now());
+        flag.store(true, Ordering::SeqCst);
         // Also SIGTERM and SIGHUP (`timeout`, `docker stop`, a scheduler's pre-emption, a
         // closed terminal), which would otherwise lose everything since the last checkpoint.
         say!("\nstop requested (Ctrl-C or a termination signal): saving a checkpoint after this step (a second stop signal quits at once)");

@@ -232,8 +232,12 @@ fn run_pil(python: &str, src: &Path, dst: &Path, size: u32) -> Result<(Duration,
     Ok((Duration::from_secs_f64(field(1)?), Duration::from_secs_f64(field(2)?)))
 }
 
-/// `python -c "import PIL"` works? Returns "Python X + Pillow Y".
+/// `python -c "import PIL"` works? Returns "Python X + Pillow Y". `none` skips the reference
+/// (as `xtask bench --python none` does).
 fn pillow_version(python: &str) -> Result<String, String> {
+    if python == "none" {
+        return Err("--python none".into());
+    }
     let out = Command::new(python)
         .args(["-c", "import sys, PIL; print(sys.version.split()[0], PIL.__version__)"])
         .output()

@@ -191,6 +191,13 @@ pub(crate) fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
+/// Creates the temporary exclusively, after removing a left-over of our pid (a link itself, not
+/// its target): a link planted there is never written through.
+fn create_fresh(tmp: &Path) -> std::io::Result<File> {
+    let _ = std::fs::remove_file(tmp);
+    std::fs::OpenOptions::new().write(true).create_new(true).open(tmp)
+}
+
 /// Writes `path` atomically: `write` fills a temporary file in the same folder, which is
 /// flushed, fsynced and renamed over `path`. On any error the temporary file is removed.
 pub(crate) fn write_atomic(
@@ -199,7 +206,7 @@ pub(crate) fn write_atomic(
 ) -> Result<(), DataError> {
     let tmp = tmp_path(path);
     let result = (|| {
-        let file = File::create(&tmp)?;
+        let file = create_fresh(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         write(&mut w)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
@@ -216,7 +223,7 @@ pub(crate) fn write_atomic(
 /// still guarantees that a reader never sees a half-written file).
 pub(crate) fn write_small_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = tmp_path(path);
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    let result = create_fresh(&tmp).and_then(|mut f| f.write_all(bytes)).and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -124,8 +124,9 @@ impl std::fmt::Display for PrepareReport {
         let mb = self.packed as f64 * f64::from(self.size * self.size * 3) / 1e6;
         writeln!(
             f,
-            "prepared {} images of {s}x{s} in {} ({}: {})",
+            "prepared {} image{} of {s}x{s} in {} ({}: {})",
             self.packed,
+            if self.packed == 1 { "" } else { "s" },
             self.out.join("images").display(),
             self.packed_path.display(),
             match mb {
@@ -291,8 +292,9 @@ fn list_raw(opts: &PrepareOptions) -> Result<(Vec<Source>, Vec<Skipped>, usize),
         // With a limit, other files are reported only if they sort before the last image taken.
         let last = images.last().cloned().unwrap_or_default();
         other.retain(|o| *o <= last);
+        subdirs.retain(|d| *d <= last);
     }
-    let skipped: Vec<Skipped> = other
+    let mut skipped: Vec<Skipped> = other
         .iter()
         .map(|n| Skipped {
             name: n.clone(),
@@ -302,6 +304,8 @@ fn list_raw(opts: &PrepareOptions) -> Result<(Vec<Source>, Vec<Skipped>, usize),
             },
         })
         .collect();
+    // Listed so that images left in subfolders are not missed without a word.
+    skipped.extend(subdirs.into_iter().map(|name| Skipped { name, reason: "a folder: prepare-data does not look into subfolders".into() }));
     let inputs = images.len() + skipped.len();
     let sources = images
         .into_iter()

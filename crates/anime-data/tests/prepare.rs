@@ -98,7 +98,7 @@ fn make_raw(dir: &Path) -> Vec<String> {
     w("310_dup.png", &encode(&DynamicImage::ImageRgb8(face(64, 64, 13)), ImageFormat::Png));
     ok("310_dup.png");
     w("310_dup.bmp", &encode(&DynamicImage::ImageRgb8(face(64, 64, 14)), ImageFormat::Bmp));
-    // A subfolder is ignored.
+    // A subfolder is not looked into, and is listed as skipped.
     std::fs::create_dir_all(dir.join("subdir")).unwrap();
     std::fs::write(dir.join("subdir/ignored.jpg"), jpeg(&face(64, 64, 1))).unwrap();
     good.sort();
@@ -114,6 +114,7 @@ const BAD: &[(&str, &str)] = &[
     ("205_huge.bmp", "too large"),
     ("206_garbage.png", "Png"),
     ("310_dup.bmp", "already taken by 310_dup.png"),
+    ("subdir", "a folder"),
 ];
 
 fn options(raw: &Path, out: &Path) -> PrepareOptions {

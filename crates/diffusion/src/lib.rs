@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use rng::{NoiseRng, RngState};
-pub use schedule::{BetaSchedule, Schedule, ScheduleConfig};
+pub use schedule::{BetaSchedule, Schedule, ScheduleConfig, MAX_NUM_STEPS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiffusionError {

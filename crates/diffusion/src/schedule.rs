@@ -13,9 +13,20 @@ use crate::DiffusionError;
 pub enum BetaSchedule {
     /// `torch.linspace(start, end, T)`: the reference (1e-4 .. 0.02) and the DDPM paper.
     Linear { start: f32, end: f32 },
-    /// Nichol & Dhariwal's cosine schedule, betas clipped at 0.999.
-    Cosine { s: f64 },
+    /// Nichol & Dhariwal's cosine schedule, betas clipped at 0.999; `s` defaults to their 0.008.
+    Cosine {
+        #[serde(default = "default_cosine_offset")]
+        s: f64,
+    },
 }
+
+fn default_cosine_offset() -> f64 {
+    0.008
+}
+
+/// The most diffusion steps a schedule may have: 100 times the usual 1000, far beyond any
+/// published use, and small enough that a typo (1e9) is an error rather than gigabytes of tables.
+pub const MAX_NUM_STEPS: usize = 100_000;
 
 impl Default for BetaSchedule {
     fn default() -> Self {
@@ -75,8 +86,8 @@ pub fn torch_linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
 
 impl Schedule {
     pub fn new(cfg: &ScheduleConfig) -> Result<Self, DiffusionError> {
-        if cfg.num_steps < 2 {
-            return Err(DiffusionError::Config(format!("num_steps must be at least 2, got {}", cfg.num_steps)));
+        if !(2..=MAX_NUM_STEPS).contains(&cfg.num_steps) {
+            return Err(DiffusionError::Config(format!("num_steps must be in 2..={MAX_NUM_STEPS}, got {}", cfg.num_steps)));
         }
         let betas = match cfg.beta {
             BetaSchedule::Linear { start, end } => {
@@ -186,6 +197,8 @@ mod tests {
     #[test]
     fn bad_configs_are_errors() {
         assert!(Schedule::new(&ScheduleConfig { num_steps: 1, beta: BetaSchedule::default() }).is_err());
+        assert!(Schedule::new(&ScheduleConfig { num_steps: MAX_NUM_STEPS + 1, beta: BetaSchedule::default() }).is_err());
+        assert!(Schedule::new(&ScheduleConfig { num_steps: MAX_NUM_STEPS, beta: BetaSchedule::default() }).is_ok());
         let bad = ScheduleConfig { num_steps: 10, beta: BetaSchedule::Linear { start: 0.5, end: 0.1 } };
         assert!(Schedule::new(&bad).is_err());
     }

@@ -104,7 +104,7 @@ mod tests {
         // A write that fails (here: its temporary cannot be created, as on a full disk) keeps
         // the earlier file whole; writing in place would already have truncated it.
         let before = std::fs::read(&path).unwrap();
-        std::fs::create_dir(tmp.join("a").join("g.png.tmp")).unwrap();
+        std::fs::create_dir(unet::weights::temporary_path(&path)).unwrap();
         assert!(save_png(&RgbImage::from_pixel(16, 16, image::Rgb([5, 5, 5])), &path).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), before);
         // A folder in the way of the file: an error, and no temporary left behind.

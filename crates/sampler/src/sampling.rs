@@ -47,10 +47,12 @@ pub fn validate_kind(schedule: &Schedule, kind: &SamplerKind) -> Result<()> {
     Ok(())
 }
 
-/// A short file-name tag: the reference's suffix for DDPM (`0` = beta, `1` = beta-tilde),
+/// A short file-name tag: the reference's suffix for DDPM (`0` = beta, `1` = beta-tilde; with
+/// noise at the last step, `0_final-noise`, so that it does not replace the default's file),
 /// `ddim_steps=50_eta=0` for DDIM.
 pub fn output_tag(kind: &SamplerKind) -> String {
     match kind {
+        SamplerKind::Ddpm { variance, final_noise: FinalStepNoise::Reference } => format!("{}_final-noise", variance.index()),
         SamplerKind::Ddpm { variance, .. } => variance.index().to_string(),
         SamplerKind::Ddim { steps, eta } => format!("ddim_steps={steps}_eta={eta}"),
     }
@@ -59,8 +61,10 @@ pub fn output_tag(kind: &SamplerKind) -> String {
 /// A readable name: `beta`, `beta-tilde`, `ddim-steps50-eta0` (folders of `--save-individual`).
 pub fn kind_name(kind: &SamplerKind) -> String {
     match kind {
-        SamplerKind::Ddpm { variance: Variance::Beta, .. } => "beta".into(),
-        SamplerKind::Ddpm { variance: Variance::BetaTilde, .. } => "beta-tilde".into(),
+        SamplerKind::Ddpm { variance, final_noise } => {
+            let name = if *variance == Variance::Beta { "beta" } else { "beta-tilde" };
+            if *final_noise == FinalStepNoise::Reference { format!("{name}-final-noise") } else { name.into() }
+        }
         SamplerKind::Ddim { steps, eta } => format!("ddim-steps{steps}-eta{eta}"),
     }
 }

@@ -187,13 +187,18 @@ fn file_names() {
     let beta = SamplerKind::Ddpm { variance: Variance::Beta, final_noise: FinalStepNoise::Paper };
     let tilde = SamplerKind::Ddpm { variance: Variance::BetaTilde, final_noise: FinalStepNoise::Reference };
     assert_eq!(sampler::sample_file_name(&beta), "sample_0.png");
-    assert_eq!(sampler::sample_file_name(&tilde), "sample_1.png");
-    assert_eq!(sampler::process_file_name(&tilde), "process_1.png");
+    let tilde_paper = SamplerKind::Ddpm { variance: Variance::BetaTilde, final_noise: FinalStepNoise::Paper };
+    assert_eq!(sampler::sample_file_name(&tilde_paper), "sample_1.png");
+    // The non-default last step must not replace the default's grid.
+    assert_eq!(sampler::sample_file_name(&tilde), "sample_1_final-noise.png");
+    assert_eq!(sampler::process_file_name(&tilde), "process_1_final-noise.png");
+    assert_eq!(sampler::kind_name(&tilde), "beta-tilde-final-noise");
+    assert_eq!(sampler::kind_name(&beta), "beta");
     assert_eq!(sampler::sample_file_name(&SamplerKind::Ddim { steps: 50, eta: 0.0 }), "sample_ddim_steps=50_eta=0.png");
     assert_eq!(sampler::sample_file_name(&SamplerKind::Ddim { steps: 100, eta: 0.2 }), "sample_ddim_steps=100_eta=0.2.png");
     assert_eq!(sampler::recover_file_name(100, RecoverMode::Sdedit), "recover_t=100.png");
     assert_eq!(sampler::recover_file_name(1000, RecoverMode::Reference), "recover_reference_t=1000.png");
-    assert_eq!(sampler::kind_name(&tilde), "beta-tilde");
+    assert_eq!(sampler::kind_name(&tilde_paper), "beta-tilde");
 }
 
 #[test]

@@ -318,8 +318,9 @@ impl RunConfig {
         if t.max_minutes.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
             return bad(format!("train.max_minutes must be a number > 0, got {}", t.max_minutes.unwrap_or_default()));
         }
-        if !(t.lr.is_finite() && t.lr >= 0.0) {
-            return bad(format!("train.lr must be a finite number >= 0, got {}", t.lr));
+        // 0 would spend the run's time and write checkpoints of unchanged weights.
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return bad(format!("train.lr must be a finite number > 0, got {}", t.lr));
         }
         if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
             return bad(format!("Adam betas must be in [0, 1), got {} and {}", t.adam_beta1, t.adam_beta2));

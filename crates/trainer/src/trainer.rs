@@ -18,7 +18,7 @@ use crate::adam::{clip_scale, global_norm, warmup_lr, Adam, AdamParams};
 use crate::checkpoint::{self, PendingLoss, TrainState};
 use crate::metrics::{MetricsLog, Record};
 use crate::tensorboard::EventWriter;
-use crate::{Precision, RunConfig, TrainError};
+use crate::{DataConfig, Precision, RunConfig, TrainError};
 
 /// Stream of the training noise (flips, timesteps, noise, dropout seeds) under `train.seed`.
 const TRAIN_STREAM: u64 = 1;
@@ -322,8 +322,10 @@ impl Trainer {
         if !packed.exists() {
             let size = cfg.unet.image_size;
             let size = if size == anime_data::DEFAULT_SIZE as usize { String::new() } else { format!(" --size {size}") };
+            // prepare-data's default --raw is the Kaggle folder, which feeds only the default --out.
+            let raw = if cfg.data.path == DataConfig::default().path { "" } else { " --raw <folder of images>" };
             return Err(TrainError::Data(format!(
-                "no packed dataset at {}: run `cargo xtask prepare-data --out {}{size}` first (or pass --data)",
+                "no packed dataset at {}: run `cargo xtask prepare-data{raw} --out {}{size}` first (or pass --data)",
                 packed.display(),
                 cfg.data.path
             )));
@@ -336,6 +338,13 @@ impl Trainer {
                 ds.size(),
                 ds.size(),
                 cfg.unet.image_size
+            )));
+        }
+        if cfg.unet.image_channels != 3 {
+            return Err(TrainError::Data(format!(
+                "{} holds RGB images (3 channels) but unet.image_channels is {}",
+                packed.display(),
+                cfg.unet.image_channels
             )));
         }
         let split = anime_data::split_indices(ds.len(), cfg.data.split_seed, cfg.data.val_frac, cfg.data.test_frac);
@@ -364,7 +373,7 @@ impl Trainer {
         let mut pending_loss = PendingLoss::default();
         if checkpoint::list(run_dir).is_empty() {
             if opts.require_resume {
-                return Err(TrainError::Checkpoint(format!("nothing to resume: {} has no checkpoint", run_dir.display())));
+                return Err(TrainError::Invalid(format!("--resume: {} has no checkpoint to resume from", run_dir.display())));
             }
             if run_dir.join(checkpoint::MODEL_FILE).exists() {
                 // A trained model without its checkpoints (deleted, or copied without them): a
@@ -424,7 +433,9 @@ impl Trainer {
                 // failure (a full disk) must not keep the run from starting: the next checkpoint
                 // writes the model again.
                 let model = run_dir.join(checkpoint::MODEL_FILE);
+                let existed = model.exists();
                 let w = match checkpoint::refresh_run_model(run_dir, &ck) {
+                    Ok(true) if !fell_back && !existed => Some(format!("{} was missing: written again from {}", model.display(), ck.dir.display())),
                     Ok(true) if !fell_back => Some(format!("{} was not the model of {}: replaced by it", model.display(), ck.dir.display())),
                     Ok(_) => None,
                     Err(e) => Some(format!("{} is not the model of {} and could not be replaced ({e})", model.display(), ck.dir.display())),
@@ -437,12 +448,11 @@ impl Trainer {
                 (epoch, position, step, elapsed_before) = (st.epoch, st.position, st.step, st.elapsed_s);
                 pending_loss = st.pending_loss;
                 info!(
-                    "resuming {} from {} (step {}, epoch {}, image {} of the epoch)",
+                    "resuming {} from {} (step {step}; {epoch} epoch{} complete, {position} image{} into the next)",
                     run_dir.display(),
                     ck.dir.display(),
-                    step,
-                    epoch + 1,
-                    position
+                    if epoch == 1 { "" } else { "s" },
+                    if position == 1 { "" } else { "s" },
                 );
                 resumed_from = Some(step);
                 last_saved = Some((step, ck.dir.clone()));

@@ -258,6 +258,15 @@ fn corrupt_latest_checkpoint_falls_back_mismatch_and_divergence_are_errors() {
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").unwrap();
     assert!(err(&file).contains("is a file"));
+
+    // A model of other channels than the RGB data: refused before anything is written, naming
+    // the key (it used to fail at the first step with a convolution shape error).
+    let mut gray = cfg.clone();
+    gray.unet.image_channels = 1;
+    let run_dir = tmp.path().join("gray");
+    let e = Trainer::new(gray, &run_dir, &Device::Cpu, TrainOptions::default()).err().expect("refused").to_string();
+    assert!(e.contains("unet.image_channels is 1") && !e.contains('\n'), "{e}");
+    assert!(!run_dir.exists());
 }
 
 #[test]

@@ -36,6 +36,13 @@ fn default_channels() -> usize {
 /// GroupNorm groups everywhere in the network.
 pub const GROUPS: usize = 32;
 
+const MAX_IMAGE_SIZE: usize = 4096;
+const MAX_LEVELS: usize = 12;
+const MAX_CHANNELS: usize = 8192;
+const MAX_RES_BLOCKS: usize = 64;
+/// The same bound as `diffusion::MAX_NUM_STEPS` (this crate does not depend on `diffusion`).
+const MAX_NUM_STEPS: usize = 100_000;
+
 impl Default for UNetConfig {
     fn default() -> Self {
         Self::reference()
@@ -48,9 +55,10 @@ impl UNetConfig {
         Self { image_size: 64, image_channels: 3, num_steps: 1000, ch: 64, ch_mult: vec![1, 2, 4, 4], attn: vec![2], num_res_blocks: 2, dropout: 0.1 }
     }
 
-    /// The DDPM paper's CIFAR-10 model (35.7M parameters), here at 64x64 unless changed.
+    /// The DDPM paper's CIFAR-10 model (35.7M parameters), here at 64x64 unless changed, with
+    /// its attention at 16x16 as in the paper: level 2 at 64 px (the paper's level 1 at 32 px).
     pub fn cifar10() -> Self {
-        Self { image_size: 64, image_channels: 3, num_steps: 1000, ch: 128, ch_mult: vec![1, 2, 2, 2], attn: vec![1], num_res_blocks: 2, dropout: 0.1 }
+        Self { image_size: 64, image_channels: 3, num_steps: 1000, ch: 128, ch_mult: vec![1, 2, 2, 2], attn: vec![2], num_res_blocks: 2, dropout: 0.1 }
     }
 
     /// A small model for tests and the CPU demo (the fixtures' TINY config).
@@ -79,6 +87,27 @@ impl UNetConfig {
 
     pub fn validate(&self) -> Result<(), UNetError> {
         let bad = |m: String| Err(UNetError::Config(m));
+        // Upper bounds turn a typo or a hostile checkpoint (image_size 1e9) into this one-line
+        // error instead of an allocation abort; each is far above any model this code serves.
+        if !(1..=4).contains(&self.image_channels) {
+            return bad(format!("image_channels must be in 1..=4, got {}", self.image_channels));
+        }
+        if self.image_size > MAX_IMAGE_SIZE {
+            return bad(format!("image_size must be at most {MAX_IMAGE_SIZE}, got {}", self.image_size));
+        }
+        if self.ch_mult.len() > MAX_LEVELS {
+            return bad(format!("ch_mult may have at most {MAX_LEVELS} levels, got {}", self.ch_mult.len()));
+        }
+        let widest = self.ch.saturating_mul(self.ch_mult.iter().copied().max().unwrap_or(1));
+        if widest > MAX_CHANNELS {
+            return bad(format!("ch x max(ch_mult) must be at most {MAX_CHANNELS} channels, got {widest}"));
+        }
+        if self.num_res_blocks > MAX_RES_BLOCKS {
+            return bad(format!("num_res_blocks must be at most {MAX_RES_BLOCKS}, got {}", self.num_res_blocks));
+        }
+        if self.num_steps > MAX_NUM_STEPS {
+            return bad(format!("num_steps must be at most {MAX_NUM_STEPS}, got {}", self.num_steps));
+        }
         if self.ch == 0 || !self.ch.is_multiple_of(GROUPS) {
             return bad(format!("ch must be a positive multiple of {GROUPS} (GroupNorm groups), got {}", self.ch));
         }
@@ -105,5 +134,41 @@ impl UNetConfig {
             return bad(format!("image_size {} must be divisible by {down} ({} levels)", self.image_size, self.ch_mult.len()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_pass_and_absurd_sizes_are_one_line_errors() {
+        for name in ["reference", "cifar10", "tiny", "micro"] {
+            UNetConfig::preset(name).unwrap().validate().unwrap();
+        }
+        type Edit = fn(&mut UNetConfig);
+        let cases: [(&str, Edit); 8] = [
+            ("image_channels", |c| c.image_channels = 0),
+            ("image_channels", |c| c.image_channels = 5),
+            ("image_size", |c| c.image_size = 1 << 30),
+            ("ch_mult", |c| c.ch_mult = vec![1; 70]),
+            ("ch x max(ch_mult)", |c| c.ch = 3_200_000),
+            ("ch x max(ch_mult)", |c| c.ch_mult = vec![1, usize::MAX]),
+            ("num_res_blocks", |c| c.num_res_blocks = 1000),
+            ("num_steps", |c| c.num_steps = 1_000_000_000),
+        ];
+        for (key, edit) in cases {
+            let mut c = UNetConfig::reference();
+            edit(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key) && !e.contains('\n'), "{key}: {e}");
+        }
+        // The bounds themselves are allowed.
+        let mut c = UNetConfig::reference();
+        c.image_size = 4096;
+        c.image_channels = 1;
+        c.ch = 2048;
+        c.num_steps = 100_000;
+        c.validate().unwrap();
     }
 }

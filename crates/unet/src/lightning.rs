@@ -11,6 +11,8 @@
 //!
 //! From the checkpoint only `state_dict` is taken: every `unet.*` tensor, prefix stripped. Other
 //! entries (e.g. an EMA copy from another fork, non-tensors) are reported in [`Imported::ignored`].
+//! A plain `torch.save(state_dict)` (no Lightning wrapper) is read the same way, its keys with
+//! the `unet.` prefix (the Lightning module's) or without it (the bare UNet's).
 //! Tensors may be f32, f16, bf16 or f64 (any integer storage too), at any storage offset and with
 //! any strides, in either byte order; they are made contiguous f32. Storage locations (`cpu`,
 //! `cuda:0`, ...) are ignored.
@@ -98,11 +100,23 @@ pub fn import_report(path: &Path) -> Result<Imported, UNetError> {
         fail(format!("data.pkl holds {}, not a dict: not a Lightning checkpoint", pk.describe(root)))
     })?;
     let lookup = |key: &str| top.iter().find(|(k, _)| pk.as_str(*k) == Some(key)).map(|(_, v)| *v);
-    let sd = lookup("state_dict").ok_or_else(|| {
-        let keys: Vec<String> = top.iter().filter_map(|(k, _)| pk.as_str(*k)).take(8).map(|k| format!("'{k}'")).collect();
-        fail(format!("no 'state_dict' in the checkpoint (top-level keys: {}): not a Lightning checkpoint", keys.join(", ")))
-    })?;
-    let sd_items = pk.as_dict(sd).ok_or_else(|| fail(format!("'state_dict' is {}, not a dict", pk.describe(sd))))?;
+    let is_tensor = |v: &Id| matches!(pk.node(*v), Node::Tensor(_));
+    let (sd_items, prefix) = match lookup("state_dict") {
+        Some(sd) => (pk.as_dict(sd).ok_or_else(|| fail(format!("'state_dict' is {}, not a dict", pk.describe(sd))))?, STATE_DICT_PREFIX),
+        // A plain `torch.save(module.state_dict())`: the Lightning module's (`unet.*` keys) or
+        // the bare UNet's (no prefix).
+        None if top.iter().any(|(_, v)| is_tensor(v)) => {
+            let lightning = top.iter().any(|(k, v)| is_tensor(v) && pk.as_str(*k).is_some_and(|k| k.starts_with(STATE_DICT_PREFIX)));
+            (top, if lightning { STATE_DICT_PREFIX } else { "" })
+        }
+        None => {
+            let keys: Vec<String> = top.iter().filter_map(|(k, _)| pk.as_str(*k)).take(8).map(|k| format!("'{k}'")).collect();
+            return Err(fail(format!(
+                "no 'state_dict' and no tensors in the checkpoint (top-level keys: {}): not a Lightning checkpoint or a state dict",
+                keys.join(", ")
+            )));
+        }
+    };
 
     // Select the UNet's tensors.
     let mut ignored = Vec::new();
@@ -115,7 +129,7 @@ pub fn import_report(path: &Path) -> Result<Imported, UNetError> {
                 continue;
             }
         };
-        match (key.strip_prefix(STATE_DICT_PREFIX), pk.node(*v)) {
+        match (key.strip_prefix(prefix), pk.node(*v)) {
             (Some(name), Node::Tensor(t)) => {
                 if refs.iter().any(|(n, _)| n == name) {
                     return Err(fail(format!("state_dict has '{key}' twice")));
@@ -128,7 +142,7 @@ pub fn import_report(path: &Path) -> Result<Imported, UNetError> {
     if refs.is_empty() {
         let example = ignored.first().map(|k| format!(", e.g. '{k}'")).unwrap_or_default();
         return Err(fail(format!(
-            "state_dict has no '{STATE_DICT_PREFIX}*' tensors ({} entries{example}): not a checkpoint of the reference DDPM model",
+            "state_dict has no '{prefix}*' tensors ({} entries{example}): not a checkpoint of the reference DDPM model",
             sd_items.len()
         )));
     }
@@ -172,7 +186,7 @@ pub fn import_report(path: &Path) -> Result<Imported, UNetError> {
     }
     if let Some((name, t)) = refs.iter().find(|(n, _)| !expected.iter().any(|(e, _)| e == n)) {
         return Err(fail(format!(
-            "checkpoint has tensor '{STATE_DICT_PREFIX}{name}' {:?} that the config from {config_source} does not: it is not a checkpoint of this architecture/config",
+            "checkpoint has tensor '{prefix}{name}' {:?} that the config from {config_source} does not: it is not a checkpoint of this architecture/config",
             t.size
         )));
     }
@@ -189,7 +203,7 @@ pub fn import_report(path: &Path) -> Result<Imported, UNetError> {
         while i < refs.len() && refs[i].1.storage.key == key {
             let (name, t) = &refs[i];
             let values = decode_tensor(t, &bytes, big_endian)
-                .map_err(|e| fail(format!("tensor '{STATE_DICT_PREFIX}{name}' (storage data/{key}): {e}")))?;
+                .map_err(|e| fail(format!("tensor '{prefix}{name}' (storage data/{key}): {e}")))?;
             tensors.insert(name.clone(), Tensor::from_vec(values, t.size.clone(), &Device::Cpu)?);
             *source_dtypes.entry(t.storage.dtype.name().to_string()).or_default() += 1;
             i += 1;

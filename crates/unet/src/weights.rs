@@ -168,8 +168,9 @@ pub fn create_dir_all(dir: &Path) -> std::io::Result<()> {
     })
 }
 
-/// Write to `path.tmp`, fsync, rename over `path`, fsync the folder: a crash leaves either the
-/// old file or the new one, never half of one. On an error the temporary is removed.
+/// Write to a temporary beside `path` ([`temporary_path`]), fsync, rename over `path`, fsync the
+/// folder: a crash leaves either the old file or the new one, never half of one. On an error the
+/// temporary is removed.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), UNetError> {
     replace_file(path, data, true)
 }
@@ -187,10 +188,15 @@ fn replace_file(path: &Path, data: &[u8], sync: bool) -> Result<(), UNetError> {
     if let Some(dir) = dir {
         create_dir_all(dir).map_err(io)?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let written = std::fs::File::create(&tmp)
+    remove_dead_temporaries(path);
+    let tmp = temporary_path(path);
+    // Only a left-over of a process that had our pid can be there; removing it (a link itself,
+    // not its target) and then creating exclusively never writes through a link.
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
         .and_then(|mut f| f.write_all(data).and_then(|_| if sync { f.sync_all() } else { Ok(()) }))
         .and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = written {
@@ -202,6 +208,35 @@ fn replace_file(path: &Path, data: &[u8], sync: bool) -> Result<(), UNetError> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// The temporary [`write_atomic`] writes before its rename: `.<name>.<pid>.tmp` beside `path`.
+/// Hidden and per process, so that it is neither a name a user would pick (a user's
+/// `model.safetensors.tmp` is left alone) nor one two processes share.
+pub fn temporary_path(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Removes the temporaries of `path` left by killed processes (pid no longer running), which
+/// would otherwise stay hidden beside it, each the size of the file. Linux only (`/proc`).
+fn remove_dead_temporaries(path: &Path) {
+    #[cfg(target_os = "linux")]
+    {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        let prefix = format!(".{}.", name.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let pid = file.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".tmp"));
+            if pid.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !Path::new("/proc").join(p).exists()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = path;
 }
 
 /// Records the name and shape of every tensor the model asks for, without allocating them.
@@ -315,6 +350,33 @@ mod tests {
         std::fs::write(tmp.join("f"), b"x").unwrap();
         let e = write_atomic(&tmp.join("f").join("sub").join("m.safetensors"), b"data").unwrap_err().to_string();
         assert!(e.contains(&format!("{} is a file, not a folder", tmp.join("f").display())), "{e}");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn atomic_writes_keep_to_their_own_temporaries() {
+        let tmp = std::env::temp_dir().join(format!("weights_tmp_{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let path = tmp.join("m.safetensors");
+        // A user's file of the old temporary's name stays as it is.
+        std::fs::write(tmp.join("m.safetensors.tmp"), b"notes").unwrap();
+        // A link planted where our temporary goes is replaced, not written through.
+        std::fs::write(tmp.join("precious"), b"keep").unwrap();
+        std::os::unix::fs::symlink(tmp.join("precious"), temporary_path(&path)).unwrap();
+        // A killed process's temporary (no such pid) is cleaned; a live one's is not.
+        let dead = tmp.join(".m.safetensors.4294967290.tmp");
+        let live = tmp.join(".m.safetensors.1.tmp");
+        std::fs::write(&dead, b"stale").unwrap();
+        std::fs::write(&live, b"busy").unwrap();
+        write_atomic(&path, b"model").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"model");
+        assert!(!path.is_symlink());
+        assert_eq!(std::fs::read(tmp.join("precious")).unwrap(), b"keep");
+        assert_eq!(std::fs::read(tmp.join("m.safetensors.tmp")).unwrap(), b"notes");
+        assert!(!temporary_path(&path).exists() && !temporary_path(&path).is_symlink());
+        assert_eq!(dead.exists(), !cfg!(target_os = "linux"));
+        assert!(live.exists());
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 

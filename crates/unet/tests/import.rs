@@ -711,3 +711,42 @@ fn reference_size_checkpoint_imports() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A plain `torch.save(module.state_dict())`: a top-level dict of tensors, no Lightning wrapper.
+fn bare_state_dict(tensors: &[(String, Tensor)], key_prefix: &str) -> Entries {
+    let mut p = Pk::new(2);
+    let mut storages: Vec<(String, Vec<u8>)> = Vec::new();
+    p.empty_dict().mark();
+    for (name, t) in tensors {
+        let key = storages.len().to_string();
+        p.s(&format!("{key_prefix}{name}"));
+        let dims = t.dims().to_vec();
+        let row_major: Vec<usize> = (0..dims.len()).map(|d| dims[d + 1..].iter().product()).collect();
+        p.tensor("FloatStorage", &key, "cpu", t.elem_count(), 0, &dims, &row_major, false);
+        storages.push((key, storage_bytes(t, DType::F32, false)));
+    }
+    p.op(b'u');
+    let mut entries = vec![("sd/data.pkl".to_string(), p.finish()), ("sd/byteorder".to_string(), b"little".to_vec())];
+    entries.extend(storages.into_iter().map(|(k, b)| (format!("sd/data/{k}"), b)));
+    entries
+}
+
+#[test]
+fn a_plain_state_dict_imports_with_or_without_the_lightning_prefix() {
+    let tiny = lightning::import(&fixture("seed_tiny.ckpt")).unwrap();
+    let tensors = sorted(&tiny);
+    let dir = temp_dir("bare");
+    for key_prefix in ["unet.", ""] {
+        let path = dir.join(format!("sd{}.pt", key_prefix.len()));
+        write_zip(&path, &bare_state_dict(&tensors, key_prefix));
+        let r = lightning::import_report(&path).unwrap_or_else(|e| panic!("prefix '{key_prefix}': {e}"));
+        assert_eq!(r.config_source, ConfigSource::TensorShapes);
+        // Everything but the image size (not in any shape) comes from the tensors.
+        assert_eq!(r.weights.config, UNetConfig { image_size: r.weights.config.image_size, ..UNetConfig::tiny() });
+        assert_eq!(r.weights.tensors.len(), tensors.len());
+        for (k, t) in &tensors {
+            assert_eq!(values(&r.weights.tensors[k]), values(t), "{k}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
