@@ -348,9 +348,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     // The results are written at the end: find out now, not after an hour of runs, that they cannot be.
     let out_dir = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let probe = out_dir.join(".write-test");
-    unet::weights::write_replacing(&probe, b"").with_context(|| format!("cannot write --out {}", args.out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+    unet::weights::create_dir_all(out_dir)
+        .and_then(|()| unet::weights::check_writable(out_dir))
+        .with_context(|| format!("cannot write --out {}", args.out.display()))?;
     for n in &names {
         case(n)?;
         // Batches of 128-256 through the full model: hours on a CPU.

@@ -389,9 +389,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     }
     unet::weights::create_dir_all(&a.out).with_context(|| format!("cannot create --out {}", a.out.display()))?;
     // A read-only --out would otherwise fail only after all the sampling (hours for the 64 px model).
-    let probe = a.out.join(".write-test");
-    unet::weights::write_replacing(&probe, b"").with_context(|| format!("cannot write to --out {}", a.out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+    unet::weights::check_writable(&a.out).with_context(|| format!("cannot write to --out {}", a.out.display()))?;
     let file = |name: String| a.out.join(clipped_name(&name, a.clip_x0));
 
     if what.contains(&What::Samples) {

@@ -38,7 +38,9 @@ pub const GROUPS: usize = 32;
 
 const MAX_IMAGE_SIZE: usize = 4096;
 const MAX_LEVELS: usize = 12;
-const MAX_CHANNELS: usize = 8192;
+/// Base channels: the time embedding is `4 ch` wide, its second layer `(4 ch)^2` weights.
+const MAX_BASE_CHANNELS: usize = 1024;
+const MAX_CHANNELS: usize = 4096;
 const MAX_RES_BLOCKS: usize = 64;
 /// The same bound as `diffusion::MAX_NUM_STEPS` (this crate does not depend on `diffusion`).
 const MAX_NUM_STEPS: usize = 100_000;
@@ -98,6 +100,9 @@ impl UNetConfig {
         if self.ch_mult.len() > MAX_LEVELS {
             return bad(format!("ch_mult may have at most {MAX_LEVELS} levels, got {}", self.ch_mult.len()));
         }
+        if self.ch > MAX_BASE_CHANNELS {
+            return bad(format!("ch must be at most {MAX_BASE_CHANNELS}, got {}", self.ch));
+        }
         let widest = self.ch.saturating_mul(self.ch_mult.iter().copied().max().unwrap_or(1));
         if widest > MAX_CHANNELS {
             return bad(format!("ch x max(ch_mult) must be at most {MAX_CHANNELS} channels, got {widest}"));
@@ -147,12 +152,13 @@ mod tests {
             UNetConfig::preset(name).unwrap().validate().unwrap();
         }
         type Edit = fn(&mut UNetConfig);
-        let cases: [(&str, Edit); 8] = [
+        let cases: [(&str, Edit); 9] = [
             ("image_channels", |c| c.image_channels = 0),
             ("image_channels", |c| c.image_channels = 5),
             ("image_size", |c| c.image_size = 1 << 30),
             ("ch_mult", |c| c.ch_mult = vec![1; 70]),
-            ("ch x max(ch_mult)", |c| c.ch = 3_200_000),
+            ("ch must be at most", |c| c.ch = 3_200_000),
+            ("ch x max(ch_mult)", |c| c.ch_mult = vec![1, 128]),
             ("ch x max(ch_mult)", |c| c.ch_mult = vec![1, usize::MAX]),
             ("num_res_blocks", |c| c.num_res_blocks = 1000),
             ("num_steps", |c| c.num_steps = 1_000_000_000),
@@ -167,7 +173,7 @@ mod tests {
         let mut c = UNetConfig::reference();
         c.image_size = 4096;
         c.image_channels = 1;
-        c.ch = 2048;
+        c.ch = 1024;
         c.num_steps = 100_000;
         c.validate().unwrap();
     }

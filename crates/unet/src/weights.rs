@@ -218,6 +218,14 @@ pub fn temporary_path(path: &Path) -> std::path::PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
+/// Checks that files can be created in `dir` (which must exist) by creating and removing a
+/// temporary of this process: for commands whose outputs come only after long work.
+pub fn check_writable(dir: &Path) -> std::io::Result<()> {
+    let probe = temporary_path(&dir.join(".write-test"));
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
 /// Removes the temporaries of `path` left by killed processes (pid no longer running), which
 /// would otherwise stay hidden beside it, each the size of the file. Linux only (`/proc`).
 fn remove_dead_temporaries(path: &Path) {
