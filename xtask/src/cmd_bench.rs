@@ -347,6 +347,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--precision bf16 needs --device cuda (candle's CPU matmul has no bf16)");
     }
     // The results are written at the end: find out now, not after an hour of runs, that they cannot be.
+    if args.out.is_dir() {
+        bail!("--out {} is a folder: give the JSON file to write, e.g. {}", args.out.display(), args.out.join("bench.json").display());
+    }
     let out_dir = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     unet::weights::create_dir_all(out_dir)
         .and_then(|()| unet::weights::check_writable(out_dir))

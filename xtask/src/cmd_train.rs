@@ -149,6 +149,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         if overrides[..from_flags].iter().any(|(f, _)| f == k) {
             anyhow::bail!("{k} is given twice, by its own flag and by --set: keep one");
         }
+        if overrides[from_flags..].iter().any(|(f, _)| f == k) {
+            anyhow::bail!("{k} is given twice by --set: keep one");
+        }
         overrides.push((k.to_string(), v.trim().to_string()));
     }
     let cfg = trainer::resolve_config(&run_dir, a.config.as_deref(), &overrides)?;

@@ -136,7 +136,7 @@ impl UNetConfig {
         }
         let down = 1usize << (self.ch_mult.len() - 1);
         if self.image_size == 0 || !self.image_size.is_multiple_of(down) {
-            return bad(format!("image_size {} must be divisible by {down} ({} levels)", self.image_size, self.ch_mult.len()));
+            return bad(format!("image_size must be positive and divisible by {down} ({} levels), got {}", self.ch_mult.len(), self.image_size));
         }
         Ok(())
     }

@@ -249,14 +249,24 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` on this thread's buffer, taken out of its slot for the call rather than borrowed: a
+/// parallel GEMM inside `f` lets this thread, while it waits, run another batch item's task
+/// (rayon's work stealing), and that task's call must find the slot free (it then allocates
+/// its own buffer) instead of panicking on a second borrow.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
     SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < len {
-            s.resize(len, 0.0);
+        let mut slot = s.borrow_mut();
+        // Keep the larger of a nested call's buffer and ours.
+        if slot.len() < buf.len() {
+            *slot = buf;
         }
-        f(&mut s[..len])
-    })
+    });
+    r
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -630,6 +640,28 @@ mod tests {
         assert!(g1.get(&x).is_none(), "no gradient is computed for an input that does not track");
         let g2 = x.conv2d(w.as_tensor(), 1, 1, 1, 1).unwrap().mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(g1.get(w.as_tensor()).unwrap(), g2.get(w.as_tensor()).unwrap()) < 1e-3);
+    }
+
+    #[test]
+    fn more_threads_than_images_is_not_a_second_borrow_of_the_scratch() {
+        // A batch smaller than the pool runs each image's GEMM in parallel; a thread waiting in
+        // one may run another image's task, whose im2col needs a column buffer too. This used
+        // to panic with "RefCell already borrowed".
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(8).build().unwrap();
+        let x = Var::from_tensor(&randn(&[6, 64, 64, 64], 31)).unwrap();
+        let w = Var::from_tensor(&randn(&[64, 64, 3, 3], 32)).unwrap();
+        let r = randn(&[6, 64, 32, 32], 33);
+        let expected = x.as_tensor().conv2d(w.as_tensor(), 1, 2, 1, 1).unwrap();
+        pool.install(|| {
+            for i in 0..40 {
+                let y = conv2d(x.as_tensor(), w.as_tensor(), 2, 1).unwrap();
+                assert!(max_diff(&y, &expected) < 1e-3);
+                if i % 10 == 0 {
+                    let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+                    assert!(g.get(x.as_tensor()).is_some() && g.get(w.as_tensor()).is_some());
+                }
+            }
+        });
     }
 
     #[test]

@@ -275,32 +275,38 @@ fn for_each_chunk(v: Variant, x: &[f32], b: usize, c: usize, h: usize, w: usize,
     let (th, tw) = v.tiles(h, w);
     let tiles = th * tw;
     let per_chunk = TARGET_TILES.div_ceil(tiles).clamp(1, b.max(1));
-    V_BUF.with(|vb| {
-        M_BUF.with(|mb| {
-            let (mut vb, mut mb) = (vb.borrow_mut(), mb.borrow_mut());
-            for (index, first) in (0..b).step_by(per_chunk).enumerate() {
-                let imgs = per_chunk.min(b - first);
-                let n = imgs * tiles;
-                // Slot stride: slots an exact multiple of 4 KB apart would share L1 sets.
-                let ns = n + 16;
-                if vb.len() < c * slots * ns {
-                    vb.resize(c * slots * ns, 0.0);
-                }
-                if mb.len() < o * slots * ns {
-                    mb.resize(o * slots * ns, 0.0);
-                }
-                let vt = &mut vb[..c * slots * ns];
-                let xs = &x[first * c * h * w..(first + imgs) * c * h * w];
-                vt.par_chunks_mut(slots * ns).enumerate().for_each_init(Vec::new, |scratch, (ci, vc)| {
-                    for img in 0..imgs {
-                        let plane = &xs[(img * c + ci) * h * w..(img * c + ci + 1) * h * w];
-                        v.input_plane(plane, h, w, th, tw, vc, ns, img * tiles, scratch);
-                    }
-                });
-                f(&Chunk { index, first, imgs, n, ns }, vt, &mut mb[..o * slots * ns]);
+    // Taken out of their slots for the call, not borrowed (as `conv::with_scratch`): a call
+    // nested through rayon's work stealing then gets buffers of its own instead of a panic.
+    let (mut vb, mut mb) = (V_BUF.with(|b| b.take()), M_BUF.with(|b| b.take()));
+    for (index, first) in (0..b).step_by(per_chunk).enumerate() {
+        let imgs = per_chunk.min(b - first);
+        let n = imgs * tiles;
+        // Slot stride: slots an exact multiple of 4 KB apart would share L1 sets.
+        let ns = n + 16;
+        if vb.len() < c * slots * ns {
+            vb.resize(c * slots * ns, 0.0);
+        }
+        if mb.len() < o * slots * ns {
+            mb.resize(o * slots * ns, 0.0);
+        }
+        let vt = &mut vb[..c * slots * ns];
+        let xs = &x[first * c * h * w..(first + imgs) * c * h * w];
+        vt.par_chunks_mut(slots * ns).enumerate().for_each_init(Vec::new, |scratch, (ci, vc)| {
+            for img in 0..imgs {
+                let plane = &xs[(img * c + ci) * h * w..(img * c + ci + 1) * h * w];
+                v.input_plane(plane, h, w, th, tw, vc, ns, img * tiles, scratch);
             }
-        })
-    })
+        });
+        f(&Chunk { index, first, imgs, n, ns }, vt, &mut mb[..o * slots * ns]);
+    }
+    for (slot, buf) in [(&V_BUF, vb), (&M_BUF, mb)] {
+        slot.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < buf.len() {
+                *s = buf;
+            }
+        });
+    }
 }
 
 /// `out[k][i] = f([inp[0][i], inp[1][i], ..])[k]` for `i < len`, in blocks of eight lanes,
