@@ -175,9 +175,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), UNetError> {
     replace_file(path, data, true)
 }
 
-/// [`write_atomic`] without the fsyncs, for regenerable outputs written by the thousand (sample
-/// images): a kill or a full disk still leaves the old file or the new one, not half of one;
-/// only a power cut could lose the new one.
+/// [`write_atomic`] without the fsyncs and without its sweep of dead processes' temporaries, for
+/// regenerable outputs written by the thousand (sample images): a kill or a full disk still
+/// leaves the old file or the new one, not half of one; only a power cut could lose the new one.
 pub fn write_replacing(path: &Path, data: &[u8]) -> Result<(), UNetError> {
     replace_file(path, data, false)
 }
@@ -188,7 +188,12 @@ fn replace_file(path: &Path, data: &[u8], sync: bool) -> Result<(), UNetError> {
     if let Some(dir) = dir {
         create_dir_all(dir).map_err(io)?;
     }
-    remove_dead_temporaries(path);
+    // Only for the few large files written with fsync (models, checkpoints): the cleanup lists
+    // the folder, which for `sample --save-individual`'s thousands of images would make every
+    // write cost as much as all the earlier ones together.
+    if sync {
+        remove_dead_temporaries(path);
+    }
     let tmp = temporary_path(path);
     // Only a left-over of a process that had our pid can be there; removing it (a link itself,
     // not its target) and then creating exclusively never writes through a link.
