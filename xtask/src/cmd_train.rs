@@ -146,11 +146,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
         let k = k.trim();
         // One of the two would silently win.
-        if overrides[..from_flags].iter().any(|(f, _)| f == k) {
-            anyhow::bail!("{k} is given twice, by its own flag and by --set: keep one");
-        }
-        if overrides[from_flags..].iter().any(|(f, _)| f == k) {
-            anyhow::bail!("{k} is given twice by --set: keep one");
+        if let Some(i) = overrides.iter().position(|(f, _)| f == k) {
+            let by = if i < from_flags { "by its own flag and by --set" } else { "by --set" };
+            anyhow::bail!("{k} is given twice, {by}: keep one");
         }
         overrides.push((k.to_string(), v.trim().to_string()));
     }

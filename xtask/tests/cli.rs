@@ -61,7 +61,7 @@ fn import_and_sample_errors_are_one_line() {
     let out = xtask(&["train", "--config", "tiny", "--lr", "1e-3", "--set", "train.lr=2e-3"], dir.path());
     assert_one_line_error(&out, "train.lr is given twice");
     let out = xtask(&["train", "--config", "tiny", "--set", "train.lr=1e-3", "--set", "train.lr=2e-3"], dir.path());
-    assert_one_line_error(&out, "train.lr is given twice by --set");
+    assert_one_line_error(&out, "train.lr is given twice, by --set");
     let out = xtask(&["train", "--config", "tiny", "--set", "train.lr=0"], dir.path());
     assert_one_line_error(&out, "train.lr must be a finite number > 0");
     // Checked before any sampling: a process strip too large to hold.
