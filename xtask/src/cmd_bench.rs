@@ -343,6 +343,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         args.cases.split(',').map(|s| s.trim().to_string()).collect()
     };
+    // Both sides start this many threads; a typo (100000) would stall the machine.
+    if args.threads > 1024 {
+        bail!("--threads must be at most 1024, got {}", args.threads);
+    }
     if args.precision == "bf16" && args.device == "cpu" {
         bail!("--precision bf16 needs --device cuda (candle's CPU matmul has no bf16)");
     }

@@ -344,8 +344,11 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
     } else if a.process_rows != 6 || a.process_columns != 15 {
         tracing::warn!("--process-rows and --process-columns apply to --what process: ignored");
     }
-    if !what.contains(&What::Recover) && a.recover_mode != RecoverModeArg::Sdedit {
-        tracing::warn!("--recover-mode applies to --what recover: ignored");
+    if !what.contains(&What::Recover) && (a.recover_mode != RecoverModeArg::Sdedit || a.recover_t != [100, 500, 1000] || a.recover_count != 10) {
+        tracing::warn!("--recover-t, --recover-count and --recover-mode apply to --what recover: ignored");
+    }
+    if !what.contains(&What::Interpolate) && a.interp_grid != "10x4" {
+        tracing::warn!("--interp-grid applies to --what interpolate: ignored");
     }
 
     let device = pick_device(a.device.as_deref())?;

@@ -69,6 +69,8 @@ fn import_and_sample_errors_are_one_line() {
     assert_one_line_error(&out, "at most 100,000 images");
     let out = xtask(&["bench", "--precision", "bf16", "--cases", "reduced-forward"], dir.path());
     assert_one_line_error(&out, "needs --device cuda");
+    let out = xtask(&["bench", "--threads", "100000"], dir.path());
+    assert_one_line_error(&out, "--threads must be at most 1024");
 }
 
 #[test]

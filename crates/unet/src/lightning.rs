@@ -490,7 +490,8 @@ impl HpValue {
     fn describe(&self) -> String {
         match self {
             HpValue::Int(i) => format!("{i}"),
-            HpValue::Float(f) => format!("{f}"),
+            // `{:?}` keeps the ".0" of a float that holds a whole number (1e9 -> 1000000000.0).
+            HpValue::Float(f) => format!("the float {f:?}"),
             HpValue::List(_) => "a list".into(),
             HpValue::Other(s) => s.clone(),
         }
