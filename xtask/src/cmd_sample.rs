@@ -143,22 +143,32 @@ pub struct SampleArgs {
     #[arg(long, value_enum, default_value = "sdedit")]
     recover_mode: RecoverModeArg,
     /// Recover: number of test images
-    #[arg(long, default_value_t = 10, value_name = "N")]
+    #[arg(long, default_value_t = DEFAULT_RECOVER_COUNT, value_name = "N")]
     recover_count: usize,
     /// Recover: packed dataset (a folder holding packed.safetensors, or the file); the test split
     /// is the reference's (seed 999, 2.5% val, 2.5% test)
     #[arg(long, default_value = "dataset/anime/processed", value_name = "PATH")]
     data: PathBuf,
     /// Process: samples (rows)
-    #[arg(long, default_value_t = 6, value_name = "N")]
+    #[arg(long, default_value_t = DEFAULT_PROCESS_ROWS, value_name = "N")]
     process_rows: usize,
     /// Process: snapshots per row, evenly spaced from x_T to x_0
-    #[arg(long, default_value_t = 15, value_name = "N")]
+    #[arg(long, default_value_t = DEFAULT_PROCESS_COLUMNS, value_name = "N")]
     process_columns: usize,
     /// Interpolation strip size, COLSxROWS (columns = slerp weights)
-    #[arg(long, default_value = "10x4", value_name = "COLSxROWS")]
+    #[arg(long, default_value = DEFAULT_INTERP_GRID, value_name = "COLSxROWS")]
     interp_grid: String,
 }
+
+// Defaults named once: `run` compares with them to warn about flags whose output is not made
+// (the recover levels' default is clap's string, checked against this list by a test).
+const DEFAULT_RECOVER_T: [usize; 3] = [100, 500, 1000];
+const DEFAULT_RECOVER_COUNT: usize = 10;
+const DEFAULT_PROCESS_ROWS: usize = 6;
+const DEFAULT_PROCESS_COLUMNS: usize = 15;
+const DEFAULT_INTERP_GRID: &str = "10x4";
+/// Every image of a grid or strip is held until it is written: a bound on one run.
+const MAX_IMAGES: usize = 100_000;
 
 /// Parses `COLSxROWS`.
 fn parse_grid(flag: &str, s: &str) -> Result<(usize, usize)> {
@@ -169,8 +179,6 @@ fn parse_grid(flag: &str, s: &str) -> Result<(usize, usize)> {
     if c == 0 || r == 0 {
         return Err(bad());
     }
-    // Every image is held until the grid is written: bound the run before it starts.
-    const MAX_IMAGES: usize = 100_000;
     if c.checked_mul(r).is_none_or(|n| n > MAX_IMAGES) {
         anyhow::bail!("{flag} '{s}' asks for too many images: at most 100,000 a run (250x200 gives FID's 50,000; for more, run again with another --seed)");
     }
@@ -336,18 +344,18 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         ensure!(a.process_rows > 0 && a.process_columns >= 2, "--process-rows must be >= 1 and --process-columns >= 2");
         // Like --grid: every snapshot is held until the strip is written.
         ensure!(
-            a.process_rows.checked_mul(a.process_columns).is_some_and(|n| n <= 100_000),
+            a.process_rows.checked_mul(a.process_columns).is_some_and(|n| n <= MAX_IMAGES),
             "--process-rows x --process-columns must be at most 100,000 images, got {} x {}",
             a.process_rows,
             a.process_columns
         );
-    } else if a.process_rows != 6 || a.process_columns != 15 {
+    } else if a.process_rows != DEFAULT_PROCESS_ROWS || a.process_columns != DEFAULT_PROCESS_COLUMNS {
         tracing::warn!("--process-rows and --process-columns apply to --what process: ignored");
     }
-    if !what.contains(&What::Recover) && (a.recover_mode != RecoverModeArg::Sdedit || a.recover_t != [100, 500, 1000] || a.recover_count != 10) {
+    if !what.contains(&What::Recover) && (a.recover_mode != RecoverModeArg::Sdedit || a.recover_t != DEFAULT_RECOVER_T || a.recover_count != DEFAULT_RECOVER_COUNT) {
         tracing::warn!("--recover-t, --recover-count and --recover-mode apply to --what recover: ignored");
     }
-    if !what.contains(&What::Interpolate) && a.interp_grid != "10x4" {
+    if !what.contains(&What::Interpolate) && a.interp_grid != DEFAULT_INTERP_GRID {
         tracing::warn!("--interp-grid applies to --what interpolate: ignored");
     }
 
@@ -466,6 +474,19 @@ fn clipped_name(name: &str, clip: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_are_the_named_constants() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sample: SampleArgs,
+        }
+        let a = <Cli as clap::Parser>::parse_from(["sample"]).sample;
+        assert_eq!(a.recover_t, DEFAULT_RECOVER_T);
+        assert_eq!((a.recover_count, a.process_rows, a.process_columns), (DEFAULT_RECOVER_COUNT, DEFAULT_PROCESS_ROWS, DEFAULT_PROCESS_COLUMNS));
+        assert_eq!(a.interp_grid, DEFAULT_INTERP_GRID);
+    }
 
     #[test]
     fn grid_flag() {
