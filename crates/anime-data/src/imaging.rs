@@ -106,7 +106,11 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
     // then decode under limits.
     let mut reader = reader;
     reader.no_limits();
-    let mut decoder = reader.into_decoder().map_err(|e| format!("bad {format:?} header: {e}"))?;
+    let mut decoder = reader.into_decoder().map_err(|e| match e {
+        // A valid file of a kind or variant the decoders lack (AVIF, float TIFF...), not a damaged one.
+        image::ImageError::Unsupported(e) => format!("unsupported image: {e}"),
+        e => format!("bad {format:?} header: {e}"),
+    })?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
         return Err(format!("empty image ({w}x{h})"));
@@ -117,7 +121,10 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
     let mut limits = image::Limits::default();
     limits.max_alloc = Some((max_pixels * 8).max(64 << 20));
     decoder.set_limits(limits).map_err(|e| format!("over the decoder limits: {e}"))?;
-    let img = DynamicImage::from_decoder(decoder).map_err(|e| format!("corrupt {format:?}: {e}"))?;
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        image::ImageError::Unsupported(e) => format!("unsupported image: {e}"),
+        e => format!("corrupt {format:?}: {e}"),
+    })?;
     Ok(to_rgb8(img))
 }
 
@@ -160,6 +167,19 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
 
 /// Any decoded image to 8-bit RGB; alpha is composited on a white background.
 pub fn to_rgb8(img: DynamicImage) -> RgbImage {
+    // 16-bit colour keeps its high byte, as Pillow reads such files (the image crate would round).
+    let high_byte = |v: &[u16]| v.iter().map(|&c| (c >> 8) as u8).collect::<Vec<u8>>();
+    let img = match img {
+        DynamicImage::ImageRgb16(i) => {
+            let (w, h) = i.dimensions();
+            DynamicImage::ImageRgb8(RgbImage::from_raw(w, h, high_byte(i.as_raw())).expect("same length"))
+        }
+        DynamicImage::ImageRgba16(i) => {
+            let (w, h) = i.dimensions();
+            DynamicImage::ImageRgba8(image::RgbaImage::from_raw(w, h, high_byte(i.as_raw())).expect("same length"))
+        }
+        img => img,
+    };
     match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
         img if img.color().has_alpha() => {
@@ -400,8 +420,11 @@ pub fn encode(img: &RgbImage, format: OutputFormat) -> Result<Vec<u8>, image::Im
     match format {
         OutputFormat::Jpeg => {
             // Quality 100 with 4:2:0 chroma subsampling: what Pillow's save(quality=100) writes.
+            // The chroma of each 2x2 block is their average, as libjpeg's; the encoder's default
+            // (the top-left pixel) cost 1.3x Pillow's error on faces and aliased fine colour detail.
             let mut enc = jpeg_encoder::Encoder::new(&mut buf, 100);
             enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+            enc.set_chroma_subsampling_method(jpeg_encoder::ChromaSubsamplingMethod::Average);
             let (w, h) = img.dimensions();
             let (w, h) = (u16::try_from(w), u16::try_from(h));
             let (Ok(w), Ok(h)) = (w, h) else {
@@ -542,6 +565,27 @@ mod tests {
         let rgb = to_rgb8(DynamicImage::ImageRgba8(img));
         assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
         assert_eq!(rgb.get_pixel(1, 0).0, [0, 100, 200]);
+    }
+
+    #[test]
+    fn sixteen_bit_colour_keeps_the_high_byte_like_pillow() {
+        // 0x12ff rounds to 0x13 but Pillow keeps 0x12.
+        let img = image::ImageBuffer::<image::Rgb<u16>, _>::from_raw(1, 1, vec![0x12ff, 0xff00, 0x0080]).unwrap();
+        assert_eq!(to_rgb8(DynamicImage::ImageRgb16(img)).get_pixel(0, 0).0, [0x12, 0xff, 0x00]);
+        let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_raw(1, 1, vec![0x12ff, 0xff00, 0x0080, 0xffff]).unwrap();
+        assert_eq!(to_rgb8(DynamicImage::ImageRgba16(img)).get_pixel(0, 0).0, [0x12, 0xff, 0x00]);
+    }
+
+    #[test]
+    fn jpeg_chroma_is_the_average_of_each_2x2_block() {
+        // Alternating 1-px red and blue columns: an average keeps both (purple); the top-left
+        // pixel of each block would make the whole image red.
+        let img = RgbImage::from_fn(32, 32, |x, _| image::Rgb(if x % 2 == 0 { [255, 0, 0] } else { [0, 0, 255] }));
+        let jpeg = encode(&img, OutputFormat::Jpeg).unwrap();
+        let back = decode_rgb(&jpeg, DEFAULT_MAX_PIXELS).unwrap();
+        let (r, b) = back.pixels().fold((0u64, 0u64), |(r, b), p| (r + u64::from(p[0]), b + u64::from(p[2])));
+        let n = u64::from(back.width() * back.height());
+        assert!(r / n > 60 && b / n > 60, "mean red {} blue {}: chroma was not averaged", r / n, b / n);
     }
 
     #[test]

@@ -261,38 +261,52 @@ fn list_raw(opts: &PrepareOptions) -> Result<(Vec<Source>, Vec<Skipped>, usize),
         }
         Err(e) => return Err(DataError::io("cannot list", raw, e)),
     };
-    let mut files = Vec::new();
+    // (display name, path): the path keeps the exact OS name, which need not be UTF-8.
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
     let mut subdirs = Vec::new();
+    let mut unreadable = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| DataError::io("cannot list", raw, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         // Follow symlinks.
         match std::fs::metadata(entry.path()) {
-            Ok(m) if m.is_file() => files.push(name),
+            Ok(m) if m.is_file() => files.push((name, entry.path())),
             Ok(m) if m.is_dir() => subdirs.push(name),
-            _ => {}
+            Ok(_) => unreadable.push(Skipped { name, reason: "not a regular file (a device, socket or pipe)".into() }),
+            Err(e) => {
+                let reason = if entry.path().symlink_metadata().is_ok_and(|m| m.is_symlink()) {
+                    "a broken link: its target is missing".to_string()
+                } else {
+                    format!("cannot read: {e}")
+                };
+                unreadable.push(Skipped { name, reason });
+            }
         }
     }
     files.sort();
     subdirs.sort();
-    let (mut images, mut other): (Vec<String>, Vec<String>) = files
+    let (mut images, other_files): (Vec<(String, PathBuf)>, Vec<(String, PathBuf)>) = files
         .into_iter()
-        .partition(|n| extension(n).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())));
+        .partition(|(n, _)| extension(n).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())));
+    let mut other: Vec<String> = other_files.into_iter().map(|(n, _)| n).collect();
     if images.is_empty() {
         let mut hint = String::new();
         if let Some(d) = subdirs.first() {
             hint = format!(" (it has a subfolder '{d}': did you mean --raw {}?)", raw.join(d).display());
         } else if let Some(o) = other.first() {
             hint = format!(" (only {} other file(s), e.g. '{o}')", other.len());
+        } else if let Some(u) = unreadable.first() {
+            hint = format!(" ({} entries could not be read, e.g. '{}': {})", unreadable.len(), u.name, u.reason);
         }
         return Err(DataError::RawEmpty { path: raw.clone(), hint });
     }
     if let Some(limit) = opts.limit {
         images.truncate(limit);
         // With a limit, other files are reported only if they sort before the last image taken.
-        let last = images.last().cloned().unwrap_or_default();
+        let last = images.last().map(|(n, _)| n.clone()).unwrap_or_default();
         other.retain(|o| *o <= last);
         subdirs.retain(|d| *d <= last);
+        unreadable.retain(|u| u.name <= last);
     }
     let mut skipped: Vec<Skipped> = other
         .iter()
@@ -306,10 +320,11 @@ fn list_raw(opts: &PrepareOptions) -> Result<(Vec<Source>, Vec<Skipped>, usize),
         .collect();
     // Listed so that images left in subfolders are not missed without a word.
     skipped.extend(subdirs.into_iter().map(|name| Skipped { name, reason: "a folder: prepare-data does not look into subfolders".into() }));
+    skipped.extend(unreadable);
     let inputs = images.len() + skipped.len();
     let sources = images
         .into_iter()
-        .map(|n| Source { output: output_name(&n), data: SourceData::File { path: raw.join(&n) }, input: n })
+        .map(|(n, path)| Source { output: output_name(&n), data: SourceData::File { path }, input: n })
         .collect();
     Ok((sources, skipped, inputs))
 }

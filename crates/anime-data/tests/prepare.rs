@@ -366,3 +366,23 @@ fn an_out_folder_that_is_a_link_to_nothing_is_named_as_such() {
     prepare(&options(&raw, &out), false).unwrap();
     assert!(tmp.path().join("unmounted").join("packed.safetensors").is_file());
 }
+
+#[cfg(unix)]
+#[test]
+fn a_name_that_is_not_utf8_is_read_and_a_broken_link_is_listed() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    // "café.jpg" in Latin-1, as names from an old zip archive come out.
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9.jpg");
+    std::fs::write(raw.join(latin1), jpeg(&face(96, 96, 1))).unwrap();
+    std::os::unix::fs::symlink(raw.join("missing.jpg"), raw.join("dangling.jpg")).unwrap();
+    let out = tmp.path().join("out");
+    let report = prepare(&options(&raw, &out), false).unwrap();
+    assert_eq!((report.inputs, report.processed, report.packed), (2, 1, 1), "{report:?}");
+    let reasons: Vec<_> = report.skipped.iter().map(|s| (s.name.as_str(), s.reason.as_str())).collect();
+    assert_eq!(reasons, [("dangling.jpg", "a broken link: its target is missing")]);
+    let listed = std::fs::read_to_string(out.join("skipped.txt")).unwrap();
+    assert!(listed.contains("dangling.jpg\ta broken link"), "{listed}");
+}
