@@ -295,7 +295,7 @@ fn test_images(data: &Path, count: usize, size: usize) -> Result<Tensor> {
         anime_data::REFERENCE_SEED,
         anime_data::REFERENCE_VAL_FRAC,
         anime_data::REFERENCE_TEST_FRAC,
-    );
+    )?;
     ensure!(
         split.test.len() >= count,
         "{}: the test split has {} images ({} in all), fewer than --recover-count {count} (lower it, or use a bigger dataset)",

@@ -4,6 +4,9 @@
 //! subcommand lives in its own module; errors become one line on stderr and exit code 1
 //! (2 for bad usage, which clap handles).
 
+// The flags' doc comments are clap's --help text, where `<out>` placeholders are meant literally.
+#![allow(rustdoc::invalid_html_tags)]
+
 use clap::{Parser, Subcommand};
 use common::say;
 

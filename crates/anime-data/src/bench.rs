@@ -1,4 +1,4 @@
-//! `bench-data`: our [`prepare`](crate::prepare) against the reference's single-process Pillow
+//! `bench-data`: our [`prepare`] against the reference's single-process Pillow
 //! loop, on generated Kaggle-like JPEGs.
 
 use std::path::{Path, PathBuf};

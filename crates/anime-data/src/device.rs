@@ -81,7 +81,7 @@ impl DeviceImages {
         &self.images
     }
 
-    /// [B,3,S,S] f32 in [-1,1] on the device, images `idx` in that order; `flip[i]` mirrors image i horizontally.
+    /// `[B, 3, S, S]` f32 in [-1, 1] on the device, images `idx` in that order; `flip[i]` mirrors image i horizontally.
     pub fn batch(&self, idx: &[usize], flip: Option<&[bool]>) -> Result<Tensor, DataError> {
         let (b, s) = (idx.len(), self.size);
         if let Some(&bad) = idx.iter().find(|&&i| i >= self.len) {

@@ -14,7 +14,7 @@
 //!   set on the training device and gathers `[B, 3, S, S]` f32 batches in `[-1, 1]` there.
 //! * [`synthetic_faces`] and [`write_images`] make a small procedural face dataset for demos
 //!   and tests.
-//! * With the `hub` feature: [`hub::prepare_from_parquet`] and [`hub::prepare_from_hub`] prepare
+//! * With the `hub` feature: `hub::prepare_from_parquet` and `hub::prepare_from_hub` prepare
 //!   image-parquet datasets (Hugging Face `datasets` layout) through the same code path.
 
 pub mod bench;

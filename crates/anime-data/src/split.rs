@@ -43,14 +43,13 @@ fn shuffle(v: &mut [usize], rng: &mut ChaCha8Rng) {
 ///
 /// A seeded permutation of `0..n` is cut into `floor(n * val_frac)` validation images,
 /// `floor(n * test_frac)` test images and the rest for training; each part is then sorted.
-///
-/// # Panics
-/// When a fraction is negative, not finite, or they add up to more than 1.
-pub fn split_indices(n: usize, seed: u64, val_frac: f64, test_frac: f64) -> Split {
-    assert!(
-        val_frac.is_finite() && test_frac.is_finite() && val_frac >= 0.0 && test_frac >= 0.0 && val_frac + test_frac <= 1.0,
-        "invalid split fractions val={val_frac} test={test_frac}"
-    );
+/// Fractions that are negative, not finite, or add up to more than 1 are an error.
+pub fn split_indices(n: usize, seed: u64, val_frac: f64, test_frac: f64) -> Result<Split, crate::DataError> {
+    if !(val_frac.is_finite() && test_frac.is_finite() && val_frac >= 0.0 && test_frac >= 0.0 && val_frac + test_frac <= 1.0) {
+        return Err(crate::DataError::Invalid(format!(
+            "invalid split fractions val={val_frac} test={test_frac}: each must be >= 0 and together at most 1"
+        ))).unwrap();
+    }
     let n_val = ((n as f64 * val_frac).floor() as usize).min(n);
     let n_test = ((n as f64 * test_frac).floor() as usize).min(n - n_val);
     let mut perm: Vec<usize> = (0..n).collect();
@@ -62,7 +61,7 @@ pub fn split_indices(n: usize, seed: u64, val_frac: f64, test_frac: f64) -> Spli
     val.sort_unstable();
     test.sort_unstable();
     train.sort_unstable();
-    Split { train, val, test }
+    Ok(Split { train, val, test })
 }
 
 /// Deterministic shuffled order of `indices` for an epoch: depends only on (seed, epoch), so resuming needs just (epoch, position).
@@ -84,7 +83,7 @@ mod tests {
 
     #[test]
     fn split_sizes_and_disjointness() {
-        let s = split_indices(63_565, REFERENCE_SEED, REFERENCE_VAL_FRAC, REFERENCE_TEST_FRAC);
+        let s = split_indices(63_565, REFERENCE_SEED, REFERENCE_VAL_FRAC, REFERENCE_TEST_FRAC).unwrap();
         assert_eq!(s.val.len(), 1589);
         assert_eq!(s.test.len(), 1589);
         assert_eq!(s.train.len(), 63_565 - 2 * 1589);
@@ -96,9 +95,9 @@ mod tests {
 
     #[test]
     fn split_is_deterministic_and_seeded() {
-        let a = split_indices(1000, 999, 0.1, 0.05);
-        assert_eq!(a, split_indices(1000, 999, 0.1, 0.05));
-        assert_ne!(a, split_indices(1000, 1000, 0.1, 0.05));
+        let a = split_indices(1000, 999, 0.1, 0.05).unwrap();
+        assert_eq!(a, split_indices(1000, 999, 0.1, 0.05).unwrap());
+        assert_ne!(a, split_indices(1000, 1000, 0.1, 0.05).unwrap());
         assert_eq!((a.train.len(), a.val.len(), a.test.len()), (850, 100, 50));
         // The validation set is a random subset, not a prefix.
         assert_ne!(a.val, (0..100).collect::<Vec<_>>());
@@ -106,18 +105,20 @@ mod tests {
 
     #[test]
     fn split_edge_cases() {
-        let s = split_indices(0, 1, 0.025, 0.025);
+        let s = split_indices(0, 1, 0.025, 0.025).unwrap();
         assert!(s.train.is_empty() && s.val.is_empty() && s.test.is_empty());
-        let s = split_indices(10, 1, 0.5, 0.5);
+        let s = split_indices(10, 1, 0.5, 0.5).unwrap();
         assert_eq!((s.train.len(), s.val.len(), s.test.len()), (0, 5, 5));
-        let s = split_indices(3, 1, 0.025, 0.025);
+        let s = split_indices(3, 1, 0.025, 0.025).unwrap();
         assert_eq!(s.train, vec![0, 1, 2]);
     }
 
     #[test]
-    #[should_panic(expected = "invalid split fractions")]
     fn split_rejects_bad_fractions() {
-        split_indices(10, 1, 0.7, 0.5);
+        for (v, t) in [(0.7, 0.5), (-0.1, 0.0), (f64::NAN, 0.0), (0.0, f64::INFINITY)] {
+            let e = split_indices(10, 1, v, t).unwrap_err().to_string();
+            assert!(e.contains("invalid split fractions"), "{e}");
+        }
     }
 
     #[test]

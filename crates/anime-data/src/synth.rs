@@ -167,8 +167,9 @@ impl Face {
 
 /// Procedural, face-like 64x64 RGB images (a head blob with hair colour, two big eyes with highlights, mouth, background gradient; randomised colours/positions) for the README demo and tests: deterministic per seed.
 ///
-/// Works for any `size`; image `i` depends only on `(seed, i)` (ChaCha8 stream `i`), so the
-/// first `k` images of a larger set equal a smaller set. Rendered with antialiased edges.
+/// Works for any `size` above 0 (0 panics); image `i` depends only on `(seed, i)` (ChaCha8
+/// stream `i`), so the first `k` images of a larger set equal a smaller set. Rendered with
+/// antialiased edges.
 pub fn synthetic_faces(n: usize, size: usize, seed: u64) -> Vec<RgbImage> {
     assert!(size > 0, "size must be positive");
     (0..n).map(|i| synthetic_face(seed, i as u64, size)).collect()

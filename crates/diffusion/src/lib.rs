@@ -117,6 +117,7 @@ fn per_sample(values: Vec<f32>, device: &Device) -> candle_core::Result<Tensor> 
 impl Schedule {
     /// Forward process: `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise`, one `t` per sample.
     pub fn q_sample(&self, x0: &Tensor, t: &[u32], noise: &Tensor) -> Result<Tensor> {
+        check_pair(x0, noise, "q_sample")?;
         let b = x0.dim(0)?;
         if t.len() != b {
             return Err(DiffusionError::Config(format!("q_sample: {} timesteps for a batch of {b}", t.len())));
@@ -133,6 +134,7 @@ impl Schedule {
 
     /// Forward process with the same `t` for the whole batch.
     pub fn q_sample_at(&self, x0: &Tensor, t: usize, noise: &Tensor) -> Result<Tensor> {
+        check_pair(x0, noise, "q_sample_at")?;
         self.check_t(t)?;
         let a = self.alphas_cumprod_sqrt[t] as f64;
         let s = self.one_minus_alphas_cumprod_sqrt[t] as f64;
@@ -162,8 +164,9 @@ impl Schedule {
         Ok(DdpmCoefficients { mean_scale, eps_scale, sigma })
     }
 
-    /// One DDPM reverse step from `x_t` given the predicted noise; `z` is the fresh Gaussian noise
-    /// (ignored when sigma is 0).
+    /// One DDPM reverse step from `x_t` given the predicted noise; `z` is the fresh Gaussian noise,
+    /// required when the step's sigma is not 0 (every step but the last, or all of them with
+    /// [`FinalStepNoise::Reference`]) and ignored otherwise.
     pub fn ddpm_step(
         &self,
         eps: &Tensor,
@@ -174,6 +177,10 @@ impl Schedule {
         final_noise: FinalStepNoise,
     ) -> Result<Tensor> {
         let c = self.ddpm_coefficients(t, variance, final_noise)?;
+        check_pair(eps, x_t, "ddpm_step")?;
+        if c.sigma != 0.0 && z.is_none() {
+            return Err(DiffusionError::Config(format!("ddpm_step at t = {t} has sigma {} > 0: it needs the noise z", c.sigma)));
+        }
         // Same operation order as the reference: (1/sqrt(a)) * (x_t - coef * eps) + sigma * z.
         let mean = x_t.sub(&eps.affine(c.eps_scale as f64, 0.0)?)?.affine(c.mean_scale as f64, 0.0)?;
         match z {
@@ -211,9 +218,14 @@ impl Schedule {
         })
     }
 
-    /// One DDIM step (Song et al. 2021, eq. 12); `z` is used when eta > 0.
+    /// One DDIM step (Song et al. 2021, eq. 12); `z` is required when the step's sigma is not 0
+    /// (eta > 0, to a `t_prev`) and ignored otherwise.
     pub fn ddim_step(&self, eps: &Tensor, x_t: &Tensor, t: usize, t_prev: Option<usize>, eta: f64, z: Option<&Tensor>) -> Result<Tensor> {
         let c = self.ddim_coefficients(t, t_prev, eta)?;
+        check_pair(eps, x_t, "ddim_step")?;
+        if c.sigma > 0.0 && z.is_none() {
+            return Err(DiffusionError::Config(format!("ddim_step {t} -> {t_prev:?} with eta {eta} has sigma {} > 0: it needs the noise z", c.sigma)));
+        }
         let x0_part = x_t.sub(&eps.affine(c.x0_eps_scale as f64, 0.0)?)?.affine(c.x0_scale as f64, 0.0)?;
         let mut out = x0_part.add(&eps.affine(c.dir_scale as f64, 0.0)?)?;
         if c.sigma > 0.0 {
@@ -229,8 +241,12 @@ impl Schedule {
     /// t is its noise error amplified by 1/sqrt(abar_t) (~150 at t = 999), which otherwise
     /// saturates the samples. The step uses the noise consistent with the clipped x_0.
     pub fn ddim_step_clipped(&self, eps: &Tensor, x_t: &Tensor, t: usize, t_prev: Option<usize>) -> Result<Tensor> {
+        check_pair(eps, x_t, "ddim_step_clipped")?;
         let Some(p) = t_prev else { return Ok(self.predict_x0(eps, x_t, t)?.clamp(-1f32, 1f32)?) };
-        self.check_t(p)?;
+        self.check_t(t)?;
+        if p >= t {
+            return Err(DiffusionError::Config(format!("DDIM step must go down in t: {t} -> {p}")));
+        }
         let (x0, eps) = self.clipped_x0_and_eps(eps, x_t, t)?;
         let a_p = self.alphas_cumprod[p] as f64;
         Ok(x0.affine(a_p.sqrt(), 0.0)?.add(&eps.affine((1.0 - a_p).sqrt(), 0.0)?)?)
@@ -259,6 +275,18 @@ impl Schedule {
         let s = self.one_minus_alphas_cumprod_sqrt[t] as f64;
         Ok(x_t.sub(&eps.affine(s, 0.0)?)?.affine(1.0 / a, 0.0)?)
     }
+}
+
+/// `a` and `b` are batches of the same shape and a float dtype, with at least one element
+/// (candle would broadcast a `[1, ..]` noise silently, or give NaN for an empty batch).
+fn check_pair(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
+    if a.dims() != b.dims() || a.elem_count() == 0 || a.rank() == 0 {
+        return Err(DiffusionError::Config(format!("{what}: the tensors must be non-empty batches of one shape, got {:?} and {:?}", a.dims(), b.dims())));
+    }
+    if !a.dtype().is_float() || !b.dtype().is_float() {
+        return Err(DiffusionError::Config(format!("{what}: the tensors must be floats, got {:?} and {:?}", a.dtype(), b.dtype())));
+    }
+    Ok(())
 }
 
 /// Mean squared error over all elements, as `F.mse_loss`.
@@ -361,11 +389,18 @@ pub fn num_evaluations(schedule: &Schedule, kind: &SamplerKind, t_start: usize) 
 
 /// Spherical interpolation between two noises (for latent walks); `w` in [0, 1].
 pub fn slerp(a: &Tensor, b: &Tensor, w: f64) -> Result<Tensor> {
+    check_pair(a, b, "slerp")?;
+    if !(0.0..=1.0).contains(&w) {
+        return Err(DiffusionError::Config(format!("slerp weight must be in [0, 1], got {w}")));
+    }
     let af = a.flatten_all()?.to_dtype(DType::F64)?;
     let bf = b.flatten_all()?.to_dtype(DType::F64)?;
     let dot = af.mul(&bf)?.sum_all()?.to_scalar::<f64>()?;
     let na = af.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let nb = bf.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    if !(na > 0.0 && nb > 0.0 && na.is_finite() && nb.is_finite()) {
+        return Err(DiffusionError::Config(format!("slerp needs two finite non-zero vectors, got norms {na} and {nb}")));
+    }
     let cos = (dot / (na * nb)).clamp(-1.0, 1.0);
     let theta = cos.acos();
     let out = if theta.abs() < 1e-6 {
@@ -380,6 +415,47 @@ pub fn slerp(a: &Tensor, b: &Tensor, w: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_arguments_are_errors_not_panics_or_nan() {
+        let dev = Device::Cpu;
+        let s = Schedule::reference();
+        let x = Tensor::ones((2, 3, 4, 4), DType::F32, &dev).unwrap();
+        let one = Tensor::ones((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        let empty = Tensor::zeros((0, 3, 4, 4), DType::F32, &dev).unwrap();
+        let bytes = Tensor::zeros((2, 3, 4, 4), DType::U8, &dev).unwrap();
+        // Broadcast noise, an empty batch, integer images.
+        assert!(s.q_sample(&x, &[1, 2], &one).is_err());
+        assert!(s.q_sample_at(&x, 1, &one).is_err());
+        assert!(s.q_sample(&empty, &[], &empty).is_err());
+        assert!(s.q_sample(&bytes, &[1, 2], &bytes).is_err());
+        // A step with noise in it and no noise given.
+        assert!(s.ddpm_step(&x, &x, 500, None, Variance::Beta, FinalStepNoise::Paper).is_err());
+        assert!(s.ddpm_step(&x, &x, 0, None, Variance::Beta, FinalStepNoise::Paper).is_ok());
+        assert!(s.ddim_step(&x, &x, 500, Some(400), 1.0, None).is_err());
+        assert!(s.ddim_step(&x, &x, 500, Some(400), 0.0, None).is_ok());
+        // Upward and out-of-range DDIM steps, clipped or not.
+        assert!(s.ddim_step_clipped(&x, &x, 400, Some(500)).is_err());
+        assert!(s.ddim_step_clipped(&x, &x, 1000, Some(5)).is_err());
+        // Slerp of a zero vector or with a weight outside [0, 1].
+        let zero = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        assert!(slerp(&zero, &one, 0.5).is_err());
+        assert!(slerp(&one, &one, f64::NAN).is_err());
+        assert!(slerp(&one, &one.affine(-1.0, 0.5).unwrap(), 0.5).is_ok());
+        // The generator's own arguments.
+        let mut rng = NoiseRng::new(0);
+        assert!(rng.below(0).is_err());
+        assert!(rng.bernoulli(2.0).is_err() && rng.bernoulli(f64::NAN).is_err());
+        assert!(rng.timesteps(4, 0, &dev).is_err());
+        // Schedules that are empty, or whose betas are outside (0, 1).
+        for betas in [vec![], vec![0.0, 0.5], vec![0.1, 1.0], vec![0.1, f32::NAN]] {
+            assert!(Schedule::from_betas(betas).is_err());
+        }
+        for s in [f64::INFINITY, 1e300, -0.1, f64::NAN] {
+            let cfg = ScheduleConfig { num_steps: 100, beta: BetaSchedule::Cosine { s } };
+            assert!(Schedule::new(&cfg).is_err(), "cosine s = {s}");
+        }
+    }
 
     #[test]
     fn ddim_timesteps_cover_the_range() {

@@ -64,13 +64,20 @@ impl NoiseRng {
         self.inner.random()
     }
 
-    /// Uniform integer in `0..n`.
-    pub fn below(&mut self, n: usize) -> usize {
-        self.inner.random_range(0..n)
+    /// Uniform integer in `0..n` (an error for `n = 0`: the range is empty).
+    pub fn below(&mut self, n: usize) -> Result<usize, crate::DiffusionError> {
+        if n == 0 {
+            return Err(crate::DiffusionError::Config("cannot draw from the empty range 0..0".into()));
+        }
+        Ok(self.inner.random_range(0..n))
     }
 
-    pub fn bernoulli(&mut self, p: f64) -> bool {
-        self.inner.random_bool(p)
+    /// `true` with probability `p`, which must be in [0, 1].
+    pub fn bernoulli(&mut self, p: f64) -> Result<bool, crate::DiffusionError> {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(crate::DiffusionError::Config(format!("probability {p} is outside [0, 1]")));
+        }
+        Ok(self.inner.random_bool(p))
     }
 
     /// `n` standard normal values. Up to [`NORMAL_CHUNK`] they come straight from this stream;
@@ -103,7 +110,10 @@ impl NoiseRng {
 
     /// Uniform timesteps in `0..num_steps`, as a u32 tensor, and the same values on the host.
     pub fn timesteps(&mut self, batch: usize, num_steps: usize, device: &Device) -> candle_core::Result<(Vec<u32>, Tensor)> {
-        let ts: Vec<u32> = (0..batch).map(|_| self.below(num_steps) as u32).collect();
+        if num_steps == 0 || num_steps > u32::MAX as usize {
+            candle_core::bail!("timesteps: num_steps must be in 1..={}, got {num_steps}", u32::MAX);
+        }
+        let ts: Vec<u32> = (0..batch).map(|_| self.inner.random_range(0..num_steps) as u32).collect();
         let t = Tensor::from_vec(ts.clone(), batch, device)?;
         Ok((ts, t))
     }

@@ -99,13 +99,14 @@ impl Schedule {
                 torch_linspace_f32(start, end, cfg.num_steps)
             }
             BetaSchedule::Cosine { s } => {
-                if s.is_nan() || s < 0.0 {
-                    return Err(DiffusionError::Config(format!("cosine offset s must be >= 0, got {s}")));
+                // s is a small offset (0.008 in Improved DDPM); far above 1 the betas degenerate.
+                if !(0.0..=1.0).contains(&s) {
+                    return Err(DiffusionError::Config(format!("cosine offset s must be in [0, 1], got {s}")));
                 }
                 cosine_betas(cfg.num_steps, s)
             }
         };
-        Ok(Self::from_betas(betas))
+        Self::from_betas(betas)
     }
 
     /// The reference's schedule: linear 1e-4..0.02 over 1000 steps.
@@ -113,7 +114,15 @@ impl Schedule {
         Self::new(&ScheduleConfig::default()).expect("the default schedule is valid")
     }
 
-    pub fn from_betas(betas: Vec<f32>) -> Self {
+    /// Any schedule of noise variances: 1 to [`MAX_NUM_STEPS`] of them, each in (0, 1) (a zero
+    /// makes the first posterior variance 0/0, a one divides the reverse step by zero).
+    pub fn from_betas(betas: Vec<f32>) -> Result<Self, DiffusionError> {
+        if !(1..=MAX_NUM_STEPS).contains(&betas.len()) {
+            return Err(DiffusionError::Config(format!("a schedule needs 1..={MAX_NUM_STEPS} betas, got {}", betas.len())));
+        }
+        if let Some((i, b)) = betas.iter().enumerate().find(|(_, b)| !(**b > 0.0 && **b < 1.0)) {
+            return Err(DiffusionError::Config(format!("beta {i} is {b}: every beta must be in (0, 1)")));
+        }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
         // torch's CPU cumprod accumulates f32 input in f64 and rounds each prefix.
         let mut acc = 1.0f64;
@@ -133,7 +142,7 @@ impl Schedule {
             .zip(&alphas_cumprod)
             .map(|((&b, &prev), &acp)| b * (1.0 - prev) / (1.0 - acp))
             .collect();
-        Self {
+        Ok(Self {
             alphas_sqrt: alphas.iter().map(|a| a.sqrt()).collect(),
             alphas_cumprod_sqrt: alphas_cumprod.iter().map(|a| a.sqrt()).collect(),
             one_minus_alphas_cumprod_sqrt: alphas_cumprod.iter().map(|a| (1.0 - a).sqrt()).collect(),
@@ -142,7 +151,7 @@ impl Schedule {
             alphas_cumprod,
             alphas_cumprod_prev,
             posterior_variance,
-        }
+        })
     }
 
     pub fn num_steps(&self) -> usize {

@@ -166,6 +166,9 @@ pub struct Sampler<'a> {
     progress: Progress,
     /// Clip each step's predicted x_0 to [-1, 1] (`Schedule::clip_eps`).
     clip_x0: bool,
+    /// The steps the model was trained with, when known ([`Sampler::for_unet`]): a schedule of
+    /// another length would index its time table wrongly.
+    model_steps: Option<usize>,
 }
 
 /// The default batch for a device: 64 on CPU, 256 on a GPU.
@@ -180,14 +183,36 @@ pub fn default_batch(device: &Device) -> usize {
 impl<'a> Sampler<'a> {
     /// Any noise predictor on `device` producing images of `shape` (C, H, W).
     pub fn new(model: impl NoisePredictor + 'a, schedule: &'a Schedule, shape: (usize, usize, usize), device: &Device) -> Self {
-        Self { model: Box::new(model), schedule, shape, device: device.clone(), batch: default_batch(device), progress: Progress::hidden(), clip_x0: false }
+        Self { model: Box::new(model), schedule, shape, device: device.clone(), batch: default_batch(device), progress: Progress::hidden(), clip_x0: false, model_steps: None }
     }
 
     /// A UNet in evaluation mode, on the device its weights live on.
     pub fn for_unet(model: &'a UNet, schedule: &'a Schedule) -> Self {
         let cfg = model.config();
         let device = model.time_table().device().clone();
-        Self::new(EvalModel(model), schedule, (cfg.image_channels, cfg.image_size, cfg.image_size), &device)
+        Self { model_steps: Some(cfg.num_steps), ..Self::new(EvalModel(model), schedule, (cfg.image_channels, cfg.image_size, cfg.image_size), &device) }
+    }
+
+    /// `kind` fits the schedule, and the schedule fits the model.
+    fn validate(&self, kind: &SamplerKind) -> Result<()> {
+        if let Some(m) = self.model_steps.filter(|&m| m != self.schedule.num_steps()) {
+            return Err(SamplerError::Invalid(format!(
+                "the schedule has {} steps but the model was trained with {m}",
+                self.schedule.num_steps()
+            )));
+        }
+        validate_kind(self.schedule, kind)
+    }
+
+    /// `x` is a batch of this sampler's images: `[N >= 1, C, H, W]`.
+    fn check_images(&self, x: &Tensor, what: &str) -> Result<()> {
+        match x.dims() {
+            [n, c, h, w] if *n > 0 && [*c, *h, *w] == self.dims() => Ok(()),
+            d => Err(SamplerError::Invalid(format!(
+                "{what} must be [N >= 1, {}, {}, {}], got {d:?}",
+                self.shape.0, self.shape.1, self.shape.2
+            ))),
+        }
     }
 
     /// Images per network evaluation (bounds memory).
@@ -273,7 +298,7 @@ impl<'a> Sampler<'a> {
     /// `n` samples from x_T ~ N(0, I) (image i's x_T and per-step noise from stream i of
     /// `seed`): `[n, C, H, W]` in [-1, 1] on the CPU.
     pub fn sample(&self, n: usize, kind: &SamplerKind, seed: u64) -> Result<Tensor> {
-        validate_kind(self.schedule, kind)?;
+        self.validate(kind)?;
         let steps = reverse_steps(self.schedule, kind, self.last_step())?;
         self.progress.begin(n.div_ceil(self.batch) * steps.len());
         let mut outs = Vec::new();
@@ -296,14 +321,16 @@ impl<'a> Sampler<'a> {
     /// [`Sampler::sample_from`] with `x_t` taken as the state at step `t_start` (0-based)
     /// rather than T-1: the last `t_start + 1` DDPM steps (the benchmark times 100 of 1000).
     pub fn sample_from_step(&self, x_t: &Tensor, t_start: usize, kind: &SamplerKind, seed: u64, mut on_step: impl FnMut(usize, usize)) -> Result<Tensor> {
-        validate_kind(self.schedule, kind)?;
+        self.validate(kind)?;
+        self.check_images(x_t, "x_t")?;
         let n = x_t.dim(0)?;
         let steps = reverse_steps(self.schedule, kind, t_start)?;
         let total = steps.len();
         self.progress.begin(n.div_ceil(self.batch) * total);
         let mut outs = Vec::new();
         for r in self.chunks(n) {
-            let chunk = x_t.narrow(0, r.start, r.len())?.to_device(&self.device)?;
+            // f32 like the per-step noise it is added to (the model casts to its own dtype).
+            let chunk = x_t.narrow(0, r.start, r.len())?.to_device(&self.device)?.to_dtype(candle_core::DType::F32)?;
             let mut streams = ImageStreams::new(seed, r);
             let x0 = self.run_chunk(chunk, &steps, kind, &mut streams, |i, _| {
                 on_step(i - 1, total);
@@ -319,9 +346,9 @@ impl<'a> Sampler<'a> {
     /// x_0 (fewer when the sampler takes fewer steps). Same seed → the same samples as
     /// [`Sampler::sample`]'s first `rows`.
     pub fn process(&self, rows: usize, kind: &SamplerKind, seed: u64, columns: usize) -> Result<ProcessStrip> {
-        validate_kind(self.schedule, kind)?;
-        if columns < 2 {
-            return Err(SamplerError::Invalid(format!("a process strip needs at least 2 columns, got {columns}")));
+        self.validate(kind)?;
+        if columns < 2 || rows == 0 {
+            return Err(SamplerError::Invalid(format!("a process strip needs at least 1 row and 2 columns, got {rows}x{columns}")));
         }
         let steps = reverse_steps(self.schedule, kind, self.last_step())?;
         let states = steps.len() + 1;
@@ -364,20 +391,16 @@ impl<'a> Sampler<'a> {
         if t > t_count {
             return Err(SamplerError::Invalid(format!("recover t must be in 0..={t_count}, got {t}")));
         }
-        let (n, c, h, w) = originals.dims4()?;
-        if [c, h, w] != self.dims() {
-            return Err(SamplerError::Invalid(format!(
-                "recover images are {c}x{h}x{w} but the model makes {}x{}x{}",
-                self.shape.0, self.shape.1, self.shape.2
-            )));
-        }
+        self.check_images(originals, "recover images")?;
+        let n = originals.dim(0)?;
+        let originals = &originals.to_dtype(candle_core::DType::F32)?;
         let t_start = match mode {
             RecoverMode::Sdedit => t.checked_sub(1),
             RecoverMode::Reference => Some(t_count - 1),
         };
         let mut plans = Vec::new();
         for kind in kinds {
-            validate_kind(self.schedule, kind)?;
+            self.validate(kind)?;
             plans.push(match t_start {
                 Some(ts) => reverse_steps(self.schedule, kind, ts)?,
                 None => Vec::new(),
@@ -418,8 +441,8 @@ impl<'a> Sampler<'a> {
     /// each decoded with deterministic DDIM (eta = 0, `ddim_steps` steps).
     /// Returns `[rows * columns, C, H, W]` in [-1, 1], row-major.
     pub fn interpolate(&self, rows: usize, columns: usize, ddim_steps: usize, seed: u64) -> Result<Tensor> {
-        if columns < 2 {
-            return Err(SamplerError::Invalid(format!("interpolation needs at least 2 columns, got {columns}")));
+        if columns < 2 || rows == 0 {
+            return Err(SamplerError::Invalid(format!("interpolation needs at least 1 row and 2 columns, got {rows}x{columns}")));
         }
         let [c, h, w] = self.dims();
         let mut xs = Vec::with_capacity(rows * columns);

@@ -8,7 +8,10 @@ use sampler::{ProcessStrip, RecoverMode, Sampler};
 use unet::{ModelWeights, UNet, UNetConfig};
 
 fn tiny_weights(seed: u64) -> ModelWeights {
-    let cfg = UNetConfig::tiny();
+    weights_for(UNetConfig::tiny(), seed)
+}
+
+fn weights_for(cfg: UNetConfig, seed: u64) -> ModelWeights {
     let (model, vm) = unet::new_trainable(&cfg, &Device::Cpu, seed).unwrap();
     let tensors = unet::weights::state_dict(&model, &vm).unwrap();
     // Detach from the VarMap so later edits do not alias.
@@ -18,6 +21,11 @@ fn tiny_weights(seed: u64) -> ModelWeights {
 
 fn tiny_unet(seed: u64) -> UNet {
     tiny_weights(seed).build(&Device::Cpu, false).unwrap()
+}
+
+/// A tiny UNet for [`short_schedule`] (a sampler refuses a schedule of another length).
+fn short_unet(seed: u64) -> UNet {
+    weights_for(UNetConfig { num_steps: 100, ..UNetConfig::tiny() }, seed).build(&Device::Cpu, false).unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -57,9 +65,9 @@ fn same_seed_same_images_batch_does_not_matter() {
     assert!(max_diff(&a.narrow(0, 0, 2).unwrap(), &f) < TOL);
     // Stochastic DDPM too, and the free function the bench calls.
     let kind = SamplerKind::Ddpm { variance: Variance::Beta, final_noise: FinalStepNoise::Paper };
-    let short = short_schedule();
-    let g = sampler::sample_grid(&model, &short, 2, &kind, 3, 2, &sampler::Progress::hidden()).unwrap();
-    let h = sampler::sample_grid(&model, &short, 2, &kind, 3, 1, &sampler::Progress::hidden()).unwrap();
+    let (short, short_model) = (short_schedule(), short_unet(0));
+    let g = sampler::sample_grid(&short_model, &short, 2, &kind, 3, 2, &sampler::Progress::hidden()).unwrap();
+    let h = sampler::sample_grid(&short_model, &short, 2, &kind, 3, 1, &sampler::Progress::hidden()).unwrap();
     assert!(max_diff(&g, &h) < TOL, "{}", max_diff(&g, &h));
     let lo = g.min_all().unwrap().to_scalar::<f32>().unwrap();
     let hi = g.max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -96,7 +104,7 @@ fn ddim_eta_one_all_steps_matches_ddpm_beta_tilde() {
     }
     // Per sample: both draw one z per step t > 0 from the same per-image stream, so with the
     // same seed the whole trajectories coincide (on a 100-step schedule, for speed).
-    let model = tiny_unet(2);
+    let model = short_unet(2);
     let s = short_schedule();
     let sampler = Sampler::for_unet(&model, &s);
     let ddim = sampler.sample(2, &SamplerKind::Ddim { steps: 100, eta: 1.0 }, 11).unwrap();
@@ -156,7 +164,8 @@ fn recover_sdedit_at_small_t_returns_the_original() {
     }
     // The reference's variant runs all T steps from it: the original is lost.
     let short = short_schedule();
-    let rr = Sampler::for_unet(&model, &short).recover(&originals, 1, &kinds[..1], RecoverMode::Reference, 0).unwrap();
+    let short_model = short_unet(0);
+    let rr = Sampler::for_unet(&short_model, &short).recover(&originals, 1, &kinds[..1], RecoverMode::Reference, 0).unwrap();
     assert!(max_diff(&rr.denoised[0], &originals) > 0.5);
     // Geometry of the written image: one row per image, original | noised | one per setting.
     let labels: Vec<String> = ["original", "t=1", "beta", "beta-tilde"].iter().map(|s| s.to_string()).collect();
@@ -397,4 +406,25 @@ fn clip_x0_changes_only_out_of_range_predictions() {
         }
         assert!(seen[0] > 20.0 && seen[1] < 6.0, "{kind:?}: largest |x_t| unclipped {} / clipped {}", seen[0], seen[1]);
     }
+}
+
+#[test]
+fn a_schedule_of_another_length_and_wrong_images_are_errors() {
+    let model = tiny_unet(0);
+    let short = short_schedule();
+    let e = Sampler::for_unet(&model, &short).sample(1, &DDIM10, 0).unwrap_err().to_string();
+    assert!(e.contains("100 steps but the model was trained with 1000"), "{e}");
+    let s = Schedule::reference();
+    let sampler = Sampler::for_unet(&model, &s);
+    // x_T of another image size, or an empty batch: named, not a shape error inside the model.
+    let odd = Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(sampler.sample_from(&odd, &DDIM10, 0, |_, _| {}).unwrap_err().to_string().contains("x_t must be"));
+    let empty = Tensor::zeros((0, 3, 16, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(sampler.sample_from(&empty, &DDIM10, 0, |_, _| {}).is_err());
+    assert!(sampler.interpolate(0, 4, 10, 0).unwrap_err().to_string().contains("at least 1 row"));
+    // An f64 x_T samples like its f32 value.
+    let x = NoiseRng::new(1).randn((2, 3, 16, 16), &Device::Cpu).unwrap();
+    let a = sampler.sample_from(&x, &DDIM10, 0, |_, _| {}).unwrap();
+    let b = sampler.sample_from(&x.to_dtype(candle_core::DType::F64).unwrap(), &DDIM10, 0, |_, _| {}).unwrap();
+    assert_eq!(max_diff(&a, &b), 0.0);
 }

@@ -49,6 +49,17 @@ pub struct Adam {
 impl Adam {
     /// `vars` in any order; they are sorted by name (the state's canonical order).
     pub fn new(vars: Vec<(String, Var)>, params: AdamParams) -> Result<Self, TrainError> {
+        let p = &params;
+        let ok = p.lr.is_finite() && p.lr >= 0.0
+            && (0.0..1.0).contains(&p.beta1)
+            && (0.0..1.0).contains(&p.beta2)
+            && p.eps.is_finite() && p.eps > 0.0
+            && p.weight_decay.is_finite() && p.weight_decay >= 0.0;
+        if !ok {
+            return Err(TrainError::Invalid(format!(
+                "Adam: lr must be finite and >= 0, betas in [0, 1), eps finite and > 0, weight_decay finite and >= 0; got {p:?}"
+            )));
+        }
         let mut vars = vars;
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let mut names = Vec::with_capacity(vars.len());
@@ -396,6 +407,24 @@ mod tests {
             }
             assert!(!opt.m[0].track_op() && !opt.v[0].track_op(), "weight decay {wd}: the moments chain onto past steps");
         }
+    }
+
+    #[test]
+    fn parameters_out_of_range_are_refused() {
+        let bad = [
+            AdamParams { lr: f64::NAN, ..Default::default() },
+            AdamParams { lr: -1e-4, ..Default::default() },
+            AdamParams { beta1: 2.0, ..Default::default() },
+            AdamParams { beta2: -1.0, ..Default::default() },
+            AdamParams { eps: -1.0, ..Default::default() },
+            AdamParams { eps: 0.0, ..Default::default() },
+            AdamParams { weight_decay: f64::NAN, ..Default::default() },
+        ];
+        for p in bad {
+            let e = Adam::new(vec![("w".into(), var(&[1.0]))], p).err().expect("refused").to_string();
+            assert!(e.contains("Adam:"), "{e}");
+        }
+        assert!(Adam::new(vec![("w".into(), var(&[1.0]))], AdamParams::default()).is_ok());
     }
 
     #[test]

@@ -325,8 +325,8 @@ impl RunConfig {
         if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
             return bad(format!("Adam betas must be in [0, 1), got {} and {}", t.adam_beta1, t.adam_beta2));
         }
-        if t.adam_eps <= 0.0 || t.weight_decay < 0.0 {
-            return bad("train.adam_eps must be > 0 and train.weight_decay >= 0".into());
+        if !(t.adam_eps.is_finite() && t.adam_eps > 0.0 && t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return bad(format!("train.adam_eps must be a finite number > 0 and train.weight_decay one >= 0, got {} and {}", t.adam_eps, t.weight_decay));
         }
         if let Some(d) = t.ema_decay {
             if !(0.0..1.0).contains(&d) {

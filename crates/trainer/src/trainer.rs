@@ -110,6 +110,17 @@ impl StepEngine {
     /// predicted noise, back-propagates, clips if configured, updates with Adam and the EMA.
     /// Waits for the device (reads the loss), so it can be timed as is.
     pub fn train_step(&mut self, x0: &Tensor, rng: &mut NoiseRng) -> Result<StepOutput, TrainError> {
+        let u = &self.cfg.unet;
+        let want = [u.image_channels, u.image_size, u.image_size];
+        match x0.dims() {
+            [b, c, h, w] if *b > 0 && [*c, *h, *w] == want && x0.dtype() == DType::F32 => {}
+            d => {
+                return Err(TrainError::Invalid(format!(
+                    "a training batch must be f32 [B >= 1, {}, {}, {}], got {:?} {d:?}",
+                    want[0], want[1], want[2], x0.dtype()
+                )))
+            }
+        }
         let b = x0.dim(0)?;
         let (ts, _) = rng.timesteps(b, self.schedule.num_steps(), &self.device)?;
         let noise = rng.randn(x0.shape().clone(), &self.device)?;
@@ -347,7 +358,8 @@ impl Trainer {
                 cfg.unet.image_channels
             )));
         }
-        let split = anime_data::split_indices(ds.len(), cfg.data.split_seed, cfg.data.val_frac, cfg.data.test_frac);
+        let split = anime_data::split_indices(ds.len(), cfg.data.split_seed, cfg.data.val_frac, cfg.data.test_frac)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         if split.train.is_empty() {
             return Err(TrainError::Data(format!("{} has no training images", packed.display())));
         }
@@ -551,7 +563,7 @@ impl Trainer {
         let end = (self.position + self.cfg.train.batch_size).min(self.order.len());
         let idx = &self.order[self.position..end];
         let flips: Option<Vec<bool>> = if self.cfg.data.hflip {
-            Some((0..idx.len()).map(|_| self.rng.bernoulli(0.5)).collect())
+            Some((0..idx.len()).map(|_| self.rng.bernoulli(0.5)).collect::<Result<_, _>>()?)
         } else {
             None
         };
@@ -618,6 +630,9 @@ impl Trainer {
     /// A grid of `count` samples (DDIM, `steps` steps, eta 0; x_0 clipped when `log.sample_clip`) from
     /// the fixed noise of `seed`.
     pub fn sample_grid(&self, count: usize, steps: usize, seed: u64, ema: bool) -> Result<image::RgbImage, TrainError> {
+        if count == 0 {
+            return Err(TrainError::Invalid("nothing to sample (0 images)".into()));
+        }
         let s = self.cfg.unet.image_size;
         let noise = NoiseRng::new(seed).randn((count, self.cfg.unet.image_channels, s, s), self.engine.device())?;
         self.sample_grid_from(&noise, steps, ema)

@@ -56,6 +56,9 @@ fn overrides_and_errors() {
         ("train.ema_decay", "-1", "train.ema_decay"),
         ("train.grad_clip", "-1", "train.grad_clip"),
         ("train.lr", "nan", "train.lr"),
+        ("train.adam_eps", "nan", "train.adam_eps"),
+        ("train.adam_eps", "inf", "train.adam_eps"),
+        ("train.weight_decay", "inf", "train.weight_decay"),
         ("checkpoint.every_minutes", "-1", "checkpoint.every_minutes"),
     ] {
         let mut c = RunConfig::default();

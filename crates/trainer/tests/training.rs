@@ -433,3 +433,23 @@ fn resume_repairs_a_stale_run_model_and_distrusts_a_state_json_from_another_fold
     let e = checkpoint::verify(&step(4)).unwrap_err();
     assert!(e.contains("image 100000 of") && e.contains("impossible"), "{e}");
 }
+
+#[test]
+fn a_training_step_on_a_batch_of_the_wrong_shape_is_an_error() {
+    let cfg = small_cfg(Path::new("unused"));
+    let mut engine = trainer::StepEngine::new(&cfg, &Device::Cpu).unwrap();
+    let mut rng = diffusion::NoiseRng::new(0);
+    let s = cfg.unet.image_size;
+    for (dims, dtype) in [
+        ((0, 3, s, s), candle_core::DType::F32),
+        ((2, 3, s / 2, s / 2), candle_core::DType::F32),
+        ((2, 1, s, s), candle_core::DType::F32),
+        ((2, 3, s, s), candle_core::DType::F64),
+    ] {
+        let x = Tensor::zeros(dims, dtype, &Device::Cpu).unwrap();
+        let e = engine.train_step(&x, &mut rng).unwrap_err().to_string();
+        assert!(e.contains("a training batch must be f32 [B >= 1, 3,"), "{dims:?} {dtype:?}: {e}");
+    }
+    let x = Tensor::zeros((2, 3, s, s), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(engine.train_step(&x, &mut rng).is_ok());
+}

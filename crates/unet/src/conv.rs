@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-/// Same parameter names and init hints as `candle_nn::Conv2d` (`weight` [O, C, k, k], `bias` [O]).
+/// Same parameter names and init hints as `candle_nn::Conv2d` (`weight` `[O, C, k, k]`, `bias` `[O]`).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -23,6 +23,9 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        if cin == 0 || cout == 0 || k == 0 || stride == 0 {
+            candle_core::bail!("Conv2d: channels ({cin} -> {cout}), kernel ({k}) and stride ({stride}) must be positive");
+        }
         let weight = vb.get_with_hints((cout, cin, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
         let bound = 1. / (cin as f64).sqrt();
         let bias = vb.get_with_hints(cout, "bias", Init::Uniform { lo: -bound, up: bound })?;
@@ -316,6 +319,9 @@ impl ConvOp {
         let (o, c2, k, k2) = w.shape().dims4()?;
         if c != c2 || k != k2 {
             candle_core::bail!("conv2d: input {:?} and kernel {:?} do not fit", x.shape(), w.shape());
+        }
+        if k == 0 || self.stride == 0 || b == 0 || c == 0 || o == 0 {
+            candle_core::bail!("conv2d: empty input {:?}, kernel {:?} or stride {}", x.shape(), w.shape(), self.stride);
         }
         if h + 2 * self.padding < k || wd + 2 * self.padding < k {
             candle_core::bail!("conv2d: kernel {k} larger than padded input {h}x{wd}");

@@ -362,12 +362,53 @@ impl UNet {
         self.time_table().dtype()
     }
 
-    /// `x`: [B, C, H, W]; `t`: u32/i64 steps of shape [B] (or [1], broadcast over the batch).
+    /// `x`: `[B, C, H, W]` with B >= 1 and H, W divisible by 2^(levels - 1); `t`: u32/i64 steps
+    /// in `0..num_steps`, of shape `[B]` (or `[1]`, broadcast over the batch). Steps are checked
+    /// when `t` is on the CPU; on a GPU that would cost a synchronisation per call, so there an
+    /// out-of-range step is the caller's error (the samplers and trainer make them on the host).
     pub fn forward_t(&self, x: &Tensor, t: &Tensor, mode: Mode) -> Result<Tensor> {
         Ok(self.forward_with_intermediates(x, t, mode)?.0)
     }
 
+    /// Shapes, dtypes and (on the CPU) step values, so that a wrong input is an error that says
+    /// what is wrong instead of a shape error deep in the network, or a silently zero embedding.
+    fn check_input(&self, x: &Tensor, t: &Tensor) -> Result<()> {
+        let cfg = &self.config;
+        let (b, c, h, w) = x.dims4().map_err(|_| candle_core::Error::Msg(format!("UNet input must be [B, C, H, W], got {:?}", x.dims())))?;
+        let f = 1usize << (cfg.ch_mult.len() - 1);
+        if b == 0 {
+            candle_core::bail!("UNet input is an empty batch ({:?})", x.dims());
+        }
+        if c != cfg.image_channels {
+            candle_core::bail!("UNet input has {c} channels, the model takes {}", cfg.image_channels);
+        }
+        if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+            candle_core::bail!("UNet input is {h}x{w}: both sides must be positive multiples of {f} (2^(levels - 1))");
+        }
+        if x.dtype() != self.dtype() {
+            candle_core::bail!("UNet input is {:?} but the model's weights are {:?}", x.dtype(), self.dtype());
+        }
+        if !matches!(t.dtype(), candle_core::DType::U32 | candle_core::DType::I64) {
+            candle_core::bail!("UNet steps t must be u32 or i64, got {:?}", t.dtype());
+        }
+        let n = match t.dims() {
+            [n] => *n,
+            d => candle_core::bail!("UNet steps t must have shape [B] or [1], got {d:?}"),
+        };
+        if n != b && n != 1 {
+            candle_core::bail!("UNet steps t has {n} values for a batch of {b}");
+        }
+        if t.device().is_cpu() {
+            let bad = t.flatten_all()?.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?.into_iter().find(|&s| s < 0 || s as u64 >= cfg.num_steps as u64);
+            if let Some(s) = bad {
+                candle_core::bail!("UNet step t = {s} is outside 0..{}", cfg.num_steps);
+            }
+        }
+        Ok(())
+    }
+
     pub fn forward_with_intermediates(&self, x: &Tensor, t: &Tensor, mode: Mode) -> Result<(Tensor, Intermediates)> {
+        self.check_input(x, t)?;
         let masks = DropoutMasks::new(mode);
         let temb = self.time_embedding.forward(t)?;
         let mut h = self.head.forward(x)?;
@@ -403,6 +444,38 @@ impl UNet {
 mod tests {
     use super::*;
     use candle_core::DType;
+
+    #[test]
+    fn wrong_inputs_are_errors_that_say_what_is_wrong() {
+        let dev = Device::Cpu;
+        let cfg = UNetConfig::tiny();
+        let (net, _vars) = crate::new_trainable(&cfg, &dev, 0).unwrap();
+        let s = cfg.image_size;
+        let x = |b: usize, c: usize, h: usize, dt: DType| Tensor::zeros((b, c, h, h), dt, &dev).unwrap();
+        let t = |v: &[u32]| Tensor::new(v, &dev).unwrap();
+        let err = |x: &Tensor, t: &Tensor| net.forward_t(x, t, Mode::Eval).unwrap_err().to_string();
+        assert!(err(&x(0, 3, s, DType::F32), &t(&[])).contains("empty batch"));
+        assert!(err(&x(1, 1, s, DType::F32), &t(&[0])).contains("channels"));
+        assert!(err(&x(1, 3, s + 1, DType::F32), &t(&[0])).contains("multiples"));
+        assert!(err(&x(1, 3, s, DType::F64), &t(&[0])).contains("F64"));
+        assert!(err(&x(2, 3, s, DType::F32), &t(&[0, 1, 2])).contains("3 values for a batch of 2"));
+        assert!(err(&x(1, 3, s, DType::F32), &Tensor::new(&[0f32], &dev).unwrap()).contains("u32 or i64"));
+        // u32::MAX used to index the time table as padding: a silently zero embedding.
+        assert!(err(&x(1, 3, s, DType::F32), &t(&[u32::MAX])).contains("outside 0.."));
+        assert!(err(&x(1, 3, s, DType::F32), &t(&[cfg.num_steps as u32])).contains("outside 0.."));
+        assert!(net.forward_t(&x(2, 3, s, DType::F32), &t(&[cfg.num_steps as u32 - 1]), Mode::Eval).is_ok());
+        // The blocks' own constructors and inputs.
+        let vb = candle_nn::VarBuilder::zeros(DType::F32, &dev);
+        assert!(Conv2d::new(vb.pp("c"), 3, 4, 3, 0, 1).is_err());
+        assert!(Conv2d::new(vb.pp("c"), 3, 4, 0, 1, 1).is_err());
+        assert!(crate::conv::conv2d(&x(1, 3, 8, DType::F32), &Tensor::zeros((4, 3, 3, 3), DType::F32, &dev).unwrap(), 0, 1).is_err());
+        assert!(GroupNorm::new(vb.pp("n"), 0, 32, 1e-5).is_err());
+        let gn = GroupNorm::new(vb.pp("n"), 32, 32, 1e-5).unwrap();
+        assert!(gn.forward(&x(1, 16, 4, DType::F32)).is_err());
+        assert!(gn.forward(&x(1, 64, 4, DType::F32)).is_err());
+        assert!(gn.forward(&x(1, 32, 4, DType::F32)).is_ok());
+        assert!(gn.forward(&Tensor::zeros(32, DType::F64, &dev).unwrap()).is_err());
+    }
 
     #[test]
     fn hardswish_matches_definition() {

@@ -23,7 +23,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Parameter names as `torch.nn.GroupNorm`: `weight` (init 1) and `bias` (init 0).
     pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if !channels.is_multiple_of(groups) {
+        if groups == 0 || channels == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
         }
         let weight = vb.get_with_hints(channels, "weight", Init::Const(1.))?;
@@ -43,6 +43,7 @@ impl GroupNorm {
 
     /// `hardswish(group_norm(x)) * mask`: dropout with a mask drawn by the caller.
     pub fn forward_hardswish_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
         if self.fused(x) && mask.dims() == x.dims() {
             let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: Some(mask.to_dtype(DType::F32)?.contiguous()?), hashed: None };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
@@ -60,6 +61,16 @@ impl GroupNorm {
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
             self.forward_hardswish_masked(x, &d.mask(x.shape(), x.device())?)
+        }
+    }
+
+    /// [N, C, ...] with N >= 1 and C this norm's channels: anything else is an error here, not
+    /// a panic (or a wrong broadcast) in the kernels.
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let c = self.weight.elem_count();
+        match x.dims() {
+            [n, xc, ..] if *n > 0 && *xc == c && x.elem_count() > 0 => Ok(()),
+            d => candle_core::bail!("GroupNorm over {c} channels: input must be [N >= 1, {c}, ...], got {d:?}"),
         }
     }
 
@@ -82,6 +93,7 @@ impl GroupNorm {
     }
 
     fn apply(&self, x: &Tensor, act: bool) -> Result<Tensor> {
+        self.check_input(x)?;
         if self.fused(x) {
             let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act, mask: None, hashed: None };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)

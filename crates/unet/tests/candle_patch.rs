@@ -132,3 +132,23 @@ fn a_packed_gradient_is_stored_without_a_copy_and_sums_stay_exact() {
         }
     }
 }
+
+#[test]
+fn gradients_of_an_empty_tensor_used_twice_are_summed_without_a_panic() {
+    // A skip connection on an empty batch: one use of `a` gets a compact gradient, the other a
+    // narrow of cat's gradient, which counts as contiguous (the empty batch dimension is not
+    // checked) and starts past the end of its empty buffer. Upstream candle returns an empty
+    // gradient, and so must the patch. Both orders of the two uses, so that the view comes second.
+    for shape in [(0usize, 4usize, 8usize, 8usize), (0, 1, 2, 2)] {
+        for view_second in [false, true] {
+            let a = Var::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
+            let other = Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
+            let joined = Tensor::cat(&[&other, a.as_tensor()], 1).unwrap().sum_all().unwrap();
+            let scaled = a.as_tensor().affine(2.0, 0.0).unwrap().sum_all().unwrap();
+            let y = if view_second { (scaled + joined).unwrap() } else { (joined + scaled).unwrap() };
+            let grads = y.backward().unwrap();
+            let g = grads.get(a.as_tensor()).expect("a gradient for the variable");
+            assert_eq!(g.dims(), [shape.0, shape.1, shape.2, shape.3]);
+        }
+    }
+}
