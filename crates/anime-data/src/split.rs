@@ -48,7 +48,7 @@ pub fn split_indices(n: usize, seed: u64, val_frac: f64, test_frac: f64) -> Resu
     if !(val_frac.is_finite() && test_frac.is_finite() && val_frac >= 0.0 && test_frac >= 0.0 && val_frac + test_frac <= 1.0) {
         return Err(crate::DataError::Invalid(format!(
             "invalid split fractions val={val_frac} test={test_frac}: each must be >= 0 and together at most 1"
-        ))).unwrap();
+        )));
     }
     let n_val = ((n as f64 * val_frac).floor() as usize).min(n);
     let n_test = ((n as f64 * test_frac).floor() as usize).min(n - n_val);

@@ -7,6 +7,42 @@
 //!
 //! Conventions follow the PyTorch reference: timesteps are 0-based indices `0..T`, tensors are
 //! NCHW f32 in [-1, 1], and coefficients are f32 computed in the reference's operation order.
+//!
+//! Any closure `Fn(&x_t, &t) -> candle_core::Result<eps>` is a noise predictor (the UNet is
+//! one through `sampler::EvalModel`). An oracle that knows the clean images has zero loss, and
+//! every sampler ends on those images:
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use diffusion::{reverse_process, NoiseRng, SamplerKind, Schedule};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let schedule = Schedule::reference(); // linear betas 1e-4..0.02, T = 1000
+//! let mut rng = NoiseRng::new(0);
+//! let x0 = rng.randn((2, 3, 8, 8), &Device::Cpu)?.tanh()?;
+//!
+//! // The exact noise in x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per image's step t.
+//! let (sched, target) = (schedule.clone(), x0.clone());
+//! let oracle = move |x_t: &Tensor, t: &Tensor| -> candle_core::Result<Tensor> {
+//!     let t = t.to_vec1::<u32>()?;
+//!     let per_image = |v: &[f32]| Tensor::from_iter(t.iter().map(|&i| v[i as usize]), &Device::Cpu)?.reshape((t.len(), 1, 1, 1));
+//!     let (a, s) = (per_image(&sched.alphas_cumprod_sqrt)?, per_image(&sched.one_minus_alphas_cumprod_sqrt)?);
+//!     x_t.broadcast_sub(&target.broadcast_mul(&a)?)?.broadcast_div(&s)
+//! };
+//!
+//! // Training: the loss at random steps.
+//! let (ts, _) = rng.timesteps(2, schedule.num_steps(), &Device::Cpu)?;
+//! let noise = rng.randn((2, 3, 8, 8), &Device::Cpu)?;
+//! assert!(schedule.loss(&oracle, &x0, &ts, &noise)?.to_scalar::<f32>()? < 1e-6);
+//!
+//! // Sampling: DDIM, 50 steps, from x_T down to x_0.
+//! let x_big_t = rng.randn((2, 3, 8, 8), &Device::Cpu)?;
+//! let kind = SamplerKind::Ddim { steps: 50, eta: 0.0 };
+//! let out = reverse_process(&schedule, &oracle, &x_big_t, schedule.num_steps() - 1, &kind, &mut rng, |_, _, _, _| {})?;
+//! assert!((out - &x0)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-3);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod rng;
 pub mod schedule;
