@@ -285,7 +285,7 @@ fn list_raw(opts: &PrepareOptions) -> Result<(Vec<Source>, Vec<Skipped>, usize),
     }
     files.sort();
     subdirs.sort();
-    let (mut images, other_files): (Vec<(String, PathBuf)>, Vec<(String, PathBuf)>) = files
+    let (mut images, other_files): (Vec<_>, Vec<_>) = files
         .into_iter()
         .partition(|(n, _)| extension(n).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())));
     let mut other: Vec<String> = other_files.into_iter().map(|(n, _)| n).collect();
