@@ -9,8 +9,7 @@ use unet::{ModelWeights, UNet, UNetConfig};
 
 use crate::{Result, SamplerError};
 
-/// Metadata key of the diffusion schedule config (JSON of [`ScheduleConfig`]).
-pub const DIFFUSION_CONFIG_KEY: &str = "diffusion_config";
+pub use unet::weights::DIFFUSION_CONFIG_KEY;
 /// What `cargo xtask import-checkpoint` writes by default.
 pub const IMPORTED_CHECKPOINT: &str = "checkpoints/last.safetensors";
 /// The model file inside a run folder (refreshed at each checkpoint by the trainer).

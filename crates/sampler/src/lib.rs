@@ -15,7 +15,7 @@
 //! [`resolve_checkpoint`] (model files), and the grid helpers in [`grid`].
 
 pub mod checkpoint;
-pub mod font;
+mod font;
 pub mod grid;
 pub mod noise;
 pub mod progress;

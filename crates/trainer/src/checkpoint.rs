@@ -30,8 +30,7 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
 pub const STATE_FORMAT: &str = "ddpm-anime-trainer-checkpoint/1";
-/// Metadata key of the diffusion schedule config in model files.
-pub const DIFFUSION_CONFIG_KEY: &str = "diffusion_config";
+pub use unet::weights::DIFFUSION_CONFIG_KEY;
 
 /// A file of the checkpoint, as recorded in `state.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -46,6 +46,7 @@ pub enum TrainError {
     #[error("{0}")]
     Invalid(String),
     /// Testing aid: the run was abandoned without saving, as a `kill -9` would.
+    #[doc(hidden)]
     #[error("simulated crash after step {0}")]
     SimulatedCrash(u64),
     #[error("{what} {path}: {source}")]

@@ -251,6 +251,8 @@ pub struct TrainOptions {
     /// Called after every step (e.g. to set the stop flag, or to watch the loss).
     pub on_step: Option<StepCallback>,
     /// Testing aid: return right after this step without saving anything, as a `kill -9` would.
+    /// Hidden from the docs: the crash tests need it, users do not.
+    #[doc(hidden)]
     pub crash_after_step: Option<u64>,
 }
 

@@ -42,8 +42,7 @@ pub const STATE_DICT_PREFIX: &str = "unet.";
 pub const SOURCE_KEY: &str = "source";
 /// Metadata key: the kind of checkpoint it was imported from (`"lightning"`).
 pub const IMPORTED_FROM_KEY: &str = "imported_from";
-/// Metadata key: the diffusion schedule (JSON of `diffusion::ScheduleConfig`).
-pub const DIFFUSION_CONFIG_KEY: &str = "diffusion_config";
+pub use crate::weights::DIFFUSION_CONFIG_KEY;
 
 /// Where the config was read from (the first source that had any of its keys).
 #[derive(Debug, Clone, PartialEq)]

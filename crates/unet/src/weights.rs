@@ -19,6 +19,10 @@ use rand_chacha::ChaCha8Rng;
 use crate::{UNet, UNetConfig, UNetError};
 
 pub const UNET_CONFIG_KEY: &str = "unet_config";
+/// Metadata key of the diffusion schedule a model was trained with (JSON of
+/// `diffusion::ScheduleConfig`: this crate stores the text, the sampler and trainer read and
+/// write it).
+pub const DIFFUSION_CONFIG_KEY: &str = "diffusion_config";
 pub const EMA_PREFIX: &str = "ema.";
 
 /// Weights plus the config they belong to.
