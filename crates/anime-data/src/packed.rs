@@ -165,6 +165,7 @@ impl PackedDataset {
 
     /// The pixels of image `i` (`size * size * 3` bytes, HWC RGB). Panics when out of range.
     pub fn image_pixels(&self, i: usize) -> &[u8] {
+        assert!(i < self.names.len(), "image {i} of a packed dataset of {} images", self.names.len());
         let n = self.size * self.size * 3;
         &self.pixels()[i * n..(i + 1) * n]
     }

@@ -57,6 +57,9 @@ pub use schedule::{BetaSchedule, Schedule, ScheduleConfig, MAX_NUM_STEPS};
 pub enum DiffusionError {
     #[error("diffusion config: {0}")]
     Config(String),
+    /// A wrong argument to a step or sampler (shapes, dtypes, missing noise, weights).
+    #[error("{0}")]
+    Invalid(String),
     #[error("timestep {t} is out of range 0..{num_steps}")]
     Timestep { t: usize, num_steps: usize },
     #[error(transparent)]
@@ -156,7 +159,7 @@ impl Schedule {
         check_pair(x0, noise, "q_sample")?;
         let b = x0.dim(0)?;
         if t.len() != b {
-            return Err(DiffusionError::Config(format!("q_sample: {} timesteps for a batch of {b}", t.len())));
+            return Err(DiffusionError::Invalid(format!("q_sample: {} timesteps for a batch of {b}", t.len())));
         }
         for &ti in t {
             self.check_t(ti as usize)?;
@@ -215,7 +218,7 @@ impl Schedule {
         let c = self.ddpm_coefficients(t, variance, final_noise)?;
         check_pair(eps, x_t, "ddpm_step")?;
         if c.sigma != 0.0 && z.is_none() {
-            return Err(DiffusionError::Config(format!("ddpm_step at t = {t} has sigma {} > 0: it needs the noise z", c.sigma)));
+            return Err(DiffusionError::Invalid(format!("ddpm_step at t = {t} has sigma {} > 0: it needs the noise z", c.sigma)));
         }
         // Same operation order as the reference: (1/sqrt(a)) * (x_t - coef * eps) + sigma * z.
         let mean = x_t.sub(&eps.affine(c.eps_scale as f64, 0.0)?)?.affine(c.mean_scale as f64, 0.0)?;
@@ -260,7 +263,7 @@ impl Schedule {
         let c = self.ddim_coefficients(t, t_prev, eta)?;
         check_pair(eps, x_t, "ddim_step")?;
         if c.sigma > 0.0 && z.is_none() {
-            return Err(DiffusionError::Config(format!("ddim_step {t} -> {t_prev:?} with eta {eta} has sigma {} > 0: it needs the noise z", c.sigma)));
+            return Err(DiffusionError::Invalid(format!("ddim_step {t} -> {} with eta {eta} has sigma {} > 0: it needs the noise z", t_prev.map_or("x_0".to_string(), |p| p.to_string()), c.sigma)));
         }
         let x0_part = x_t.sub(&eps.affine(c.x0_eps_scale as f64, 0.0)?)?.affine(c.x0_scale as f64, 0.0)?;
         let mut out = x0_part.add(&eps.affine(c.dir_scale as f64, 0.0)?)?;
@@ -317,10 +320,10 @@ impl Schedule {
 /// (candle would broadcast a `[1, ..]` noise silently, or give NaN for an empty batch).
 fn check_pair(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     if a.dims() != b.dims() || a.elem_count() == 0 || a.rank() == 0 {
-        return Err(DiffusionError::Config(format!("{what}: the tensors must be non-empty batches of one shape, got {:?} and {:?}", a.dims(), b.dims())));
+        return Err(DiffusionError::Invalid(format!("{what}: the tensors must be non-empty batches of one shape, got {:?} and {:?}", a.dims(), b.dims())));
     }
     if !a.dtype().is_float() || !b.dtype().is_float() {
-        return Err(DiffusionError::Config(format!("{what}: the tensors must be floats, got {:?} and {:?}", a.dtype(), b.dtype())));
+        return Err(DiffusionError::Invalid(format!("{what}: the tensors must be floats, got {:?} and {:?}", a.dtype(), b.dtype())));
     }
     Ok(())
 }
@@ -333,6 +336,9 @@ pub fn mse(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// `steps` timesteps for DDIM, evenly spaced from T-1 down to 0 (both ends included when
 /// `steps >= 2`), descending and without repeats.
 pub fn ddim_timesteps(num_steps: usize, steps: usize) -> Result<Vec<usize>> {
+    if num_steps == 0 {
+        return Err(DiffusionError::Config("DDIM steps of a schedule with no steps".into()));
+    }
     if steps == 0 || steps > num_steps {
         return Err(DiffusionError::Config(format!("DDIM steps must be in 1..={num_steps}, got {steps}")));
     }
@@ -427,7 +433,7 @@ pub fn num_evaluations(schedule: &Schedule, kind: &SamplerKind, t_start: usize) 
 pub fn slerp(a: &Tensor, b: &Tensor, w: f64) -> Result<Tensor> {
     check_pair(a, b, "slerp")?;
     if !(0.0..=1.0).contains(&w) {
-        return Err(DiffusionError::Config(format!("slerp weight must be in [0, 1], got {w}")));
+        return Err(DiffusionError::Invalid(format!("slerp weight must be in [0, 1], got {w}")));
     }
     let af = a.flatten_all()?.to_dtype(DType::F64)?;
     let bf = b.flatten_all()?.to_dtype(DType::F64)?;
@@ -435,7 +441,7 @@ pub fn slerp(a: &Tensor, b: &Tensor, w: f64) -> Result<Tensor> {
     let na = af.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let nb = bf.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
     if !(na > 0.0 && nb > 0.0 && na.is_finite() && nb.is_finite()) {
-        return Err(DiffusionError::Config(format!("slerp needs two finite non-zero vectors, got norms {na} and {nb}")));
+        return Err(DiffusionError::Invalid(format!("slerp needs two finite non-zero vectors, got norms {na} and {nb}")));
     }
     let cos = (dot / (na * nb)).clamp(-1.0, 1.0);
     let theta = cos.acos();

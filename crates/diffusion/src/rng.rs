@@ -67,7 +67,7 @@ impl NoiseRng {
     /// Uniform integer in `0..n` (an error for `n = 0`: the range is empty).
     pub fn below(&mut self, n: usize) -> Result<usize, crate::DiffusionError> {
         if n == 0 {
-            return Err(crate::DiffusionError::Config("cannot draw from the empty range 0..0".into()));
+            return Err(crate::DiffusionError::Invalid("cannot draw from the empty range 0..0".into()));
         }
         Ok(self.inner.random_range(0..n))
     }
@@ -75,7 +75,7 @@ impl NoiseRng {
     /// `true` with probability `p`, which must be in [0, 1].
     pub fn bernoulli(&mut self, p: f64) -> Result<bool, crate::DiffusionError> {
         if !(0.0..=1.0).contains(&p) {
-            return Err(crate::DiffusionError::Config(format!("probability {p} is outside [0, 1]")));
+            return Err(crate::DiffusionError::Invalid(format!("probability {p} is outside [0, 1]")));
         }
         Ok(self.inner.random_bool(p))
     }

@@ -195,6 +195,9 @@ impl<'a> Sampler<'a> {
 
     /// `kind` fits the schedule, and the schedule fits the model.
     fn validate(&self, kind: &SamplerKind) -> Result<()> {
+        if self.dims().contains(&0) {
+            return Err(SamplerError::Invalid(format!("the image shape (C, H, W) must be positive, got {:?}", self.shape)));
+        }
         if let Some(m) = self.model_steps.filter(|&m| m != self.schedule.num_steps()) {
             return Err(SamplerError::Invalid(format!(
                 "the schedule has {} steps but the model was trained with {m}",
@@ -215,7 +218,7 @@ impl<'a> Sampler<'a> {
         }
     }
 
-    /// Images per network evaluation (bounds memory).
+    /// Images per network evaluation (bounds memory); 0 is taken as 1.
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self
@@ -312,8 +315,8 @@ impl<'a> Sampler<'a> {
         cat(outs)
     }
 
-    /// Samples from the given x_T (`[N, C, H, W]`); per-step noise of image i from stream i
-    /// of `seed`. `on_step(i, n)` is called after step i (0-based) of n, for every batch.
+    /// Samples from the given x_T (`[N, C, H, W]`, any float dtype: the chain runs in f32 and
+    /// returns f32); per-step noise of image i from stream i of `seed`. `on_step(i, n)` is called after step i (0-based) of n, for every batch.
     pub fn sample_from(&self, x_t: &Tensor, kind: &SamplerKind, seed: u64, on_step: impl FnMut(usize, usize)) -> Result<Tensor> {
         self.sample_from_step(x_t, self.last_step(), kind, seed, on_step)
     }

@@ -320,8 +320,11 @@ impl ConvOp {
         if c != c2 || k != k2 {
             candle_core::bail!("conv2d: input {:?} and kernel {:?} do not fit", x.shape(), w.shape());
         }
-        if k == 0 || self.stride == 0 || b == 0 || c == 0 || o == 0 {
-            candle_core::bail!("conv2d: empty input {:?}, kernel {:?} or stride {}", x.shape(), w.shape(), self.stride);
+        if k == 0 || o == 0 || self.stride == 0 {
+            candle_core::bail!("conv2d: kernel {:?} and stride {} must be non-empty and positive", w.shape(), self.stride);
+        }
+        if b == 0 || c == 0 {
+            candle_core::bail!("conv2d: the input {:?} is empty", x.shape());
         }
         if h + 2 * self.padding < k || wd + 2 * self.padding < k {
             candle_core::bail!("conv2d: kernel {k} larger than padded input {h}x{wd}");

@@ -113,6 +113,10 @@ pub(crate) fn hardswish(x: &Tensor) -> Result<Tensor> {
 /// The reference's sinusoid table: row t = [sin(t f_k) | cos(t f_k)], f_k = exp(-k ln(1e4)/(ch/2-1)),
 /// computed in f32 like the reference.
 pub fn sinusoid_table(num_steps: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    // The frequencies divide by half - 1: an odd or smaller dim has no table.
+    if dim < 4 || dim % 2 != 0 {
+        candle_core::bail!("sinusoid_table: dim must be even and at least 4, got {dim}");
+    }
     let half = dim / 2;
     let scale = -(10000f64.ln() as f32) / (half as f32 - 1.0);
     let freqs: Vec<f32> = (0..half).map(|k| (k as f32 * scale).exp()).collect();
@@ -475,6 +479,11 @@ mod tests {
         assert!(gn.forward(&x(1, 64, 4, DType::F32)).is_err());
         assert!(gn.forward(&x(1, 32, 4, DType::F32)).is_ok());
         assert!(gn.forward(&Tensor::zeros(32, DType::F64, &dev).unwrap()).is_err());
+        let k0 = Tensor::zeros((4, 3, 0, 0), DType::F32, &dev).unwrap();
+        assert!(crate::conv::conv2d(&x(1, 3, 8, DType::F32), &k0, 1, 1).unwrap_err().to_string().contains("kernel [4, 3, 0, 0]"));
+        // dim 2 divided by half - 1 = 0: a table of NaN.
+        assert!(sinusoid_table(4, 2, &dev).is_err() && sinusoid_table(4, 5, &dev).is_err());
+        assert!(sinusoid_table(4, 4, &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
     }
 
     #[test]
