@@ -114,7 +114,7 @@ pub(crate) fn hardswish(x: &Tensor) -> Result<Tensor> {
 /// computed in f32 like the reference.
 pub fn sinusoid_table(num_steps: usize, dim: usize, device: &Device) -> Result<Tensor> {
     // The frequencies divide by half - 1: an odd or smaller dim has no table.
-    if dim < 4 || dim % 2 != 0 {
+    if dim < 4 || !dim.is_multiple_of(2) {
         candle_core::bail!("sinusoid_table: dim must be even and at least 4, got {dim}");
     }
     let half = dim / 2;
