@@ -98,8 +98,10 @@ impl ModelWeights {
         Ok(Self { config, tensors, metadata })
     }
 
-    /// The file's bytes (what [`ModelWeights::save`] writes).
+    /// The file's bytes (what [`ModelWeights::save`] writes). A config that
+    /// [`ModelWeights::load`] would refuse is refused here, before a file is written.
     pub fn to_bytes(&self) -> Result<Vec<u8>, UNetError> {
+        self.config.validate()?;
         let mut meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
         meta.insert(UNET_CONFIG_KEY.into(), serde_json::to_string(&self.config).expect("config serialises"));
         serialize_safetensors(&self.tensors, meta)
@@ -413,5 +415,14 @@ mod tests {
         let back = safetensors::SafeTensors::deserialize(&x).unwrap();
         let w3 = back.tensor("w3").unwrap();
         assert_eq!(w3.data(), t(3.0).to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    }
+
+    #[test]
+    fn a_config_that_load_refuses_is_not_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        let w = ModelWeights { config: UNetConfig { ch: 0, ..UNetConfig::tiny() }, tensors: HashMap::new(), metadata: Default::default() };
+        assert!(w.save(&path).is_err());
+        assert!(!path.exists());
     }
 }
