@@ -225,8 +225,20 @@ fn read_state(dir: &Path) -> Result<TrainState, String> {
     Ok(state)
 }
 
+/// Why a checkpoint folder cannot be resumed from (a run falls back to the one before it).
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint {} is unusable: {reason}", dir.display())]
+pub struct UnusableCheckpoint {
+    pub dir: PathBuf,
+    pub reason: String,
+}
+
 /// Reads `state.json` and checks every file's size and checksum.
-pub fn verify(dir: &Path) -> Result<TrainState, String> {
+pub fn verify(dir: &Path) -> Result<TrainState, UnusableCheckpoint> {
+    verify_reason(dir).map_err(|reason| UnusableCheckpoint { dir: dir.to_path_buf(), reason })
+}
+
+fn verify_reason(dir: &Path) -> Result<TrainState, String> {
     let state = read_state(dir)?;
     if state.format != STATE_FORMAT {
         return Err(format!("unknown checkpoint format '{}'", state.format));
@@ -262,8 +274,12 @@ pub fn verify(dir: &Path) -> Result<TrainState, String> {
 }
 
 /// Loads one verified checkpoint.
-pub fn load(dir: &Path) -> Result<Loaded, String> {
-    let state = verify(dir)?;
+pub fn load(dir: &Path) -> Result<Loaded, UnusableCheckpoint> {
+    load_reason(dir).map_err(|reason| UnusableCheckpoint { dir: dir.to_path_buf(), reason })
+}
+
+fn load_reason(dir: &Path) -> Result<Loaded, String> {
+    let state = verify_reason(dir)?;
     let model = ModelWeights::load(&dir.join(MODEL_FILE)).map_err(|e| e.to_string())?;
     let optimizer = candle_core::safetensors::load(dir.join(OPTIMIZER_FILE), &Device::Cpu).map_err(|e| e.to_string())?;
     Ok(Loaded { dir: dir.to_path_buf(), state, model, optimizer })
@@ -283,8 +299,8 @@ pub fn load_latest(run: &Path) -> Result<Option<(Loaded, Vec<Unusable>)>, TrainE
     for (_, dir) in all.iter().rev() {
         match load(dir) {
             Ok(l) => return Ok(Some((l, warnings))),
-            Err(reason) => {
-                let w = format!("checkpoint {} is unusable: {reason}; falling back to the previous one", dir.display());
+            Err(e) => {
+                let w = format!("{e}; falling back to the previous one");
                 tracing::warn!("{w}");
                 warnings.push((dir.clone(), w));
             }
