@@ -5,7 +5,8 @@ use image::RgbImage;
 
 use crate::Result;
 
-/// `[N, 3, H, W]` in [-1, 1] to 8-bit RGB images (rounded as `(x + 1) / 2 * 255`).
+/// `[N, 3, H, W]` in [-1, 1] to 8-bit RGB images (rounded as `(x + 1) / 2 * 255`; values outside
+/// the range are clipped, NaN becomes 0).
 pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
     let (n, c, h, w) = images.dims4()?;
     if c != 3 {
@@ -28,7 +29,9 @@ pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
 }
 
 /// torchvision `make_grid(images, nrow=ncol, padding)`: `padding` black pixels around and
-/// between cells (so 16x16 cells of 64 px with padding 2 give 1058x1058).
+/// between cells (so 16x16 cells of 64 px with padding 2 give 1058x1058). `ncol` is clamped to
+/// `1..=images.len()`, every cell has the first image's size (larger images are cut), and no
+/// images give a 0x0 image (which [`save_png`] refuses).
 pub fn make_grid(images: &[RgbImage], ncol: usize, padding: usize) -> RgbImage {
     let n = images.len();
     if n == 0 {
