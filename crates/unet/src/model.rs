@@ -477,6 +477,9 @@ mod tests {
         let gn = GroupNorm::new(vb.pp("n"), 32, 32, 1e-5).unwrap();
         assert!(gn.forward(&x(1, 16, 4, DType::F32)).is_err());
         assert!(gn.forward(&x(1, 64, 4, DType::F32)).is_err());
+        let d = crate::norm::HashedDropout::new(0, 0, 0.1);
+        assert!(gn.forward_hardswish_dropout(&x(1, 16, 4, DType::F32), d).is_err());
+        assert!(gn.forward_hardswish_masked(&x(1, 16, 4, DType::F32), &x(1, 16, 4, DType::F32)).is_err());
         assert!(gn.forward(&x(1, 32, 4, DType::F32)).is_ok());
         assert!(gn.forward(&Tensor::zeros(32, DType::F64, &dev).unwrap()).is_err());
         let k0 = Tensor::zeros((4, 3, 0, 0), DType::F32, &dev).unwrap();

@@ -33,17 +33,23 @@ impl GroupNorm {
 
     /// GroupNorm alone.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
         self.apply(x, false)
     }
 
     /// `hardswish(group_norm(x))`.
     pub fn forward_hardswish(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
         self.apply(x, true)
     }
 
     /// `hardswish(group_norm(x)) * mask`: dropout with a mask drawn by the caller.
     pub fn forward_hardswish_masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
+        self.masked(x, mask)
+    }
+
+    fn masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         if self.fused(x) && mask.dims() == x.dims() {
             let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: Some(mask.to_dtype(DType::F32)?.contiguous()?), hashed: None };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
@@ -56,11 +62,12 @@ impl GroupNorm {
     /// both passes recompute it from the hash. Elsewhere (and with `UNET_CUDA_NORM=candle`), the
     /// same mask is built on the host and applied as a tensor.
     pub fn forward_hardswish_dropout(&self, x: &Tensor, d: HashedDropout) -> Result<Tensor> {
+        self.check_input(x)?;
         if self.fused(x) && x.device().is_cuda() {
             let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: None, hashed: Some(d) };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
-            self.forward_hardswish_masked(x, &d.mask(x.shape(), x.device())?)
+            self.masked(x, &d.mask(x.shape(), x.device())?)
         }
     }
 
@@ -92,8 +99,8 @@ impl GroupNorm {
         false
     }
 
+    /// The public forwards check `x` first (`check_input`), once.
     fn apply(&self, x: &Tensor, act: bool) -> Result<Tensor> {
-        self.check_input(x)?;
         if self.fused(x) {
             let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act, mask: None, hashed: None };
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
