@@ -96,7 +96,7 @@ pub fn global_norm(dev: &CudaDevice, grads: &[Tensor]) -> Result<Option<f64>> {
         NORMS.fetch_add(1, Ordering::Relaxed);
         return Ok(Some(0.0));
     }
-    let func = dev.get_or_load_custom_func("sumsq_multi", MODULE, ptx()?)?;
+    let func = dev.get_or_load_custom_func("sumsq_multi", MODULE, ptx()?).map_err(unet::cuda_ops::load_error("the Adam CUDA kernels", "sumsq_multi"))?;
     // SAFETY: every element is written: block b of a launch writes partial[offset + b].
     let mut partial = unsafe { dev.alloc::<f64>(total as usize)? };
     let mut offset = 0usize;
@@ -113,7 +113,7 @@ pub fn global_norm(dev: &CudaDevice, grads: &[Tensor]) -> Result<Option<f64>> {
         offset += *blocks as usize;
     }
     let mut sum = dev.alloc_zeros::<f64>(1)?;
-    let func = dev.get_or_load_custom_func("sum_partials", MODULE, ptx()?)?;
+    let func = dev.get_or_load_custom_func("sum_partials", MODULE, ptx()?).map_err(unet::cuda_ops::load_error("the Adam CUDA kernels", "sum_partials"))?;
     let mut b = func.builder();
     b.arg(&partial).arg(&total).arg(&mut sum);
     // SAFETY: argument types and order match `sum_partials`; `partial` holds `total` values.
@@ -163,7 +163,7 @@ pub fn step(dev: &CudaDevice, p: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &
         }
         bufs.push(Buffers { p: pa.0, g: ga.0, m: ma.0, v: va.0, e: e.map_or(0, |e| e.0), n });
     }
-    let func = dev.get_or_load_custom_func("adam_multi", MODULE, ptx()?)?;
+    let func = dev.get_or_load_custom_func("adam_multi", MODULE, ptx()?).map_err(unet::cuda_ops::load_error("the Adam CUDA kernels", "adam_multi"))?;
     for (args, blocks) in plan(&bufs, CHUNK) {
         if blocks == 0 {
             continue;

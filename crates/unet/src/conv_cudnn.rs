@@ -7,11 +7,14 @@
 //! uses) do on the same card. `crate::conv` calls these from its custom ops' `cuda_fwd`.
 //!
 //! Algorithms come from cuDNN's heuristics (`cudnnGet*Algorithm_v7`, as PyTorch does with
-//! `benchmark=False`), cached per shape. Should the heuristics fail, or their choice want more
-//! scratch memory than can be had, the pass falls back to the algorithm that needs none
-//! (implicit GEMM forward, algorithm 0 backward), as PyTorch goes down its list. f32 convolutions may use TF32 tensor cores, as
-//! PyTorch's cuDNN convolutions do by default; `set_tf32(false)` asks for exact f32 (the
-//! self-test does, to compare with the CPU at 1e-3).
+//! `benchmark=False`), cached per shape once one has run. Should the heuristics fail, or their
+//! choice be unsupported, want more scratch memory than can be had, or fail to launch, the pass
+//! tries the algorithms every build has (precomputed then plain implicit GEMM forward,
+//! algorithms 1 then 0 backward), as PyTorch goes down its list. (cudarc gives the heuristics'
+//! first choice only, not its math type; our math types are PyTorch's defaults.)
+//!
+//! f32 convolutions may use TF32 tensor cores, as PyTorch's cuDNN convolutions do by default;
+//! `set_tf32(false)` asks for exact f32 (the self-test does, to compare with the CPU at 1e-3).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -136,62 +139,80 @@ where
     // element type T), and the output is the one the pass writes.
     let out: CudaSlice<T> = match pass {
         Pass::Forward => {
+            use sys::cudnnConvolutionFwdAlgo_t as F;
             let op = ConvForward { conv: &conv, x: &x_desc, w: &w_desc, y: &y_desc };
-            let fallback = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
-            let algo = match cached {
-                Some(Algo::Forward(a)) => a,
-                _ => remember(key, Algo::Forward, op.pick_algorithm().unwrap_or(fallback)),
-            };
-            let (algo, mut ws) = match op.get_workspace_size(algo).map_err(w).and_then(|n| workspace(dev, n)) {
-                Ok(ws) => (algo, ws),
-                Err(_) if algo != fallback => (remember(key, Algo::Forward, fallback), workspace(dev, op.get_workspace_size(fallback).map_err(w)?)?),
-                Err(e) => return Err(e),
+            let first = match cached {
+                Some(Algo::Forward(a)) => Some(a),
+                _ => op.pick_algorithm().ok(),
             };
             let mut out = unsafe { dev.alloc::<T>(d.b * d.o * d.hw_out())? };
-            unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &bv, &mut out).map_err(w)? };
+            first_that_runs(key, Algo::Forward, first, &[F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
+                unsafe { op.launch(a, ws.as_mut(), (one, zero), &av, &bv, &mut out).map_err(w) }
+            })?;
             out
         }
         Pass::InputGrad => {
+            use sys::cudnnConvolutionBwdDataAlgo_t as D;
             let op = ConvBackwardData { conv: &conv, dx: &x_desc, w: &w_desc, dy: &y_desc };
-            let fallback = sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0;
-            let algo = match cached {
-                Some(Algo::InputGrad(a)) => a,
-                _ => remember(key, Algo::InputGrad, op.pick_algorithm().unwrap_or(fallback)),
-            };
-            let (algo, mut ws) = match op.get_workspace_size(algo).map_err(w).and_then(|n| workspace(dev, n)) {
-                Ok(ws) => (algo, ws),
-                Err(_) if algo != fallback => (remember(key, Algo::InputGrad, fallback), workspace(dev, op.get_workspace_size(fallback).map_err(w)?)?),
-                Err(e) => return Err(e),
+            let first = match cached {
+                Some(Algo::InputGrad(a)) => Some(a),
+                _ => op.pick_algorithm().ok(),
             };
             let mut out = unsafe { dev.alloc::<T>(d.b * d.c * d.h * d.w)? };
             // `a` is dy, `b` the kernel.
-            unsafe { op.launch(algo, ws.as_mut(), (one, zero), &mut out, &bv, &av).map_err(w)? };
+            first_that_runs(key, Algo::InputGrad, first, &[D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
+                unsafe { op.launch(a, ws.as_mut(), (one, zero), &mut out, &bv, &av).map_err(w) }
+            })?;
             out
         }
         Pass::WeightGrad => {
+            use sys::cudnnConvolutionBwdFilterAlgo_t as B;
             let op = ConvBackwardFilter { conv: &conv, x: &x_desc, dw: &w_desc, dy: &y_desc };
-            let fallback = sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0;
-            let algo = match cached {
-                Some(Algo::WeightGrad(a)) => a,
-                _ => remember(key, Algo::WeightGrad, op.pick_algorithm().unwrap_or(fallback)),
-            };
-            let (algo, mut ws) = match op.get_workspace_size(algo).map_err(w).and_then(|n| workspace(dev, n)) {
-                Ok(ws) => (algo, ws),
-                Err(_) if algo != fallback => (remember(key, Algo::WeightGrad, fallback), workspace(dev, op.get_workspace_size(fallback).map_err(w)?)?),
-                Err(e) => return Err(e),
+            let first = match cached {
+                Some(Algo::WeightGrad(a)) => Some(a),
+                _ => op.pick_algorithm().ok(),
             };
             let mut out = unsafe { dev.alloc::<T>(d.o * d.ckk())? };
             // `a` is x, `b` is dy.
-            unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &mut out, &bv).map_err(w)? };
+            first_that_runs(key, Algo::WeightGrad, first, &[B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
+                unsafe { op.launch(a, ws.as_mut(), (one, zero), &av, &mut out, &bv).map_err(w) }
+            })?;
             out
         }
     };
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
-fn remember<A: Copy>(key: AlgoKey, wrap: fn(A) -> Algo, a: A) -> A {
-    ALGOS.with(|m| m.borrow_mut().insert(key, wrap(a)));
-    a
+/// Runs the pass with `first` (the cached or the heuristics' choice), else with each of
+/// `fallbacks` in turn (algorithms every cuDNN build has for these NCHW shapes), as PyTorch goes
+/// down cuDNN's ranked list: an algorithm that is not supported for the shape, whose workspace
+/// cannot be had, or whose launch fails, gives way to the next. Only one that ran is cached, so a
+/// passing shortage of memory does not pin a slow algorithm for the rest of the process.
+fn first_that_runs<A: Copy + PartialEq + std::fmt::Debug>(
+    key: AlgoKey,
+    wrap: fn(A) -> Algo,
+    first: Option<A>,
+    fallbacks: &[A],
+    dev: &CudaDevice,
+    workspace_size: impl Fn(A) -> Result<usize>,
+    mut launch: impl FnMut(A, &mut Option<CudaSlice<u8>>) -> Result<()>,
+) -> Result<()> {
+    let mut tried: Vec<A> = Vec::new();
+    let mut failures = Vec::new();
+    for a in first.into_iter().chain(fallbacks.iter().copied()) {
+        if tried.contains(&a) {
+            continue;
+        }
+        tried.push(a);
+        match workspace_size(a).and_then(|n| workspace(dev, n)).and_then(|mut ws| launch(a, &mut ws)) {
+            Ok(()) => {
+                ALGOS.with(|m| m.borrow_mut().insert(key, wrap(a)));
+                return Ok(());
+            }
+            Err(e) => failures.push(format!("{a:?}: {e}")),
+        }
+    }
+    candle_core::bail!("cuDNN: no algorithm ran ({})", failures.join("; "))
 }
 
 /// cuDNN's scratch space; its contents are never read before being written.

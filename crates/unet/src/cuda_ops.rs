@@ -51,14 +51,23 @@ pub fn nvrtc_once(cell: &'static OnceLock<std::result::Result<String, String>>, 
         .map_err(|e| candle_core::Error::Msg(format!("compiling {what}: {e}")))
 }
 
+/// Names the kernel set in an error from loading one of its kernels: the driver may refuse the
+/// PTX (one made by an NVRTC newer than the driver, say), and `scripts/gpu/gpu-check.sh` reads
+/// the set's name to switch back the parts it serves.
+pub fn load_error(what: &'static str, name: &'static str) -> impl FnOnce(candle_core::Error) -> candle_core::Error {
+    move |e| e.context(format!("loading {what} ({name})"))
+}
+
 /// Sets up a CUDA device for many short-lived tensors, unless `UNET_CUDA_POOL=candle`:
 /// - cudarc allocates from the device's stream-ordered memory pool, whose release threshold is 0
 ///   by default: every synchronization (one per training step, reading the loss) hands the
 ///   pool's free memory back to the driver, and the next step maps it again, gigabytes of it.
 ///   PyTorch's caching allocator keeps it, and so do RMM and PyTorch's own cudaMallocAsync
 ///   backend, by setting the threshold to the maximum; so do we.
-/// - cudarc creates two events per allocation to order uses across streams; candle runs every
-///   op on one stream, where they are never waited on, so tensors made after this skip them.
+/// - cudarc creates two events per allocation to order uses across streams; candle runs each
+///   thread's ops on that thread's default stream (`per_thread_stream`), and the project issues
+///   all its CUDA work from one thread, so they are never waited on, and tensors made after
+///   this skip them. (Work queued from a second thread, a prefetcher say, would need them back.)
 ///
 /// A device without memory pools is left as it is. Other devices: nothing to do.
 pub fn tune_device(dev: &candle_core::Device) -> Result<()> {
@@ -85,8 +94,9 @@ pub fn tune_device(dev: &candle_core::Device) -> Result<()> {
             .w()?;
         }
     }
-    // SAFETY: candle never puts this device in multi-stream mode (one stream per device), the
-    // only mode in which cudarc waits on these events.
+    // SAFETY: candle never puts this device in multi-stream mode, the only mode in which cudarc
+    // waits on these events; its per-thread streams are safe as long as one thread issues the
+    // work (see above).
     unsafe { d.disable_event_tracking() };
     Ok(())
 }
@@ -197,7 +207,7 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
                 let (xv, wv, bv) = (view::<$t>(x, lx, len)?, view::<$t>(w, lw, d.c)?, view::<$t>(b, lb, d.c)?);
                 // SAFETY: the kernel writes every element (one block per group, each group whole).
                 let mut out = unsafe { dev.alloc::<$t>(len)? };
-                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
                 let mut args = func.builder();
                 args.arg(&xv).arg(&wv).arg(&bv).arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
                 drop.push(&mut args, &mask, &null);
@@ -232,7 +242,7 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hash
                 let (wv, bv) = (wbv.slice(..d.c), wbv.slice(d.c..));
                 // SAFETY: every dx element and every (image, channel) partial sum is written.
                 let mut out = unsafe { dev.alloc::<f32>(out_len)? };
-                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+                let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
                 let mut args = func.builder();
                 args.arg(&xv).arg(&wv).arg(&bv).arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
                 drop.push(&mut args, &mask, &null);
@@ -262,7 +272,7 @@ pub(crate) fn softmax(x: &CudaStorage, lx: &Layout, len: usize, scale: f32) -> R
             let xv = view::<$t>(x, lx, total)?;
             // SAFETY: every row is written in full.
             let mut out = unsafe { dev.alloc::<$t>(total)? };
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
             let mut args = func.builder();
             args.arg(&xv).arg(&mut out).arg(&len_i).arg(&scale);
             let name = || format!("softmax fwd {rows}x{len} {}", stringify!($t));
@@ -290,7 +300,7 @@ pub(crate) fn softmax_backward(y: &CudaStorage, ly: &Layout, dy: &CudaStorage, l
             let (yv, dyv) = (view::<$t>(y, ly, total)?, view::<$t>(dy, ldy, total)?);
             // SAFETY: every row is written in full.
             let mut out = unsafe { dev.alloc::<$t>(total)? };
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
             let mut args = func.builder();
             args.arg(&yv).arg(&dyv).arg(&mut out).arg(&len_i).arg(&scale);
             let name = || format!("softmax bwd {rows}x{len} {}", stringify!($t));
@@ -323,7 +333,7 @@ pub(crate) fn upsample2x(x: &CudaStorage, lx: &Layout, up: bool) -> Result<CudaS
             let xv = view::<$t>(x, lx, total)?;
             // SAFETY: every output value is written (each input value's block, or each block's sum).
             let mut out = unsafe { dev.alloc::<$t>(out_len)? };
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
             let mut args = func.builder();
             args.arg(&xv).arg(&mut out).arg(&n64).arg(&w_i);
             let name = || format!("{} {:?}", $name, lx.dims());
@@ -357,7 +367,7 @@ pub(crate) fn bias_add_inplace(y: &mut CudaStorage, total: usize, b: &CudaStorag
     macro_rules! run {
         ($t:ty, $name:literal) => {{
             let bv = view::<$t>(b, lb, c)?;
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
             let ys = y.as_cuda_slice_mut::<$t>()?;
             if ys.len() < total {
                 candle_core::bail!("bias add (CUDA): the output holds {} values, not {total}", ys.len());
@@ -377,28 +387,45 @@ pub(crate) fn bias_add_inplace(y: &mut CudaStorage, total: usize, b: &CudaStorag
     Ok(())
 }
 
-/// The per-channel sum of `dy` [n, c, h, w] (a convolution's bias gradient), in its dtype.
+/// The per-channel sum of `dy` [n, c, h, w] (a convolution's bias gradient), in its dtype: per
+/// (image, channel) partial sums in f32, then their sum per channel in image order.
 pub(crate) fn channel_sum(dy: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     let dev = dy.device.clone();
     let (n, c, h, w) = l.shape().dims4()?;
     let (n_i, c_i, hw64) = (n as i32, c as i32, (h * w) as i64);
+    let rows = n * c;
+    if rows == 0 || rows > i32::MAX as usize {
+        candle_core::bail!("channel sum (CUDA): {n} images x {c} channels is not a launchable grid");
+    }
     macro_rules! run {
-        ($t:ty, $name:literal) => {{
+        ($t:ty, $partial:literal, $finish:literal) => {{
             let dyv = view::<$t>(dy, l, n * c * h * w)?;
-            // SAFETY: one block per channel writes that channel's sum: every element.
+            // SAFETY: one block per (image, channel) writes its partial sum, then one thread per
+            // channel its total: every element of both.
+            let mut part = unsafe { dev.alloc::<f32>(rows)? };
             let mut out = unsafe { dev.alloc::<$t>(c)? };
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
-            let mut args = func.builder();
-            args.arg(&dyv).arg(&mut out).arg(&n_i).arg(&c_i).arg(&hw64);
+            let partial = dev.get_or_load_custom_func($partial, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $partial))?;
+            let finish = dev.get_or_load_custom_func($finish, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $finish))?;
             let name = || format!("conv bias grad {c}ch {h}x{w} b{n} {}", stringify!($t));
-            // SAFETY: argument types and order match `channel_sum_*` in kernels.cu.
-            profile::time(&dev, name, || unsafe { args.launch(rows_config(c)) }.w())?;
+            let finish_cfg = LaunchConfig { grid_dim: (c.div_ceil(THREADS as usize) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            profile::time(&dev, name, || {
+                let mut args = partial.builder();
+                args.arg(&dyv).arg(&mut part).arg(&hw64);
+                // SAFETY: argument types and order match `channel_partial_*` in kernels.cu; `dy`
+                // holds rows * hw values and `part` rows.
+                unsafe { args.launch(rows_config(rows)) }.w()?;
+                let mut args = finish.builder();
+                args.arg(&part).arg(&mut out).arg(&n_i).arg(&c_i);
+                // SAFETY: argument types and order match `channel_finish_*`; `part` holds n * c
+                // values and `out` c.
+                unsafe { args.launch(finish_cfg) }.w()
+            })?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
     Ok(match &dy.slice {
-        CudaStorageSlice::F32(_) => run!(f32, "channel_sum_f32"),
-        CudaStorageSlice::BF16(_) => run!(bf16, "channel_sum_bf16"),
+        CudaStorageSlice::F32(_) => run!(f32, "channel_partial_f32", "channel_finish_f32"),
+        CudaStorageSlice::BF16(_) => run!(bf16, "channel_partial_bf16", "channel_finish_bf16"),
         _ => candle_core::bail!("channel sum (CUDA): dtype {:?} not supported", dy.dtype()),
     })
 }

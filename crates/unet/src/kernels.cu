@@ -11,7 +11,7 @@
 // - nearest x2 upsampling and its adjoint, the sum of each 2x2 block (`upsample.rs`): one
 //   thread per input (resp. output) value, grid-stride.
 // - a convolution's bias (`conv.rs`): added in place to the cuDNN output, grid-stride, and its
-//   gradient, the sum of dY per channel: one block per channel.
+//   gradient, the sum of dY per channel: per (image, channel) partial sums, then per channel.
 
 typedef unsigned short bf16_t;
 
@@ -250,21 +250,41 @@ __device__ void bias_add(T* y, const T* b, int C, long long HW, long long total)
         st(y, i, ld(y, i) + ld(b, (i / HW) % C));
 }
 
-// out[c] = the sum of dy[n, c, :] over n and the HW positions (f32 sums); one block per channel.
+// A convolution's bias gradient, out[c] = the sum of dy[n, c, :] over n and the HW positions,
+// in two launches so that the reads spread over the whole card (one block per channel, 3 to 512
+// blocks, left most of an H100's SMs idle): one block per (image, channel) sums that channel's
+// HW values into part[n * C + c] (f32, four running sums a thread so that several loads are in
+// flight); then one thread per channel adds its N partial sums in image order, the same bits on
+// every run.
 template <typename T>
-__device__ void channel_sum(const T* dy, T* out, int N, int C, long long HW) {
+__device__ void channel_partial(const T* dy, float* part, long long HW) {
     __shared__ float sh[32];
-    const int c = blockIdx.x;
-    float s = 0.f;
-    for (int n = 0; n < N; ++n) {
-        const long long base = ((long long)n * C + c) * HW;
-        for (long long i = threadIdx.x; i < HW; i += blockDim.x) s += ld(dy, base + i);
+    const long long base = (long long)blockIdx.x * HW, step = blockDim.x;
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    long long i = threadIdx.x;
+    for (; i + 3 * step < HW; i += 4 * step) {
+        s0 += ld(dy, base + i);
+        s1 += ld(dy, base + i + step);
+        s2 += ld(dy, base + i + 2 * step);
+        s3 += ld(dy, base + i + 3 * step);
     }
-    s = block_sum(s, sh);
-    if (threadIdx.x == 0) st(out, c, s);
+    for (; i < HW; i += step) s0 += ld(dy, base + i);
+    const float s = block_sum((s0 + s1) + (s2 + s3), sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+template <typename T>
+__device__ void channel_finish(const float* part, T* out, int N, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float s = 0.f;
+    for (int n = 0; n < N; ++n) s += part[(long long)n * C + c];
+    st(out, c, s);
 }
 
 extern "C" __global__ void bias_add_f32(float* y, const float* b, int C, long long HW, long long total) { bias_add<float>(y, b, C, HW, total); }
 extern "C" __global__ void bias_add_bf16(bf16_t* y, const bf16_t* b, int C, long long HW, long long total) { bias_add<bf16_t>(y, b, C, HW, total); }
-extern "C" __global__ void channel_sum_f32(const float* dy, float* out, int N, int C, long long HW) { channel_sum<float>(dy, out, N, C, HW); }
-extern "C" __global__ void channel_sum_bf16(const bf16_t* dy, bf16_t* out, int N, int C, long long HW) { channel_sum<bf16_t>(dy, out, N, C, HW); }
+extern "C" __global__ void channel_partial_f32(const float* dy, float* part, long long HW) { channel_partial<float>(dy, part, HW); }
+extern "C" __global__ void channel_partial_bf16(const bf16_t* dy, float* part, long long HW) { channel_partial<bf16_t>(dy, part, HW); }
+extern "C" __global__ void channel_finish_f32(const float* part, float* out, int N, int C) { channel_finish<float>(part, out, N, C); }
+extern "C" __global__ void channel_finish_bf16(const float* part, bf16_t* out, int N, int C) { channel_finish<bf16_t>(part, out, N, C); }

@@ -62,13 +62,16 @@ void run_up(int rows, int w, Up up, Sum sum) {
     wr("dx.bin", dx);
 }
 
-template <class T, class Add, class Sum>
-void run_bias(int N, int C, long long HW, Add add, Sum sum) {
+template <class T, class Add, class Partial, class Finish>
+void run_bias(int N, int C, long long HW, Add add, Partial partial, Finish finish) {
     const long long total = (long long)N * C * HW;
     auto y = rd<T>("y.bin", total), b = rd<T>("b.bin", C);
     std::vector<T> cs(C);
-    // The channel sums read y before the in-place add changes it.
-    launch(C, 256, [&] { sum(y.data(), cs.data(), N, C, HW); });
+    std::vector<float> part(N * C);
+    // The channel sums read y before the in-place add changes it; launched as cuda_ops.rs does:
+    // a block per (image, channel), then ceil(C / 256) blocks of 256 threads.
+    launch(N * C, 256, [&] { partial(y.data(), part.data(), HW); });
+    launch((C + 255) / 256, 256, [&] { finish(part.data(), cs.data(), N, C); });
     // A grid much smaller than the data: the grid-stride loop goes round several times.
     launch(2, 64, [&] { add(y.data(), b.data(), C, HW, total); });
     wr("ya.bin", y);
@@ -107,8 +110,8 @@ int main(int argc, char** argv) {
     if (mode == "bias" && argc == 6) {
         int N = atoi(argv[2]), C = atoi(argv[3]);
         long long HW = atoll(argv[4]);
-        if (atoi(argv[5])) run_bias<bf16_t>(N, C, HW, bias_add_bf16, channel_sum_bf16);
-        else run_bias<float>(N, C, HW, bias_add_f32, channel_sum_f32);
+        if (atoi(argv[5])) run_bias<bf16_t>(N, C, HW, bias_add_bf16, channel_partial_bf16, channel_finish_bf16);
+        else run_bias<float>(N, C, HW, bias_add_f32, channel_partial_f32, channel_finish_f32);
         return 0;
     }
     fprintf(stderr, "usage: main gn N C HW G act drop bf16 [key thr scale] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16 | main bias N C HW bf16\n");
