@@ -78,7 +78,8 @@ step "1. correctness: PyTorch fixtures, then each convolution pass against the C
 # Our CUDA kernels (cuDNN convolution passes, fused GroupNorm, softmax, upsampling, in-place Adam) are checked first; should a check
 # fail, the run goes on with candle's own ops for the failing part, and says so, so that the
 # figures below still come back.
-selftest() { timeout "$(cap 300 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures; }
+# Its checks run at batch 4: seconds on a GPU. The limit only stops a hang from taking the run.
+selftest() { timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures; }
 # The switches that send the parts named in a failed self-test's output (its FAIL lines, or the
 # error that stopped it) back to candle's ops.
 suspects() {
@@ -92,7 +93,8 @@ suspects() {
   # The fixture's gradients alone wrong: the first gradients stored as they are (candle patch).
   grep -E 'FAIL$' "$f" | grep -q '^grad ' && s="$s UNET_CUDA_GRADS=candle"
   # Our kernels' errors say "in CUDA op: <name>" (conv, groupnorm, softmax, up2x/blocksum2x, adam).
-  local err; err=$(sed -n '/^Error/,$p' "$f" | head -12)
+  # (main.rs prints "error: ..."; candle's own traces say "Error".)
+  local err; err=$(sed -n '/^[Ee]rror/,$p' "$f" | head -12)
   case "$err" in *cudnn*|*CUDNN*|*conv*) s="$s UNET_CUDA_CONV=candle";; esac
   case "$err" in *gn_*|*groupnorm*|*"group norm"*) s="$s UNET_CUDA_NORM=candle";; esac
   case "$err" in *softmax*) s="$s UNET_CUDA_SOFTMAX=candle";; esac
@@ -103,19 +105,22 @@ suspects() {
   echo "$s" | tr ' ' '\n' | sort -u | tr '\n' ' '
 }
 ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle"
-if selftest > "$OUT/self-test.txt" 2>&1; then
-  cat "$OUT/self-test.txt"
-else
-  cat "$OUT/self-test.txt"
+selftest > "$OUT/self-test.txt" 2>&1
+rc=$?
+cat "$OUT/self-test.txt"
+if [ "$rc" != 0 ]; then
   # At most two retries (each under its own limit): the parts the output names, then everything.
-  named=$(suspects "$OUT/self-test.txt")
+  # A hang (timeout's 124) names nothing: straight to everything.
+  named=""
+  [ "$rc" != 124 ] && named=$(suspects "$OUT/self-test.txt")
+  [ "$rc" = 124 ] && echo "self-test stopped by its time limit"
   tries=()
   [ -n "${named// /}" ] && tries+=("$named")
   tries+=("$ALL_SWITCHES")
   for fallback in "${tries[@]}"; do
     echo "self-test failed: retrying with $fallback"
     # shellcheck disable=SC2086
-    if env $fallback timeout "$(cap 300 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-fallback.txt" 2>&1; then
+    if env $fallback timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-fallback.txt" 2>&1; then
       cat "$OUT/self-test-fallback.txt"
       echo "FALLBACK in use for everything below: $fallback"
       # shellcheck disable=SC2163
@@ -129,13 +134,22 @@ fi
 
 want 2 && {
 step "2+3. throughput and memory, ours then PyTorch, same card (cases: $CASES)"
+# Each precision gets its share of what is left after step 4's reserve and ~90 s for step 2b's
+# profiles and A/B runs, so that a slow f32 cannot take bf16's time (at least 60 s each).
+RESERVE2B=0
+want 2b && [ "$DEVICE" != cpu ] && RESERVE2B=90
+np=$(echo $PRECISIONS | wc -w)
 for p in $PRECISIONS; do
+  share=$(( ($(left) - RESERVE4 - RESERVE2B) / np )); np=$((np - 1))
+  [ "$share" -lt 60 ] && share=60
+  limit=$(cap 300 "$RESERVE4"); [ "$share" -lt "$limit" ] && limit=$share
+  echo "bench $p: at most $limit s"
   MEM=$OUT/gpu-mem-$p.csv
   if [ "$DEVICE" != cpu ]; then
     nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 200 > "$MEM" &
     SMI=$!
   fi
-  timeout "$(cap 300 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$CASES" --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" \
+  timeout "$limit" "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$CASES" --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" \
     --python "$PY" --torch-bench "$KIT/bench" --out "$OUT/bench-$p.json" || echo "bench $p failed"
   [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null; SMI=
 done

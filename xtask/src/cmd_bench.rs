@@ -268,6 +268,13 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
             // The sampler users run (per-image noise streams drawn in parallel, images back
             // on the host), one batch.
             let sampler = sampler::Sampler::for_unet(&model, &schedule).batch(c.batch);
+            // One sampling run is timed, so its first-call costs (kernel compiles and loads,
+            // cuDNN's choices per shape) go into one untimed model call at its batch instead;
+            // bench_torch.py does the same.
+            if warmup > 0 {
+                model.forward_t(&x_t.to_dtype(dt)?, &Tensor::new(&[t_start as u32], &dev)?, Mode::Eval)?;
+                sync(&dev)?;
+            }
             time_runs(0, runs.min(1), || {
                 let x0 = sampler.sample_from_step(&x_t, t_start, &kind, rng.next_u64(), |_, _| {})?;
                 drop(x0);
@@ -293,6 +300,14 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
         out["profile"] = p;
     }
     Ok(out)
+}
+
+/// What a failed child said, its last line before any backtrace, and how it ended (an
+/// allocation failure aborts, with no `error:` line).
+fn child_failure(o: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    let said = err.lines().take_while(|l| !l.starts_with("stack backtrace:")).filter(|l| !l.trim().is_empty()).last().unwrap_or("no message");
+    format!("{} ({})", said.trim(), o.status)
 }
 
 fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
@@ -327,7 +342,16 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
             String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
         return Ok(None);
     }
-    Ok(Some(serde_json::from_slice(&o.stdout).context("parsing bench_torch.py output")?))
+    // The result is the script's last line; a library may have printed before it (a warning on
+    // stdout), which must not cost the row.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    match stdout.lines().rev().find(|l| !l.trim().is_empty()).map(serde_json::from_str::<Value>) {
+        Some(Ok(v)) => Ok(Some(v)),
+        _ => {
+            say!("PyTorch side of {name}: no result in its output (last line: {:?}): skipping it", stdout.lines().last().unwrap_or(""));
+            Ok(None)
+        }
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -368,6 +392,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
     out!("{:<16} {:>5} {:>10} {:>10} {:>8} {:>9} {:>9}", "case", "batch", "ours s", "torch s", "speedup", "ours MB", "torch MB");
     let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
+    // Rewritten after every case, so that a run stopped part-way (a time limit) keeps its rows.
+    let write = |rows: &Vec<Value>| -> Result<()> {
+        let doc = json!({"device": args.device, "precision": args.precision, "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "cpu": cpu, "rows": rows});
+        unet::weights::write_replacing(&args.out, serde_json::to_string_pretty(&doc)?.as_bytes())
+            .with_context(|| format!("cannot write --out {}", args.out.display()))
+    };
     for name in &names {
         // Back to back, same case: the machine's load drifts, so pairs are what compare.
         let o = Command::new(&exe)
@@ -376,11 +408,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .env("RAYON_NUM_THREADS", args.threads.to_string())
             .output()
             .with_context(|| format!("running bench case {name}"))?;
-        if !o.status.success() {
-            bail!("bench case {name} failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
-        }
-        let ours: Value = serde_json::from_slice(&o.stdout).with_context(|| format!("parsing case {name} output"))?;
+        let ours: Result<Value> = if o.status.success() {
+            serde_json::from_slice(&o.stdout).with_context(|| format!("parsing case {name} output"))
+        } else {
+            Err(anyhow::anyhow!("{}", child_failure(&o)))
+        };
         let torch = torch_case(&args, name)?;
+        // One failing case (a kernel on its first full-size run, say) must not cost the others,
+        // nor PyTorch's side of this one: the row says why, and the command fails at the end.
+        let ours = match ours {
+            Ok(v) => v,
+            Err(e) => {
+                let t = torch.as_ref().and_then(|r| r["median_s"].as_f64());
+                out!("{:<16} {:>5} {:>10} {:>10}  ours FAILED: {e:#}", name, "-", "-", t.map(|x| format!("{x:.3}")).unwrap_or("-".into()));
+                failed.push(format!("{name} ({e:#})"));
+                rows.push(json!({"case": name, "error": format!("{e:#}"), "torch": torch}));
+                write(&rows)?;
+                continue;
+            }
+        };
         let ours_s = ours["median_s"].as_f64().unwrap_or(f64::NAN);
         let t = torch.as_ref().and_then(|r| r["median_s"].as_f64());
         // On a GPU the memory columns are device memory (ours: the driver's count over the
@@ -415,12 +461,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
         rows.push(json!({"ours": ours, "torch": torch, "speedup": t.map(|x| x / ours_s)}));
+        write(&rows)?;
     }
     out!("speedup = PyTorch time / our time (above 1: we are faster); threads = {}", args.threads);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()));
-    let doc = json!({"device": args.device, "precision": args.precision, "threads": args.threads, "runs": args.runs, "warmup": args.warmup, "cpu": cpu, "rows": rows});
-    unet::weights::write_replacing(&args.out, serde_json::to_string_pretty(&doc)?.as_bytes())
-        .with_context(|| format!("cannot write --out {}", args.out.display()))?;
+    write(&rows)?;
     out!("wrote {}", args.out.display());
+    if !failed.is_empty() {
+        bail!("{} of {} bench cases failed: {}", failed.len(), names.len(), failed.join("; "));
+    }
     Ok(())
 }

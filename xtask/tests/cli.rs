@@ -190,3 +190,40 @@ fn a_termination_signal_saves_a_checkpoint_like_ctrl_c() {
         assert!(saved.last().expect("a checkpoint").ends_with(ckpt), "SIG{signal}: {ckpt} is not the newest of {saved:?}");
     }
 }
+
+/// PyTorch's side of `bench` is a child whose result is its last output line: a line a library
+/// printed before it must not cost the row, and output with no result skips PyTorch's side of
+/// that case, not the bench.
+#[cfg(unix)]
+#[test]
+fn bench_reads_the_pytorch_result_from_its_last_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("ref")).unwrap();
+    std::fs::write(dir.path().join("ref/bench_cpu.py"), "").unwrap();
+    let fake = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    };
+    let chatty = fake("chatty.sh", "echo 'UserWarning: something'\necho '{\"median_s\": 4.25, \"peak_rss_mb\": 7}'");
+    let junk = fake("junk.sh", "echo 'not a result'");
+    let run = |python: &Path| {
+        xtask(
+            &["bench", "--cases", "reduced-forward", "--runs", "1", "--warmup", "0", "--threads", "1", "--torch-bench", "ref", "--python", python.to_str().unwrap(), "--out", "b.json"],
+            dir.path(),
+        )
+    };
+    let out = run(&chatty);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.lines().any(|l| l.starts_with("reduced-forward") && l.contains("4.250")), "{stdout}");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("b.json")).unwrap()).unwrap();
+    assert_eq!(json["rows"][0]["torch"]["median_s"], 4.25);
+    let out = run(&junk);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no result in its output"), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("b.json")).unwrap()).unwrap();
+    assert!(json["rows"][0]["torch"].is_null() && json["rows"][0]["ours"]["median_s"].is_number(), "{json}");
+}
