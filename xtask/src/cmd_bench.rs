@@ -464,7 +464,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         write(&rows)?;
     }
     out!("speedup = PyTorch time / our time (above 1: we are faster); threads = {}", args.threads);
-    write(&rows)?;
     out!("wrote {}", args.out.display());
     if !failed.is_empty() {
         bail!("{} of {} bench cases failed: {}", failed.len(), names.len(), failed.join("; "));
