@@ -135,7 +135,8 @@ fi
 want 2 && {
 step "2+3. throughput and memory, ours then PyTorch, same card (cases: $CASES)"
 # Each precision gets its share of what is left after step 4's reserve and ~90 s for step 2b's
-# profiles and A/B runs, so that a slow f32 cannot take bf16's time (at least 60 s each).
+# profiles and A/B runs, so that a slow f32 cannot take bf16's time (at least 60 s each, unless
+# step 4's reserve leaves less).
 RESERVE2B=0
 want 2b && [ "$DEVICE" != cpu ] && RESERVE2B=90
 np=$(echo $PRECISIONS | wc -w)

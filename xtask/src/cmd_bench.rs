@@ -272,7 +272,7 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
             // cuDNN's choices per shape) go into one untimed model call at its batch instead;
             // bench_torch.py does the same.
             if warmup > 0 {
-                model.forward_t(&x_t.to_dtype(dt)?, &Tensor::new(&[t_start as u32], &dev)?, Mode::Eval)?;
+                model.forward_t(&x_t.to_dtype(dt)?, &Tensor::full(t_start as u32, c.batch, &dev)?, Mode::Eval)?;
                 sync(&dev)?;
             }
             time_runs(0, runs.min(1), || {
@@ -302,11 +302,19 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
     Ok(out)
 }
 
-/// What a failed child said, its last line before any backtrace, and how it ended (an
-/// allocation failure aborts, with no `error:` line).
+/// What a failed child said, and how it ended: its `error:` line; else a panic's message (the
+/// line after "panicked at"); else its last line before any backtrace or hint (an allocation
+/// failure aborts with neither).
 fn child_failure(o: &std::process::Output) -> String {
     let err = String::from_utf8_lossy(&o.stderr);
-    let said = err.lines().take_while(|l| !l.starts_with("stack backtrace:")).filter(|l| !l.trim().is_empty()).last().unwrap_or("no message");
+    let lines: Vec<&str> = err.lines().take_while(|l| !l.starts_with("stack backtrace:")).filter(|l| !l.trim().is_empty()).collect();
+    let said = if let Some(e) = lines.iter().rev().find(|l| l.starts_with("error:")) {
+        e.to_string()
+    } else if let Some(i) = lines.iter().rposition(|l| l.contains("panicked at")) {
+        format!("{} {}", lines[i].trim(), lines.get(i + 1).map_or("", |l| l.trim()))
+    } else {
+        lines.iter().rev().find(|l| !l.starts_with("note:")).unwrap_or(&"no message").to_string()
+    };
     format!("{} ({})", said.trim(), o.status)
 }
 
@@ -374,7 +382,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.precision == "bf16" && args.device == "cpu" {
         bail!("--precision bf16 needs --device cuda (candle's CPU matmul has no bf16)");
     }
-    // The results are written at the end: find out now, not after an hour of runs, that they cannot be.
+    // The results are written after each case: find out now, not after an hour of runs, that they cannot be.
     if args.out.is_dir() {
         bail!("--out {} is a folder: give the JSON file to write, e.g. {}", args.out.display(), args.out.join("bench.json").display());
     }
@@ -469,4 +477,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("{} of {} bench cases failed: {}", failed.len(), names.len(), failed.join("; "));
     }
     Ok(())
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{ExitStatus, Output};
+
+    fn failed(stderr: &str, status: ExitStatus) -> String {
+        super::child_failure(&Output { status, stdout: Vec::new(), stderr: stderr.as_bytes().to_vec() })
+    }
+
+    #[test]
+    fn a_failed_case_says_what_its_child_said() {
+        let exit1 = ExitStatus::from_raw(1 << 8);
+        let exit101 = ExitStatus::from_raw(101 << 8);
+        let abort = ExitStatus::from_raw(6);
+        assert_eq!(failed("loading...\nerror: in CUDA op: softmax fwd: bad\n", exit1), "error: in CUDA op: softmax fwd: bad (exit status: 1)");
+        // A panic: its message, not the hint that follows it.
+        let panic = "\nthread 'main' panicked at src/x.rs:3:5:\nassertion failed: returned_count > 0\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(failed(panic, exit101), "thread 'main' panicked at src/x.rs:3:5: assertion failed: returned_count > 0 (exit status: 101)");
+        // An abort: the last line before the backtrace.
+        let oom = "memory allocation of 16777216 bytes failed\nstack backtrace:\n   0: foo\nnote: Some details are omitted\n";
+        assert_eq!(failed(oom, abort), "memory allocation of 16777216 bytes failed (signal: 6 (SIGABRT))");
+        assert_eq!(failed("", exit1), "no message (exit status: 1)");
+    }
 }

@@ -561,9 +561,76 @@ impl candle_core::CustomOp2 for ConvWeightGrad {
     }
 }
 
+/// How a convolution pass with several possible algorithms (cuDNN's, `conv_cudnn`) picks one,
+/// as PyTorch goes down cuDNN's ranked list: each candidate in turn (duplicates skipped) until
+/// one runs; one that is refused (its workspace query or its launch fails), or whose workspace
+/// cannot be allocated, gives way to the next. Returns what ran and whether it may be cached:
+/// not when a candidate before it failed only for want of memory, which is passing, so that
+/// candidate is tried again on the next call instead of a slower one being pinned for good.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+pub(crate) fn first_that_runs<A: Copy + PartialEq + std::fmt::Debug, W>(
+    candidates: impl IntoIterator<Item = A>,
+    workspace_size: impl Fn(A) -> Result<usize>,
+    workspace: impl Fn(usize) -> Result<W>,
+    mut launch: impl FnMut(A, &mut W) -> Result<()>,
+) -> Result<(A, bool)> {
+    let mut tried: Vec<A> = Vec::new();
+    let mut failures = Vec::new();
+    let mut short_of_memory = false;
+    for a in candidates {
+        if tried.contains(&a) {
+            continue;
+        }
+        tried.push(a);
+        let n = match workspace_size(a) {
+            Ok(n) => n,
+            Err(e) => {
+                failures.push(format!("{a:?}: {e}"));
+                continue;
+            }
+        };
+        let mut ws = match workspace(n) {
+            Ok(ws) => ws,
+            Err(e) => {
+                short_of_memory = true;
+                failures.push(format!("{a:?}: {n} bytes of workspace: {e}"));
+                continue;
+            }
+        };
+        match launch(a, &mut ws) {
+            Ok(()) => return Ok((a, !short_of_memory)),
+            Err(e) => failures.push(format!("{a:?}: {e}")),
+        }
+    }
+    candle_core::bail!("cuDNN: no algorithm ran ({})", failures.join("; "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The algorithm choice of the cuDNN passes, without a GPU: candidates 1 (refused by its
+    /// workspace query), 2 (its workspace too large), 3 (its launch fails), 4 (runs).
+    #[test]
+    fn first_that_runs_goes_down_the_list_and_caches_only_what_memory_did_not_decide() {
+        let size = |a: u32| if a == 1 { candle_core::bail!("not supported") } else { Ok(a as usize * 100) };
+        let alloc = |n: usize| if (200..300).contains(&n) { candle_core::bail!("out of memory") } else { Ok(vec![0u8; n]) };
+        let mut launched = Vec::new();
+        let mut launch = |a: u32, ws: &mut Vec<u8>| {
+            launched.push((a, ws.len()));
+            if a == 3 { candle_core::bail!("launch failed") } else { Ok(()) }
+        };
+        // The first that runs is 4; 2 failed only for want of memory, so 4 must not be cached.
+        assert_eq!(first_that_runs([1, 2, 3, 4, 5], size, alloc, &mut launch).unwrap(), (4, false));
+        // Refusals alone: what ran may be cached. Duplicates are tried once.
+        assert_eq!(first_that_runs([1, 3, 3, 4], size, alloc, &mut launch).unwrap(), (4, true));
+        // The first candidate runs: cached.
+        assert_eq!(first_that_runs([5, 4], size, alloc, &mut launch).unwrap(), (5, true));
+        // None runs: the error names each candidate and why.
+        let e = first_that_runs([1, 2, 3], size, alloc, &mut launch).unwrap_err().to_string();
+        assert!(e.contains("1: not supported") && e.contains("2: 200 bytes of workspace: out of memory") && e.contains("3: launch failed"), "{e}");
+        assert_eq!(launched, [(3, 300), (4, 400), (3, 300), (4, 400), (5, 500), (3, 300)]);
+    }
     use candle_core::{Device, Var};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {

@@ -10,7 +10,8 @@
 //! `benchmark=False`), cached per shape once one has run. Should the heuristics fail, or their
 //! choice be unsupported, want more scratch memory than can be had, or fail to launch, the pass
 //! tries the algorithms every build has (precomputed then plain implicit GEMM forward,
-//! algorithms 1 then 0 backward), as PyTorch goes down its list. (cudarc gives the heuristics'
+//! algorithms 1 then 0 backward), as PyTorch goes down its list; a choice that failed only for
+//! want of memory is not replaced in the cache. (cudarc gives the heuristics'
 //! first choice only, not its math type; our math types are PyTorch's defaults.)
 //!
 //! f32 convolutions may use TF32 tensor cores, as PyTorch's cuDNN convolutions do by default;
@@ -146,7 +147,7 @@ where
                 _ => op.pick_algorithm().ok(),
             };
             let mut out = unsafe { dev.alloc::<T>(d.b * d.o * d.hw_out())? };
-            first_that_runs(key, Algo::Forward, first, &[F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
+            run_first_that_runs(key, Algo::Forward, first, &[F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
                 unsafe { op.launch(a, ws.as_mut(), (one, zero), &av, &bv, &mut out).map_err(w) }
             })?;
             out
@@ -160,7 +161,7 @@ where
             };
             let mut out = unsafe { dev.alloc::<T>(d.b * d.c * d.h * d.w)? };
             // `a` is dy, `b` the kernel.
-            first_that_runs(key, Algo::InputGrad, first, &[D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
+            run_first_that_runs(key, Algo::InputGrad, first, &[D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
                 unsafe { op.launch(a, ws.as_mut(), (one, zero), &mut out, &bv, &av).map_err(w) }
             })?;
             out
@@ -174,7 +175,7 @@ where
             };
             let mut out = unsafe { dev.alloc::<T>(d.o * d.ckk())? };
             // `a` is x, `b` is dy.
-            first_that_runs(key, Algo::WeightGrad, first, &[B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
+            run_first_that_runs(key, Algo::WeightGrad, first, &[B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
                 unsafe { op.launch(a, ws.as_mut(), (one, zero), &av, &mut out, &bv).map_err(w) }
             })?;
             out
@@ -184,35 +185,22 @@ where
 }
 
 /// Runs the pass with `first` (the cached or the heuristics' choice), else with each of
-/// `fallbacks` in turn (algorithms every cuDNN build has for these NCHW shapes), as PyTorch goes
-/// down cuDNN's ranked list: an algorithm that is not supported for the shape, whose workspace
-/// cannot be had, or whose launch fails, gives way to the next. Only one that ran is cached, so a
-/// passing shortage of memory does not pin a slow algorithm for the rest of the process.
-fn first_that_runs<A: Copy + PartialEq + std::fmt::Debug>(
+/// `fallbacks` (algorithms every cuDNN build has for these NCHW shapes), by
+/// [`crate::conv::first_that_runs`], and caches what ran when that says it may.
+fn run_first_that_runs<A: Copy + PartialEq + std::fmt::Debug>(
     key: AlgoKey,
     wrap: fn(A) -> Algo,
     first: Option<A>,
     fallbacks: &[A],
     dev: &CudaDevice,
     workspace_size: impl Fn(A) -> Result<usize>,
-    mut launch: impl FnMut(A, &mut Option<CudaSlice<u8>>) -> Result<()>,
+    launch: impl FnMut(A, &mut Option<CudaSlice<u8>>) -> Result<()>,
 ) -> Result<()> {
-    let mut tried: Vec<A> = Vec::new();
-    let mut failures = Vec::new();
-    for a in first.into_iter().chain(fallbacks.iter().copied()) {
-        if tried.contains(&a) {
-            continue;
-        }
-        tried.push(a);
-        match workspace_size(a).and_then(|n| workspace(dev, n)).and_then(|mut ws| launch(a, &mut ws)) {
-            Ok(()) => {
-                ALGOS.with(|m| m.borrow_mut().insert(key, wrap(a)));
-                return Ok(());
-            }
-            Err(e) => failures.push(format!("{a:?}: {e}")),
-        }
+    let (ran, cacheable) = crate::conv::first_that_runs(first.into_iter().chain(fallbacks.iter().copied()), workspace_size, |n| workspace(dev, n), launch)?;
+    if cacheable {
+        ALGOS.with(|m| m.borrow_mut().insert(key, wrap(ran)));
     }
-    candle_core::bail!("cuDNN: no algorithm ran ({})", failures.join("; "))
+    Ok(())
 }
 
 /// cuDNN's scratch space; its contents are never read before being written.
