@@ -20,8 +20,8 @@ use crate::common::{self, out, say};
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Comma-separated cases: forward, train8, train16, reduced-forward, reduced-train, ddim50,
-    /// ddpm100 (the first 100 DDPM steps: x10 for 1000), and for GPUs forward128, train128,
-    /// ddim50x256, ddpm100x256, ddpm1000x256; `all` = the CPU set, `gpu` = the GPU set.
+    /// ddpm100 (the last 100 DDPM steps, t = 99 ... 0: x10 for 1000), and for GPUs forward128,
+    /// train128, ddim50x256, ddpm100x256, ddpm1000x256; `all` = the CPU set, `gpu` = the GPU set.
     #[arg(long, default_value = "all")]
     cases: String,
     /// cpu, cuda or cuda:N (both sides).
@@ -76,14 +76,15 @@ fn case(name: &str) -> Result<Case> {
         "reduced-forward" => Case { cfg: reduced(), batch: 32, kind: "forward", steps: 0 },
         "reduced-train" => Case { cfg: reduced(), batch: 32, kind: "train", steps: 0 },
         "ddim50" => Case { cfg: full, batch: 16, kind: "ddim", steps: 50 },
-        // The first 100 of the 1000 DDPM steps for 16 faces (a full run is ~25 minutes per side
-        // on 2 cores): every step is one network evaluation of the same cost, so x10 is the run.
+        // The last 100 of the 1000 DDPM steps (t = 99 ... 0) for 16 faces (a full run is ~25
+        // minutes per side on 2 cores): every step is one network evaluation of the same cost,
+        // so x10 is the run.
         "ddpm100" => Case { cfg: full, batch: 16, kind: "ddpm", steps: 100 },
         "forward128" => Case { cfg: full, batch: 128, kind: "forward", steps: 0 },
         "train128" => Case { cfg: full, batch: 128, kind: "train", steps: 0 },
         "ddim50x256" => Case { cfg: full, batch: 256, kind: "ddim", steps: 50 },
         "ddpm1000x256" => Case { cfg: full, batch: 256, kind: "ddpm", steps: 1000 },
-        // The first 100 of the 1000 DDPM steps: per-step cost is constant, so x10 gives the full run
+        // The last 100 of the 1000 DDPM steps: per-step cost is constant, so x10 gives the full run
         // in a tenth of the GPU time.
         "ddpm100x256" => Case { cfg: full, batch: 256, kind: "ddpm", steps: 100 },
         other => bail!("unknown bench case '{other}' (known: {}, {}, ddpm1000x256)", ALL.join(", "), GPU.join(", ")),

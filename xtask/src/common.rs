@@ -46,7 +46,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                 None => 0,
             };
             if !candle_core::utils::cuda_is_available() {
-                bail!("device '{s}' requested but this binary was built without CUDA (build with --features cuda, see README)");
+                bail!("device '{s}' requested but this binary was built without CUDA: use `cargo xtask-cuda` instead of `cargo xtask` (a CUDA toolkit and cuDNN are needed; README, \"GPU\")");
             }
             let dev = Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
             // Only speed is at stake: should the driver refuse, run with candle's defaults.

@@ -74,6 +74,21 @@ fn import_and_sample_errors_are_one_line() {
 }
 
 #[test]
+fn a_cpu_build_asked_for_cuda_names_the_alias_that_builds_one() {
+    let config = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cargo/config.toml")).unwrap();
+    assert!(config.lines().any(|l| l.starts_with("xtask-cuda = ") && l.contains("--features cudnn")), "{config}");
+    if cfg!(feature = "cuda") {
+        eprintln!("skipped the error check: this test binary was built with CUDA");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["self-test", "--device", "cuda"][..], &["train", "--config", "tiny", "--device", "cuda:1"]] {
+        let out = xtask(args, dir.path());
+        assert_one_line_error(&out, "use `cargo xtask-cuda` instead of `cargo xtask`");
+    }
+}
+
+#[test]
 fn import_then_sample_a_small_grid() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = fixtures().join("seed_micro.ckpt");

@@ -1,5 +1,6 @@
 //! Sampling throughput of a randomly initialised model (the speed does not depend on the
-//! weights): `sampler::sample_grid`, the same call the bench command times.
+//! weights): `sampler::sample_grid`, the `Sampler` path that the bench command times too (it
+//! calls `Sampler::sample_from_step`, to time DDPM from a given step).
 //!
 //! `cargo run --release -p sampler --example throughput -- [--preset reference] [--n 4]
 //!  [--ddim-steps 50] [--ddpm-steps K] [--batch B] [--device cpu|cuda]`

@@ -468,7 +468,7 @@ fn cat(parts: Vec<Tensor>) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-/// `n` samples from a UNet, `batch` at a time: the entry point for benchmarks.
+/// `n` samples from a UNet, `batch` at a time, in one call (`Sampler` for the other options).
 /// `[n, C, H, W]` in [-1, 1] on the CPU; image i depends only on (`seed`, i).
 pub fn sample_grid(model: &UNet, schedule: &Schedule, n: usize, kind: &SamplerKind, seed: u64, batch: usize, progress: &Progress) -> Result<Tensor> {
     Sampler::for_unet(model, schedule).batch(batch).progress(progress.clone()).sample(n, kind, seed)
