@@ -185,14 +185,6 @@ fn parse_grid(flag: &str, s: &str) -> Result<(usize, usize)> {
     Ok((c, r))
 }
 
-fn pick_device(spec: Option<&str>) -> Result<Device> {
-    match spec {
-        Some(s) => crate::common::parse_device(s),
-        None if candle_core::utils::cuda_is_available() => crate::common::parse_device("cuda").or_else(|_| Ok(Device::Cpu)),
-        None => Ok(Device::Cpu),
-    }
-}
-
 /// The outputs to make.
 fn outputs(a: &SampleArgs) -> Vec<What> {
     let mut w: Vec<What> = a.what.clone();
@@ -359,12 +351,12 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         tracing::warn!("--interp-grid applies to --what interpolate: ignored");
     }
 
-    let device = pick_device(a.device.as_deref())?;
+    let device = crate::common::pick_device(a.device.as_deref())?;
     let path = sampler::resolve_checkpoint(a.checkpoint.as_deref(), Path::new("."))?;
     let model = sampler::load_model(&path, &device, !a.no_ema).with_context(|| format!("loading checkpoint {}", path.display()))?;
     let cfg = &model.config;
     info!(
-        "model {} ({}x{} px, ch {}, ch_mult {:?}), {} weights{}, T = {}, device {:?}",
+        "model {} ({}x{} px, ch {}, ch_mult {:?}), {} weights{}, T = {}, device {}",
         path.display(),
         cfg.image_size,
         cfg.image_size,
@@ -373,7 +365,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         if model.ema { "EMA" } else { "raw" },
         if model.has_ema && !model.ema { " (--no-ema; the file has EMA weights)" } else if !model.has_ema { " (the file has no EMA weights)" } else { "" },
         model.schedule.num_steps(),
-        device,
+        crate::common::device_name(&device),
     );
     let t_count = model.schedule.num_steps();
     for k in &kinds {

@@ -27,9 +27,9 @@ pub struct TrainArgs {
     /// resumed even without this flag).
     #[arg(long)]
     resume: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// cpu, cuda or cuda:N [default: cuda if this binary has CUDA and a GPU is present, else cpu]
+    #[arg(long)]
+    device: Option<String>,
     /// Epochs to train in total (the reference: 500).
     #[arg(long)]
     epochs: Option<u64>,
@@ -153,7 +153,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         overrides.push((k.to_string(), v.trim().to_string()));
     }
     let cfg = trainer::resolve_config(&run_dir, a.config.as_deref(), &overrides)?;
-    let device = common::parse_device(&a.device)?;
+    let device = common::pick_device(a.device.as_deref())?;
+    tracing::info!("device {}", common::device_name(&device));
 
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

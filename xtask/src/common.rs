@@ -60,6 +60,29 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// `--device` left out: the GPU when this binary has CUDA and one opens, else the CPU. A CUDA
+/// build that cannot open its GPU says so, so that a run meant for the GPU is not slowly done on
+/// the CPU unnoticed.
+pub fn pick_device(spec: Option<&str>) -> Result<Device> {
+    match spec {
+        Some(s) => parse_device(s),
+        None if candle_core::utils::cuda_is_available() => parse_device("cuda").or_else(|e| {
+            tracing::warn!("no usable CUDA device ({e:#}): running on the CPU (--device cpu says so and silences this)");
+            Ok(Device::Cpu)
+        }),
+        None => Ok(Device::Cpu),
+    }
+}
+
+/// The device as the logs name it: `cpu (N threads)` or `cuda:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => format!("cpu ({})", count(candle_core::utils::get_num_threads() as u64, "thread")),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// `eprintln!` that ignores a closed stderr (`... 2>&1 | head`): a lost line of report must not
 /// turn a finished command into a panic (exit code 101).
 macro_rules! say {

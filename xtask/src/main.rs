@@ -76,6 +76,7 @@ fn main() {
     shorter_candle_pool_spin();
     common::init_logging();
     let cli = Cli::parse();
+    let memory_advice = out_of_memory_advice(&cli.command);
     let result = match cli.command {
         Command::PrepareData(a) => cmd_data::prepare(a),
         Command::BenchData(a) => cmd_data::bench(a),
@@ -87,8 +88,28 @@ fn main() {
         Command::SelfTest(a) => cmd_selftest::run(a),
     };
     if let Err(err) = result {
-        say!("error: {}", one_line(&err));
+        let line = one_line(&err);
+        if is_device_out_of_memory(&line) {
+            say!("error: {line} (the GPU is out of memory: {memory_advice})");
+        } else {
+            say!("error: {line}");
+        }
         std::process::exit(1);
+    }
+}
+
+/// The CUDA libraries' own words for a failed device allocation, as cudarc prints them.
+fn is_device_out_of_memory(line: &str) -> bool {
+    ["CUDA_ERROR_OUT_OF_MEMORY", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"].iter().any(|s| line.contains(s))
+}
+
+/// Which flag lowers the memory a command needs: the driver's error names none.
+fn out_of_memory_advice(command: &Command) -> &'static str {
+    match command {
+        Command::Train(_) => "a smaller --batch-size needs less, and so does --precision bf16",
+        Command::Sample(_) => "a smaller --batch needs less",
+        Command::Bench(_) => "the batch-128 and batch-256 cases need the most: pick others with --cases",
+        _ => "is another process using it? (nvidia-smi)",
     }
 }
 
@@ -117,8 +138,23 @@ fn one_line(err: &anyhow::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{is_device_out_of_memory, one_line};
     use anyhow::Context;
+
+    #[test]
+    fn a_device_allocation_failure_is_recognised_from_each_library() {
+        // As cudarc's errors print (their Display is their Debug), behind our contexts.
+        for line in [
+            "training failed: step 12: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "sampling: CublasError(CUBLAS_STATUS_ALLOC_FAILED)",
+            "training failed: in CUDA op: conv2d backward-data: CudnnError(CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED)",
+        ] {
+            assert!(is_device_out_of_memory(line), "{line}");
+        }
+        for line in ["DriverError(CUDA_ERROR_LAUNCH_FAILED, \"unspecified launch failure\")", "CudnnError(CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED)", "cannot read x: out of memory"] {
+            assert!(!is_device_out_of_memory(line), "{line}");
+        }
+    }
 
     #[test]
     fn error_line_escapes_control_characters() {
