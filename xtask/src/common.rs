@@ -67,7 +67,7 @@ pub fn pick_device(spec: Option<&str>) -> Result<Device> {
     match spec {
         Some(s) => parse_device(s),
         None if candle_core::utils::cuda_is_available() => parse_device("cuda").or_else(|e| {
-            tracing::warn!("no usable CUDA device ({e:#}): running on the CPU (--device cpu says so and silences this)");
+            tracing::warn!("no usable CUDA device ({e:#}): running on the CPU (--device cpu chooses it without this warning)");
             Ok(Device::Cpu)
         }),
         None => Ok(Device::Cpu),

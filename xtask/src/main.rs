@@ -109,7 +109,7 @@ fn out_of_memory_advice(command: &Command) -> &'static str {
         Command::Train(_) => "a smaller --batch-size needs less, and so does --precision bf16",
         Command::Sample(_) => "a smaller --batch needs less",
         Command::Bench(_) => "the batch-128 and batch-256 cases need the most: pick others with --cases",
-        _ => "is another process using it? (nvidia-smi)",
+        _ => "another process may hold it (nvidia-smi lists them)",
     }
 }
 
