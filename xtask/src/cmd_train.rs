@@ -182,7 +182,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if t.resumed_from().is_some() && !a.resume {
         say!("{} already had checkpoints: resuming it (use another --run to start a new run)", run_dir.display());
     }
-    let s = t.run(stop).context("training failed")?;
+    let s = match t.run(stop) {
+        Ok(s) => s,
+        // A divergence names its last good checkpoint itself.
+        Err(e @ trainer::TrainError::NonFinite(_)) => return Err(anyhow::Error::new(e).context("training failed")),
+        Err(e) => {
+            let kept = match t.last_checkpoint() {
+                Some((step, dir)) => format!("checkpoint of step {step} kept in {}: the same command resumes from it", dir.display()),
+                None => "no checkpoint written yet".into(),
+            };
+            return Err(anyhow::Error::new(e).context(format!("training failed after step {} ({kept})", t.steps_done())));
+        }
+    };
     let how = match s.reason {
         StopReason::Finished => "finished",
         StopReason::MaxSteps => "reached --max-steps",

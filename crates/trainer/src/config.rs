@@ -219,8 +219,11 @@ impl Default for LogConfig {
 }
 
 /// Keys a resumed run may change: how long it runs, how often it saves and logs, where the data
-/// lives, and the learning-rate settings (with a warning, since the run then differs from an
-/// uninterrupted one). Everything else must match the run's `config.toml`.
+/// lives; and, with a warning, since the run then differs from an uninterrupted one, the
+/// learning-rate settings and what a step costs on the device (batch size and precision), so
+/// that a run can move to a GPU with less memory. The checkpoint holds f32 weights and moments
+/// and the epoch position in images, so neither depends on them. Everything else must match
+/// the run's `config.toml`.
 const RESUMABLE_KEYS: &[&str] = &[
     "data.path",
     "train.epochs",
@@ -230,7 +233,7 @@ const RESUMABLE_KEYS: &[&str] = &[
     "checkpoint",
     "log",
 ];
-const RESUMABLE_WITH_WARNING: &[&str] = &["train.lr", "train.warmup_steps", "train.grad_clip"];
+const RESUMABLE_WITH_WARNING: &[&str] = &["train.lr", "train.warmup_steps", "train.grad_clip", "train.batch_size", "train.precision"];
 
 impl RunConfig {
     /// The reference run (same as `configs/anime64.toml`).

@@ -542,6 +542,10 @@ impl Trainer {
     pub fn warnings(&self) -> &[String] {
         &self.warnings
     }
+    /// The step and folder of the newest checkpoint this run has (written or resumed from).
+    pub fn last_checkpoint(&self) -> Option<(u64, &Path)> {
+        self.last_saved.as_ref().map(|(s, d)| (*s, d.as_path()))
+    }
 
     fn ensure_order(&mut self) {
         if self.order_epoch != Some(self.epoch) {

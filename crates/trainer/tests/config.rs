@@ -73,6 +73,12 @@ fn overrides_and_errors() {
     now.set("train.lr", "2e-4").unwrap();
     let w = now.check_resume(&saved, std::path::Path::new("state.json")).unwrap();
     assert!(w.len() == 1 && w[0].contains("train.lr changed on resume: 0.0001 -> 0.0002"), "{w:?}");
+    // What a step costs on the device may change too (a GPU with less memory), with a warning.
+    let mut moved = saved.clone();
+    moved.set("train.precision", "\"bf16\"").unwrap();
+    moved.set("train.batch_size", "64").unwrap();
+    let w = moved.check_resume(&saved, std::path::Path::new("state.json")).unwrap();
+    assert!(w.len() == 2 && w.iter().any(|w| w.contains("train.precision changed on resume: \"f32\" -> \"bf16\"")), "{w:?}");
     now.set("unet.dropout", "0.2").unwrap();
     let e = now.check_resume(&saved, std::path::Path::new("state.json")).unwrap_err().to_string();
     assert!(e.contains("unet.dropout is 0.1 in state.json but 0.2 now"), "{e}");

@@ -111,8 +111,12 @@ fn resumed_runs_end_bit_for_bit_like_an_uninterrupted_one() {
     let c = tmp.path().join("c");
     let mut cfg_c = cfg.clone();
     cfg_c.checkpoint.every_steps = 2;
-    let err = run(&cfg_c, &c, TrainOptions { crash_after_step: Some(5), ..Default::default() }).unwrap_err();
+    let mut t = Trainer::new(cfg_c.clone(), &c, &Device::Cpu, TrainOptions { crash_after_step: Some(5), ..Default::default() }).unwrap();
+    let err = t.run(Arc::new(AtomicBool::new(false))).unwrap_err();
     assert!(matches!(err, TrainError::SimulatedCrash(5)));
+    // What the command line says is kept.
+    assert_eq!(t.last_checkpoint(), Some((4, checkpoint::checkpoint_dir(&c, 4).as_path())));
+    drop(t);
     assert_eq!(checkpoint::list(&c).last().unwrap().0, 4);
     let sc = run(&cfg_c, &c, TrainOptions::default()).unwrap();
     assert_eq!((sc.resumed_from, sc.steps), (Some(4), 10));
@@ -218,10 +222,18 @@ fn corrupt_latest_checkpoint_falls_back_mismatch_and_divergence_are_errors() {
     };
     assert!(msg.contains("config mismatch") && msg.contains("unet.ch"), "{msg}");
     assert!(!msg.contains('\n'), "{msg}");
-    // So is another batch size; a longer run is fine.
+    // Another batch size (a run moved to a GPU with less memory) resumes with a warning, from
+    // the same image of the epoch: step 4 at batch 4 was 16 of the 22 training images, so one
+    // step at batch 8 ends the epoch where one at batch 4 would not.
     let mut other = cfg.clone();
     other.train.batch_size = 8;
-    assert!(matches!(Trainer::new(other, &dir, &Device::Cpu, TrainOptions::default()), Err(TrainError::ConfigMismatch(_))));
+    let mut t = Trainer::new(other, &dir, &Device::Cpu, TrainOptions::default()).unwrap();
+    assert_eq!(t.steps_done(), 4);
+    assert!(t.warnings().iter().any(|w| w.contains("train.batch_size changed on resume: 4 -> 8")), "{:?}", t.warnings());
+    assert!(!t.epoch_done());
+    t.step().unwrap();
+    assert!(t.epoch_done(), "the step took the epoch's last 6 images");
+    drop(t);
 
     // lr = 1e30 diverges: a clear error, and the last good checkpoint (step 4) stays the latest.
     let before = std::fs::read(checkpoint::checkpoint_dir(&dir, 4).join(MODEL_FILE)).unwrap();
