@@ -14,6 +14,8 @@ gzip -f -6 .gpu/xtask
 cp scripts/gpu/run-env.sh .gpu/
 cp ../shared/bench/ref_unet.py ../shared/bench/bench_cpu.py .gpu/bench/
 if [ -d ../shared/data/anime-faces-mini ]; then
+  # The CPU build (`cargo xtask-cuda` would have left a CUDA one in target/, which needs a driver).
+  cargo build -q --release -p xtask
   target/release/xtask prepare-data --raw ../shared/data/anime-faces-mini --out .gpu/mini >/dev/null
   rm -rf .gpu/mini/images
 fi

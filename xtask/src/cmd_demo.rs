@@ -63,6 +63,6 @@ pub fn run(a: DemoArgs) -> Result<()> {
     out!("samples:       {}", r.samples.display());
     out!("training data: {}", r.data_grid.display());
     out!("loss curve:    {}", r.loss.display());
-    out!("run folder:    {}  (cargo xtask sample --checkpoint {})", r.run_dir.display(), r.run_dir.display());
+    out!("run folder:    {}  ({} sample --checkpoint {})", r.run_dir.display(), common::ALIAS, r.run_dir.display());
     Ok(())
 }

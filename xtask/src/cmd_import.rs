@@ -102,7 +102,7 @@ fn print_summary(ckpt: &Path, out: &Path, r: &Imported) -> Result<()> {
         r.ignored.len()
     );
     out!("  wrote {}", out.display());
-    out!("  sample from it: cargo xtask sample --checkpoint {}", out.display());
+    out!("  sample from it: {} sample --checkpoint {}", crate::common::ALIAS, out.display());
     Ok(())
 }
 

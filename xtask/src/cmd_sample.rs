@@ -74,7 +74,7 @@ the same images whatever --batch is (up to the rounding of batched matrix produc
 Examples:
   cargo xtask sample                                  # 16x16 grids, both variances, DDPM 1000 steps
   cargo xtask sample --sampler ddim --steps 50 --eta 0 --grid 8x8
-  cargo xtask sample --what all --checkpoint runs/anime64 --device cuda
+  cargo xtask-cuda sample --what all --checkpoint runs/anime64   # the CUDA build: on the GPU
   cargo xtask sample --recover --recover-mode both --data dataset/anime/processed")]
 pub struct SampleArgs {
     /// Model file (.safetensors written by train/import-checkpoint, or a Lightning .ckpt), or a
@@ -351,7 +351,7 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         tracing::warn!("--interp-grid applies to --what interpolate: ignored");
     }
 
-    let device = crate::common::pick_device(a.device.as_deref())?;
+    let device = crate::common::pick_device(a.device.as_deref(), crate::common::NoGpu::UseCpu)?;
     let path = sampler::resolve_checkpoint(a.checkpoint.as_deref(), Path::new("."))?;
     let model = sampler::load_model(&path, &device, !a.no_ema).with_context(|| format!("loading checkpoint {}", path.display()))?;
     let cfg = &model.config;

@@ -27,7 +27,7 @@ pub struct TrainArgs {
     /// resumed even without this flag).
     #[arg(long)]
     resume: bool,
-    /// cpu, cuda or cuda:N [default: cuda if this binary has CUDA and a GPU is present, else cpu]
+    /// cpu, cuda or cuda:N [default: cuda if this binary has CUDA (an error if no GPU opens), else cpu]
     #[arg(long)]
     device: Option<String>,
     /// Epochs to train in total (the reference: 500).
@@ -153,7 +153,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         overrides.push((k.to_string(), v.trim().to_string()));
     }
     let cfg = trainer::resolve_config(&run_dir, a.config.as_deref(), &overrides)?;
-    let device = common::pick_device(a.device.as_deref())?;
+    let device = common::pick_device(a.device.as_deref(), common::NoGpu::Refuse)?;
     tracing::info!("device {}", common::device_name(&device));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -212,7 +212,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(c) = &s.last_checkpoint {
         say!("checkpoint: {}", c.display());
     }
-    say!("model:      {}  (cargo xtask sample --checkpoint {})", run_dir.join("model.safetensors").display(), run_dir.display());
+    say!("model:      {}  ({} sample --checkpoint {})", run_dir.join("model.safetensors").display(), common::ALIAS, run_dir.display());
     // The curve is best effort (a failed redraw is only a warning): name it only if it is there.
     let loss_png = run_dir.join("loss.png");
     let curve = if loss_png.is_file() { format!(" , {}", loss_png.display()) } else { String::new() };

@@ -36,6 +36,9 @@ pub fn positive(s: &str) -> Result<usize, String> {
     }
 }
 
+/// The start of the error when a GPU does not open.
+pub const CANNOT_OPEN_CUDA: &str = "cannot open CUDA device";
+
 /// Parses `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
@@ -48,7 +51,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("device '{s}' requested but this binary was built without CUDA: use `cargo xtask-cuda` instead of `cargo xtask` (a CUDA toolkit and cuDNN are needed; README, \"GPU\")");
             }
-            let dev = Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
+            let dev = Device::new_cuda(ordinal).with_context(|| format!("{CANNOT_OPEN_CUDA} {ordinal}"))?;
             // Only speed is at stake: should the driver refuse, run with candle's defaults.
             #[cfg(feature = "cuda")]
             if let Err(e) = unet::cuda_ops::tune_device(&dev) {
@@ -60,19 +63,32 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
-/// `--device` left out: the GPU when this binary has CUDA and one opens, else the CPU. A CUDA
-/// build that cannot open its GPU says so, so that a run meant for the GPU is not slowly done on
-/// the CPU unnoticed.
-pub fn pick_device(spec: Option<&str>) -> Result<Device> {
+/// How a command without `--device` treats a CUDA build whose GPU does not open.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NoGpu {
+    /// Go on on the CPU, with a warning (sampling: slow, but it ends).
+    UseCpu,
+    /// Stop with an error: a training run meant for the GPU would take months on the CPU.
+    Refuse,
+}
+
+/// `--device` left out: the GPU when this binary has CUDA, else the CPU.
+pub fn pick_device(spec: Option<&str>, no_gpu: NoGpu) -> Result<Device> {
     match spec {
         Some(s) => parse_device(s),
-        None if candle_core::utils::cuda_is_available() => parse_device("cuda").or_else(|e| {
-            tracing::warn!("no usable CUDA device ({e:#}): running on the CPU (--device cpu chooses it without this warning)");
-            Ok(Device::Cpu)
+        None if candle_core::utils::cuda_is_available() => parse_device("cuda").or_else(|e| match no_gpu {
+            NoGpu::UseCpu => {
+                tracing::warn!("no usable CUDA device ({e:#}): running on the CPU (--device cpu chooses it without this warning)");
+                Ok(Device::Cpu)
+            }
+            NoGpu::Refuse => Err(e.context("this CUDA build trains on the GPU unless told otherwise: pass --device cpu to train on the CPU")),
         }),
         None => Ok(Device::Cpu),
     }
 }
+
+/// The command that runs this binary, for the hints it prints.
+pub const ALIAS: &str = if cfg!(feature = "cuda") { "cargo xtask-cuda" } else { "cargo xtask" };
 
 /// The device as the logs name it: `cpu (N threads)` or `cuda:N`.
 pub fn device_name(device: &Device) -> String {

@@ -88,14 +88,23 @@ fn main() {
         Command::SelfTest(a) => cmd_selftest::run(a),
     };
     if let Err(err) = result {
-        let line = one_line(&err);
-        if is_device_out_of_memory(&line) {
-            say!("error: {line} (the GPU is out of memory: {memory_advice})");
-        } else {
-            say!("error: {line}");
-        }
+        say!("error: {}", with_memory_advice(one_line(&err), memory_advice));
         std::process::exit(1);
     }
+}
+
+const OUT_OF_MEMORY: &str = "the GPU is out of memory";
+const ANOTHER_PROCESS: &str = "another process may hold it (nvidia-smi lists them)";
+
+/// The error line, with what to change when the GPU ran out of memory.
+fn with_memory_advice(line: String, advice: &str) -> String {
+    // A bench child's error line, quoted by its parent, already has the advice.
+    if !is_device_out_of_memory(&line) || line.contains(OUT_OF_MEMORY) {
+        return line;
+    }
+    // Full before we allocated anything: our flags would not help.
+    let advice = if line.contains(common::CANNOT_OPEN_CUDA) { ANOTHER_PROCESS } else { advice };
+    format!("{line} ({OUT_OF_MEMORY}: {advice})")
 }
 
 /// The CUDA libraries' own words for a failed device allocation, as cudarc prints them.
@@ -109,7 +118,7 @@ fn out_of_memory_advice(command: &Command) -> &'static str {
         Command::Train(_) => "a smaller --batch-size needs less, and so does --precision bf16",
         Command::Sample(_) => "a smaller --batch needs less",
         Command::Bench(_) => "the batch-128 and batch-256 cases need the most: pick others with --cases",
-        _ => "another process may hold it (nvidia-smi lists them)",
+        _ => ANOTHER_PROCESS,
     }
 }
 
@@ -138,7 +147,7 @@ fn one_line(err: &anyhow::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_device_out_of_memory, one_line};
+    use super::{is_device_out_of_memory, one_line, with_memory_advice};
     use anyhow::Context;
 
     #[test]
@@ -154,6 +163,20 @@ mod tests {
         for line in ["DriverError(CUDA_ERROR_LAUNCH_FAILED, \"unspecified launch failure\")", "CudnnError(CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED)", "cannot read x: out of memory"] {
             assert!(!is_device_out_of_memory(line), "{line}");
         }
+    }
+
+    #[test]
+    fn memory_advice_is_given_once_and_fits_where_memory_ran_out() {
+        let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        let step = format!("training failed after step 3: {oom}");
+        assert_eq!(with_memory_advice(step.clone(), "use less"), format!("{step} (the GPU is out of memory: use less)"));
+        // bench quotes its child's line, advice included.
+        let child = with_memory_advice(format!("train128: {oom}"), "pick other cases");
+        let parent = format!("bench: case train128 failed: {child}");
+        assert_eq!(with_memory_advice(parent.clone(), "pick other cases"), parent);
+        let open = format!("cannot open CUDA device 0: {oom}");
+        assert!(with_memory_advice(open, "a smaller --batch-size").ends_with("(the GPU is out of memory: another process may hold it (nvidia-smi lists them))"));
+        assert_eq!(with_memory_advice("no such file".into(), "x"), "no such file");
     }
 
     #[test]

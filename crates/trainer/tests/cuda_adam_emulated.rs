@@ -3,7 +3,7 @@
 //! `trainer::multi_tensor::plan` (the same bytes the GPU gets), against `trainer::Adam` and
 //! `trainer::adam::global_norm` on the CPU: two steps over more variables than one launch takes,
 //! with chunks smaller than the variables, for Adam with clipping and EMA, AdamW, and Adam's L2
-//! term. The launches themselves are checked on a GPU by `cargo xtask self-test --device cuda`.
+//! term. The launches themselves are checked on a GPU by `cargo xtask-cuda self-test --device cuda`.
 //!
 //! Needs a C++20 compiler (`$CXX`, else `g++`): without one the test says so and skips.
 

@@ -2,7 +2,7 @@
 //! emulator (`tests/cuda_emu`: a thread per CUDA thread, real barriers and warp shuffles),
 //! against the CPU ops, forward and backward, in f32 and bf16. Their indexing, block
 //! reductions and bf16 rounding are checked here, where there is no GPU; the GPU itself is
-//! checked by `cargo xtask self-test --device cuda`.
+//! checked by `cargo xtask-cuda self-test --device cuda`.
 //!
 //! Needs a C++20 compiler (`$CXX`, else `g++`): without one the test says so and skips.
 
