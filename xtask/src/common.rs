@@ -78,7 +78,7 @@ pub fn pick_device(spec: Option<&str>, no_gpu: NoGpu) -> Result<Device> {
         Some(s) => parse_device(s),
         None if candle_core::utils::cuda_is_available() => parse_device("cuda").or_else(|e| match no_gpu {
             NoGpu::UseCpu => {
-                tracing::warn!("no usable CUDA device ({e:#}): running on the CPU (--device cpu chooses it without this warning)");
+                tracing::warn!("no usable CUDA device ({}): running on the CPU (--device cpu chooses it without this warning)", one_line(&e));
                 Ok(Device::Cpu)
             }
             NoGpu::Refuse => Err(e.context("this CUDA build trains on the GPU unless told otherwise: pass --device cpu to train on the CPU")),
@@ -97,6 +97,44 @@ pub fn device_name(device: &Device) -> String {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
+}
+
+/// The chain of contexts joined on one line, as ripgrep and cargo do; less what a message
+/// already says: our library errors print their source themselves ("cannot read X: <os
+/// error>"), and a context naming a path may precede an error that starts with it.
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let full = cause.to_string();
+        let text = without_backtrace(&full);
+        if line.ends_with(text) {
+            continue;
+        }
+        let mut rest = text;
+        if let Some(last) = line.rsplit(' ').next().filter(|w| !w.is_empty()) {
+            rest = rest.strip_prefix(last).and_then(|r| r.strip_prefix(": ")).unwrap_or(rest);
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(rest);
+    }
+    // Messages can quote what a bad file holds (a corrupt pickle's bytes): keep them on one line.
+    line.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
+/// candle appends a backtrace to its errors when `RUST_BACKTRACE` is set (`{inner}\n{backtrace}`,
+/// frames `   0: ...` on): an error line keeps the message. The backtrace comes last in candle's
+/// text, and a wrapper that prints its source shows the same text, so cutting at frame 0 suffices.
+fn without_backtrace(text: &str) -> &str {
+    let mut at = 0;
+    for l in text.split_inclusive('\n') {
+        if l.starts_with(' ') && l.trim_start().starts_with("0: ") {
+            return text[..at].trim_end_matches('\n');
+        }
+        at += l.len();
+    }
+    text
 }
 
 /// `eprintln!` that ignores a closed stderr (`... 2>&1 | head`): a lost line of report must not

@@ -88,7 +88,7 @@ fn main() {
         Command::SelfTest(a) => cmd_selftest::run(a),
     };
     if let Err(err) = result {
-        say!("error: {}", with_memory_advice(one_line(&err), memory_advice));
+        say!("error: {}", with_memory_advice(common::one_line(&err), memory_advice));
         std::process::exit(1);
     }
 }
@@ -122,32 +122,10 @@ fn out_of_memory_advice(command: &Command) -> &'static str {
     }
 }
 
-/// The chain of contexts joined on one line, as ripgrep and cargo do; less what a message
-/// already says: our library errors print their source themselves ("cannot read X: <os
-/// error>"), and a context naming a path may precede an error that starts with it.
-fn one_line(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if line.ends_with(&text) {
-            continue;
-        }
-        let mut rest = text.as_str();
-        if let Some(last) = line.rsplit(' ').next().filter(|w| !w.is_empty()) {
-            rest = rest.strip_prefix(last).and_then(|r| r.strip_prefix(": ")).unwrap_or(rest);
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(rest);
-    }
-    // Messages can quote what a bad file holds (a corrupt pickle's bytes): keep them on one line.
-    line.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{is_device_out_of_memory, one_line, with_memory_advice};
+    use super::{is_device_out_of_memory, with_memory_advice};
+    use crate::common::one_line;
     use anyhow::Context;
 
     #[test]
@@ -163,6 +141,19 @@ mod tests {
         for line in ["DriverError(CUDA_ERROR_LAUNCH_FAILED, \"unspecified launch failure\")", "CudnnError(CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED)", "cannot read x: out of memory"] {
             assert!(!is_device_out_of_memory(line), "{line}");
         }
+    }
+
+    #[test]
+    fn error_line_leaves_out_candles_backtrace() {
+        // What candle makes of an error under RUST_BACKTRACE=1, behind a library error that
+        // prints its source (trainer's Candle variant) and our context.
+        let bt = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert!(bt.to_string().contains("\n   0: "), "a captured backtrace has frames: {bt}");
+        let e = Err::<(), _>(trainer::TrainError::from(bt)).context("training failed after step 3").unwrap_err();
+        assert_eq!(one_line(&e), "training failed after step 3: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
     }
 
     #[test]
