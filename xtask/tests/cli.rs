@@ -169,7 +169,7 @@ fn a_termination_signal_saves_a_checkpoint_like_ctrl_c() {
             child.arg(env!("CARGO_BIN_EXE_xtask"));
         }
         let mut child = child
-            .args(["train", "--config", "tiny", "--data", "data", "--run", &run, "--max-steps", "1000000"])
+            .args(["train", "--config", "tiny", "--data", "data", "--run", &run, "--max-steps", "1000000", "--device", "cpu"])
             .args(["--log-every", "1", "--sample-every", "0", "--checkpoint-minutes", "1000", "--no-progress"])
             .current_dir(dir.path())
             .stdout(std::process::Stdio::null())
@@ -179,6 +179,10 @@ fn a_termination_signal_saves_a_checkpoint_like_ctrl_c() {
         let metrics = dir.path().join(&run).join("metrics.jsonl");
         let started = std::time::Instant::now();
         while std::fs::metadata(&metrics).map_or(true, |m| m.len() == 0) {
+            if child.try_wait().unwrap().is_some() {
+                let out = child.wait_with_output().unwrap();
+                panic!("the run ended before its first step: {}", String::from_utf8_lossy(&out.stderr));
+            }
             assert!(started.elapsed().as_secs() < 300, "no training step within 5 minutes");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
