@@ -179,3 +179,17 @@ pub fn step(dev: &CudaDevice, p: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &
     STEPS.fetch_add(1, Ordering::Relaxed);
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    /// As unet's kernels (`unet::cuda_ops`): NVRTC compiles them here, with the device path's
+    /// options, and the PTX has the three entry points the step asks for.
+    #[test]
+    fn the_adam_kernels_compile_with_nvrtc() {
+        let ptx = super::ptx().unwrap();
+        for name in ["adam_multi", "sumsq_multi", "sum_partials"] {
+            assert!(include_str!("adam_cuda.rs").contains(&format!("get_or_load_custom_func(\"{name}\"")), "{name} is not asked for");
+            assert!(ptx.contains(&format!(".entry {name}(")), "the PTX has no entry {name}");
+        }
+    }
+}

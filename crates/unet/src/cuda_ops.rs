@@ -491,3 +491,36 @@ pub mod profile {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The kernel names the launches above ask for: quoted `<name>_f32` / `<name>_bf16`.
+    fn names_asked_for(rust_src: &str, suffixes: &[&str]) -> Vec<String> {
+        let mut names: Vec<String> = rust_src
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+            .filter(|s| suffixes.iter().any(|x| s.ends_with(x)))
+            .map(String::from)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// NVRTC is a host library, so the kernels compile here as the device path compiles them,
+    /// though no GPU runs them (`scripts/gpu/test-cuda-build.sh`): a source NVRTC refuses, or a
+    /// launch asking for a kernel the PTX does not have, would otherwise first show on a GPU.
+    #[test]
+    fn the_kernels_compile_with_nvrtc_and_have_every_entry_point_asked_for() {
+        let ptx = super::ptx().unwrap();
+        let asked = names_asked_for(include_str!("cuda_ops.rs"), &["_f32", "_bf16"]);
+        assert_eq!(asked.len(), 18, "{asked:?}");
+        for name in &asked {
+            assert!(ptx.contains(&format!(".entry {name}(")), "the PTX has no entry {name}");
+        }
+        let defined = super::SRC.matches("__global__ void ").count();
+        assert_eq!(ptx.matches(".entry ").count(), defined, "every kernel of kernels.cu is in the PTX");
+    }
+}
