@@ -55,7 +55,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             // Only speed is at stake: should the driver refuse, run with candle's defaults.
             #[cfg(feature = "cuda")]
             if let Err(e) = unet::cuda_ops::tune_device(&dev) {
-                tracing::warn!("CUDA device {ordinal}: keeping candle's allocator settings ({e})");
+                tracing::warn!("CUDA device {ordinal}: keeping candle's allocator settings ({})", one_line(&e.into()));
             }
             Ok(dev)
         }
@@ -107,10 +107,10 @@ pub fn one_line(err: &anyhow::Error) -> String {
     for cause in err.chain() {
         let full = cause.to_string();
         let text = without_backtrace(&full);
-        if line.ends_with(text) {
+        if line.ends_with(&*text) {
             continue;
         }
-        let mut rest = text;
+        let mut rest = &*text;
         if let Some(last) = line.rsplit(' ').next().filter(|w| !w.is_empty()) {
             rest = rest.strip_prefix(last).and_then(|r| r.strip_prefix(": ")).unwrap_or(rest);
         }
@@ -123,18 +123,36 @@ pub fn one_line(err: &anyhow::Error) -> String {
     line.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
 }
 
-/// candle appends a backtrace to its errors when `RUST_BACKTRACE` is set (`{inner}\n{backtrace}`,
-/// frames `   0: ...` on): an error line keeps the message. The backtrace comes last in candle's
-/// text, and a wrapper that prints its source shows the same text, so cutting at frame 0 suffices.
-fn without_backtrace(text: &str) -> &str {
-    let mut at = 0;
-    for l in text.split_inclusive('\n') {
-        if l.starts_with(' ') && l.trim_start().starts_with("0: ") {
-            return text[..at].trim_end_matches('\n');
-        }
-        at += l.len();
+/// candle appends a backtrace to its errors when `RUST_BACKTRACE` is set (`{inner}\n{backtrace}`),
+/// and a message that quotes such errors (cuDNN's list of algorithms that failed) holds them in
+/// its middle: an error line keeps the words and drops each run of frames (std's format: a
+/// line `   0: <symbol>`, then `  N: <symbol>` and `      at <file>` lines).
+fn without_backtrace(text: &str) -> std::borrow::Cow<'_, str> {
+    const FIRST_FRAME: &str = "   0: ";
+    if !text.lines().any(|l| l.starts_with(FIRST_FRAME)) {
+        return text.into();
     }
-    text
+    let frame = |l: &str| {
+        let t = l.trim_start();
+        l.len() > t.len() && (t.starts_with("at ") || t.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
+    };
+    // The line breaks around a run of frames are the backtrace's own: the words on either side
+    // join up again.
+    let mut kept = String::new();
+    let (mut in_frames, mut after_frames) = (false, false);
+    for (i, l) in text.lines().enumerate() {
+        in_frames = l.starts_with(FIRST_FRAME) || (in_frames && frame(l));
+        if in_frames {
+            after_frames = true;
+            continue;
+        }
+        if i > 0 && !after_frames {
+            kept.push('\n');
+        }
+        kept.push_str(l);
+        after_frames = false;
+    }
+    kept.into()
 }
 
 /// `eprintln!` that ignores a closed stderr (`... 2>&1 | head`): a lost line of report must not

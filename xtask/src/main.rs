@@ -144,16 +144,25 @@ mod tests {
     }
 
     #[test]
-    fn error_line_leaves_out_candles_backtrace() {
-        // What candle makes of an error under RUST_BACKTRACE=1, behind a library error that
-        // prints its source (trainer's Candle variant) and our context.
-        let bt = candle_core::Error::WithBacktrace {
-            inner: Box::new(candle_core::Error::Msg("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into())),
+    fn error_line_leaves_out_candles_backtraces() {
+        // What candle makes of an error under RUST_BACKTRACE=1.
+        let with_bt = |m: &str| candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg(m.into())),
             backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
         };
-        assert!(bt.to_string().contains("\n   0: "), "a captured backtrace has frames: {bt}");
-        let e = Err::<(), _>(trainer::TrainError::from(bt)).context("training failed after step 3").unwrap_err();
-        assert_eq!(one_line(&e), "training failed after step 3: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+        let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        assert!(with_bt(oom).to_string().contains("\n   0: "), "a captured backtrace has frames");
+        // Behind a library error that prints its source (trainer's Candle variant) and our context.
+        let e = Err::<(), _>(trainer::TrainError::from(with_bt(oom))).context("training failed after step 3").unwrap_err();
+        assert_eq!(one_line(&e), format!("training failed after step 3: {oom}"));
+        // Quoted in the middle of a message (cuDNN's algorithms that failed): the words after
+        // each backtrace stay, and so does the advice they call for.
+        let listed = anyhow::anyhow!("cuDNN: no algorithm ran ({}; {})", with_bt("Gemm: CUDNN_STATUS_NOT_SUPPORTED"), with_bt(&format!("Fft: 4096 bytes of workspace: {oom}")));
+        let line = one_line(&listed);
+        assert_eq!(line, format!("cuDNN: no algorithm ran (Gemm: CUDNN_STATUS_NOT_SUPPORTED; Fft: 4096 bytes of workspace: {oom})"));
+        assert!(with_memory_advice(line, "a smaller --batch").ends_with("(the GPU is out of memory: a smaller --batch)"));
+        // Our own line breaks stay (escaped): only frames go.
+        assert_eq!(one_line(&anyhow::anyhow!("a\n  b: c")), "a\\n  b: c");
     }
 
     #[test]

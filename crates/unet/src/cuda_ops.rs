@@ -55,7 +55,13 @@ pub fn nvrtc_once(cell: &'static OnceLock<std::result::Result<String, String>>, 
 /// PTX (one made by an NVRTC newer than the driver, say), and `scripts/gpu/gpu-check.sh` reads
 /// the set's name to switch back the parts it serves.
 pub fn load_error(what: &'static str, name: &'static str) -> impl FnOnce(candle_core::Error) -> candle_core::Error {
-    move |e| e.context(format!("loading {what} ({name})"))
+    move |e| in_context(e, format!("loading {what} ({name})"))
+}
+
+/// `e` behind `what`, on one line: candle's `Error::context` puts the two on lines of their own,
+/// which the command line's one-line error would show as a literal `\n`.
+pub fn in_context(e: candle_core::Error, what: String) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{what}: {e}"))
 }
 
 /// Sets up a CUDA device for many short-lived tensors, unless `UNET_CUDA_POOL=candle`:
@@ -458,13 +464,13 @@ pub mod profile {
     /// A failure of `f` gets the op's name as context, so that an error names the kernel.
     pub fn time<R>(dev: &CudaDevice, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<R>) -> Result<R> {
         if !enabled() {
-            return f().map_err(|e| e.context(format!("in CUDA op: {}", name())));
+            return f().map_err(|e| super::in_context(e, format!("in CUDA op: {}", name())));
         }
         let stream = dev.cuda_stream();
         let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
         let out = match f() {
             Ok(out) => out,
-            Err(e) => return Err(e.context(format!("in CUDA op: {}", name()))),
+            Err(e) => return Err(super::in_context(e, format!("in CUDA op: {}", name()))),
         };
         let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
         SPANS.with(|s| s.borrow_mut().push((name(), start, end)));
@@ -494,14 +500,18 @@ pub mod profile {
 
 #[cfg(test)]
 mod tests {
-    /// The kernel names the launches above ask for: quoted `<name>_f32` / `<name>_bf16`.
+    /// The kernel names the launches above ask for: string literals `"<name>_f32"` /
+    /// `"<name>_bf16"` (each found on its own, whatever other quotes the file holds).
     fn names_asked_for(rust_src: &str, suffixes: &[&str]) -> Vec<String> {
+        let ident = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
         let mut names: Vec<String> = rust_src
-            .split('"')
-            .skip(1)
-            .step_by(2)
-            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
-            .filter(|s| suffixes.iter().any(|x| s.ends_with(x)))
+            .match_indices('"')
+            .filter_map(|(i, _)| {
+                let rest = &rust_src[i + 1..];
+                let n = rest.bytes().take_while(|&b| ident(b)).count();
+                (n > 0 && rest[n..].starts_with('"')).then(|| &rest[..n])
+            })
+            .filter(|s| !s.starts_with('_') && suffixes.iter().any(|x| s.ends_with(x)))
             .map(String::from)
             .collect();
         names.sort();
