@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// Images per step (the reference: 128).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Images through the network at a time: gradients accumulate over the batch's parts, for
+    /// the same step with less GPU memory (0 = the whole batch).
+    #[arg(long)]
+    micro_batch_size: Option<usize>,
     /// Adam's learning rate (the reference: 1e-4).
     #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
@@ -125,6 +129,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     put("data.path", a.data.as_ref().map(|p| quote(&p.display().to_string())));
     put("train.epochs", a.epochs.map(|v| v.to_string()));
     put("train.batch_size", a.batch_size.map(|v| v.to_string()));
+    put("train.micro_batch_size", a.micro_batch_size.map(|v| v.to_string()));
     put("train.lr", a.lr.map(toml_float));
     put("train.seed", a.seed.map(|v| v.to_string()));
     put("train.max_steps", a.max_steps.map(|v| v.to_string()));

@@ -115,7 +115,7 @@ fn is_device_out_of_memory(line: &str) -> bool {
 /// Which flag lowers the memory a command needs: the driver's error names none.
 fn out_of_memory_advice(command: &Command) -> &'static str {
     match command {
-        Command::Train(_) => "a smaller --batch-size needs less, and so does --precision bf16",
+        Command::Train(_) => "--micro-batch-size N (under the batch size) needs less for the same training; so do --precision bf16 and a smaller --batch-size",
         Command::Sample(_) => "a smaller --batch needs less",
         Command::Bench(_) => "the batch-128 and batch-256 cases need the most: pick others with --cases",
         _ => ANOTHER_PROCESS,

@@ -104,6 +104,11 @@ pub enum Precision {
 pub struct TrainConfig {
     pub epochs: u64,
     pub batch_size: usize,
+    /// Gradient accumulation: each step's batch goes through the network this many images at a
+    /// time, and their gradients are summed before the one optimizer step, so a GPU with less
+    /// memory runs the same training (same noise, timesteps and dropout masks per image; equal
+    /// up to float rounding). Absent or 0: the whole batch at once.
+    pub micro_batch_size: Option<usize>,
     /// Seed of the weight init, the epoch order and the training noise stream.
     pub seed: u64,
     pub lr: f64,
@@ -135,6 +140,7 @@ impl Default for TrainConfig {
         Self {
             epochs: 500,
             batch_size: 128,
+            micro_batch_size: None,
             seed: 999,
             lr: 1e-4,
             adam_beta1: 0.9,
@@ -156,6 +162,10 @@ impl Default for TrainConfig {
 impl TrainConfig {
     pub fn ema(&self) -> Option<f64> {
         self.ema_decay.filter(|&d| d > 0.0)
+    }
+    /// How many images go through the network at once (at most the batch).
+    pub fn micro_batch(&self) -> usize {
+        self.micro_batch_size.filter(|&m| m > 0).map_or(self.batch_size, |m| m.min(self.batch_size))
     }
     pub fn clip(&self) -> Option<f64> {
         self.grad_clip.filter(|&c| c > 0.0)
@@ -223,10 +233,12 @@ impl Default for LogConfig {
 /// learning-rate settings and what a step costs on the device (batch size and precision), so
 /// that a run can move to a GPU with less memory. The checkpoint holds f32 weights and moments
 /// and the epoch position in images, so neither depends on them. Everything else must match
-/// the run's `config.toml`.
+/// the run's `config.toml`. The micro-batch changes neither the step nor what is saved (only
+/// the rounding of the gradient sums), so it may change without a warning.
 const RESUMABLE_KEYS: &[&str] = &[
     "data.path",
     "train.epochs",
+    "train.micro_batch_size",
     "train.max_steps",
     "train.max_minutes",
     "train.validate",

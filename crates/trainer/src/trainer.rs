@@ -107,43 +107,17 @@ impl StepEngine {
 
     /// One optimizer step on the batch `x0` (`[B, 3, S, S]` in [-1, 1]): draws the timesteps,
     /// the noise and the dropout seed from `rng` (in that order), computes the MSE loss on the
-    /// predicted noise, back-propagates, clips if configured, updates with Adam and the EMA.
+    /// predicted noise, back-propagates (in parts of `train.micro_batch_size` images, when set),
+    /// clips if configured, updates with Adam and the EMA.
     /// Waits for the device (reads the loss), so it can be timed as is.
     pub fn train_step(&mut self, x0: &Tensor, rng: &mut NoiseRng) -> Result<StepOutput, TrainError> {
-        let u = &self.cfg.unet;
-        let want = [u.image_channels, u.image_size, u.image_size];
-        match x0.dims() {
-            [b, c, h, w] if *b > 0 && [*c, *h, *w] == want && x0.dtype() == DType::F32 => {}
-            d => {
-                return Err(TrainError::Invalid(format!(
-                    "a training batch must be f32 [B >= 1, {}, {}, {}], got {:?} {d:?}",
-                    want[0], want[1], want[2], x0.dtype()
-                )))
-            }
-        }
-        let b = x0.dim(0)?;
-        let (ts, _) = rng.timesteps(b, self.schedule.num_steps(), &self.device)?;
-        let noise = rng.randn(x0.shape().clone(), &self.device)?;
-        let seed = rng.next_u64();
         let step = self.opt.step_count();
-        let loss = if self.cfg.train.precision == Precision::Bf16 {
-            let half = self.bf16_view()?;
-            let predict = move |x: &Tensor, t: &Tensor| half.forward_t(&x.to_dtype(DType::BF16)?, t, Mode::Train { seed })?.to_dtype(DType::F32);
-            self.schedule.loss(&predict, x0, &ts, &noise)?
-        } else {
-            let model = &self.model;
-            let predict = move |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Train { seed });
-            self.schedule.loss(&predict, x0, &ts, &noise)?
-        };
-        let grads = loss.backward()?;
-        let g = self.opt.gradients(&grads)?;
-        drop(grads);
+        let (loss_v, g) = self.loss_and_gradients(x0, rng)?;
         // One wait for the device a step, here: reading the loss before the backward pass would
         // add a second one, leaving a GPU idle while the backward pass is queued. Nothing has
         // been updated yet, so a non-finite loss is still caught before it does harm.
         let norm = global_norm(&g)?;
-        let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        drop(loss);
+        let loss_v = loss_v.to_scalar::<f32>()?;
         if !loss_v.is_finite() {
             return Err(TrainError::NonFinite(format!("loss is {loss_v} at step {}", step + 1)));
         }
@@ -159,6 +133,59 @@ impl StepEngine {
         };
         self.opt.step_full(&g, lr, grad_scale, ema)?;
         Ok(StepOutput { loss: loss_v, grad_norm: Some(norm), lr })
+    }
+
+    /// The batch's loss (an f32 scalar on the device, not yet read) and its gradients in the
+    /// optimizer's order, drawing from `rng` as [`StepEngine::train_step`] does; changes nothing.
+    /// With a micro-batch the parts' losses are weighted by their share of the batch, so the
+    /// sums are the whole batch's mean loss and its gradient.
+    pub fn loss_and_gradients(&self, x0: &Tensor, rng: &mut NoiseRng) -> Result<(Tensor, Vec<Tensor>), TrainError> {
+        let u = &self.cfg.unet;
+        let want = [u.image_channels, u.image_size, u.image_size];
+        match x0.dims() {
+            [b, c, h, w] if *b > 0 && [*c, *h, *w] == want && x0.dtype() == DType::F32 => {}
+            d => {
+                return Err(TrainError::Invalid(format!(
+                    "a training batch must be f32 [B >= 1, {}, {}, {}], got {:?} {d:?}",
+                    want[0], want[1], want[2], x0.dtype()
+                )))
+            }
+        }
+        let b = x0.dim(0)?;
+        // Drawn for the whole batch before it is split, so that the parts see what one pass
+        // would: the draws do not depend on the micro-batch.
+        let (ts, _) = rng.timesteps(b, self.schedule.num_steps(), &self.device)?;
+        let noise = rng.randn(x0.shape().clone(), &self.device)?;
+        let seed = rng.next_u64();
+        let micro = self.cfg.train.micro_batch().max(1);
+        // One set of bf16 casts for all the parts: each backward pass reaches the f32 variables
+        // through them.
+        let half = if self.cfg.train.precision == Precision::Bf16 { Some(self.bf16_view()?) } else { None };
+        let mut total: Option<(Tensor, Vec<Tensor>)> = None;
+        for first in (0..b).step_by(micro) {
+            let n = micro.min(b - first);
+            let mode = Mode::TrainPart { seed, first_image: first as u64 };
+            let (x, e, t) = if n == b { (x0.clone(), noise.clone(), &ts[..]) } else { (x0.narrow(0, first, n)?, noise.narrow(0, first, n)?, &ts[first..first + n]) };
+            let loss = if let Some(half) = &half {
+                let predict = move |x: &Tensor, t: &Tensor| half.forward_t(&x.to_dtype(DType::BF16)?, t, mode)?.to_dtype(DType::F32);
+                self.schedule.loss(&predict, &x, t, &e)?
+            } else {
+                let model = &self.model;
+                let predict = move |x: &Tensor, t: &Tensor| model.forward_t(x, t, mode);
+                self.schedule.loss(&predict, &x, t, &e)?
+            };
+            let loss = if n == b { loss } else { loss.affine(n as f64 / b as f64, 0.0)? };
+            let grads = loss.backward()?;
+            let g = self.opt.gradients(&grads)?;
+            // The graph goes before the next part's forward pass: only the sums stay.
+            drop(grads);
+            let loss = loss.detach().to_dtype(DType::F32)?;
+            total = Some(match total {
+                None => (loss, g),
+                Some((l, sum)) => (l.add(&loss)?, sum.iter().zip(&g).map(|(a, b)| a.add(b)).collect::<candle_core::Result<_>>()?),
+            });
+        }
+        Ok(total.expect("a batch of at least one image has a first part"))
     }
 
     /// The model with bf16 casts of the f32 variables as its weights, for a mixed-precision step
@@ -209,18 +236,29 @@ impl StepEngine {
     }
 
     /// Mean loss over `images` (in batches of `batch`) with the network in eval mode, with
-    /// timesteps and noise from a fresh `NoiseRng` stream: the same draws every call.
+    /// timesteps and noise from a fresh `NoiseRng` stream: the same draws every call. The
+    /// network sees `train.micro_batch_size` images at a time, when set: the forward pass of
+    /// trainable weights keeps its activations as a training pass does. The draws are made per
+    /// batch all the same, so the loss does not depend on the micro-batch.
     pub fn eval_loss(&self, data: &DeviceImages, images: &[usize], batch: usize, seed: u64) -> Result<f64, TrainError> {
         let mut rng = NoiseRng::with_stream(seed, VAL_STREAM);
+        let micro = self.cfg.train.micro_batch().max(1);
+        let model = &self.model;
+        let predict = move |x: &Tensor, t: &Tensor| model.forward_t(&x.detach(), t, Mode::Eval).map(|y| y.detach());
         let mut total = 0.0;
         for chunk in images.chunks(batch.max(1)) {
             let x0 = data.batch(chunk, None)?;
             let (ts, _) = rng.timesteps(chunk.len(), self.schedule.num_steps(), &self.device)?;
             let noise = rng.randn(x0.shape().clone(), &self.device)?;
-            let model = &self.model;
-            let predict = move |x: &Tensor, t: &Tensor| model.forward_t(&x.detach(), t, Mode::Eval).map(|y| y.detach());
-            let l = self.schedule.loss(&predict, &x0, &ts, &noise)?.to_scalar::<f32>()?;
-            total += l as f64 * chunk.len() as f64;
+            for first in (0..chunk.len()).step_by(micro) {
+                let n = micro.min(chunk.len() - first);
+                let l = if n == chunk.len() {
+                    self.schedule.loss(&predict, &x0, &ts, &noise)?
+                } else {
+                    self.schedule.loss(&predict, &x0.narrow(0, first, n)?, &ts[first..first + n], &noise.narrow(0, first, n)?)?
+                };
+                total += l.to_scalar::<f32>()? as f64 * n as f64;
+            }
         }
         Ok(total / images.len().max(1) as f64)
     }

@@ -465,3 +465,70 @@ fn a_training_step_on_a_batch_of_the_wrong_shape_is_an_error() {
     let x = Tensor::zeros((2, 3, s, s), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(engine.train_step(&x, &mut rng).is_ok());
 }
+
+/// Gradient accumulation is the same step: each part of the batch gets the timesteps, noise and
+/// dropout masks its images get in the whole batch, so the weighted parts sum to the whole
+/// batch's loss and gradients (up to float rounding), whatever the split.
+#[test]
+fn micro_batches_give_the_whole_batchs_loss_and_gradients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(&tmp.path().join("data"), 12, 8);
+    let mut cfg = small_cfg(&data);
+    cfg.unet.dropout = 0.3;
+    let ds = PackedDataset::load(&data.join("packed.safetensors")).unwrap();
+    let images = anime_data::DeviceImages::new(&ds, &Device::Cpu).unwrap();
+    let x0 = images.batch(&[0, 1, 2, 3, 4], None).unwrap();
+    let engine = |micro: Option<usize>| {
+        let mut c = cfg.clone();
+        c.train.micro_batch_size = micro;
+        trainer::StepEngine::new(&c, &Device::Cpu).unwrap()
+    };
+    let whole = engine(None);
+    let mut rng = diffusion::NoiseRng::new(5);
+    let (loss, grads) = whole.loss_and_gradients(&x0, &mut rng).unwrap();
+    let loss = loss.to_scalar::<f32>().unwrap();
+    let after = rng.next_u64();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let largest = grads.iter().flat_map(|g| flat(g)).fold(0f32, |m, v| m.max(v.abs()));
+    assert!(largest > 0.0);
+    // 0 is the whole batch; 9 is more than the batch.
+    for micro in [Some(0), Some(1), Some(2), Some(3), Some(9)] {
+        let part = engine(micro);
+        let mut rng = diffusion::NoiseRng::new(5);
+        let (l, g) = part.loss_and_gradients(&x0, &mut rng).unwrap();
+        let l = l.to_scalar::<f32>().unwrap();
+        assert!((l - loss).abs() <= 1e-5 * loss, "micro-batch {micro:?}: loss {l} against {loss}");
+        assert_eq!(rng.next_u64(), after, "micro-batch {micro:?} drew from the stream differently");
+        assert_eq!(g.len(), grads.len());
+        for (i, (a, b)) in g.iter().zip(&grads).enumerate() {
+            let d = flat(a).iter().zip(flat(b)).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(d <= 1e-5 * largest, "micro-batch {micro:?}: gradient {} differs by {d} (largest {largest})", part.opt.names()[i]);
+        }
+    }
+    // The validation loss is computed in parts too, from the same draws.
+    let val: Vec<usize> = (5..12).collect();
+    let full = whole.eval_loss(&images, &val, 4, 1).unwrap();
+    let parts = engine(Some(3)).eval_loss(&images, &val, 4, 1).unwrap();
+    assert!((full - parts).abs() <= 1e-6 * full, "val loss {parts} in parts against {full}");
+}
+
+/// The micro-batch may change when a run resumes (a GPU with less memory), without a warning:
+/// the steps stay the same.
+#[test]
+fn a_run_resumes_with_another_micro_batch_without_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(&tmp.path().join("data"), 24, 8);
+    let mut cfg = small_cfg(&data);
+    cfg.train.max_steps = Some(2);
+    let dir = tmp.path().join("run");
+    run(&cfg, &dir, TrainOptions::default()).unwrap();
+    cfg.train.max_steps = Some(3);
+    cfg.train.micro_batch_size = Some(1);
+    let mut t = Trainer::new(cfg.clone(), &dir, &Device::Cpu, TrainOptions::default()).unwrap();
+    assert_eq!(t.resumed_from(), Some(2));
+    assert!(t.warnings().is_empty(), "{:?}", t.warnings());
+    let s = t.run(Arc::new(AtomicBool::new(false))).unwrap();
+    assert_eq!(s.steps, 3);
+    let saved = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    assert!(saved.contains("micro_batch_size = 1"), "{saved}");
+}

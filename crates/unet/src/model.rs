@@ -26,21 +26,38 @@ const GN_EPS: f64 = 1e-5;
 pub enum Mode {
     Eval,
     Train { seed: u64 },
+    /// Part of a training batch, from its image `first_image` on (gradient accumulation): each
+    /// image gets the dropout masks it would get in the whole batch's pass seeded with `seed`,
+    /// so that the parts' gradients add up to the whole batch's. `Train { seed }` is the part
+    /// from image 0.
+    TrainPart { seed: u64, first_image: u64 },
 }
 
 /// Hands out one dropout mask per call site within a forward pass.
 struct DropoutMasks {
     seed: Option<u64>,
+    first_image: u64,
     next_stream: Cell<u64>,
 }
 
 impl DropoutMasks {
     fn new(mode: Mode) -> Self {
-        let seed = match mode {
-            Mode::Eval => None,
-            Mode::Train { seed } => Some(seed),
+        let (seed, first_image) = match mode {
+            Mode::Eval => (None, 0),
+            Mode::Train { seed } => (Some(seed), 0),
+            Mode::TrainPart { seed, first_image } => (Some(seed), first_image),
         };
-        Self { seed, next_stream: Cell::new(0) }
+        Self { seed, first_image, next_stream: Cell::new(0) }
+    }
+
+    /// Where `x`'s first element stands in the whole batch's tensor at this call site (the masks
+    /// run over the batch image by image).
+    fn element_offset(&self, x: &Tensor) -> Result<u64> {
+        if self.first_image == 0 {
+            return Ok(0);
+        }
+        let per_image = x.elem_count() / x.dim(0)?.max(1);
+        Ok(self.first_image * per_image as u64)
     }
 
     /// The seed and the next call site's number, when dropout is on at rate `p`.
@@ -72,7 +89,7 @@ impl DropoutMasks {
             };
         }
         match self.next_site(p) {
-            Some((seed, site)) => gn.forward_hardswish_dropout(x, HashedDropout::new(seed, site, p)),
+            Some((seed, site)) => gn.forward_hardswish_dropout(x, HashedDropout::new(seed, site, p).from_element(self.element_offset(x)?)),
             None => gn.forward_hardswish(x),
         }
     }
@@ -81,6 +98,7 @@ impl DropoutMasks {
     fn mask(&self, x: &Tensor, p: f32) -> Result<Option<Tensor>> {
         let Some((seed, stream)) = self.next_site(p) else { return Ok(None) };
         let keep = 1.0 / (1.0 - p);
+        let first = self.element_offset(x)?;
         let mask = if x.device().is_cpu() {
             // In bulk and in parallel, the same words `random::<f32>()` would draw one by one
             // (its top 24 bits): each task seeks the stream to its first word.
@@ -89,7 +107,7 @@ impl DropoutMasks {
             m.par_chunks_mut(WORDS_PER_TASK).enumerate().for_each_init(Vec::new, |words: &mut Vec<u32>, (i, out)| {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 rng.set_stream(stream);
-                rng.set_word_pos((i * WORDS_PER_TASK) as u128);
+                rng.set_word_pos(first as u128 + (i * WORDS_PER_TASK) as u128);
                 words.resize(out.len(), 0);
                 rng.fill(&mut words[..]);
                 // Writes every element of the buffer.
@@ -99,7 +117,7 @@ impl DropoutMasks {
             });
             Tensor::from_vec(m, x.shape(), x.device())?
         } else {
-            HashedDropout::new(seed, stream, p).mask(x.shape(), x.device())?
+            HashedDropout::new(seed, stream, p).from_element(first).mask(x.shape(), x.device())?
         };
         Ok(Some(mask))
     }
@@ -526,5 +544,52 @@ mod tests {
         rng.set_stream(0);
         let one_by_one: Vec<f32> = (0..150_003).map(|_| if rng.random::<f32>() < 0.3 { 0.0 } else { 1.0 / 0.7 }).collect();
         assert_eq!(yd, one_by_one);
+    }
+
+    /// Gradient accumulation needs each part of a batch to draw the masks its images get in the
+    /// whole batch, on both mask paths (ChaCha on the CPU, hashed elsewhere).
+    #[test]
+    fn a_part_of_a_batch_gets_the_masks_of_its_images_in_the_whole_batch() {
+        let dev = Device::Cpu;
+        // 50,001 values an image: the CPU's tasks (65,536 words) then start mid-image.
+        let x = Tensor::ones((5, 3, 16_667), DType::F32, &dev).unwrap();
+        let whole = DropoutMasks::new(Mode::Train { seed: 3 });
+        let (w1, w2) = (whole.mask(&x, 0.2).unwrap().unwrap(), whole.mask(&x, 0.2).unwrap().unwrap());
+        for (first, n) in [(0usize, 2usize), (2, 3), (4, 1)] {
+            let part = DropoutMasks::new(Mode::TrainPart { seed: 3, first_image: first as u64 });
+            let xp = x.narrow(0, first, n).unwrap();
+            for w in [&w1, &w2] {
+                let m = part.mask(&xp, 0.2).unwrap().unwrap();
+                assert_eq!(m.flatten_all().unwrap().to_vec1::<f32>().unwrap(), w.narrow(0, first, n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), "images {first}.. of {n}");
+            }
+        }
+        // The hashed masks (the CUDA kernels' factors, made on the host here).
+        let site = HashedDropout::new(3, 1, 0.2);
+        let full = site.mask(x.shape(), &dev).unwrap();
+        let per_image = (x.elem_count() / 5) as u64;
+        let tail = site.from_element(2 * per_image).mask(x.narrow(0, 2, 3).unwrap().shape(), &dev).unwrap();
+        assert_eq!(tail.flatten_all().unwrap().to_vec1::<f32>().unwrap(), full.narrow(0, 2, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+
+    #[test]
+    fn the_parts_of_a_training_batch_give_the_whole_batchs_output() {
+        let dev = Device::Cpu;
+        let mut cfg = UNetConfig::tiny();
+        cfg.dropout = 0.3;
+        let (net, _vars) = crate::new_trainable(&cfg, &dev, 1).unwrap();
+        let s = cfg.image_size;
+        let x = Tensor::randn(0f32, 1.0, (3, 3, s, s), &dev).unwrap();
+        let t = Tensor::new(&[5u32, 1, 9], &dev).unwrap();
+        let whole = net.forward_t(&x, &t, Mode::Train { seed: 42 }).unwrap();
+        let head = net.forward_t(&x.narrow(0, 0, 1).unwrap(), &t.narrow(0, 0, 1).unwrap(), Mode::TrainPart { seed: 42, first_image: 0 }).unwrap();
+        let tail = net.forward_t(&x.narrow(0, 1, 2).unwrap(), &t.narrow(0, 1, 2).unwrap(), Mode::TrainPart { seed: 42, first_image: 1 }).unwrap();
+        let parts = Tensor::cat(&[&head, &tail], 0).unwrap();
+        let diff = (&whole - &parts).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "parts differ from the whole by {diff}");
+        // And the parts' masks are not those of image 0 again: a tail drawn as if from image 0
+        // gives another output.
+        let wrong = net.forward_t(&x.narrow(0, 1, 2).unwrap(), &t.narrow(0, 1, 2).unwrap(), Mode::Train { seed: 42 }).unwrap();
+        let off = (whole.narrow(0, 1, 2).unwrap() - &wrong).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(off > 1e-3, "dropout made no difference ({off})");
     }
 }

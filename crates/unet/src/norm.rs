@@ -156,6 +156,13 @@ impl HashedDropout {
         Self { key, threshold, scale: 1.0 / (1.0 - p) }
     }
 
+    /// The same dropout seen from element `first` on: factor `i` of the result is factor
+    /// `first + i` of `self`. The hash takes `key + (i + 1) * GAMMA`, so this only moves the
+    /// key, and the device kernels need no offset argument.
+    pub fn from_element(self, first: u64) -> Self {
+        Self { key: self.key.wrapping_add(first.wrapping_mul(GOLDEN_GAMMA)), ..self }
+    }
+
     /// Element `i`'s factor: 0 or `scale`.
     pub fn factor(&self, i: u64) -> f32 {
         let u = mix64(self.key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
@@ -532,6 +539,12 @@ mod tests {
         // The tensor form (parallel chunks) is the element-by-element one.
         let m = d.mask(&Shape::from((3, 70_000)), &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(m.iter().enumerate().all(|(i, &v)| v == d.factor(i as u64)));
+        // Seen from element k on, it is the same sequence shifted: the kernels take the moved key.
+        for k in [1u64, 12_345, 1 << 40] {
+            let moved = d.from_element(k);
+            assert!((0..1000u64).all(|i| moved.factor(i) == d.factor(k + i)), "from element {k}");
+        }
+        assert_eq!(d.from_element(0), d);
         // Pinned values, from an independent (Python) implementation of the same definition:
         // the CUDA kernel's `drop_factor` is checked against `factor`, and this keeps `factor`
         // itself from drifting.
