@@ -124,6 +124,10 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
         check(&format!("grad {key} (relative)"), max_diff(g, expect)? / scale, a.tol);
     }
 
+    let (loss_d, grad_d) = micro_batch_against_whole(&dev)?;
+    check("micro-batch loss (relative)", loss_d, a.tol);
+    check("micro-batch gradients (relative)", grad_d, a.tol);
+
     if !dev.is_cpu() {
         // The default for training and sampling: TF32 convolutions, as PyTorch's. Its rounding
         // (10-bit mantissa products) is looser than the 1e-3 above.
@@ -156,6 +160,37 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     }
     out!("self-test: all checks passed on {}", a.device);
     Ok(())
+}
+
+/// A training step's loss and gradients in micro-batches of 2 and 1 against the whole batch of 5
+/// (the tiny model with dropout 0.3: on CUDA each part's hashed masks come from a moved key),
+/// as the largest difference over the largest value.
+fn micro_batch_against_whole(dev: &Device) -> Result<(f32, f32)> {
+    let mut cfg = trainer::RunConfig::reference();
+    cfg.unet = unet::UNetConfig::tiny();
+    cfg.unet.dropout = 0.3;
+    let mut engine = trainer::StepEngine::new(&cfg, dev)?;
+    let s = cfg.unet.image_size;
+    let x0 = diffusion::NoiseRng::new(1).randn((5, 3, s, s), &Device::Cpu)?.tanh()?.to_device(dev)?;
+    let mut step = |micro: Option<usize>| -> Result<(f32, Vec<Tensor>)> {
+        engine.cfg.train.micro_batch_size = micro;
+        let (loss, grads) = engine.loss_and_gradients(&x0, &mut diffusion::NoiseRng::new(3))?;
+        Ok((loss.to_device(&Device::Cpu)?.to_scalar()?, grads))
+    };
+    let (loss, grads) = step(None)?;
+    let mut largest = 0f32;
+    for g in &grads {
+        largest = largest.max(g.abs()?.flatten_all()?.max(0)?.to_device(&Device::Cpu)?.to_scalar()?);
+    }
+    let (mut loss_d, mut grad_d) = (0f32, 0f32);
+    for micro in [2, 1] {
+        let (l, g) = step(Some(micro))?;
+        loss_d = loss_d.max((l - loss).abs() / loss.abs().max(f32::MIN_POSITIVE));
+        for (a, b) in g.iter().zip(&grads) {
+            grad_d = grad_d.max(max_diff(a, b)? / largest.max(f32::MIN_POSITIVE));
+        }
+    }
+    Ok((loss_d, grad_d))
 }
 
 /// Each convolution shape of the reference model (batch 4), plus odd sizes, with its bias:
