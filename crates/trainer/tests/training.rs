@@ -489,7 +489,7 @@ fn micro_batches_give_the_whole_batchs_loss_and_gradients() {
     let loss = loss.to_scalar::<f32>().unwrap();
     let after = rng.next_u64();
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let largest = grads.iter().flat_map(|g| flat(g)).fold(0f32, |m, v| m.max(v.abs()));
+    let largest = grads.iter().flat_map(flat).fold(0f32, |m, v| m.max(v.abs()));
     assert!(largest > 0.0);
     // 0 is the whole batch; 9 is more than the batch.
     for micro in [Some(0), Some(1), Some(2), Some(3), Some(9)] {
