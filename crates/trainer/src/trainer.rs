@@ -519,6 +519,10 @@ impl Trainer {
                 );
             }
         }
+        let micro = cfg.train.micro_batch();
+        if micro < cfg.train.batch_size {
+            info!("gradient accumulation: each batch of {} in {} parts of at most {micro} images", cfg.train.batch_size, cfg.train.batch_size.div_ceil(micro));
+        }
         unet::weights::write_atomic(&run_dir.join("config.toml"), cfg.to_toml_string().as_bytes())?;
         let resume_epoch = epoch;
         let metrics = MetricsLog::open(run_dir, |r| {
