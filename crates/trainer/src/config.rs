@@ -163,9 +163,10 @@ impl TrainConfig {
     pub fn ema(&self) -> Option<f64> {
         self.ema_decay.filter(|&d| d > 0.0)
     }
-    /// How many images go through the network at once (at most the batch).
-    pub fn micro_batch(&self) -> usize {
-        self.micro_batch_size.filter(|&m| m > 0).map_or(self.batch_size, |m| m.min(self.batch_size))
+    /// How many images of a batch of `batch` go through the network at once: the micro-batch,
+    /// or the whole batch when it is unset, 0 or larger.
+    pub fn micro_batch(&self, batch: usize) -> usize {
+        self.micro_batch_size.filter(|&m| m > 0).map_or(batch, |m| m.min(batch)).max(1)
     }
     pub fn clip(&self) -> Option<f64> {
         self.grad_clip.filter(|&c| c > 0.0)

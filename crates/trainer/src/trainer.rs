@@ -157,7 +157,7 @@ impl StepEngine {
         let (ts, _) = rng.timesteps(b, self.schedule.num_steps(), &self.device)?;
         let noise = rng.randn(x0.shape().clone(), &self.device)?;
         let seed = rng.next_u64();
-        let micro = self.cfg.train.micro_batch().max(1);
+        let micro = self.cfg.train.micro_batch(b);
         // One set of bf16 casts for all the parts: each backward pass reaches the f32 variables
         // through them.
         let half = if self.cfg.train.precision == Precision::Bf16 { Some(self.bf16_view()?) } else { None };
@@ -177,9 +177,11 @@ impl StepEngine {
             let loss = if n == b { loss } else { loss.affine(n as f64 / b as f64, 0.0)? };
             let grads = loss.backward()?;
             let g = self.opt.gradients(&grads)?;
-            // The graph goes before the next part's forward pass: only the sums stay.
+            // The graph goes before the sums grow and the next part's forward pass begins.
             drop(grads);
-            let loss = loss.detach().to_dtype(DType::F32)?;
+            let part_loss = loss.detach().to_dtype(DType::F32)?;
+            drop(loss);
+            let loss = part_loss;
             total = Some(match total {
                 None => (loss, g),
                 Some((l, sum)) => (l.add(&loss)?, sum.iter().zip(&g).map(|(a, b)| a.add(b)).collect::<candle_core::Result<_>>()?),
@@ -242,7 +244,6 @@ impl StepEngine {
     /// batch all the same, so the loss does not depend on the micro-batch.
     pub fn eval_loss(&self, data: &DeviceImages, images: &[usize], batch: usize, seed: u64) -> Result<f64, TrainError> {
         let mut rng = NoiseRng::with_stream(seed, VAL_STREAM);
-        let micro = self.cfg.train.micro_batch().max(1);
         let model = &self.model;
         let predict = move |x: &Tensor, t: &Tensor| model.forward_t(&x.detach(), t, Mode::Eval).map(|y| y.detach());
         let mut total = 0.0;
@@ -250,6 +251,7 @@ impl StepEngine {
             let x0 = data.batch(chunk, None)?;
             let (ts, _) = rng.timesteps(chunk.len(), self.schedule.num_steps(), &self.device)?;
             let noise = rng.randn(x0.shape().clone(), &self.device)?;
+            let micro = self.cfg.train.micro_batch(chunk.len());
             for first in (0..chunk.len()).step_by(micro) {
                 let n = micro.min(chunk.len() - first);
                 let l = if n == chunk.len() {
@@ -519,7 +521,7 @@ impl Trainer {
                 );
             }
         }
-        let micro = cfg.train.micro_batch();
+        let micro = cfg.train.micro_batch(cfg.train.batch_size);
         if micro < cfg.train.batch_size {
             info!("gradient accumulation: each batch of {} in {} parts of at most {micro} images", cfg.train.batch_size, cfg.train.batch_size.div_ceil(micro));
         }

@@ -475,6 +475,8 @@ fn micro_batches_give_the_whole_batchs_loss_and_gradients() {
     let data = dataset(&tmp.path().join("data"), 12, 8);
     let mut cfg = small_cfg(&data);
     cfg.unet.dropout = 0.3;
+    // The whole batch of 5 in one pass when the micro-batch is unset.
+    cfg.train.batch_size = 5;
     let ds = PackedDataset::load(&data.join("packed.safetensors")).unwrap();
     let images = anime_data::DeviceImages::new(&ds, &Device::Cpu).unwrap();
     let x0 = images.batch(&[0, 1, 2, 3, 4], None).unwrap();
@@ -505,6 +507,13 @@ fn micro_batches_give_the_whole_batchs_loss_and_gradients() {
             assert!(d <= 1e-5 * largest, "micro-batch {micro:?}: gradient {} differs by {d} (largest {largest})", part.opt.names()[i]);
         }
     }
+    // Unset means the whole batch in one pass, whatever its size against train.batch_size:
+    // the same bits as above.
+    let mut c = cfg.clone();
+    c.train.batch_size = 2;
+    let (l, g) = trainer::StepEngine::new(&c, &Device::Cpu).unwrap().loss_and_gradients(&x0, &mut diffusion::NoiseRng::new(5)).unwrap();
+    assert_eq!(l.to_scalar::<f32>().unwrap().to_bits(), loss.to_bits());
+    assert!(g.iter().zip(&grads).all(|(a, b)| flat(a).iter().zip(flat(b)).all(|(p, q)| p.to_bits() == q.to_bits())), "an unset micro-batch split the batch");
     // The validation loss is computed in parts too, from the same draws.
     let val: Vec<usize> = (5..12).collect();
     let full = whole.eval_loss(&images, &val, 4, 1).unwrap();
