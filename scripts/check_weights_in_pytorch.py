@@ -42,7 +42,8 @@ def main():
     with safe_open(a.model, "pt") as f:
         cfg = json.loads(f.metadata()["unet_config"])
     net = RefUNet(cfg["num_steps"], cfg["ch"], cfg["ch_mult"], cfg["attn"], cfg["num_res_blocks"], cfg["dropout"])
-    net.load_state_dict(state_dict(a.model, a.ema), strict=True)
+    state = state_dict(a.model, a.ema)
+    net.load_state_dict(state, strict=True)
     net.eval()
     io = load_file(a.io)
     with torch.no_grad():
@@ -50,7 +51,7 @@ def main():
     ours = io["eps"]
     diff = (eps - ours).abs().max().item()
     scale = ours.abs().max().item()
-    print(f"{sum(p.numel() for p in net.parameters())} parameters loaded (strict); output max |diff| {diff:.3e} (largest value {scale:.3f})")
+    print(f"{len(state)} tensors, {sum(v.numel() for v in state.values())} values loaded (strict); output max |diff| {diff:.3e} (largest value {scale:.3f})")
     if not diff <= 1e-4 * max(scale, 1e-12):
         sys.exit("outputs differ")
 

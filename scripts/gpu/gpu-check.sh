@@ -107,7 +107,10 @@ suspects() {
 # Micro-batching (gradient accumulation) is checked for itself: no switch serves it, and no
 # figure below uses it, so its failure alone is reported, not retried.
 only_micro_batch_failed() {
-  local f=$1
+  local f=$1 rc=$2
+  # Finished (exit 1 after its summary line), not stopped by a hang, a panic or a signal after
+  # the micro-batch lines were printed.
+  [ "$rc" = 1 ] && grep -q 'check(s) failed on' "$f" || return 1
   grep -E 'FAIL$' "$f" | grep -q '^micro-batch' || return 1
   # (A failed check ends the self-test with "error: N check(s) failed on ..."; any other error
   # stopped it before its other checks had run.)
@@ -117,7 +120,7 @@ ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=
 selftest > "$OUT/self-test.txt" 2>&1
 rc=$?
 cat "$OUT/self-test.txt"
-if [ "$rc" != 0 ] && only_micro_batch_failed "$OUT/self-test.txt"; then
+if [ "$rc" != 0 ] && only_micro_batch_failed "$OUT/self-test.txt" "$rc"; then
   echo "self-test: only the micro-batch checks failed (gradient accumulation, train --micro-batch-size): nothing to switch back; the figures below do not use it"
 elif [ "$rc" != 0 ]; then
   # At most two retries (each under its own limit): the parts the output names, then everything.
