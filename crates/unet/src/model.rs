@@ -578,14 +578,17 @@ mod tests {
         cfg.dropout = 0.3;
         let (net, _vars) = crate::new_trainable(&cfg, &dev, 1).unwrap();
         let s = cfg.image_size;
-        let x = Tensor::randn(0f32, 1.0, (3, 3, s, s), &dev).unwrap();
+        // Deterministic: no generator to seed.
+        let x = Tensor::arange(0u32, (3 * 3 * s * s) as u32, &dev).unwrap().to_dtype(DType::F32).unwrap().affine(0.37, 0.0).unwrap().sin().unwrap().reshape((3, 3, s, s)).unwrap();
         let t = Tensor::new(&[5u32, 1, 9], &dev).unwrap();
         let whole = net.forward_t(&x, &t, Mode::Train { seed: 42 }).unwrap();
         let head = net.forward_t(&x.narrow(0, 0, 1).unwrap(), &t.narrow(0, 0, 1).unwrap(), Mode::TrainPart { seed: 42, first_image: 0 }).unwrap();
         let tail = net.forward_t(&x.narrow(0, 1, 2).unwrap(), &t.narrow(0, 1, 2).unwrap(), Mode::TrainPart { seed: 42, first_image: 1 }).unwrap();
         let parts = Tensor::cat(&[&head, &tail], 0).unwrap();
         let diff = (&whole - &parts).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "parts differ from the whole by {diff}");
+        let largest = whole.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // Rounding only: the convolutions may block a batch of 3 and one of 2 differently.
+        assert!(diff < 1e-4 * largest.max(1.0), "parts differ from the whole by {diff} (largest {largest})");
         // And the parts' masks are not those of image 0 again: a tail drawn as if from image 0
         // gives another output.
         let wrong = net.forward_t(&x.narrow(0, 1, 2).unwrap(), &t.narrow(0, 1, 2).unwrap(), Mode::Train { seed: 42 }).unwrap();
