@@ -3,13 +3,14 @@ ours: the file's tensors carry the reference's parameter names, so PyTorch takes
 
     cargo run --release -p unet --example forward_io -- runs/x/model.safetensors /tmp/io.safetensors [--ema]
     python scripts/check_weights_in_pytorch.py runs/x/model.safetensors /tmp/io.safetensors [--ema] \
-        [--ref ../shared/bench]
+        [--ref <folder of ref_unet.py>]   # default: shared/bench beside the repository
 
 Exits 1 when a key or shape differs or the outputs differ by more than 1e-4 of their largest value.
 """
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -34,8 +35,15 @@ def main():
     ap.add_argument("model")
     ap.add_argument("io", help="forward_io's output for the same model file")
     ap.add_argument("--ema", action="store_true")
-    ap.add_argument("--ref", default="../shared/bench", help="folder of ref_unet.py")
+    # The project's shared folder sits beside the repository root.
+    default_ref = Path(__file__).resolve().parent.parent.parent / "shared" / "bench"
+    ap.add_argument("--ref", default=str(default_ref), help=f"folder of the PyTorch reference's ref_unet.py (default {default_ref})")
     a = ap.parse_args()
+    if not (Path(a.ref) / "ref_unet.py").is_file():
+        sys.exit(f"error: no ref_unet.py in {a.ref}: pass --ref <folder of the PyTorch reference's ref_unet.py>")
+    for f in (a.model, a.io):
+        if not Path(f).is_file():
+            sys.exit(f"error: {f}: no such file")
     sys.path.insert(0, a.ref)
     from ref_unet import RefUNet
 

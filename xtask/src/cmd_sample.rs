@@ -400,7 +400,8 @@ pub fn run(mut a: SampleArgs) -> Result<()> {
         for k in &kinds {
             let name = sampler::kind_name(k);
             info!(
-                "sampling {n} images ({name}, {} network evaluations per batch of {})",
+                "sampling {n} image{} ({name}, {} network evaluations per batch of {})",
+                if n == 1 { "" } else { "s" },
                 sampler::reverse_steps(&model.schedule, k, t_count - 1)?.len(),
                 batch.min(n)
             );

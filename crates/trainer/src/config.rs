@@ -294,6 +294,11 @@ impl RunConfig {
         let mut root = toml::Value::try_from(&*self).map_err(|e| TrainError::Config(e.to_string()))?;
         let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
             Ok(mut t) => t.remove("v").expect("parsed key"),
+            // Digits TOML cannot hold would otherwise be taken as a string, and the error would
+            // say "invalid type: string".
+            Err(_) if is_integer_literal(value) => {
+                return Err(TrainError::Config(format!("--set {key}={value}: the number is too large (integers are 64-bit)")))
+            }
             Err(_) => toml::Value::String(value.to_string()),
         };
         let parts: Vec<&str> = key.split('.').collect();
@@ -394,6 +399,7 @@ impl RunConfig {
         let mut diffs = Vec::new();
         diff_values("", &a, &b, &mut diffs);
         let mut warnings = Vec::new();
+        let mut refused = Vec::new();
         for (key, old, new) in diffs {
             let under = |list: &[&str]| list.iter().any(|k| key == *k || key.starts_with(&format!("{k}.")));
             if under(RESUMABLE_KEYS) {
@@ -403,13 +409,31 @@ impl RunConfig {
                 warnings.push(format!("{key} changed on resume: {old} -> {new} (the run no longer matches an uninterrupted one)"));
                 continue;
             }
+            refused.push((key, old, new));
+        }
+        if let Some((key, old, new)) = refused.first() {
+            // All of them, so that another --config (every key at once) reads as such and not
+            // as one stray override.
+            const LISTED: usize = 6;
+            let more = match refused.len() - 1 {
+                0 => String::new(),
+                n => {
+                    let names: Vec<&str> = refused[1..].iter().take(LISTED).map(|(k, _, _)| k.as_str()).collect();
+                    format!(" (and {n} more: {}{})", names.join(", "), if n > LISTED { ", ..." } else { "" })
+                }
+            };
             return Err(TrainError::ConfigMismatch(format!(
-                "{key} is {old} in {} but {new} now: a run cannot change it on resume (use another --run folder, or drop the override)",
+                "{key} is {old} in {} but {new} now{more}: a run cannot change it on resume (resume without --config or the override, or use another --run folder)",
                 saved_path.display()
             )));
         }
         Ok(warnings)
     }
+}
+
+fn is_integer_literal(v: &str) -> bool {
+    let digits = v.trim().trim_start_matches(['+', '-']).replace('_', "");
+    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
 }
 
 fn diff_values(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<(String, String, String)>) {

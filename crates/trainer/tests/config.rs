@@ -81,7 +81,17 @@ fn overrides_and_errors() {
     assert!(w.len() == 2 && w.iter().any(|w| w.contains("train.precision changed on resume: \"f32\" -> \"bf16\"")), "{w:?}");
     now.set("unet.dropout", "0.2").unwrap();
     let e = now.check_resume(&saved, std::path::Path::new("state.json")).unwrap_err().to_string();
-    assert!(e.contains("unet.dropout is 0.1 in state.json but 0.2 now"), "{e}");
+    assert!(e.contains("unet.dropout is 0.1 in state.json but 0.2 now:"), "{e}");
+    // Another preset differs in many keys at once: all are counted, not only the first.
+    let tiny = RunConfig::from_name_or_path("tiny").unwrap();
+    let e = tiny.check_resume(&saved, std::path::Path::new("state.json")).unwrap_err().to_string();
+    assert!(e.contains(" more: ") && e.contains("unet.ch,") && e.contains("resume without --config"), "{e}");
+    // Digits TOML cannot hold are not taken for a string.
+    let e = RunConfig::default().set("train.micro_batch_size", "99999999999999999999").unwrap_err().to_string();
+    assert!(e.contains("too large") && !e.contains("string"), "{e}");
+    let mut c = RunConfig::default();
+    c.set("train.micro_batch_size", "32").unwrap();
+    assert_eq!(c.train.micro_batch(128), 32);
     let mut bf = RunConfig::from_name_or_path("tiny").unwrap();
     bf.train.precision = Precision::Bf16;
     let e = StepEngine::new(&bf, &candle_core::Device::Cpu).err().unwrap().to_string();

@@ -11,15 +11,26 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use unet::{Mode, ModelWeights};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    const USAGE: &str = "usage: forward_io MODEL.safetensors OUT.safetensors [--ema]";
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (model, out) = match args.as_slice() {
-        [m, o, ..] => (Path::new(m), Path::new(o)),
-        _ => return Err("usage: forward_io MODEL.safetensors OUT.safetensors [--ema]".into()),
+    let (model, out, ema) = match args.as_slice() {
+        [m, o] => (Path::new(m), Path::new(o), false),
+        [m, o, e] if e == "--ema" => (Path::new(m), Path::new(o), true),
+        _ => return Err(USAGE.into()),
     };
-    let ema = args.iter().any(|a| a == "--ema");
     let dev = Device::Cpu;
     let weights = ModelWeights::load(model)?;
+    if ema && !weights.tensors.keys().any(|k| k.starts_with(unet::weights::EMA_PREFIX)) {
+        return Err(format!("{} has no EMA weights (trained without train.ema_decay): drop --ema", model.display()).into());
+    }
     let net = weights.build(&dev, ema)?;
     let c = &weights.config;
     let n = 2 * c.image_channels * c.image_size * c.image_size;
@@ -28,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Tensor::new(&[10i64, (c.num_steps as i64 * 7) / 10], &dev)?;
     let eps = net.forward_t(&x, &t, Mode::Eval)?;
     let tensors: HashMap<String, Tensor> = [("x".to_string(), x), ("t".to_string(), t), ("eps".to_string(), eps)].into();
-    candle_core::safetensors::save(&tensors, out)?;
-    println!("wrote {} (ema weights: {})", out.display(), ema && weights.tensors.keys().any(|k| k.starts_with(unet::weights::EMA_PREFIX)));
+    candle_core::safetensors::save(&tensors, out).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("wrote {} ({} weights)", out.display(), if ema { "EMA" } else { "plain" });
     Ok(())
 }
