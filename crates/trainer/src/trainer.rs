@@ -165,7 +165,8 @@ impl StepEngine {
         for first in (0..b).step_by(micro) {
             let n = micro.min(b - first);
             let mode = Mode::TrainPart { seed, first_image: first as u64 };
-            let (x, e, t) = if n == b { (x0.clone(), noise.clone(), &ts[..]) } else { (x0.narrow(0, first, n)?, noise.narrow(0, first, n)?, &ts[first..first + n]) };
+            // (The whole range is the tensor itself: `narrow` then copies nothing.)
+            let (x, e, t) = (x0.narrow(0, first, n)?, noise.narrow(0, first, n)?, &ts[first..first + n]);
             let loss = if let Some(half) = &half {
                 let predict = move |x: &Tensor, t: &Tensor| half.forward_t(&x.to_dtype(DType::BF16)?, t, mode)?.to_dtype(DType::F32);
                 self.schedule.loss(&predict, &x, t, &e)?
@@ -254,11 +255,7 @@ impl StepEngine {
             let micro = self.cfg.train.micro_batch(chunk.len());
             for first in (0..chunk.len()).step_by(micro) {
                 let n = micro.min(chunk.len() - first);
-                let l = if n == chunk.len() {
-                    self.schedule.loss(&predict, &x0, &ts, &noise)?
-                } else {
-                    self.schedule.loss(&predict, &x0.narrow(0, first, n)?, &ts[first..first + n], &noise.narrow(0, first, n)?)?
-                };
+                let l = self.schedule.loss(&predict, &x0.narrow(0, first, n)?, &ts[first..first + n], &noise.narrow(0, first, n)?)?;
                 total += l.to_scalar::<f32>()? as f64 * n as f64;
             }
         }
