@@ -5,7 +5,8 @@ own process so that its peak memory is its own. Called by `cargo xtask bench`.
          |forward128|train128|ddim50x256|ddpm100x256|ddpm1000x256
          [--ref-dir ../shared/bench] [--threads 2] [--runs 3] [--warmup 1] [--device cpu|cuda] [--precision f32|bf16]
          [--profile FILE] [--compile]
-Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb (and peak_gpu_mb on CUDA).
+Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb (and on CUDA peak_gpu_mb and
+queued_s, the median time to queue a run's work, before the wait for the device).
 On CUDA, bf16 is torch.autocast(bfloat16) around the forward pass, as a Lightning user would run it.
 --profile runs the case once more under torch.profiler and writes its op table (self CUDA time,
 top 30) to FILE: where PyTorch's time goes, to set beside ours.
@@ -88,6 +89,10 @@ def main():
         if cuda:
             torch.cuda.synchronize()
 
+    # The host's part of each timed run: until fn returned with the run's work queued, before
+    # the wait for the device (ours reports the same, queued_s).
+    queued = []
+
     def timed(fn, warmup, runs):
         for _ in range(warmup):
             fn()
@@ -96,6 +101,7 @@ def main():
         for _ in range(runs):
             t0 = time.perf_counter()
             fn()
+            queued.append(time.perf_counter() - t0)
             sync()
             ts.append(time.perf_counter() - t0)
         return ts
@@ -178,6 +184,8 @@ def main():
     if compile_s is not None:
         out["compiled"] = True
         out["compile_s"] = compile_s
+    if queued:
+        out["queued_s"] = statistics.median(queued)
     if cuda:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20

@@ -161,7 +161,9 @@ for p in $PRECISIONS; do
   echo "bench $p: at most $limit s"
   MEM=$OUT/gpu-mem-$p.csv
   if [ "$DEVICE" != cpu ]; then
-    nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 200 > "$MEM" &
+    # utilization.gpu: the share of the driver's sample period with a kernel running, which tells
+    # a host-bound run (the bench's "host queue time" near the whole run) from a full launch queue.
+    nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -lms 200 > "$MEM" &
     SMI=$!
   fi
   timeout "$limit" "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$CASES" --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" \

@@ -101,24 +101,39 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn time_runs(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+/// The timed runs of a case: each run's wall time, and the host's part of it, the time until
+/// `f` returned with all of the run's work queued (before the wait for the device).
+struct Timings {
+    runs_s: Vec<f64>,
+    queued_s: Vec<f64>,
+}
+
+/// Runs `f` (which queues one run's work) `warmup` times, then `runs` timed times, each followed
+/// by a wait for the device. On a GPU, a queue time well under the run's means the device was the
+/// limit; one close to it, that the host was (or that the driver's launch queue was full, which
+/// the card's utilisation in the check script's nvidia-smi trace tells apart). On the CPU the work
+/// runs as it is queued, so the two are equal.
+fn time_runs(dev: &Device, warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timings> {
     for _ in 0..warmup {
         f()?;
+        sync(dev)?;
     }
-    let times = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f()?;
-            Ok(t.elapsed().as_secs_f64())
-        })
-        .collect::<Result<Vec<f64>>>()?;
+    let mut t = Timings { runs_s: Vec::with_capacity(runs), queued_s: Vec::with_capacity(runs) };
+    for _ in 0..runs {
+        let start = Instant::now();
+        f()?;
+        t.queued_s.push(start.elapsed().as_secs_f64());
+        sync(dev)?;
+        t.runs_s.push(start.elapsed().as_secs_f64());
+    }
     #[cfg(feature = "cuda")]
     if unet::cuda_ops::profile::enabled() {
         // One more run, on its own, for the per-op GPU times (the events cost a little).
         unet::cuda_ops::profile::clear();
-        let t = Instant::now();
+        let start = Instant::now();
         f()?;
-        let step_ms = t.elapsed().as_secs_f64() * 1e3;
+        sync(dev)?;
+        let step_ms = start.elapsed().as_secs_f64() * 1e3;
         let ops = unet::cuda_ops::profile::report()?;
         let ours: f64 = ops.iter().map(|o| o.1).sum();
         *PROFILE.lock().unwrap() = Some(json!({
@@ -126,7 +141,7 @@ fn time_runs(warmup: usize, runs: usize, mut f: impl FnMut() -> Result<()>) -> R
             "ops": ops.iter().map(|(name, ms, calls)| json!({"op": name, "ms": ms, "calls": calls})).collect::<Vec<_>>(),
         }));
     }
-    Ok(times)
+    Ok(t)
 }
 
 /// The per-op profile of the last run of a case, when `UNET_CUDA_PROFILE=1`.
@@ -226,9 +241,9 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
             let model = frozen(&c.cfg, &dev, dt)?;
             let x = rng.randn((c.batch, 3, s, s), &dev)?.to_dtype(dt)?;
             let (_, t) = rng.timesteps(c.batch, 1000, &dev)?;
-            time_runs(warmup, runs, || {
+            time_runs(&dev, warmup, runs, || {
                 model.forward_t(&x, &t, Mode::Eval)?;
-                sync(&dev)
+                Ok(())
             })?
         }
         "train" => {
@@ -236,7 +251,7 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
             let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             let mut opt = trainer::Adam::new(vars, trainer::AdamParams::default())?;
             let x0 = rng.randn((c.batch, 3, s, s), &dev)?.tanh()?;
-            time_runs(warmup, runs, || {
+            time_runs(&dev, warmup, runs, || {
                 let (ts, _) = rng.timesteps(c.batch, 1000, &dev)?;
                 let noise = rng.randn((c.batch, 3, s, s), &dev)?;
                 let seed = rng.next_u64();
@@ -253,7 +268,7 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
                 let grads = loss.backward()?;
                 let g = opt.gradients(&grads)?;
                 opt.step_with(&g, 1e-4)?;
-                sync(&dev)
+                Ok(())
             })?
         }
         "ddim" | "ddpm" => {
@@ -276,18 +291,19 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
                 model.forward_t(&x_t.to_dtype(dt)?, &Tensor::full(t_start as u32, c.batch, &dev)?, Mode::Eval)?;
                 sync(&dev)?;
             }
-            time_runs(0, runs.min(1), || {
-                let x0 = sampler.sample_from_step(&x_t, t_start, &kind, rng.next_u64(), |_, _| {})?;
-                drop(x0);
-                sync(&dev)
+            // (Its images come back to the host, so all of a run is queue time.)
+            time_runs(&dev, 0, runs.min(1), || {
+                sampler.sample_from_step(&x_t, t_start, &kind, rng.next_u64(), |_, _| {})?;
+                Ok(())
             })?
         }
         _ => unreachable!(),
     };
-    let med = median(&times);
+    let med = median(&times.runs_s);
     #[allow(unused_mut)]
     let mut out = json!({
-        "case": name, "batch": c.batch, "median_s": med, "runs_s": times,
+        "case": name, "batch": c.batch, "median_s": med, "runs_s": times.runs_s,
+        "queued_s": median(&times.queued_s), "queued_runs_s": times.queued_s,
         "images_per_s": c.batch as f64 / med, "peak_rss_mb": peak_rss_mb(),
     });
     #[cfg(feature = "cuda")]
@@ -461,6 +477,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 _ => String::new(),
             },
         );
+        if gpu {
+            // Whether the host kept the card fed: the time to queue a run's work beside the run.
+            let queued = |r: &Value| match (r["queued_s"].as_f64(), r["median_s"].as_f64()) {
+                (Some(q), Some(m)) => format!("{q:.3} of {m:.3} s"),
+                _ => "-".into(),
+            };
+            out!("  host queue time: ours {}, PyTorch {}", queued(&ours), torch.as_ref().map_or("-".into(), queued));
+        }
         if let Some(p) = ours.get("profile") {
             // UNET_CUDA_PROFILE=1: where our GPU time went in one more run of the case.
             let (run, mine) = (p["run_ms"].as_f64().unwrap_or(f64::NAN), p["our_ops_ms"].as_f64().unwrap_or(f64::NAN));

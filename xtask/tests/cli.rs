@@ -240,6 +240,10 @@ fn bench_reads_the_pytorch_result_from_its_last_line() {
     assert!(stdout.lines().any(|l| l.starts_with("reduced-forward") && l.contains("4.250")), "{stdout}");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("b.json")).unwrap()).unwrap();
     assert_eq!(json["rows"][0]["torch"]["median_s"], 4.25);
+    // Our side's host queue time: part of each run (on the CPU, all but the no-op wait).
+    let ours = &json["rows"][0]["ours"];
+    let (queued, whole) = (ours["queued_runs_s"][0].as_f64().unwrap(), ours["runs_s"][0].as_f64().unwrap());
+    assert!(queued > 0.0 && queued <= whole && ours["queued_s"].as_f64() == Some(queued), "{ours}");
     let out = run(&junk);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no result in its output"), "{}", String::from_utf8_lossy(&out.stderr));
