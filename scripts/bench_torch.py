@@ -5,8 +5,9 @@ own process so that its peak memory is its own. Called by `cargo xtask bench`.
          |forward128|train128|ddim50x256|ddpm100x256|ddpm1000x256
          [--ref-dir ../shared/bench] [--threads 2] [--runs 3] [--warmup 1] [--device cpu|cuda] [--precision f32|bf16]
          [--profile FILE] [--compile]
-Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb (and on CUDA peak_gpu_mb and
-queued_s, the median time to queue a run's work, before the wait for the device).
+Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb, peak_gpu_mb on CUDA, and
+queued_s (the median time to queue a run's work, before the wait for the device) for the cases
+timed here rather than by bench_cpu.py: every case on CUDA, the sampling cases on the CPU.
 On CUDA, bf16 is torch.autocast(bfloat16) around the forward pass, as a Lightning user would run it.
 --profile runs the case once more under torch.profiler and writes its op table (self CUDA time,
 top 30) to FILE: where PyTorch's time goes, to set beside ours.
