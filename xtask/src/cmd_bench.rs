@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use diffusion::{NoiseRng, SamplerKind, Schedule};
 use serde_json::{json, Value};
@@ -35,6 +35,12 @@ pub struct BenchArgs {
     runs: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Our training cases only: each batch goes through the network in parts of this many
+    /// images, their gradients summed before the one Adam step (`train --micro-batch-size`), to
+    /// measure what gradient accumulation costs in time and saves in memory. PyTorch's side
+    /// still runs the whole batch.
+    #[arg(long, value_parser = crate::common::positive)]
+    micro_batch: Option<usize>,
     /// Threads for both sides (RAYON_NUM_THREADS / torch.set_num_threads).
     #[arg(long, default_value_t = 2, value_parser = crate::common::positive)]
     threads: usize,
@@ -164,16 +170,6 @@ fn frozen(cfg: &UNetConfig, dev: &Device, dtype: DType) -> Result<UNet> {
     Ok(UNet::new(VarBuilder::from_tensors(tensors, dtype, dev), cfg)?)
 }
 
-/// The model with bf16 casts of the f32 variables as weights (rebuilt each step: the casts
-/// must see the current values).
-fn bf16_view(model: &UNet, varmap: &candle_nn::VarMap, cfg: &UNetConfig, dev: &Device) -> Result<UNet> {
-    let tensors = unet::weights::state_dict(model, varmap)?
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_dtype(DType::BF16)?)))
-        .collect::<Result<_>>()?;
-    Ok(UNet::new(VarBuilder::from_tensors(tensors, DType::BF16, dev), cfg)?)
-}
-
 /// Waits for queued GPU work so that timings cover it.
 fn sync(dev: &Device) -> Result<()> {
     dev.synchronize()?;
@@ -222,7 +218,7 @@ impl GpuMemPoller {
     }
 }
 
-fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &str) -> Result<Value> {
+fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &str, micro_batch: Option<usize>) -> Result<Value> {
     let c = case(name)?;
     let dev = crate::common::parse_device(device)?;
     #[cfg(feature = "cuda")]
@@ -247,27 +243,19 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
             })?
         }
         "train" => {
-            let (model, varmap) = unet::new_trainable(&c.cfg, &dev, 0)?;
-            let vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            let mut opt = trainer::Adam::new(vars, trainer::AdamParams::default())?;
+            // The trainer's own step (`StepEngine`, as `xtask train` runs it) with the reference's
+            // optimisation: Adam at 1e-4, no clipping, warm-up or EMA.
+            let mut cfg = trainer::RunConfig { unet: c.cfg.clone(), ..Default::default() };
+            cfg.train.seed = 0;
+            cfg.train.batch_size = c.batch;
+            cfg.train.micro_batch_size = micro_batch;
+            cfg.train.precision = if bf16 { trainer::Precision::Bf16 } else { trainer::Precision::F32 };
+            let mut engine = trainer::StepEngine::new(&cfg, &dev)?;
             let x0 = rng.randn((c.batch, 3, s, s), &dev)?.tanh()?;
             time_runs(&dev, warmup, runs, || {
-                let (ts, _) = rng.timesteps(c.batch, 1000, &dev)?;
-                let noise = rng.randn((c.batch, 3, s, s), &dev)?;
-                let seed = rng.next_u64();
-                let loss = if bf16 {
-                    // bf16 compute from f32 master weights: the casts are in the graph, so the
-                    // gradients land on the f32 variables.
-                    let half = bf16_view(&model, &varmap, &c.cfg, &dev)?;
-                    let pred = |x: &Tensor, t: &Tensor| half.forward_t(&x.to_dtype(DType::BF16)?, t, Mode::Train { seed })?.to_dtype(DType::F32);
-                    schedule.loss(&pred, &x0, &ts, &noise)?
-                } else {
-                    let pred = |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Train { seed });
-                    schedule.loss(&pred, &x0, &ts, &noise)?
-                };
-                let grads = loss.backward()?;
-                let g = opt.gradients(&grads)?;
-                opt.step_with(&g, 1e-4)?;
+                // Not read: the step is queued, and the wait for the device comes after it.
+                let (_loss, g) = engine.loss_and_gradients(&x0, &mut rng)?;
+                engine.opt.step_with(&g, 1e-4)?;
                 Ok(())
             })?
         }
@@ -300,12 +288,14 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
         _ => unreachable!(),
     };
     let med = median(&times.runs_s);
-    #[allow(unused_mut)]
     let mut out = json!({
         "case": name, "batch": c.batch, "median_s": med, "runs_s": times.runs_s,
         "queued_s": median(&times.queued_s), "queued_runs_s": times.queued_s,
         "images_per_s": c.batch as f64 / med, "peak_rss_mb": peak_rss_mb(),
     });
+    if c.kind == "train" {
+        out["micro_batch"] = json!(micro_batch.map_or(c.batch, |m| m.min(c.batch)));
+    }
     #[cfg(feature = "cuda")]
     if let Some(p) = poller {
         let (peak, baseline) = p.finish();
@@ -381,7 +371,7 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(name) = &args.child {
-        let v = run_child(name, args.warmup, args.runs, &args.device, &args.precision)?;
+        let v = run_child(name, args.warmup, args.runs, &args.device, &args.precision, args.micro_batch)?;
         out!("{v}");
         return Ok(());
     }
@@ -430,6 +420,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let o = Command::new(&exe)
             .args(["bench", "--child", name, "--runs", &args.runs.to_string(), "--warmup", &args.warmup.to_string()])
             .args(["--device", &args.device, "--precision", &args.precision])
+            .args(args.micro_batch.iter().flat_map(|m| ["--micro-batch".to_string(), m.to_string()]))
             .env("RAYON_NUM_THREADS", args.threads.to_string())
             .output()
             .with_context(|| format!("running bench case {name}"))?;
@@ -477,6 +468,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 _ => String::new(),
             },
         );
+        if let Some(m) = ours["micro_batch"].as_u64().filter(|&m| Some(m) != ours["batch"].as_u64()) {
+            out!("  ours in parts of {m} images (gradient accumulation); PyTorch's the whole batch at once");
+        }
         if gpu {
             // Whether the host kept the card fed: the time to queue a run's work beside the run.
             let queued = |r: &Value| match (r["queued_s"].as_f64(), r["median_s"].as_f64()) {
