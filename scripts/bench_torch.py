@@ -4,7 +4,7 @@ own process so that its peak memory is its own. Called by `cargo xtask bench`.
   python scripts/bench_torch.py --case forward|train8|train16|reduced-forward|reduced-train|ddim50|ddpm100
          |forward128|train128|ddim50x256|ddpm100x256|ddpm1000x256
          [--ref-dir ../shared/bench] [--threads 2] [--runs 3] [--warmup 1] [--device cpu|cuda] [--precision f32|bf16]
-         [--profile FILE] [--compile]
+         [--profile FILE] [--compile] [--micro-batch N]
 Prints one JSON object: case, batch, median_s, runs_s, peak_rss_mb, peak_gpu_mb on CUDA, and
 queued_s (the median time to queue a run's work, before the wait for the device) for the cases
 timed here rather than by bench_cpu.py: every case on CUDA, the sampling cases on the CPU.
@@ -13,6 +13,10 @@ On CUDA, bf16 is torch.autocast(bfloat16) around the forward pass, as a Lightnin
 top 30) to FILE: where PyTorch's time goes, to set beside ours.
 --compile wraps the model in torch.compile (default mode) and calls it once, untimed, before the
 warm-up; the JSON then has compiled=true and compile_s, the time of that first call.
+--micro-batch N (training cases): the batch goes through the model N images at a time, each
+part's loss weighted by its share and back-propagated into the same gradients before the one
+Adam step (gradient accumulation, as `xtask bench --micro-batch` runs ours); the JSON then has
+micro_batch. Timed here, not by bench_cpu.py, on the CPU too.
 """
 import argparse
 import json
@@ -33,6 +37,7 @@ def main():
     ap.add_argument("--precision", default="f32")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--micro-batch", type=int, default=None)
     a = ap.parse_args()
     sys.path.insert(0, a.ref_dir)
     import torch
@@ -57,6 +62,9 @@ def main():
         "ddpm100x256": (R.TRAINED_CONFIG, 256, 64, "ddpm100"),
     }
     cfg, bs, hw, kind = cases[a.case]
+    if a.micro_batch is not None and a.micro_batch < 1:
+        raise SystemExit("--micro-batch must be at least 1")
+    micro = min(a.micro_batch or bs, bs)
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
     model = R.RefUNet(**cfg).to(dev)
@@ -109,7 +117,7 @@ def main():
 
     if kind == "forward" and not cuda:
         ts, _ = B.bench_forward(model, bs, hw, a.warmup, a.runs)
-    elif kind == "train" and not cuda:
+    elif kind == "train" and not cuda and micro == bs:
         ts, _ = B.bench_train(model, bs, hw, a.warmup, a.runs, sched)
     elif kind == "forward":
         model.eval()
@@ -130,10 +138,12 @@ def main():
             t = torch.randint(0, 1000, (bs,), device=dev)
             noise = torch.randn_like(x0)
             xt = R.q_sample(sched, x0, t, noise)
-            with amp:
-                loss = torch.nn.functional.mse_loss(model(xt, t).float(), noise)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for i in range(0, bs, micro):
+                n = min(micro, bs - i)
+                with amp:
+                    loss = torch.nn.functional.mse_loss(model(xt[i:i + n], t[i:i + n]).float(), noise[i:i + n])
+                (loss * (n / bs) if n < bs else loss).backward()
             opt.step()
         ts = timed(step, a.warmup, a.runs)
         profiled = step
@@ -182,6 +192,8 @@ def main():
     out = dict(case=a.case, batch=bs, median_s=med, runs_s=ts, images_per_s=bs / med,
                peak_rss_mb=peak_mb, torch=torch.__version__, threads=torch.get_num_threads(),
                device=a.device, precision=a.precision)
+    if kind == "train":
+        out["micro_batch"] = micro
     if compile_s is not None:
         out["compiled"] = True
         out["compile_s"] = compile_s

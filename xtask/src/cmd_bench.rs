@@ -38,7 +38,7 @@ pub struct BenchArgs {
     /// Our training cases only: each batch goes through the network in parts of this many
     /// images, their gradients summed before the one Adam step (`train --micro-batch-size`), to
     /// measure what gradient accumulation costs in time and saves in memory. PyTorch's side
-    /// still runs the whole batch.
+    /// accumulates the same way (`scripts/bench_torch.py --micro-batch`).
     #[arg(long, value_parser = crate::common::positive)]
     micro_batch: Option<usize>,
     /// Threads for both sides (RAYON_NUM_THREADS / torch.set_num_threads).
@@ -342,6 +342,7 @@ fn torch_case(args: &BenchArgs, name: &str) -> Result<Option<Value>> {
         .arg(&script)
         .args(["--case", name, "--runs", &args.runs.to_string(), "--warmup", &args.warmup.to_string()])
         .args(["--threads", &args.threads.to_string(), "--device", &args.device, "--precision", &args.precision])
+        .args(args.micro_batch.iter().flat_map(|m| ["--micro-batch".to_string(), m.to_string()]))
         .arg("--ref-dir")
         .arg(&args.torch_bench)
         .output();
@@ -469,7 +470,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             },
         );
         if let Some(m) = ours["micro_batch"].as_u64().filter(|&m| Some(m) != ours["batch"].as_u64()) {
-            out!("  ours in parts of {m} images (gradient accumulation); PyTorch's the whole batch at once");
+            let who = match torch.as_ref().map(|r| r["micro_batch"].as_u64()) {
+                Some(Some(t)) if t == m => "both sides",
+                Some(_) => "ours; PyTorch's side ran the whole batch at once",
+                None => "ours",
+            };
+            out!("  in parts of {m} images (gradient accumulation): {who}");
         }
         if gpu {
             // Whether the host kept the card fed: the time to queue a run's work beside the run.
