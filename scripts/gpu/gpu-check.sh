@@ -9,8 +9,10 @@
 # Env knobs (defaults for an H100/H200: 7-8 minutes in all by estimate; AB=0 TRAIN_MINUTES=1 for a shorter rerun):
 #   DEVICE=cuda  RUNS=2  WARMUP=1  TRAIN_MINUTES=1.5  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
 #   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16  AB=1 (the train128 attribution runs)
-#   THREADS=$(nproc)  STEPS="1 2 2b 4" (which steps run: a rerun can redo only what failed; 5 = PyTorch with
-#   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare)
+#   THREADS=$(nproc)  STEPS="1 2 2b 4 6" (which steps run: a rerun can redo only what failed; 5 = PyTorch with
+#   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare;
+#   6 = a CPU profile of our training step's host side, with the perf the kit carries)
+#   AB_SWAPS="..." (the A/B runs' switches; default: all)  AB_MICRO=1 (the micro-batch run)
 # Each step has its own time limit, so that one hang cannot take the whole session, and the whole
 # run keeps to DEADLINE_S (default 520 s: run it under a 540 s limit): each limit is cut to what is
 # left, and the profile and A/B runs give way to the training run and its grid.
@@ -32,7 +34,8 @@ GRID=${GRID:-16x16}
 AB=${AB:-1}
 # The host side of our steps (noise, batches) runs on these; a GPU machine's users have them all.
 THREADS=${THREADS:-$(nproc)}
-STEPS=" ${STEPS:-1 2 2b 4} "
+STEPS=" ${STEPS:-1 2 2b 4 6} "
+AB_MICRO=${AB_MICRO:-1}
 DEADLINE_S=${DEADLINE_S:-520}
 T0=$(date +%s)
 left() { echo $(( T0 + DEADLINE_S - $(date +%s) )); }
@@ -85,7 +88,9 @@ selftest() { timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE
 suspects() {
   local f=$1 s=""
   grep -qiE 'FAIL.*|error' "$f" || return 0
-  grep -E 'FAIL$' "$f" | grep -q '^conv ' && s="$s UNET_CUDA_CONV=candle"
+  # A convolution wrong or refused: first cuDNN's heuristic algorithms (stop 25's, which passed),
+  # in case an algorithm Find picked is at fault; everything (candle's convolutions) comes after.
+  grep -E 'FAIL$' "$f" | grep -q '^conv ' && s="$s UNET_CUDNN_ALGO=heuristic"
   grep -E 'FAIL$' "$f" | grep -q '^group norm' && s="$s UNET_CUDA_NORM=candle"
   grep -E 'FAIL$' "$f" | grep -q '^softmax' && s="$s UNET_CUDA_SOFTMAX=candle"
   grep -E 'FAIL$' "$f" | grep -q '^upsample' && s="$s UNET_CUDA_UPSAMPLE=candle"
@@ -95,7 +100,7 @@ suspects() {
   # Our kernels' errors say "in CUDA op: <name>" (conv, groupnorm, softmax, up2x/blocksum2x, adam).
   # (main.rs prints "error: ..."; candle's own traces say "Error".)
   local err; err=$(sed -n '/^[Ee]rror/,$p' "$f" | head -12)
-  case "$err" in *cudnn*|*CUDNN*|*conv*) s="$s UNET_CUDA_CONV=candle";; esac
+  case "$err" in *cudnn*|*CUDNN*|*conv*) s="$s UNET_CUDNN_ALGO=heuristic";; esac
   case "$err" in *gn_*|*groupnorm*|*"group norm"*) s="$s UNET_CUDA_NORM=candle";; esac
   case "$err" in *softmax*) s="$s UNET_CUDA_SOFTMAX=candle";; esac
   case "$err" in *up2x*|*blocksum*|*upsampl*) s="$s UNET_CUDA_UPSAMPLE=candle";; esac
@@ -117,7 +122,7 @@ only_micro_batch_failed() {
   # stopped it before its other checks had run.)
   ! grep -E 'FAIL$' "$f" | grep -qv '^micro-batch' && ! grep -E '^[Ee]rror' "$f" | grep -qv 'check(s) failed on'
 }
-ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle"
+ALL_SWITCHES="UNET_CUDNN_ALGO=heuristic UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle"
 selftest > "$OUT/self-test.txt" 2>&1
 rc=$?
 cat "$OUT/self-test.txt"
@@ -189,7 +194,18 @@ if [ "$DEVICE" != cpu ]; then
 fi
 if [ "$AB" = 1 ]; then
   AB_CASE=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128)
-  for swap in "UNET_CUDA_CONV=candle" "UNET_CUDA_NORM=candle" "UNET_CUDA_SOFTMAX=candle" "UNET_CUDA_UPSAMPLE=candle" "TRAINER_CUDA_ADAM=candle" "UNET_CUDA_POOL=candle" "UNET_CUDA_GRADS=candle"; do
+  # cuDNN's heuristic algorithms against Find's (the default since stop 25) in both precisions,
+  # with the forward pass: the heuristics' bf16 choices were the slow ones.
+  if [[ " ${AB_SWAPS:-UNET_CUDNN_ALGO=heuristic} " == *" UNET_CUDNN_ALGO=heuristic "* ]]; then
+    AB_CASES=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128,forward128)
+    for p in $PRECISIONS; do
+      room 40 "$RESERVE4" "A/B run with cuDNN's heuristics, $p" || continue
+      UNET_CUDNN_ALGO=heuristic timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$AB_CASES" --runs 2 --warmup 1 --threads "$THREADS" \
+        --python none --out "$OUT/ab-unet_cudnn_algo-heuristic-$p.json" || echo "A/B run with cuDNN's heuristics ($p) failed or ran out of time"
+    done
+  fi
+  for swap in ${AB_SWAPS:-UNET_CUDA_CONV=candle UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle}; do
+    [ "$swap" = UNET_CUDNN_ALGO=heuristic ] && continue
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
     room 40 "$RESERVE4" "A/B run with $swap" || continue
     env $swap timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 --threads "$THREADS" \
@@ -200,7 +216,7 @@ if [ "$AB" = 1 ]; then
   # batch's from step 2. After the A/B runs, which explain the gap to PyTorch: under the deadline
   # this one gives way first.
   MICRO=$([ "$DEVICE" = cpu ] && echo 8 || echo 32)
-  if room 60 "$RESERVE4" "the micro-batch run"; then
+  if [ "$AB_MICRO" = 1 ] && room 60 "$RESERVE4" "the micro-batch run"; then
     timeout "$(cap 150 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --micro-batch "$MICRO" --runs 2 --warmup 1 --threads "$THREADS" \
       --python "$PY" --torch-bench "$KIT/bench" --out "$OUT/micro$MICRO-$AB_CASE-f32.json" || echo "micro-batch run failed or ran out of time"
   fi
@@ -228,6 +244,31 @@ timeout "$(cap 180)" "$BIN" sample --checkpoint "$RUN" --device "$DEVICE" --grid
 # Plain names only come back ('=' in the sampler's file name would not).
 for f in "$OUT"/gen/*.png; do [ -f "$f" ] && mv "$f" "$OUT/sample-grid-ddim50.png"; done
 rmdir "$OUT/gen" 2>/dev/null
+}
+
+want 6 && {
+step "6. our training step's host side: a CPU profile (perf, sampling the timed runs only), each precision"
+PERF_TGZ=$KIT/perf.tgz
+if [ -f "$PERF_TGZ" ] && PD=$(mktemp -d) && tar xzf "$PERF_TGZ" -C "$PD"; then
+  # The kit's perf with its own libraries and loader: the GPU machine may have neither.
+  PERF=("$PD/perf/ld-linux-x86-64.so.2" --library-path "$PD/perf/lib" "$PD/perf/perf")
+  P6_CASE=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128)
+  for p in $PRECISIONS; do
+    room 40 "$RESERVE4" "the host profile, $p" || continue
+    CTL=$PD/ctl-$p; mkfifo "$CTL"
+    # cpu-clock: a software event, which VMs without hardware counters have. -D -1: sampling
+    # starts disabled; the bench enables it around its timed runs (XTASK_PERF_CTL).
+    XTASK_PERF_CTL=$CTL timeout "$(cap 120 "$RESERVE4")" "${PERF[@]}" record -e cpu-clock -F 4999 -D -1 --control "fifo:$CTL" -o "$OUT/perf-$P6_CASE-$p.data" -- \
+      "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$P6_CASE" --runs 10 --warmup 2 --threads "$THREADS" --python none \
+      --out "$OUT/perf-bench-$P6_CASE-$p.json" || echo "host profile $p failed (perf_event_open refused in this machine?)"
+    # By library here (the binary is stripped; its symbols are read where it was built).
+    "${PERF[@]}" report -i "$OUT/perf-$P6_CASE-$p.data" --stdio --sort dso 2>/dev/null | grep -v '^#' | grep . | head -15
+    "${PERF[@]}" report -i "$OUT/perf-$P6_CASE-$p.data" --stdio --sort dso,sym 2>/dev/null | grep -v '^#' | grep . | head -40 > "$OUT/perf-$P6_CASE-$p-top.txt"
+    head -25 "$OUT/perf-$P6_CASE-$p-top.txt"
+  done
+else
+  echo "no perf in the kit ($PERF_TGZ): step 6 skipped"
+fi
 }
 
 want 5 && {

@@ -125,6 +125,15 @@ fn time_runs(dev: &Device, warmup: usize, runs: usize, mut f: impl FnMut() -> Re
         sync(dev)?;
     }
     let mut t = Timings { runs_s: Vec::with_capacity(runs), queued_s: Vec::with_capacity(runs) };
+    // Under `perf record -D -1 --control fifo:PATH` (the GPU check's host profile), sampling
+    // covers the timed runs only, not start-up, warm-up or cuDNN's algorithm search.
+    let perf_ctl = |cmd: &str| {
+        if let Some(path) = std::env::var_os("XTASK_PERF_CTL") {
+            use std::io::Write;
+            let _ = std::fs::OpenOptions::new().write(true).open(path).and_then(|mut f| f.write_all(cmd.as_bytes()));
+        }
+    };
+    perf_ctl("enable\n");
     for _ in 0..runs {
         let start = Instant::now();
         f()?;
@@ -132,6 +141,7 @@ fn time_runs(dev: &Device, warmup: usize, runs: usize, mut f: impl FnMut() -> Re
         sync(dev)?;
         t.runs_s.push(start.elapsed().as_secs_f64());
     }
+    perf_ctl("disable\n");
     #[cfg(feature = "cuda")]
     if unet::cuda_ops::profile::enabled() {
         // One more run, on its own, for the per-op GPU times (the events cost a little).
@@ -142,10 +152,16 @@ fn time_runs(dev: &Device, warmup: usize, runs: usize, mut f: impl FnMut() -> Re
         let step_ms = start.elapsed().as_secs_f64() * 1e3;
         let ops = unet::cuda_ops::profile::report()?;
         let ours: f64 = ops.iter().map(|o| o.1).sum();
-        *PROFILE.lock().unwrap() = Some(json!({
+        #[allow(unused_mut)]
+        let mut profile = json!({
             "run_ms": step_ms, "our_ops_ms": ours,
             "ops": ops.iter().map(|(name, ms, calls)| json!({"op": name, "ms": ms, "calls": calls})).collect::<Vec<_>>(),
-        }));
+        });
+        #[cfg(feature = "cudnn")]
+        {
+            profile["cudnn_choices"] = json!(unet::conv_cudnn::choices());
+        }
+        *PROFILE.lock().unwrap() = Some(profile);
     }
     Ok(t)
 }
@@ -232,6 +248,8 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
     let s = c.cfg.image_size;
     let mut rng = NoiseRng::new(0);
     let schedule = Schedule::reference();
+    // Training cases: the host time of each part of a step, averaged over the timed runs (ms).
+    let mut host_phases: Option<Value> = None;
     let times = match c.kind {
         "forward" => {
             let model = frozen(&c.cfg, &dev, dt)?;
@@ -252,12 +270,25 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
             cfg.train.precision = if bf16 { trainer::Precision::Bf16 } else { trainer::Precision::F32 };
             let mut engine = trainer::StepEngine::new(&cfg, &dev)?;
             let x0 = rng.randn((c.batch, 3, s, s), &dev)?.tanh()?;
-            time_runs(&dev, warmup, runs, || {
+            // Each call's host time per part, for the timed runs' average below.
+            let mut calls: Vec<(trainer::HostPhases, f64)> = Vec::new();
+            let t = time_runs(&dev, warmup, runs, || {
+                let before = engine.host_phases();
                 // Not read: the step is queued, and the wait for the device comes after it.
                 let (_loss, g) = engine.loss_and_gradients(&x0, &mut rng)?;
+                let opt_start = Instant::now();
                 engine.opt.step_with(&g, 1e-4)?;
+                calls.push((engine.host_phases().since(&before), opt_start.elapsed().as_secs_f64()));
                 Ok(())
-            })?
+            })?;
+            let timed = &calls[warmup.min(calls.len())..(warmup + runs).min(calls.len())];
+            let n = timed.len().max(1) as f64;
+            let avg = |f: fn(&(trainer::HostPhases, f64)) -> f64| 1e3 * timed.iter().map(f).sum::<f64>() / n;
+            host_phases = Some(json!({
+                "draws": avg(|c| c.0.draws), "casts": avg(|c| c.0.casts), "forward": avg(|c| c.0.forward),
+                "backward": avg(|c| c.0.backward), "gather": avg(|c| c.0.gather), "optimizer": avg(|c| c.1),
+            }));
+            t
         }
         "ddim" | "ddpm" => {
             let model = frozen(&c.cfg, &dev, dt)?;
@@ -295,6 +326,9 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
     });
     if c.kind == "train" {
         out["micro_batch"] = json!(micro_batch.map_or(c.batch, |m| m.min(c.batch)));
+    }
+    if let Some(h) = host_phases {
+        out["host_phases_ms"] = h;
     }
     #[cfg(feature = "cuda")]
     if let Some(p) = poller {
@@ -485,12 +519,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
             };
             out!("  host queue time: ours {}, PyTorch {}", queued(&ours), torch.as_ref().map_or("-".into(), queued));
         }
+        if let Some(h) = ours.get("host_phases_ms") {
+            // On a GPU, where a host-bound step's time goes; on the CPU, the step's work.
+            let ms = |k: &str| h[k].as_f64().unwrap_or(f64::NAN);
+            out!(
+                "  our host time by part (ms a run): draws {:.1}, bf16 casts {:.1}, forward {:.1}, backward {:.1}, gradients {:.1}, optimizer {:.1}",
+                ms("draws"), ms("casts"), ms("forward"), ms("backward"), ms("gather"), ms("optimizer")
+            );
+        }
         if let Some(p) = ours.get("profile") {
             // UNET_CUDA_PROFILE=1: where our GPU time went in one more run of the case.
             let (run, mine) = (p["run_ms"].as_f64().unwrap_or(f64::NAN), p["our_ops_ms"].as_f64().unwrap_or(f64::NAN));
             out!("  profile of one run: {run:.1} ms wall, {mine:.1} ms in our CUDA ops (the rest: candle's ops and launch gaps)");
             for o in p["ops"].as_array().into_iter().flatten().take(25) {
                 out!("    {:>9.2} ms {:>5}x  {}", o["ms"].as_f64().unwrap_or(f64::NAN), o["calls"], o["op"].as_str().unwrap_or(""));
+            }
+            if let Some(choices) = p["cudnn_choices"].as_array() {
+                // Each (pass, shape)'s algorithm is in the JSON; what went wrong is worth a line.
+                let found = choices.iter().filter(|c| c.as_str().is_some_and(|c| c.contains("(Find,"))).count();
+                out!("  cuDNN algorithms: {found} of the {} passes' choices measured by Find", choices.iter().filter(|c| c.as_str().is_some_and(|c| c.starts_with("conv "))).count());
+                for c in choices.iter().filter_map(|c| c.as_str()).filter(|c| c.starts_with("Find failed")) {
+                    out!("    {c}");
+                }
             }
         }
         rows.push(json!({"ours": ours, "torch": torch, "speedup": t.map(|x| x / ours_s)}));

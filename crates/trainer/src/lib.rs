@@ -28,7 +28,7 @@ use std::path::Path;
 pub use adam::{Adam, AdamParams};
 pub use config::{CheckpointConfig, DataConfig, LogConfig, Precision, RunConfig, TrainConfig};
 pub use trainer::{
-    read_tensors, resolve_config, StepCallback, StepEngine, StepMetrics, StepOutput, StopReason, TrainOptions, TrainSummary, Trainer,
+    read_tensors, resolve_config, HostPhases, StepCallback, StepEngine, StepMetrics, StepOutput, StopReason, TrainOptions, TrainSummary, Trainer,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -68,6 +68,37 @@ pub struct StepEngine {
     pub ema: Option<Vec<Tensor>>,
     pub schedule: Schedule,
     device: Device,
+    host: std::cell::Cell<HostPhases>,
+}
+
+/// Host time (seconds) that [`StepEngine::loss_and_gradients`] has spent in each of its parts
+/// since the engine was made. On a GPU the work is queued, not done, in that time, so this says
+/// where a host-bound step's time goes; on the CPU it is the work itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostPhases {
+    /// Timesteps, noise (drawn on the host) and the dropout seed.
+    pub draws: f64,
+    /// The bf16 copies of the weights (bf16 steps only).
+    pub casts: f64,
+    /// The forward pass and the loss.
+    pub forward: f64,
+    /// `backward()`: the graph walk and the gradients' ops.
+    pub backward: f64,
+    /// Taking the variables' gradients, dropping the graph, summing the parts.
+    pub gather: f64,
+}
+
+impl HostPhases {
+    /// The change from `before` to `self`.
+    pub fn since(&self, before: &HostPhases) -> HostPhases {
+        HostPhases {
+            draws: self.draws - before.draws,
+            casts: self.casts - before.casts,
+            forward: self.forward - before.forward,
+            backward: self.backward - before.backward,
+            gather: self.gather - before.gather,
+        }
+    }
 }
 
 impl StepEngine {
@@ -98,11 +129,16 @@ impl StepEngine {
             None => None,
         };
         let schedule = Schedule::new(&cfg.diffusion)?;
-        Ok(Self { cfg: cfg.clone(), model, varmap, opt, ema, schedule, device: device.clone() })
+        Ok(Self { cfg: cfg.clone(), model, varmap, opt, ema, schedule, device: device.clone(), host: Default::default() })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Host time spent so far in each part of [`Self::loss_and_gradients`].
+    pub fn host_phases(&self) -> HostPhases {
+        self.host.get()
     }
 
     /// One optimizer step on the batch `x0` (`[B, 3, S, S]` in [-1, 1]): draws the timesteps,
@@ -152,15 +188,25 @@ impl StepEngine {
             }
         }
         let b = x0.dim(0)?;
+        let mut host = self.host.get();
+        let mut clock = std::time::Instant::now();
+        // Adds the time since the last mark to one phase.
+        let mut mark = |phase: &mut f64| {
+            let now = std::time::Instant::now();
+            *phase += (now - clock).as_secs_f64();
+            clock = now;
+        };
         // Drawn for the whole batch before it is split, so that the parts see what one pass
         // would: the draws do not depend on the micro-batch.
         let (ts, _) = rng.timesteps(b, self.schedule.num_steps(), &self.device)?;
         let noise = rng.randn(x0.shape().clone(), &self.device)?;
         let seed = rng.next_u64();
         let micro = self.cfg.train.micro_batch(b);
+        mark(&mut host.draws);
         // One set of bf16 casts for all the parts: each backward pass reaches the f32 variables
         // through them.
         let half = if self.cfg.train.precision == Precision::Bf16 { Some(self.bf16_view()?) } else { None };
+        mark(&mut host.casts);
         let mut total: Option<(Tensor, Vec<Tensor>)> = None;
         for first in (0..b).step_by(micro) {
             let n = micro.min(b - first);
@@ -176,7 +222,9 @@ impl StepEngine {
                 self.schedule.loss(&predict, &x, t, &e)?
             };
             let loss = if n == b { loss } else { loss.affine(n as f64 / b as f64, 0.0)? };
+            mark(&mut host.forward);
             let grads = loss.backward()?;
+            mark(&mut host.backward);
             let g = self.opt.gradients(&grads)?;
             // The graph goes before the sums grow and the next part's forward pass begins.
             drop(grads);
@@ -187,7 +235,9 @@ impl StepEngine {
                 None => (loss, g),
                 Some((l, sum)) => (l.add(&loss)?, sum.iter().zip(&g).map(|(a, b)| a.add(b)).collect::<candle_core::Result<_>>()?),
             });
+            mark(&mut host.gather);
         }
+        self.host.set(host);
         Ok(total.expect("a batch of at least one image has a first part"))
     }
 

@@ -6,13 +6,18 @@
 //! as kernel for the weight gradient, far from what cuDNN's backward kernels (which PyTorch
 //! uses) do on the same card. `crate::conv` calls these from its custom ops' `cuda_fwd`.
 //!
-//! Algorithms come from cuDNN's heuristics (`cudnnGet*Algorithm_v7`, as PyTorch does with
-//! `benchmark=False`), cached per shape once one has run. Should the heuristics fail, or their
+//! Each (pass, shape) gets its algorithm once, by cuDNN's Find (`cudnnFind*AlgorithmEx`: every
+//! algorithm run and timed on the call's own buffers, as PyTorch does with
+//! `torch.backends.cudnn.benchmark = True`), with the math type of the fastest result; or, with
+//! `UNET_CUDNN_ALGO=heuristic` or when Find fails, from cuDNN's heuristics (`cudnnGet*Algorithm_v7`,
+//! as PyTorch does with `benchmark=False`). The first H100 run (stop 25) found the heuristics'
+//! bf16 choice for the attention's 1x1 convolutions twelve times slower than f32's. The choice is
+//! cached per shape once one has run. Should the heuristics fail, or their
 //! choice be unsupported, want more scratch memory than can be had, or fail to launch, the pass
 //! tries the algorithms every build has (precomputed then plain implicit GEMM forward,
 //! algorithms 1 then 0 backward), as PyTorch goes down its list; a choice that failed only for
 //! want of memory is not replaced in the cache. (cudarc gives the heuristics'
-//! first choice only, not its math type; our math types are PyTorch's defaults.)
+//! first choice only, not its math type: there, our math types are PyTorch's defaults.)
 //!
 //! f32 convolutions may use TF32 tensor cores, as PyTorch's cuDNN convolutions do by default;
 //! `set_tf32(false)` asks for exact f32 (the self-test does, to compare with the CPU at 1e-3).
@@ -50,6 +55,13 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("UNET_CUDA_CONV").map_or(true, |v| v != "candle"))
 }
 
+/// Whether algorithms are measured by cuDNN's Find (default) rather than taken from its
+/// heuristics (`UNET_CUDNN_ALGO=heuristic`: for A/B runs, and a way out should Find misbehave).
+pub fn find_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_CUDNN_ALGO").map_or(true, |v| v != "heuristic"))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Pass {
     /// (x, w) -> y
@@ -73,8 +85,11 @@ type AlgoKey = (Pass, DType, bool, Geometry);
 thread_local! {
     // cuDNN handles are neither Send nor Sync: one per thread and device, as candle does.
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-    // Heuristic queries cost little but run per call and per layer: keep their answer per shape.
-    static ALGOS: RefCell<HashMap<AlgoKey, Algo>> = RefCell::new(HashMap::new());
+    // Choices cost little (heuristics) or much (Find) but would run per call and per layer: keep
+    // each per shape, with the math type Find measured it with (none: our default's).
+    static ALGOS: RefCell<HashMap<AlgoKey, (Algo, Option<sys::cudnnMathType_t>)>> = RefCell::new(HashMap::new());
+    // Find needs the raw handle and descriptors, which cudarc's safe types keep to themselves.
+    static RAW_HANDLES: RefCell<HashMap<DeviceId, find::RawHandle>> = RefCell::new(HashMap::new());
 }
 
 fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -132,9 +147,30 @@ where
     let w_desc = cudnn.create_4d_filter::<T>(NCHW, [d.o as i32, d.c as i32, d.k as i32, d.k as i32]).map_err(w)?;
     let key = (pass, T::DTYPE, strict, d);
     let cached = ALGOS.with(|m| m.borrow().get(&key).copied());
+    if let Some((_, Some(m))) = cached {
+        conv.set_math_type(m).map_err(w)?;
+    }
     let av = contiguous::<T>(a, la)?;
     let bv = contiguous::<T>(b, lb)?;
     let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
+    let geometry = find::Geometry4 {
+        x: [d.b as i32, d.c as i32, d.h as i32, d.w as i32],
+        y: [d.b as i32, d.o as i32, d.ho() as i32, d.wo() as i32],
+        w: [d.o as i32, d.c as i32, d.k as i32, d.k as i32],
+        pad: p,
+        stride: s,
+        data: T::DATA_TYPE,
+        compute: C::DATA_TYPE,
+        math,
+        strict,
+    };
+    // Measured once per shape when nothing is cached; `None` leaves it to the heuristics.
+    let measure = |out: &mut CudaSlice<T>, sizes: &dyn Fn(u32) -> Option<usize>| -> Option<(u32, sys::cudnnMathType_t)> {
+        if cached.is_some() || !find_enabled() {
+            return None;
+        }
+        find::fastest(pass, &geometry, dev, &av, &bv, out, sizes)
+    };
     // SAFETY (each `alloc`): cuDNN writes every element of the output (beta = 0).
     // SAFETY (each `launch`): the descriptors above describe these buffers (NCHW, contiguous,
     // element type T), and the output is the one the pass writes.
@@ -142,12 +178,18 @@ where
         Pass::Forward => {
             use sys::cudnnConvolutionFwdAlgo_t as F;
             let op = ConvForward { conv: &conv, x: &x_desc, w: &w_desc, y: &y_desc };
-            let first = match cached {
-                Some(Algo::Forward(a)) => Some(a),
-                _ => op.pick_algorithm().ok(),
-            };
             let mut out = unsafe { dev.alloc::<T>(d.b * d.o * d.hw_out())? };
-            run_first_that_runs(key, Algo::Forward, first, &[F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
+            let found = measure(&mut out, &|i| op.get_workspace_size(find::FWD[i as usize]).ok()).map(|(i, m)| (find::FWD[i as usize], m));
+            let (first, found_math) = match (cached, found) {
+                (Some((Algo::Forward(a), m)), _) => (Some(a), m),
+                (_, Some((a, m))) => (Some(a), Some(m)),
+                _ => (op.pick_algorithm().ok(), None),
+            };
+            if let (Some(m), None) = (found_math, cached) {
+                conv.set_math_type(m).map_err(w)?;
+            }
+            let op = ConvForward { conv: &conv, x: &x_desc, w: &w_desc, y: &y_desc };
+            run_first_that_runs(key, Algo::Forward, (first, found_math), &[F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
                 unsafe { op.launch(a, ws.as_mut(), (one, zero), &av, &bv, &mut out).map_err(w) }
             })?;
             out
@@ -155,13 +197,19 @@ where
         Pass::InputGrad => {
             use sys::cudnnConvolutionBwdDataAlgo_t as D;
             let op = ConvBackwardData { conv: &conv, dx: &x_desc, w: &w_desc, dy: &y_desc };
-            let first = match cached {
-                Some(Algo::InputGrad(a)) => Some(a),
-                _ => op.pick_algorithm().ok(),
-            };
             let mut out = unsafe { dev.alloc::<T>(d.b * d.c * d.h * d.w)? };
+            let found = measure(&mut out, &|i| op.get_workspace_size(find::DATA[i as usize]).ok()).map(|(i, m)| (find::DATA[i as usize], m));
+            let (first, found_math) = match (cached, found) {
+                (Some((Algo::InputGrad(a), m)), _) => (Some(a), m),
+                (_, Some((a, m))) => (Some(a), Some(m)),
+                _ => (op.pick_algorithm().ok(), None),
+            };
+            if let (Some(m), None) = (found_math, cached) {
+                conv.set_math_type(m).map_err(w)?;
+            }
+            let op = ConvBackwardData { conv: &conv, dx: &x_desc, w: &w_desc, dy: &y_desc };
             // `a` is dy, `b` the kernel.
-            run_first_that_runs(key, Algo::InputGrad, first, &[D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
+            run_first_that_runs(key, Algo::InputGrad, (first, found_math), &[D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
                 unsafe { op.launch(a, ws.as_mut(), (one, zero), &mut out, &bv, &av).map_err(w) }
             })?;
             out
@@ -169,13 +217,19 @@ where
         Pass::WeightGrad => {
             use sys::cudnnConvolutionBwdFilterAlgo_t as B;
             let op = ConvBackwardFilter { conv: &conv, x: &x_desc, dw: &w_desc, dy: &y_desc };
-            let first = match cached {
-                Some(Algo::WeightGrad(a)) => Some(a),
-                _ => op.pick_algorithm().ok(),
-            };
             let mut out = unsafe { dev.alloc::<T>(d.o * d.ckk())? };
+            let found = measure(&mut out, &|i| op.get_workspace_size(find::FILTER[i as usize]).ok()).map(|(i, m)| (find::FILTER[i as usize], m));
+            let (first, found_math) = match (cached, found) {
+                (Some((Algo::WeightGrad(a), m)), _) => (Some(a), m),
+                (_, Some((a, m))) => (Some(a), Some(m)),
+                _ => (op.pick_algorithm().ok(), None),
+            };
+            if let (Some(m), None) = (found_math, cached) {
+                conv.set_math_type(m).map_err(w)?;
+            }
+            let op = ConvBackwardFilter { conv: &conv, x: &x_desc, dw: &w_desc, dy: &y_desc };
             // `a` is x, `b` is dy.
-            run_first_that_runs(key, Algo::WeightGrad, first, &[B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
+            run_first_that_runs(key, Algo::WeightGrad, (first, found_math), &[B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
                 unsafe { op.launch(a, ws.as_mut(), (one, zero), &av, &mut out, &bv).map_err(w) }
             })?;
             out
@@ -184,13 +238,14 @@ where
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
-/// Runs the pass with `first` (the cached or the heuristics' choice), else with each of
+/// Runs the pass with `first` (the cached choice, Find's or the heuristics', with the math type Find ran
+/// it with), else with each of
 /// `fallbacks` (algorithms every cuDNN build has for these NCHW shapes), by
 /// [`crate::conv::first_that_runs`], and caches what ran when that says it may.
 fn run_first_that_runs<A: Copy + PartialEq + std::fmt::Debug>(
     key: AlgoKey,
     wrap: fn(A) -> Algo,
-    first: Option<A>,
+    (first, first_math): (Option<A>, Option<sys::cudnnMathType_t>),
     fallbacks: &[A],
     dev: &CudaDevice,
     workspace_size: impl Fn(A) -> Result<usize>,
@@ -198,7 +253,9 @@ fn run_first_that_runs<A: Copy + PartialEq + std::fmt::Debug>(
 ) -> Result<()> {
     let (ran, cacheable) = crate::conv::first_that_runs(first.into_iter().chain(fallbacks.iter().copied()), workspace_size, |n| workspace(dev, n), launch)?;
     if cacheable {
-        ALGOS.with(|m| m.borrow_mut().insert(key, wrap(ran)));
+        // A fallback ran with the descriptor's math type as it was set for `first`: cached with
+        // it, later calls launch it as this one did.
+        ALGOS.with(|m| m.borrow_mut().insert(key, (wrap(ran), first_math)));
     }
     Ok(())
 }
@@ -210,4 +267,314 @@ fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
     }
     // SAFETY: scratch only, as above.
     Ok(Some(unsafe { dev.alloc::<u8>(bytes)? }))
+}
+
+/// The algorithm cached for each (pass, element type, exact f32, shape) on this thread, and how
+/// it was chosen, for the bench's profile; then what Find could not do, if anything.
+pub fn choices() -> Vec<String> {
+    let mut out: Vec<String> = ALGOS.with(|m| {
+        m.borrow()
+            .iter()
+            .map(|((pass, dt, strict, d), (algo, math))| {
+                let how = match math {
+                    Some(m) => format!("Find, {m:?}"),
+                    None => "heuristics or fallback".into(),
+                };
+                let exact = if *strict { " exact" } else { "" };
+                format!("conv {pass:?} {}->{} {}x{} k{} s{} b{} {dt:?}{exact}: {algo:?} ({how})", d.c, d.o, d.h, d.w, d.k, d.stride, d.b)
+            })
+            .collect()
+    });
+    out.sort();
+    out.extend(find::FAILURES.with(|f| f.borrow().iter().map(|e| format!("Find failed: {e}")).collect::<Vec<_>>()));
+    out
+}
+
+/// cuDNN's Find through the raw API (cudarc's safe descriptors keep their handles private).
+mod find {
+    use std::cell::RefCell;
+    use std::ffi::c_void;
+
+    use candle_core::cuda_backend::cudarc::cudnn::result::{self, CudnnError};
+    use candle_core::cuda_backend::cudarc::cudnn::sys;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr};
+    use candle_core::cuda_backend::CudaDevice;
+
+    use super::{Pass, RAW_HANDLES};
+
+    thread_local! {
+        pub(super) static FAILURES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Each pass's algorithms, indexed by their cuDNN value.
+    pub(super) const FWD: [sys::cudnnConvolutionFwdAlgo_t; 8] = {
+        use sys::cudnnConvolutionFwdAlgo_t as F;
+        [
+            F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            F::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+            F::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+            F::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+            F::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+            F::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+            F::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+        ]
+    };
+    pub(super) const DATA: [sys::cudnnConvolutionBwdDataAlgo_t; 6] = {
+        use sys::cudnnConvolutionBwdDataAlgo_t as D;
+        [
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+        ]
+    };
+    pub(super) const FILTER: [sys::cudnnConvolutionBwdFilterAlgo_t; 7] = {
+        use sys::cudnnConvolutionBwdFilterAlgo_t as B;
+        [
+            B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+            B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+            B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+            B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+            B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+            B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+        ]
+    };
+
+    /// Find's scratch space at most. The implicit-GEMM algorithms that win at these sizes need
+    /// little; FFT ones can ask for gigabytes, and what Find takes stays in our memory pool (and
+    /// in the peak the bench reports).
+    const MAX_WORKSPACE: usize = 256 << 20;
+
+    pub(super) struct RawHandle(sys::cudnnHandle_t);
+
+    impl Drop for RawHandle {
+        fn drop(&mut self) {
+            // SAFETY: created by `create_handle` below, destroyed once.
+            let _ = unsafe { result::destroy_handle(self.0) };
+        }
+    }
+
+    /// A pass's shapes and types, as the safe descriptors of `run_typed` have them.
+    pub(super) struct Geometry4 {
+        pub x: [i32; 4],
+        pub y: [i32; 4],
+        pub w: [i32; 4],
+        pub pad: i32,
+        pub stride: i32,
+        pub data: sys::cudnnDataType_t,
+        pub compute: sys::cudnnDataType_t,
+        pub math: sys::cudnnMathType_t,
+        /// Exact f32: only results without tensor-core math count.
+        pub strict: bool,
+    }
+
+    struct Descriptors {
+        x: sys::cudnnTensorDescriptor_t,
+        y: sys::cudnnTensorDescriptor_t,
+        w: sys::cudnnFilterDescriptor_t,
+        conv: sys::cudnnConvolutionDescriptor_t,
+    }
+
+    impl Drop for Descriptors {
+        fn drop(&mut self) {
+            // SAFETY: each was created below (or is null, never created) and is destroyed once.
+            unsafe {
+                if !self.x.is_null() {
+                    let _ = result::destroy_tensor_descriptor(self.x);
+                }
+                if !self.y.is_null() {
+                    let _ = result::destroy_tensor_descriptor(self.y);
+                }
+                if !self.w.is_null() {
+                    let _ = result::destroy_filter_descriptor(self.w);
+                }
+                if !self.conv.is_null() {
+                    let _ = result::destroy_convolution_descriptor(self.conv);
+                }
+            }
+        }
+    }
+
+    fn descriptors(g: &Geometry4) -> Result<Descriptors, CudnnError> {
+        use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
+        let null = std::ptr::null_mut();
+        let mut d = Descriptors { x: null, y: null as _, w: null as _, conv: null as _ };
+        d.x = result::create_tensor_descriptor()?;
+        d.y = result::create_tensor_descriptor()?;
+        d.w = result::create_filter_descriptor()?;
+        d.conv = result::create_convolution_descriptor()?;
+        // SAFETY: the descriptors were just created.
+        unsafe {
+            result::set_tensor4d_descriptor(d.x, NCHW, g.data, g.x)?;
+            result::set_tensor4d_descriptor(d.y, NCHW, g.data, g.y)?;
+            result::set_filter4d_descriptor(d.w, g.data, NCHW, g.w)?;
+            result::set_convolution2d_descriptor(d.conv, g.pad, g.pad, g.stride, g.stride, 1, 1, sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION, g.compute)?;
+            result::set_convolution_math_type(d.conv, g.math)?;
+        }
+        Ok(d)
+    }
+
+    fn handle(dev: &CudaDevice) -> Result<sys::cudnnHandle_t, CudnnError> {
+        RAW_HANDLES.with(|m| {
+            if let Some(h) = m.borrow().get(&dev.id()) {
+                return Ok(h.0);
+            }
+            let h = RawHandle(result::create_handle()?);
+            // SAFETY: the handle was just created; the stream is the device's, which all our
+            // work on this thread goes to, so Find runs after what wrote its inputs.
+            unsafe { result::set_stream(h.0, dev.cuda_stream().cu_stream() as sys::cudaStream_t)? };
+            let raw = h.0;
+            m.borrow_mut().insert(dev.id(), h);
+            Ok(raw)
+        })
+    }
+
+    /// The fastest algorithm (its cuDNN value) and its math type that Find measured on these
+    /// buffers (`a`, `b` and `out` as `run_typed` passes them), or `None` (the reason kept
+    /// for [`super::choices`]) to leave the choice to the heuristics. `sizes` gives an
+    /// algorithm's workspace, `None` when it does not apply.
+    pub(super) fn fastest<T: DeviceRepr>(
+        pass: Pass,
+        g: &Geometry4,
+        dev: &CudaDevice,
+        a: &CudaView<T>,
+        b: &CudaView<T>,
+        out: &mut CudaSlice<T>,
+        sizes: &dyn Fn(u32) -> Option<usize>,
+    ) -> Option<(u32, sys::cudnnMathType_t)> {
+        match measure(pass, g, dev, a, b, out, sizes) {
+            Ok(found) => found,
+            Err(e) => {
+                FAILURES.with(|f| f.borrow_mut().push(format!("{pass:?} x {:?} w {:?}: {e}", g.x, g.w)));
+                None
+            }
+        }
+    }
+
+    fn measure<T: DeviceRepr>(
+        pass: Pass,
+        g: &Geometry4,
+        dev: &CudaDevice,
+        a: &CudaView<T>,
+        b: &CudaView<T>,
+        out: &mut CudaSlice<T>,
+        sizes: &dyn Fn(u32) -> Option<usize>,
+    ) -> candle_core::Result<Option<(u32, sys::cudnnMathType_t)>> {
+        let w = candle_core::Error::wrap;
+        let count = match pass {
+            Pass::Forward => FWD.len(),
+            Pass::InputGrad => DATA.len(),
+            Pass::WeightGrad => FILTER.len(),
+        };
+        let want = (0..count as u32).filter_map(sizes).max().unwrap_or(0).min(MAX_WORKSPACE);
+        // The most scratch memory that can be had, up to what the hungriest algorithm wants;
+        // algorithms wanting more are left out of the race.
+        let mut bytes = want;
+        let mut ws: Option<CudaSlice<u8>> = None;
+        while bytes > 0 {
+            // SAFETY: scratch only: cuDNN writes it before reading it.
+            match unsafe { dev.alloc::<u8>(bytes) } {
+                Ok(s) => {
+                    ws = Some(s);
+                    break;
+                }
+                Err(_) => bytes /= 2,
+            }
+        }
+        let d = descriptors(g).map_err(w)?;
+        let h = handle(dev).map_err(w)?;
+        let stream = dev.cuda_stream();
+        let (ap, _ga) = a.device_ptr(&stream);
+        let (bp, _gb) = b.device_ptr(&stream);
+        let (op, _go) = out.device_ptr_mut(&stream);
+        let (wsp, _gw) = match ws.as_mut() {
+            Some(s) => {
+                let (p, g) = s.device_ptr_mut(&stream);
+                (p as *mut c_void, Some(g))
+            }
+            None => (std::ptr::null_mut(), None),
+        };
+        let (ap, bp, op) = (ap as *const c_void, bp as *const c_void, op as *mut c_void);
+        let mut n: i32 = 0;
+        // (algorithm, status, math type) of each result, fastest first.
+        let results: Vec<(u32, sys::cudnnStatus_t, sys::cudnnMathType_t)> = match pass {
+            Pass::Forward => {
+                // SAFETY: all-zero bytes are a valid value of these plain C structs.
+                let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; 8] = unsafe { std::mem::zeroed() };
+                // SAFETY: the descriptors describe these buffers (x = a, w = b, y = out), the
+                // workspace is `bytes` long, and the guards keep the pointers valid until the
+                // call returns (Find runs synchronously).
+                unsafe { sys::cudnnFindConvolutionForwardAlgorithmEx(h, d.x, ap, d.w, bp, d.conv, d.y, op, perf.len() as i32, &mut n, perf.as_mut_ptr(), wsp, bytes) }.result().map_err(w)?;
+                perf[..n.clamp(0, perf.len() as i32) as usize].iter().map(|p| (p.algo as u32, p.status, p.mathType)).collect()
+            }
+            Pass::InputGrad => {
+                // SAFETY: as above.
+                let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; 6] = unsafe { std::mem::zeroed() };
+                // SAFETY: as above, with w = b, dy = a, dx = out.
+                unsafe { sys::cudnnFindConvolutionBackwardDataAlgorithmEx(h, d.w, bp, d.y, ap, d.conv, d.x, op, perf.len() as i32, &mut n, perf.as_mut_ptr(), wsp, bytes) }.result().map_err(w)?;
+                perf[..n.clamp(0, perf.len() as i32) as usize].iter().map(|p| (p.algo as u32, p.status, p.mathType)).collect()
+            }
+            Pass::WeightGrad => {
+                // SAFETY: as above.
+                let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; 7] = unsafe { std::mem::zeroed() };
+                // SAFETY: as above, with x = a, dy = b, dw = out.
+                unsafe { sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(h, d.x, ap, d.y, bp, d.conv, d.w, op, perf.len() as i32, &mut n, perf.as_mut_ptr(), wsp, bytes) }.result().map_err(w)?;
+                perf[..n.clamp(0, perf.len() as i32) as usize].iter().map(|p| (p.algo as u32, p.status, p.mathType)).collect()
+            }
+        };
+        Ok(pick(&results, g.strict, count))
+    }
+
+    /// The first (fastest) result that ran and whose math keeps the precision asked for: exact
+    /// f32 takes FMA math only, and no type takes a conversion to half precision (f16's range
+    /// is narrower than f32's and bf16's).
+    pub(super) fn pick(results: &[(u32, sys::cudnnStatus_t, sys::cudnnMathType_t)], strict: bool, count: usize) -> Option<(u32, sys::cudnnMathType_t)> {
+        use sys::cudnnMathType_t as M;
+        results
+            .iter()
+            .find(|(algo, status, math)| {
+                (*algo as usize) < count
+                    && *status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                    && (!strict || *math == M::CUDNN_FMA_MATH)
+                    && *math != M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+            })
+            .map(|(algo, _, math)| (*algo, *math))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find::{pick, FWD};
+    use super::sys::{cudnnMathType_t as M, cudnnStatus_t as S};
+
+    #[test]
+    fn find_takes_the_fastest_result_that_ran_with_the_precision_asked_for() {
+        let ok = S::CUDNN_STATUS_SUCCESS;
+        let results = [
+            (6, S::CUDNN_STATUS_NOT_SUPPORTED, M::CUDNN_FMA_MATH),
+            (1, ok, M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION),
+            (7, ok, M::CUDNN_TENSOR_OP_MATH),
+            (0, ok, M::CUDNN_FMA_MATH),
+        ];
+        let n = FWD.len();
+        // bf16, or f32 with TF32: the first that ran, but never a conversion to half.
+        assert_eq!(pick(&results, false, n), Some((7, M::CUDNN_TENSOR_OP_MATH)));
+        // Exact f32: FMA math only.
+        assert_eq!(pick(&results, true, n), Some((0, M::CUDNN_FMA_MATH)));
+        assert_eq!(pick(&results[..3], true, n), None);
+        // An algorithm value this build does not know is skipped, not indexed.
+        assert_eq!(pick(&[(8, ok, M::CUDNN_FMA_MATH)], true, n), None);
+        assert_eq!(pick(&[], false, n), None);
+    }
+
+    #[test]
+    fn each_algorithm_table_is_indexed_by_its_cudnn_value() {
+        assert!(super::find::FWD.iter().enumerate().all(|(i, a)| *a as usize == i));
+        assert!(super::find::DATA.iter().enumerate().all(|(i, a)| *a as usize == i));
+        assert!(super::find::FILTER.iter().enumerate().all(|(i, a)| *a as usize == i));
+    }
 }
