@@ -12,7 +12,8 @@
 #   THREADS=$(nproc)  STEPS="1 2 2b 4 6" (which steps run: a rerun can redo only what failed; 5 = PyTorch with
 #   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare;
 #   6 = a CPU profile of our training step's host side, with the perf the kit carries)
-#   AB_SWAPS="..." (the A/B runs' switches; default: all)  AB_MICRO=1 (the micro-batch run)
+#   AB_SWAPS="..." (the A/B runs' switches; default: each of our parts; UNET_CUDNN_ALGO=find adds
+#   cuDNN's Find against its heuristics, both precisions)  AB_MICRO=1 (the micro-batch run)
 # Each step has its own time limit, so that one hang cannot take the whole session, and the whole
 # run keeps to DEADLINE_S (default 520 s: run it under a 540 s limit): each limit is cut to what is
 # left, and the profile and A/B runs give way to the training run and its grid.
@@ -88,9 +89,7 @@ selftest() { timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE
 suspects() {
   local f=$1 s=""
   grep -qiE 'FAIL.*|error' "$f" || return 0
-  # A convolution wrong or refused: first cuDNN's heuristic algorithms (stop 25's, which passed),
-  # in case an algorithm Find picked is at fault; everything (candle's convolutions) comes after.
-  grep -E 'FAIL$' "$f" | grep -q '^conv ' && s="$s UNET_CUDNN_ALGO=heuristic"
+  grep -E 'FAIL$' "$f" | grep -q '^conv ' && s="$s UNET_CUDA_CONV=candle"
   grep -E 'FAIL$' "$f" | grep -q '^group norm' && s="$s UNET_CUDA_NORM=candle"
   grep -E 'FAIL$' "$f" | grep -q '^softmax' && s="$s UNET_CUDA_SOFTMAX=candle"
   grep -E 'FAIL$' "$f" | grep -q '^upsample' && s="$s UNET_CUDA_UPSAMPLE=candle"
@@ -100,7 +99,7 @@ suspects() {
   # Our kernels' errors say "in CUDA op: <name>" (conv, groupnorm, softmax, up2x/blocksum2x, adam).
   # (main.rs prints "error: ..."; candle's own traces say "Error".)
   local err; err=$(sed -n '/^[Ee]rror/,$p' "$f" | head -12)
-  case "$err" in *cudnn*|*CUDNN*|*conv*) s="$s UNET_CUDNN_ALGO=heuristic";; esac
+  case "$err" in *cudnn*|*CUDNN*|*conv*) s="$s UNET_CUDA_CONV=candle";; esac
   case "$err" in *gn_*|*groupnorm*|*"group norm"*) s="$s UNET_CUDA_NORM=candle";; esac
   case "$err" in *softmax*) s="$s UNET_CUDA_SOFTMAX=candle";; esac
   case "$err" in *up2x*|*blocksum*|*upsampl*) s="$s UNET_CUDA_UPSAMPLE=candle";; esac
@@ -122,7 +121,7 @@ only_micro_batch_failed() {
   # stopped it before its other checks had run.)
   ! grep -E 'FAIL$' "$f" | grep -qv '^micro-batch' && ! grep -E '^[Ee]rror' "$f" | grep -qv 'check(s) failed on'
 }
-ALL_SWITCHES="UNET_CUDNN_ALGO=heuristic UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle"
+ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle"
 selftest > "$OUT/self-test.txt" 2>&1
 rc=$?
 cat "$OUT/self-test.txt"
@@ -194,18 +193,18 @@ if [ "$DEVICE" != cpu ]; then
 fi
 if [ "$AB" = 1 ]; then
   AB_CASE=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128)
-  # cuDNN's heuristic algorithms against Find's (the default since stop 25) in both precisions,
-  # with the forward pass: the heuristics' bf16 choices were the slow ones.
-  if [[ " ${AB_SWAPS:-UNET_CUDNN_ALGO=heuristic} " == *" UNET_CUDNN_ALGO=heuristic "* ]]; then
+  # cuDNN's Find against its heuristics (the default), in both precisions with the forward pass,
+  # when asked for (AB_SWAPS="UNET_CUDNN_ALGO=find ..."): stop 25 measured Find slower.
+  if [[ " ${AB_SWAPS:-} " == *" UNET_CUDNN_ALGO=find "* ]]; then
     AB_CASES=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128,forward128)
     for p in $PRECISIONS; do
-      room 40 "$RESERVE4" "A/B run with cuDNN's heuristics, $p" || continue
-      UNET_CUDNN_ALGO=heuristic timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$AB_CASES" --runs 2 --warmup 1 --threads "$THREADS" \
-        --python none --out "$OUT/ab-unet_cudnn_algo-heuristic-$p.json" || echo "A/B run with cuDNN's heuristics ($p) failed or ran out of time"
+      room 40 "$RESERVE4" "A/B run with cuDNN's Find, $p" || continue
+      UNET_CUDNN_ALGO=find timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$AB_CASES" --runs 2 --warmup 1 --threads "$THREADS" \
+        --python none --out "$OUT/ab-unet_cudnn_algo-find-$p.json" || echo "A/B run with cuDNN's Find ($p) failed or ran out of time"
     done
   fi
   for swap in ${AB_SWAPS:-UNET_CUDA_CONV=candle UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle}; do
-    [ "$swap" = UNET_CUDNN_ALGO=heuristic ] && continue
+    [ "$swap" = UNET_CUDNN_ALGO=find ] && continue
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
     room 40 "$RESERVE4" "A/B run with $swap" || continue
     env $swap timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision f32 --cases "$AB_CASE" --runs 2 --warmup 1 --threads "$THREADS" \
