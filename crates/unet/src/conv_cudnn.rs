@@ -253,7 +253,11 @@ fn run_first_that_runs<A: Copy + PartialEq + std::fmt::Debug>(
     launch: impl FnMut(A, &mut Option<CudaSlice<u8>>) -> Result<()>,
 ) -> Result<()> {
     let (ran, cacheable) = crate::conv::first_that_runs(first.into_iter().chain(fallbacks.iter().copied()), workspace_size, |n| workspace(dev, n), launch)?;
-    if cacheable {
+    // After a Find (whose choice comes with its math type), what ran is kept even when a
+    // candidate before it was short of memory: Find costs milliseconds, and would run again on
+    // every call of the shape (the H100 run with Find on had single calls of 7 to 29 ms in its
+    // profiled step, which a repeated Find would explain).
+    if cacheable || first_math.is_some() {
         // A fallback ran with the descriptor's math type as it was set for `first`: cached with
         // it, later calls launch it as this one did.
         ALGOS.with(|m| m.borrow_mut().insert(key, (wrap(ran), first_math)));
