@@ -6,12 +6,15 @@
 #
 #   OUT=/tmp/out bash scripts/gpu/gpu-check.sh [KIT=.gpu]
 #
-# Env knobs (defaults for an H100/H200: 7-8 minutes in all by estimate; AB=0 TRAIN_MINUTES=1 for a shorter rerun):
+# Env knobs (defaults for an H100/H200: every step within DEADLINE_S, the later ones cut or skipped when
+# time runs short; stop 25's first run, steps 1 2 2b 4, took 377 s; after it, STEPS="1 2 7 6" AB=0
+# measures what changed in about 5 minutes):
 #   DEVICE=cuda  RUNS=2  WARMUP=1  TRAIN_MINUTES=1.5  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
 #   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16  AB=1 (the train128 attribution runs)
-#   THREADS=$(nproc)  STEPS="1 2 2b 4 6" (which steps run: a rerun can redo only what failed; 5 = PyTorch with
+#   THREADS=$(nproc)  STEPS="1 2 2b 7 4 6" (which steps run, in the order 1 2 2b 7 4 6 5: a rerun can redo only what failed; 5 = PyTorch with
 #   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare;
-#   6 = a CPU profile of our training step's host side, with the perf the kit carries)
+#   6 = a CPU profile of our training step's host side, with the perf the kit carries;
+#   7 = cuDNN's graph API (execution plans per shape, UNET_CUDNN_API=graph): its self-test, then timings)
 #   AB_SWAPS="..." (the A/B runs' switches; default: each of our parts; UNET_CUDNN_ALGO=find adds
 #   cuDNN's Find against its heuristics, both precisions)  AB_MICRO=1 (the micro-batch run)
 # Each step has its own time limit, so that one hang cannot take the whole session, and the whole
@@ -35,7 +38,7 @@ GRID=${GRID:-16x16}
 AB=${AB:-1}
 # The host side of our steps (noise, batches) runs on these; a GPU machine's users have them all.
 THREADS=${THREADS:-$(nproc)}
-STEPS=" ${STEPS:-1 2 2b 4 6} "
+STEPS=" ${STEPS:-1 2 2b 7 4 6} "
 AB_MICRO=${AB_MICRO:-1}
 DEADLINE_S=${DEADLINE_S:-520}
 T0=$(date +%s)
@@ -222,6 +225,30 @@ if [ "$AB" = 1 ]; then
 fi
 }
 
+want 7 && {
+step "7. cuDNN's graph API (UNET_CUDNN_API=graph: an execution plan per shape): self-test, then the step and forward pass, each precision"
+# Never run on a GPU before it comes here: its own self-test first (the TF32 and bf16
+# convolution checks go through the plans; exact f32 stays on the legacy calls), then timings
+# beside step 2's. A pass whose plan cannot be built runs the legacy calls and says so.
+if [ "$DEVICE" = cpu ]; then
+  echo "step 7 needs cuDNN: skipped on the CPU"
+elif room 60 "$RESERVE4" "the graph API's self-test"; then
+  UNET_CUDNN_API=graph timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-graph.txt" 2>&1
+  rc=$?
+  grep -E 'FAIL|all checks|check\(s\) failed|^[Ee]rror' "$OUT/self-test-graph.txt" | head -20
+  if [ "$rc" = 0 ]; then
+    GRAPH_OK=1
+    for p in $PRECISIONS; do
+      room 40 "$RESERVE4" "the graph API's bench, $p" || continue
+      UNET_CUDNN_API=graph timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128,forward128 --runs 3 --warmup 1 --threads "$THREADS" \
+        --python none --out "$OUT/ab-unet_cudnn_api-graph-$p.json" || echo "graph API bench ($p) failed or ran out of time"
+    done
+  else
+    echo "graph API self-test failed (exit $rc): not timed"; tail -15 "$OUT/self-test-graph.txt"
+  fi
+fi
+}
+
 want 4 && {
 step "4. a real training run on anime-faces-mini ($TRAIN_MINUTES min), then a 16x16 grid; first 20 steps of bf16 training"
 if [ "$DEVICE" != cpu ]; then
@@ -246,24 +273,30 @@ rmdir "$OUT/gen" 2>/dev/null
 }
 
 want 6 && {
-step "6. our training step's host side: a CPU profile (perf, sampling the timed runs only), each precision"
+step "6. our training step's host side: a CPU profile (perf, sampling the timed runs only), each precision (and with the graph API when step 7 passed)"
 PERF_TGZ=$KIT/perf.tgz
 if [ -f "$PERF_TGZ" ] && PD=$(mktemp -d) && tar xzf "$PERF_TGZ" -C "$PD"; then
   # The kit's perf with its own libraries and loader: the GPU machine may have neither.
   PERF=("$PD/perf/ld-linux-x86-64.so.2" --library-path "$PD/perf/lib" "$PD/perf/perf")
   P6_CASE=$([ "$DEVICE" = cpu ] && echo reduced-train || echo train128)
-  for p in $PRECISIONS; do
-    room 40 "$RESERVE4" "the host profile, $p" || continue
-    CTL=$PD/ctl-$p; mkfifo "$CTL"
+  # Each precision as the defaults run it; then, when step 7 passed, each with the graph API.
+  P6_RUNS=""
+  for p in $PRECISIONS; do P6_RUNS="$P6_RUNS $p"; done
+  [ "${GRAPH_OK:-0}" = 1 ] && for p in $PRECISIONS; do P6_RUNS="$P6_RUNS $p-graph"; done
+  for tag in $P6_RUNS; do
+    p=${tag%-graph}
+    api=$([ "$tag" = "$p" ] && echo legacy || echo graph)
+    room 40 "$RESERVE4" "the host profile, $tag" || continue
+    CTL=$PD/ctl-$tag; mkfifo "$CTL"
     # cpu-clock: a software event, which VMs without hardware counters have. -D -1: sampling
     # starts disabled; the bench enables it around its timed runs (XTASK_PERF_CTL).
-    XTASK_PERF_CTL=$CTL timeout "$(cap 120 "$RESERVE4")" "${PERF[@]}" record -e cpu-clock -F 4999 -D -1 --control "fifo:$CTL" -o "$OUT/perf-$P6_CASE-$p.data" -- \
+    UNET_CUDNN_API=$api XTASK_PERF_CTL=$CTL timeout "$(cap 120 "$RESERVE4")" "${PERF[@]}" record -e cpu-clock -F 4999 -D -1 --control "fifo:$CTL" -o "$OUT/perf-$P6_CASE-$tag.data" -- \
       "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$P6_CASE" --runs 10 --warmup 2 --threads "$THREADS" --python none \
-      --out "$OUT/perf-bench-$P6_CASE-$p.json" || echo "host profile $p failed (perf_event_open refused in this machine?)"
+      --out "$OUT/perf-bench-$P6_CASE-$tag.json" || echo "host profile $tag failed (perf_event_open refused in this machine?)"
     # By library here (the binary is stripped; its symbols are read where it was built).
-    "${PERF[@]}" report -i "$OUT/perf-$P6_CASE-$p.data" --stdio --sort dso 2>/dev/null | grep -v '^#' | grep . | head -15
-    "${PERF[@]}" report -i "$OUT/perf-$P6_CASE-$p.data" --stdio --sort dso,sym 2>/dev/null | grep -v '^#' | grep . | head -40 > "$OUT/perf-$P6_CASE-$p-top.txt"
-    head -25 "$OUT/perf-$P6_CASE-$p-top.txt"
+    "${PERF[@]}" report -i "$OUT/perf-$P6_CASE-$tag.data" --stdio --sort dso 2>/dev/null | grep -v '^#' | grep . | head -15
+    "${PERF[@]}" report -i "$OUT/perf-$P6_CASE-$tag.data" --stdio --sort dso,sym 2>/dev/null | grep -v '^#' | grep . | head -40 > "$OUT/perf-$P6_CASE-$tag-top.txt"
+    head -25 "$OUT/perf-$P6_CASE-$tag-top.txt"
   done
 else
   echo "no perf in the kit ($PERF_TGZ): step 6 skipped"

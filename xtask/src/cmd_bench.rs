@@ -152,16 +152,10 @@ fn time_runs(dev: &Device, warmup: usize, runs: usize, mut f: impl FnMut() -> Re
         let step_ms = start.elapsed().as_secs_f64() * 1e3;
         let ops = unet::cuda_ops::profile::report()?;
         let ours: f64 = ops.iter().map(|o| o.1).sum();
-        #[allow(unused_mut)]
-        let mut profile = json!({
+        *PROFILE.lock().unwrap() = Some(json!({
             "run_ms": step_ms, "our_ops_ms": ours,
             "ops": ops.iter().map(|(name, ms, calls)| json!({"op": name, "ms": ms, "calls": calls})).collect::<Vec<_>>(),
-        });
-        #[cfg(feature = "cudnn")]
-        {
-            profile["cudnn_choices"] = json!(unet::conv_cudnn::choices());
-        }
-        *PROFILE.lock().unwrap() = Some(profile);
+        }));
     }
     Ok(t)
 }
@@ -329,6 +323,12 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
     }
     if let Some(h) = host_phases {
         out["host_phases_ms"] = h;
+    }
+    // How each convolution pass ran (its cuDNN algorithm and how it was chosen, or its graph
+    // plan), and what failed.
+    #[cfg(feature = "cudnn")]
+    {
+        out["cudnn_choices"] = json!(unet::conv_cudnn::choices());
     }
     #[cfg(feature = "cuda")]
     if let Some(p) = poller {
@@ -527,20 +527,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ms("draws"), ms("casts"), ms("forward"), ms("backward"), ms("gather"), ms("optimizer")
             );
         }
+        if let Some(choices) = ours["cudnn_choices"].as_array().filter(|c| !c.is_empty()) {
+            // Each (pass, shape)'s algorithm is in the JSON; what went wrong is worth a line.
+            let found = choices.iter().filter(|c| c.as_str().is_some_and(|c| c.contains("(Find,"))).count();
+            let legacy = choices.iter().filter(|c| c.as_str().is_some_and(|c| c.starts_with("conv ") && (c.contains("(Find,") || c.contains("(heuristics")))).count();
+            if legacy > 0 {
+                out!("  cuDNN algorithms: {found} of the {legacy} passes' choices (legacy calls) measured by Find");
+            }
+            let plans = choices.iter().filter(|c| c.as_str().is_some_and(|c| c.ends_with(": graph plan"))).count();
+            if plans > 0 {
+                out!("  cuDNN graph API: {plans} passes ran from execution plans");
+            }
+            for c in choices.iter().filter_map(|c| c.as_str()).filter(|c| c.starts_with("Find failed") || c.starts_with("Graph API failed")) {
+                out!("    {c}");
+            }
+        }
         if let Some(p) = ours.get("profile") {
             // UNET_CUDA_PROFILE=1: where our GPU time went in one more run of the case.
             let (run, mine) = (p["run_ms"].as_f64().unwrap_or(f64::NAN), p["our_ops_ms"].as_f64().unwrap_or(f64::NAN));
             out!("  profile of one run: {run:.1} ms wall, {mine:.1} ms in our CUDA ops (the rest: candle's ops and launch gaps)");
             for o in p["ops"].as_array().into_iter().flatten().take(25) {
                 out!("    {:>9.2} ms {:>5}x  {}", o["ms"].as_f64().unwrap_or(f64::NAN), o["calls"], o["op"].as_str().unwrap_or(""));
-            }
-            if let Some(choices) = p["cudnn_choices"].as_array() {
-                // Each (pass, shape)'s algorithm is in the JSON; what went wrong is worth a line.
-                let found = choices.iter().filter(|c| c.as_str().is_some_and(|c| c.contains("(Find,"))).count();
-                out!("  cuDNN algorithms: {found} of the {} passes' choices measured by Find", choices.iter().filter(|c| c.as_str().is_some_and(|c| c.starts_with("conv "))).count());
-                for c in choices.iter().filter_map(|c| c.as_str()).filter(|c| c.starts_with("Find failed")) {
-                    out!("    {c}");
-                }
             }
         }
         rows.push(json!({"ours": ours, "torch": torch, "speedup": t.map(|x| x / ours_s)}));

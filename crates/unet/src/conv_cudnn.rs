@@ -38,6 +38,8 @@ use half::{bf16, f16};
 
 use crate::conv::Geometry;
 
+mod graph;
+
 static TF32: AtomicBool = AtomicBool::new(true);
 
 /// Whether f32 convolutions may use TF32 tensor cores (default: yes, like PyTorch's cuDNN).
@@ -131,9 +133,7 @@ where
 {
     use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
     let w = |e| candle_core::Error::wrap(e);
-    let cudnn = handle(dev)?;
     let (p, s) = (d.padding as i32, d.stride as i32);
-    let mut conv = cudnn.create_conv2d::<C>([p, p], [s, s], [1, 1], sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION).map_err(w)?;
     let strict = T::DTYPE == DType::F32 && !tf32();
     // FMA math forbids tensor cores (and so TF32); the default lets cuDNN use them for f32 on
     // Ampere and later, and always for the half types (PyTorch's choices, `Descriptors.h`).
@@ -142,18 +142,9 @@ where
         (DType::F32, false) => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
         _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
     };
-    conv.set_math_type(math).map_err(w)?;
-    let x_desc = cudnn.create_4d_tensor::<T>(NCHW, [d.b as i32, d.c as i32, d.h as i32, d.w as i32]).map_err(w)?;
-    let y_desc = cudnn.create_4d_tensor::<T>(NCHW, [d.b as i32, d.o as i32, d.ho() as i32, d.wo() as i32]).map_err(w)?;
-    let w_desc = cudnn.create_4d_filter::<T>(NCHW, [d.o as i32, d.c as i32, d.k as i32, d.k as i32]).map_err(w)?;
     let key = (pass, T::DTYPE, strict, d);
-    let cached = ALGOS.with(|m| m.borrow().get(&key).copied());
-    if let Some((_, Some(m))) = cached {
-        conv.set_math_type(m).map_err(w)?;
-    }
     let av = contiguous::<T>(a, la)?;
     let bv = contiguous::<T>(b, lb)?;
-    let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
     let geometry = find::Geometry4 {
         x: [d.b as i32, d.c as i32, d.h as i32, d.w as i32],
         y: [d.b as i32, d.o as i32, d.ho() as i32, d.wo() as i32],
@@ -165,6 +156,29 @@ where
         math,
         strict,
     };
+    let out_len = match pass {
+        Pass::Forward => d.b * d.o * d.hw_out(),
+        Pass::InputGrad => d.b * d.c * d.h * d.w,
+        Pass::WeightGrad => d.o * d.ckk(),
+    };
+    if graph::enabled() && !strict {
+        // SAFETY: the pass writes every element of the output (beta = 0).
+        let mut out = unsafe { dev.alloc::<T>(out_len)? };
+        if graph::run(key, pass, &geometry, dev, &av, &bv, &mut out)? {
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
+    }
+    let cudnn = handle(dev)?;
+    let mut conv = cudnn.create_conv2d::<C>([p, p], [s, s], [1, 1], sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION).map_err(w)?;
+    conv.set_math_type(math).map_err(w)?;
+    let x_desc = cudnn.create_4d_tensor::<T>(NCHW, [d.b as i32, d.c as i32, d.h as i32, d.w as i32]).map_err(w)?;
+    let y_desc = cudnn.create_4d_tensor::<T>(NCHW, [d.b as i32, d.o as i32, d.ho() as i32, d.wo() as i32]).map_err(w)?;
+    let w_desc = cudnn.create_4d_filter::<T>(NCHW, [d.o as i32, d.c as i32, d.k as i32, d.k as i32]).map_err(w)?;
+    let cached = ALGOS.with(|m| m.borrow().get(&key).copied());
+    if let Some((_, Some(m))) = cached {
+        conv.set_math_type(m).map_err(w)?;
+    }
+    let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
     // Measured once per shape when nothing is cached; `None` leaves it to the heuristics.
     let measure = |out: &mut CudaSlice<T>, sizes: &dyn Fn(u32) -> Option<usize>| -> Option<(u32, sys::cudnnMathType_t)> {
         if cached.is_some() || !find_enabled() {
@@ -179,7 +193,7 @@ where
         Pass::Forward => {
             use sys::cudnnConvolutionFwdAlgo_t as F;
             let op = ConvForward { conv: &conv, x: &x_desc, w: &w_desc, y: &y_desc };
-            let mut out = unsafe { dev.alloc::<T>(d.b * d.o * d.hw_out())? };
+            let mut out = unsafe { dev.alloc::<T>(out_len)? };
             let found = measure(&mut out, &|i| op.get_workspace_size(find::FWD[i as usize]).ok()).map(|(i, m)| (find::FWD[i as usize], m));
             let (first, found_math) = match (cached, found) {
                 (Some((Algo::Forward(a), m)), _) => (Some(a), m),
@@ -198,7 +212,7 @@ where
         Pass::InputGrad => {
             use sys::cudnnConvolutionBwdDataAlgo_t as D;
             let op = ConvBackwardData { conv: &conv, dx: &x_desc, w: &w_desc, dy: &y_desc };
-            let mut out = unsafe { dev.alloc::<T>(d.b * d.c * d.h * d.w)? };
+            let mut out = unsafe { dev.alloc::<T>(out_len)? };
             let found = measure(&mut out, &|i| op.get_workspace_size(find::DATA[i as usize]).ok()).map(|(i, m)| (find::DATA[i as usize], m));
             let (first, found_math) = match (cached, found) {
                 (Some((Algo::InputGrad(a), m)), _) => (Some(a), m),
@@ -218,7 +232,7 @@ where
         Pass::WeightGrad => {
             use sys::cudnnConvolutionBwdFilterAlgo_t as B;
             let op = ConvBackwardFilter { conv: &conv, x: &x_desc, dw: &w_desc, dy: &y_desc };
-            let mut out = unsafe { dev.alloc::<T>(d.o * d.ckk())? };
+            let mut out = unsafe { dev.alloc::<T>(out_len)? };
             let found = measure(&mut out, &|i| op.get_workspace_size(find::FILTER[i as usize]).ok()).map(|(i, m)| (find::FILTER[i as usize], m));
             let (first, found_math) = match (cached, found) {
                 (Some((Algo::WeightGrad(a), m)), _) => (Some(a), m),
@@ -274,8 +288,9 @@ fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
     Ok(Some(unsafe { dev.alloc::<u8>(bytes)? }))
 }
 
-/// The algorithm cached for each (pass, element type, exact f32, shape) on this thread, and how
-/// it was chosen, for the bench's profile; then what Find could not do, if anything.
+/// The algorithm cached for each (pass, element type, exact f32, shape) on this thread and how
+/// it was chosen, or its graph plan (`UNET_CUDNN_API=graph`), for the bench's profile; then
+/// what Find or the graph API could not do, if anything.
 pub fn choices() -> Vec<String> {
     let mut out: Vec<String> = ALGOS.with(|m| {
         m.borrow()
@@ -290,8 +305,14 @@ pub fn choices() -> Vec<String> {
             })
             .collect()
     });
+    out.extend(graph::planned().into_iter().map(|((pass, dt, strict, d), ok)| {
+        let exact = if strict { " exact" } else { "" };
+        let how = if ok { "graph plan" } else { "no graph plan: legacy calls" };
+        format!("conv {pass:?} {}->{} {}x{} k{} s{} b{} {dt:?}{exact}: {how}", d.c, d.o, d.h, d.w, d.k, d.stride, d.b)
+    }));
     out.sort();
     out.extend(find::FAILURES.with(|f| f.borrow().iter().map(|e| format!("Find failed: {e}")).collect::<Vec<_>>()));
+    out.extend(graph::FAILURES.with(|f| f.borrow().iter().map(|e| format!("Graph API failed: {e}")).collect::<Vec<_>>()));
     out
 }
 
@@ -423,7 +444,7 @@ mod find {
         Ok(d)
     }
 
-    fn handle(dev: &CudaDevice) -> Result<sys::cudnnHandle_t, CudnnError> {
+    pub(super) fn handle(dev: &CudaDevice) -> Result<sys::cudnnHandle_t, CudnnError> {
         RAW_HANDLES.with(|m| {
             if let Some(h) = m.borrow().get(&dev.id()) {
                 return Ok(h.0);
