@@ -189,68 +189,75 @@ where
     // SAFETY (each `alloc`): cuDNN writes every element of the output (beta = 0).
     // SAFETY (each `launch`): the descriptors above describe these buffers (NCHW, contiguous,
     // element type T), and the output is the one the pass writes.
+    // One pass: Find's or the cache's or the heuristics' algorithm, then the launch. `$op` builds
+    // the pass's cudarc op (again after the math type changes: it borrows the descriptor),
+    // `$launch` runs it as `$o` with algorithm `$a`, workspace `$ws`, into `$out`.
+    macro_rules! pass {
+        ($op:expr, $table:expr, $variant:path, $fallbacks:expr, |$o:ident, $a:ident, $ws:ident, $out:ident| $launch:expr) => {{
+            let mut out = unsafe { dev.alloc::<T>(out_len)? };
+            let found = {
+                let op = $op;
+                measure(&mut out, &|i| op.get_workspace_size($table[i as usize]).ok()).map(|(i, m)| ($table[i as usize], m))
+            };
+            let (first, found_math) = {
+                let op = $op;
+                first_choice(cached, |a| if let $variant(a) = a { Some(a) } else { None }, found, || op.pick_algorithm().ok())
+            };
+            if let (Some(m), None) = (found_math, cached) {
+                conv.set_math_type(m).map_err(w)?;
+            }
+            let $o = $op;
+            run_first_that_runs(key, $variant, (first, found_math), &$fallbacks, dev, |a| $o.get_workspace_size(a).map_err(w), |$a, $ws| {
+                let $out = &mut out;
+                unsafe { $launch.map_err(w) }
+            })?;
+            out
+        }};
+    }
+    use sys::cudnnConvolutionBwdDataAlgo_t as D;
+    use sys::cudnnConvolutionBwdFilterAlgo_t as B;
+    use sys::cudnnConvolutionFwdAlgo_t as F;
     let out: CudaSlice<T> = match pass {
-        Pass::Forward => {
-            use sys::cudnnConvolutionFwdAlgo_t as F;
-            let op = ConvForward { conv: &conv, x: &x_desc, w: &w_desc, y: &y_desc };
-            let mut out = unsafe { dev.alloc::<T>(out_len)? };
-            let found = measure(&mut out, &|i| op.get_workspace_size(find::FWD[i as usize]).ok()).map(|(i, m)| (find::FWD[i as usize], m));
-            let (first, found_math) = match (cached, found) {
-                (Some((Algo::Forward(a), m)), _) => (Some(a), m),
-                (_, Some((a, m))) => (Some(a), Some(m)),
-                _ => (op.pick_algorithm().ok(), None),
-            };
-            if let (Some(m), None) = (found_math, cached) {
-                conv.set_math_type(m).map_err(w)?;
-            }
-            let op = ConvForward { conv: &conv, x: &x_desc, w: &w_desc, y: &y_desc };
-            run_first_that_runs(key, Algo::Forward, (first, found_math), &[F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
-                unsafe { op.launch(a, ws.as_mut(), (one, zero), &av, &bv, &mut out).map_err(w) }
-            })?;
-            out
-        }
-        Pass::InputGrad => {
-            use sys::cudnnConvolutionBwdDataAlgo_t as D;
-            let op = ConvBackwardData { conv: &conv, dx: &x_desc, w: &w_desc, dy: &y_desc };
-            let mut out = unsafe { dev.alloc::<T>(out_len)? };
-            let found = measure(&mut out, &|i| op.get_workspace_size(find::DATA[i as usize]).ok()).map(|(i, m)| (find::DATA[i as usize], m));
-            let (first, found_math) = match (cached, found) {
-                (Some((Algo::InputGrad(a), m)), _) => (Some(a), m),
-                (_, Some((a, m))) => (Some(a), Some(m)),
-                _ => (op.pick_algorithm().ok(), None),
-            };
-            if let (Some(m), None) = (found_math, cached) {
-                conv.set_math_type(m).map_err(w)?;
-            }
-            let op = ConvBackwardData { conv: &conv, dx: &x_desc, w: &w_desc, dy: &y_desc };
-            // `a` is dy, `b` the kernel.
-            run_first_that_runs(key, Algo::InputGrad, (first, found_math), &[D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
-                unsafe { op.launch(a, ws.as_mut(), (one, zero), &mut out, &bv, &av).map_err(w) }
-            })?;
-            out
-        }
-        Pass::WeightGrad => {
-            use sys::cudnnConvolutionBwdFilterAlgo_t as B;
-            let op = ConvBackwardFilter { conv: &conv, x: &x_desc, dw: &w_desc, dy: &y_desc };
-            let mut out = unsafe { dev.alloc::<T>(out_len)? };
-            let found = measure(&mut out, &|i| op.get_workspace_size(find::FILTER[i as usize]).ok()).map(|(i, m)| (find::FILTER[i as usize], m));
-            let (first, found_math) = match (cached, found) {
-                (Some((Algo::WeightGrad(a), m)), _) => (Some(a), m),
-                (_, Some((a, m))) => (Some(a), Some(m)),
-                _ => (op.pick_algorithm().ok(), None),
-            };
-            if let (Some(m), None) = (found_math, cached) {
-                conv.set_math_type(m).map_err(w)?;
-            }
-            let op = ConvBackwardFilter { conv: &conv, x: &x_desc, dw: &w_desc, dy: &y_desc };
-            // `a` is x, `b` is dy.
-            run_first_that_runs(key, Algo::WeightGrad, (first, found_math), &[B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0], dev, |a| op.get_workspace_size(a).map_err(w), |a, ws| {
-                unsafe { op.launch(a, ws.as_mut(), (one, zero), &av, &mut out, &bv).map_err(w) }
-            })?;
-            out
-        }
+        Pass::Forward => pass!(
+            ConvForward { conv: &conv, x: &x_desc, w: &w_desc, y: &y_desc },
+            find::FWD,
+            Algo::Forward,
+            [F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM],
+            |op, a, ws, out| op.launch(a, ws.as_mut(), (one, zero), &av, &bv, out)
+        ),
+        // `a` is dy, `b` the kernel.
+        Pass::InputGrad => pass!(
+            ConvBackwardData { conv: &conv, dx: &x_desc, w: &w_desc, dy: &y_desc },
+            find::DATA,
+            Algo::InputGrad,
+            [D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1, D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0],
+            |op, a, ws, out| op.launch(a, ws.as_mut(), (one, zero), out, &bv, &av)
+        ),
+        // `a` is x, `b` is dy.
+        Pass::WeightGrad => pass!(
+            ConvBackwardFilter { conv: &conv, x: &x_desc, dw: &w_desc, dy: &y_desc },
+            find::FILTER,
+            Algo::WeightGrad,
+            [B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1, B::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0],
+            |op, a, ws, out| op.launch(a, ws.as_mut(), (one, zero), &av, out, &bv)
+        ),
     };
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// The algorithm to try first and the math type it runs with: the cached choice, else Find's
+/// (`found`), else the heuristics'; the math type is `None` where our default applies.
+fn first_choice<A>(
+    cached: Option<(Algo, Option<sys::cudnnMathType_t>)>,
+    of_pass: fn(Algo) -> Option<A>,
+    found: Option<(A, sys::cudnnMathType_t)>,
+    heuristics: impl FnOnce() -> Option<A>,
+) -> (Option<A>, Option<sys::cudnnMathType_t>) {
+    match (cached.and_then(|(a, m)| of_pass(a).map(|a| (a, m))), found) {
+        (Some((a, m)), _) => (Some(a), m),
+        (None, Some((a, m))) => (Some(a), Some(m)),
+        (None, None) => (heuristics(), None),
+    }
 }
 
 /// Runs the pass with `first` (the cached choice, Find's or the heuristics', with the math type Find ran
@@ -472,87 +479,78 @@ mod find {
         out: &mut CudaSlice<T>,
         sizes: &dyn Fn(u32) -> Option<usize>,
     ) -> Option<(u32, sys::cudnnMathType_t)> {
-        match measure(pass, g, dev, a, b, out, sizes) {
+        let found = (|| -> candle_core::Result<Option<(u32, sys::cudnnMathType_t)>> {
+            let w = candle_core::Error::wrap;
+            let count = match pass {
+                Pass::Forward => FWD.len(),
+                Pass::InputGrad => DATA.len(),
+                Pass::WeightGrad => FILTER.len(),
+            };
+            let want = (0..count as u32).filter_map(sizes).max().unwrap_or(0).min(MAX_WORKSPACE);
+            // The most scratch memory that can be had, up to what the hungriest algorithm wants;
+            // algorithms wanting more are left out of the race.
+            let mut bytes = want;
+            let mut ws: Option<CudaSlice<u8>> = None;
+            while bytes > 0 {
+                // SAFETY: scratch only: cuDNN writes it before reading it.
+                match unsafe { dev.alloc::<u8>(bytes) } {
+                    Ok(s) => {
+                        ws = Some(s);
+                        break;
+                    }
+                    Err(_) => bytes /= 2,
+                }
+            }
+            let d = descriptors(g).map_err(w)?;
+            let h = handle(dev).map_err(w)?;
+            let stream = dev.cuda_stream();
+            let (ap, _ga) = a.device_ptr(&stream);
+            let (bp, _gb) = b.device_ptr(&stream);
+            let (op, _go) = out.device_ptr_mut(&stream);
+            let (wsp, _gw) = match ws.as_mut() {
+                Some(s) => {
+                    let (p, g) = s.device_ptr_mut(&stream);
+                    (p as *mut c_void, Some(g))
+                }
+                None => (std::ptr::null_mut(), None),
+            };
+            let (ap, bp, op) = (ap as *const c_void, bp as *const c_void, op as *mut c_void);
+            let mut n: i32 = 0;
+            // (algorithm, status, math type) of each result, fastest first.
+            let results: Vec<(u32, sys::cudnnStatus_t, sys::cudnnMathType_t)> = match pass {
+                Pass::Forward => {
+                    // SAFETY: all-zero bytes are a valid value of these plain C structs.
+                    let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; 8] = unsafe { std::mem::zeroed() };
+                    // SAFETY: the descriptors describe these buffers (x = a, w = b, y = out), the
+                    // workspace is `bytes` long, and the guards keep the pointers valid until the
+                    // call returns (Find runs synchronously).
+                    unsafe { sys::cudnnFindConvolutionForwardAlgorithmEx(h, d.x, ap, d.w, bp, d.conv, d.y, op, perf.len() as i32, &mut n, perf.as_mut_ptr(), wsp, bytes) }.result().map_err(w)?;
+                    perf[..n.clamp(0, perf.len() as i32) as usize].iter().map(|p| (p.algo as u32, p.status, p.mathType)).collect()
+                }
+                Pass::InputGrad => {
+                    // SAFETY: as above.
+                    let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; 6] = unsafe { std::mem::zeroed() };
+                    // SAFETY: as above, with w = b, dy = a, dx = out.
+                    unsafe { sys::cudnnFindConvolutionBackwardDataAlgorithmEx(h, d.w, bp, d.y, ap, d.conv, d.x, op, perf.len() as i32, &mut n, perf.as_mut_ptr(), wsp, bytes) }.result().map_err(w)?;
+                    perf[..n.clamp(0, perf.len() as i32) as usize].iter().map(|p| (p.algo as u32, p.status, p.mathType)).collect()
+                }
+                Pass::WeightGrad => {
+                    // SAFETY: as above.
+                    let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; 7] = unsafe { std::mem::zeroed() };
+                    // SAFETY: as above, with x = a, dy = b, dw = out.
+                    unsafe { sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(h, d.x, ap, d.y, bp, d.conv, d.w, op, perf.len() as i32, &mut n, perf.as_mut_ptr(), wsp, bytes) }.result().map_err(w)?;
+                    perf[..n.clamp(0, perf.len() as i32) as usize].iter().map(|p| (p.algo as u32, p.status, p.mathType)).collect()
+                }
+            };
+            Ok(pick(&results, g.strict, count))
+        })();
+        match found {
             Ok(found) => found,
             Err(e) => {
                 FAILURES.with(|f| f.borrow_mut().push(format!("{pass:?} x {:?} w {:?}: {e}", g.x, g.w)));
                 None
             }
         }
-    }
-
-    fn measure<T: DeviceRepr>(
-        pass: Pass,
-        g: &Geometry4,
-        dev: &CudaDevice,
-        a: &CudaView<T>,
-        b: &CudaView<T>,
-        out: &mut CudaSlice<T>,
-        sizes: &dyn Fn(u32) -> Option<usize>,
-    ) -> candle_core::Result<Option<(u32, sys::cudnnMathType_t)>> {
-        let w = candle_core::Error::wrap;
-        let count = match pass {
-            Pass::Forward => FWD.len(),
-            Pass::InputGrad => DATA.len(),
-            Pass::WeightGrad => FILTER.len(),
-        };
-        let want = (0..count as u32).filter_map(sizes).max().unwrap_or(0).min(MAX_WORKSPACE);
-        // The most scratch memory that can be had, up to what the hungriest algorithm wants;
-        // algorithms wanting more are left out of the race.
-        let mut bytes = want;
-        let mut ws: Option<CudaSlice<u8>> = None;
-        while bytes > 0 {
-            // SAFETY: scratch only: cuDNN writes it before reading it.
-            match unsafe { dev.alloc::<u8>(bytes) } {
-                Ok(s) => {
-                    ws = Some(s);
-                    break;
-                }
-                Err(_) => bytes /= 2,
-            }
-        }
-        let d = descriptors(g).map_err(w)?;
-        let h = handle(dev).map_err(w)?;
-        let stream = dev.cuda_stream();
-        let (ap, _ga) = a.device_ptr(&stream);
-        let (bp, _gb) = b.device_ptr(&stream);
-        let (op, _go) = out.device_ptr_mut(&stream);
-        let (wsp, _gw) = match ws.as_mut() {
-            Some(s) => {
-                let (p, g) = s.device_ptr_mut(&stream);
-                (p as *mut c_void, Some(g))
-            }
-            None => (std::ptr::null_mut(), None),
-        };
-        let (ap, bp, op) = (ap as *const c_void, bp as *const c_void, op as *mut c_void);
-        let mut n: i32 = 0;
-        // (algorithm, status, math type) of each result, fastest first.
-        let results: Vec<(u32, sys::cudnnStatus_t, sys::cudnnMathType_t)> = match pass {
-            Pass::Forward => {
-                // SAFETY: all-zero bytes are a valid value of these plain C structs.
-                let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; 8] = unsafe { std::mem::zeroed() };
-                // SAFETY: the descriptors describe these buffers (x = a, w = b, y = out), the
-                // workspace is `bytes` long, and the guards keep the pointers valid until the
-                // call returns (Find runs synchronously).
-                unsafe { sys::cudnnFindConvolutionForwardAlgorithmEx(h, d.x, ap, d.w, bp, d.conv, d.y, op, perf.len() as i32, &mut n, perf.as_mut_ptr(), wsp, bytes) }.result().map_err(w)?;
-                perf[..n.clamp(0, perf.len() as i32) as usize].iter().map(|p| (p.algo as u32, p.status, p.mathType)).collect()
-            }
-            Pass::InputGrad => {
-                // SAFETY: as above.
-                let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; 6] = unsafe { std::mem::zeroed() };
-                // SAFETY: as above, with w = b, dy = a, dx = out.
-                unsafe { sys::cudnnFindConvolutionBackwardDataAlgorithmEx(h, d.w, bp, d.y, ap, d.conv, d.x, op, perf.len() as i32, &mut n, perf.as_mut_ptr(), wsp, bytes) }.result().map_err(w)?;
-                perf[..n.clamp(0, perf.len() as i32) as usize].iter().map(|p| (p.algo as u32, p.status, p.mathType)).collect()
-            }
-            Pass::WeightGrad => {
-                // SAFETY: as above.
-                let mut perf: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; 7] = unsafe { std::mem::zeroed() };
-                // SAFETY: as above, with x = a, dy = b, dw = out.
-                unsafe { sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(h, d.x, ap, d.y, bp, d.conv, d.w, op, perf.len() as i32, &mut n, perf.as_mut_ptr(), wsp, bytes) }.result().map_err(w)?;
-                perf[..n.clamp(0, perf.len() as i32) as usize].iter().map(|p| (p.algo as u32, p.status, p.mathType)).collect()
-            }
-        };
-        Ok(pick(&results, g.strict, count))
     }
 
     /// The first (fastest) result that ran and whose math keeps the precision asked for: exact
