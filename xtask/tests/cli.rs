@@ -267,6 +267,15 @@ fn bench_measures_a_training_step_in_micro_batches() {
     let (said, whole) = run(&[], "whole.json");
     assert_eq!(whole["micro_batch"], 32, "{whole}");
     assert!(!said.contains("in parts of"), "{said}");
+    // The host time of each part of the step: on the CPU, the work itself, so the parts add up
+    // to nearly the run, and the forward and backward passes hold most of it.
+    assert!(said.contains("our host time by part (ms a run): draws "), "{said}");
+    let h = &whole["host_phases_ms"];
+    let ms = |k: &str| h[k].as_f64().unwrap_or_else(|| panic!("{k} in {h}"));
+    let parts: f64 = ["draws", "casts", "forward", "backward", "gather", "optimizer"].iter().map(|k| ms(k)).sum();
+    let run_ms = 1e3 * whole["median_s"].as_f64().unwrap();
+    assert!(parts <= run_ms * 1.01 && parts >= 0.8 * run_ms, "parts {parts} ms, run {run_ms} ms: {h}");
+    assert!(ms("forward") + ms("backward") > 0.8 * parts && ms("casts") < 0.05, "{h}");
     let (said, parts) = run(&["--micro-batch", "8"], "parts.json");
     assert_eq!(parts["micro_batch"], 8, "{parts}");
     assert!(said.contains("in parts of 8 images (gradient accumulation): ours"), "{said}");
