@@ -4,7 +4,8 @@
 //! then each convolution pass of the device (cuDNN with the `cudnn` feature) against the CPU
 //! kernels, shape by shape, in exact f32, TF32 and bf16, GroupNorm (+Hardswish, +mask) and the
 //! attention softmax and the x2 upsampling in f32 and bf16, and three Adam steps (with the
-//! gradient norm, clipping and EMA) against the CPU's.
+//! gradient norm, clipping and EMA) against the CPU's. `--only` picks groups of checks; one,
+//! `cuda-graph` (sampling replayed from CUDA graphs), runs only when named.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,6 +29,11 @@ pub struct SelfTestArgs {
     /// leaves room for reduction order).
     #[arg(long, default_value_t = 1e-3, value_parser = tolerance)]
     tol: f32,
+    /// Only these groups of checks, comma-separated: fixtures, micro-batch, conv, fused, adam
+    /// (the default: all of those), cuda-graph (sampling replayed from CUDA graphs against
+    /// plain calls; only when named: it is new and untried on a GPU).
+    #[arg(long, value_delimiter = ',', value_parser = ["fixtures", "micro-batch", "conv", "fused", "adam", "cuda-graph"])]
+    only: Vec<String>,
 }
 
 /// A finite tolerance above 0: `inf` would pass any build, NaN or a negative one fail every check.
@@ -81,6 +87,7 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     let mut checks = Checks { failures: 0 };
     set_tf32(false);
     let mut check = |name: &str, d: f32, tol: f32| checks.check(name, d, tol);
+    let want = |group: &str| if a.only.is_empty() { group != "cuda-graph" } else { a.only.iter().any(|g| g == group) };
 
     // Trainable copies so that the same model gives gradients.
     let mut vars = HashMap::new();
@@ -97,45 +104,49 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     }
     let model = UNet::new(VarBuilder::from_tensors(tensors, DType::F32, &dev), &weights.config)?;
     let t = io["t"].to_dtype(DType::U32)?;
-    let (eps, inter) = model.forward_with_intermediates(&io["x"], &t, Mode::Eval)?;
-    check("forward eps", max_diff(&eps, &io["eps"])?, a.tol);
-    check("time embedding", max_diff(&inter.temb, &io["temb"])?, a.tol);
-    check("middle activations", max_diff(&inter.mid, &io["mid"])?, a.tol);
+    if want("fixtures") {
+        let (eps, inter) = model.forward_with_intermediates(&io["x"], &t, Mode::Eval)?;
+        check("forward eps", max_diff(&eps, &io["eps"])?, a.tol);
+        check("time embedding", max_diff(&inter.temb, &io["temb"])?, a.tol);
+        check("middle activations", max_diff(&inter.mid, &io["mid"])?, a.tol);
 
-    for (i, &step) in [999usize, 500, 1, 0].iter().enumerate() {
-        let tt = Tensor::new(&[step as u32], &dev)?;
-        let e = model.forward_t(&io["rs_x_t"], &tt, Mode::Eval)?;
-        check(&format!("reverse eps t={step}"), max_diff(&e, &io["rs_eps"].get(i)?)?, a.tol);
-        for (variance, key) in [(Variance::Beta, "rs_x_prev_beta"), (Variance::BetaTilde, "rs_x_prev_tilde")] {
-            let x = schedule.ddpm_step(&e, &io["rs_x_t"], step, Some(&io["rs_z"]), variance, FinalStepNoise::Reference)?;
-            check(&format!("{key} t={step}"), max_diff(&x, &io[key].get(i)?)?, a.tol);
+        for (i, &step) in [999usize, 500, 1, 0].iter().enumerate() {
+            let tt = Tensor::new(&[step as u32], &dev)?;
+            let e = model.forward_t(&io["rs_x_t"], &tt, Mode::Eval)?;
+            check(&format!("reverse eps t={step}"), max_diff(&e, &io["rs_eps"].get(i)?)?, a.tol);
+            for (variance, key) in [(Variance::Beta, "rs_x_prev_beta"), (Variance::BetaTilde, "rs_x_prev_tilde")] {
+                let x = schedule.ddpm_step(&e, &io["rs_x_t"], step, Some(&io["rs_z"]), variance, FinalStepNoise::Reference)?;
+                check(&format!("{key} t={step}"), max_diff(&x, &io[key].get(i)?)?, a.tol);
+            }
+        }
+
+        let ts: Vec<u32> = t.to_vec1()?;
+        let pred = |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Eval);
+        let loss = schedule.loss(&pred, &io["x"], &ts, &io["q_noise"])?;
+        check("loss", max_diff(&loss.reshape(1)?, &io["loss_eval"].flatten_all()?)?, a.tol);
+        let grads = loss.backward()?;
+        for key in ["head.weight", "tail.2.weight", "time_embedding.time_embedding.1.weight", "middle_blocks.0.attn.proj_q.weight"] {
+            let g = grads.get(vars[key].as_tensor()).with_context(|| format!("no gradient for {key}"))?;
+            let expect = &io[&format!("grad.{key}")];
+            let scale: f32 = expect.abs()?.flatten_all()?.max(0)?.to_device(&Device::Cpu)?.to_scalar()?;
+            check(&format!("grad {key} (relative)"), max_diff(g, expect)? / scale, a.tol);
         }
     }
 
-    let ts: Vec<u32> = t.to_vec1()?;
-    let pred = |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Eval);
-    let loss = schedule.loss(&pred, &io["x"], &ts, &io["q_noise"])?;
-    check("loss", max_diff(&loss.reshape(1)?, &io["loss_eval"].flatten_all()?)?, a.tol);
-    let grads = loss.backward()?;
-    for key in ["head.weight", "tail.2.weight", "time_embedding.time_embedding.1.weight", "middle_blocks.0.attn.proj_q.weight"] {
-        let g = grads.get(vars[key].as_tensor()).with_context(|| format!("no gradient for {key}"))?;
-        let expect = &io[&format!("grad.{key}")];
-        let scale: f32 = expect.abs()?.flatten_all()?.max(0)?.to_device(&Device::Cpu)?.to_scalar()?;
-        check(&format!("grad {key} (relative)"), max_diff(g, expect)? / scale, a.tol);
+    if want("micro-batch") {
+        let (loss_d, grad_d) = micro_batch_against_whole(&dev, trainer::Precision::F32)?;
+        check("micro-batch loss (relative)", loss_d, a.tol);
+        check("micro-batch gradients (relative)", grad_d, a.tol);
+        if !dev.is_cpu() {
+            // The parts' bf16 casts are made once and back-propagated through once per part. Each
+            // batch size may get its own convolution algorithms, which round bf16 differently.
+            let (loss_d, grad_d) = micro_batch_against_whole(&dev, trainer::Precision::Bf16)?;
+            check("micro-batch bf16 loss (relative)", loss_d, 5e-2);
+            check("micro-batch bf16 gradients (relative)", grad_d, 5e-2);
+        }
     }
 
-    let (loss_d, grad_d) = micro_batch_against_whole(&dev, trainer::Precision::F32)?;
-    check("micro-batch loss (relative)", loss_d, a.tol);
-    check("micro-batch gradients (relative)", grad_d, a.tol);
-    if !dev.is_cpu() {
-        // The parts' bf16 casts are made once and back-propagated through once per part. Each
-        // batch size may get its own convolution algorithms, which round bf16 differently.
-        let (loss_d, grad_d) = micro_batch_against_whole(&dev, trainer::Precision::Bf16)?;
-        check("micro-batch bf16 loss (relative)", loss_d, 5e-2);
-        check("micro-batch bf16 gradients (relative)", grad_d, 5e-2);
-    }
-
-    if !dev.is_cpu() {
+    if !dev.is_cpu() && want("fixtures") {
         // The default for training and sampling: TF32 convolutions, as PyTorch's. Its rounding
         // (10-bit mantissa products) is looser than the 1e-3 above.
         set_tf32(true);
@@ -143,7 +154,7 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
         check("forward eps (TF32 convolutions)", max_diff(&eps_tf32, &io["eps"])?, 2e-2);
     }
     // On the CPU these would compare the CPU kernels with themselves.
-    let conv_modes: &[(&str, DType, bool, f32)] = if dev.is_cpu() { &[] } else { &[("f32", DType::F32, false, 1e-4), ("tf32", DType::F32, true, 1e-2), ("bf16", DType::BF16, true, 5e-2)] };
+    let conv_modes: &[(&str, DType, bool, f32)] = if dev.is_cpu() || !want("conv") { &[] } else { &[("f32", DType::F32, false, 1e-4), ("tf32", DType::F32, true, 1e-2), ("bf16", DType::BF16, true, 5e-2)] };
     for &(label, dtype, tf32, tol) in conv_modes {
         set_tf32(tf32);
         for (name, d) in conv_against_cpu(&dev, dtype)? {
@@ -151,14 +162,25 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
         }
     }
     set_tf32(true);
-    if !dev.is_cpu() {
+    if !dev.is_cpu() && want("fused") {
         for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 2e-2)] {
             for (name, d) in fused_ops_against_cpu(&dev, dtype)? {
                 check(&format!("{name} {dtype:?}"), d, tol);
             }
         }
+    }
+    if !dev.is_cpu() && want("adam") {
         for (name, d) in adam_against_cpu(&dev)? {
             check(&format!("adam {name}"), d, 1e-4);
+        }
+    }
+    if want("cuda-graph") {
+        match cuda_graph_sampling(&model, &schedule, &dev)? {
+            Ok(d) => check("sampling from CUDA graphs (DDIM 5 steps)", d, 1e-4),
+            Err(why) => {
+                out!("sampling from CUDA graphs: {why}");
+                check("sampling from CUDA graphs (DDIM 5 steps)", f32::INFINITY, 1e-4);
+            }
         }
     }
     let failures = checks.failures;
@@ -167,6 +189,31 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     }
     out!("self-test: all checks passed on {}", a.device);
     Ok(())
+}
+
+/// Four images of the fixture's model sampled with 5 DDIM steps, by plain network calls and
+/// replayed from CUDA graphs: `Ok(largest difference)`, or `Err(why)` when the graphs did not
+/// serve every step (a failed capture, or no CUDA).
+fn cuda_graph_sampling(model: &UNet, schedule: &Schedule, dev: &Device) -> Result<std::result::Result<f32, String>> {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        let cfg = model.config();
+        let shape = (cfg.image_channels, cfg.image_size, cfg.image_size);
+        let kind = diffusion::SamplerKind::Ddim { steps: 5, eta: 0.0 };
+        let x_t = diffusion::NoiseRng::new(5).randn((4, shape.0, shape.1, shape.2), dev)?;
+        let plain = sampler::Sampler::new(sampler::EvalModel(model), schedule, shape, dev).batch(4).sample_from(&x_t, &kind, 7, |_, _| {})?;
+        let graphed = sampler::cuda_graph::GraphedModel::new(model);
+        let replayed = sampler::Sampler::new(&graphed, schedule, shape, dev).batch(4).sample_from(&x_t, &kind, 7, |_, _| {})?;
+        if let Some(why) = graphed.failure() {
+            return Ok(Err(format!("went back to plain calls: {why}")));
+        }
+        if graphed.launches() != 5 {
+            return Ok(Err(format!("{} graph launches for 5 steps", graphed.launches())));
+        }
+        return Ok(Ok(max_diff(&plain, &replayed)?));
+    }
+    let _ = (model, schedule);
+    Ok(Err(format!("CUDA graphs need a CUDA build and device; this is {dev:?}")))
 }
 
 /// A training step's loss and gradients in micro-batches of 2 and 1 against the whole batch of 5

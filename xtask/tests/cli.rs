@@ -285,3 +285,25 @@ fn bench_measures_a_training_step_in_micro_batches() {
     let o = xtask(&["bench", "--cases", "reduced-train", "--micro-batch", "0", "--python", "none"], dir.path());
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn self_test_runs_the_groups_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = fixtures();
+    let run = |only: &str| xtask(&["self-test", "--device", "cpu", "--fixtures", fixtures.to_str().unwrap(), "--only", only], dir.path());
+    let out = run("micro-batch");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("micro-batch loss") && !said.contains("forward eps"), "{said}");
+    // Asked for, the CUDA-graph check cannot pass on the CPU, and says why.
+    let out = run("cuda-graph");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("CUDA graphs need a CUDA build and device") && said.contains("FAIL"), "{said}");
+    assert_one_line_error(&out, "1 check(s) failed on cpu");
+    // The default leaves it out.
+    let out = xtask(&["self-test", "--device", "cpu", "--fixtures", fixtures.to_str().unwrap()], dir.path());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("forward eps") && !said.contains("CUDA graphs"), "{said}");
+    let out = run("gradients");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}

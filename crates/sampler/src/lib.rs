@@ -15,6 +15,8 @@
 //! [`resolve_checkpoint`] (model files), and the grid helpers in [`grid`].
 
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda_graph;
 mod font;
 pub mod grid;
 pub mod noise;

@@ -186,11 +186,17 @@ impl<'a> Sampler<'a> {
         Self { model: Box::new(model), schedule, shape, device: device.clone(), batch: default_batch(device), progress: Progress::hidden(), clip_x0: false, model_steps: None }
     }
 
-    /// A UNet in evaluation mode, on the device its weights live on.
+    /// A UNet in evaluation mode, on the device its weights live on (on CUDA with
+    /// `SAMPLER_CUDA_GRAPH=1`, its calls replayed from CUDA graphs: [`crate::cuda_graph`]).
     pub fn for_unet(model: &'a UNet, schedule: &'a Schedule) -> Self {
         let cfg = model.config();
         let device = model.time_table().device().clone();
-        Self { model_steps: Some(cfg.num_steps), ..Self::new(EvalModel(model), schedule, (cfg.image_channels, cfg.image_size, cfg.image_size), &device) }
+        let shape = (cfg.image_channels, cfg.image_size, cfg.image_size);
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() && crate::cuda_graph::enabled() {
+            return Self { model_steps: Some(cfg.num_steps), ..Self::new(crate::cuda_graph::GraphedModel::new(model), schedule, shape, &device) };
+        }
+        Self { model_steps: Some(cfg.num_steps), ..Self::new(EvalModel(model), schedule, shape, &device) }
     }
 
     /// `kind` fits the schedule, and the schedule fits the model.
