@@ -175,11 +175,17 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
         }
     }
     if want("cuda-graph") {
-        match cuda_graph_sampling(&model, &schedule, &dev)? {
-            Ok(d) => check("sampling from CUDA graphs (DDIM 5 steps)", d, 1e-4),
-            Err(why) => {
-                out!("sampling from CUDA graphs: {why}");
-                check("sampling from CUDA graphs (DDIM 5 steps)", f32::INFINITY, 1e-4);
+        // f32 in two captures (4 images at batch 3: a chunk of 3, then of 1); a bf16 model in one.
+        let half: HashMap<String, Tensor> = weights.select(false).into_iter().map(|(k, v)| Ok((k, v.to_device(&dev)?.to_dtype(DType::BF16)?))).collect::<Result<_>>()?;
+        let model_bf16 = UNet::new(VarBuilder::from_tensors(half, DType::BF16, &dev), &weights.config)?;
+        for (label, m, batch, tol) in [("f32, two shapes", &model, 3, 1e-4f32), ("bf16", &model_bf16, 4, 1e-3)] {
+            let name = format!("sampling from CUDA graphs ({label})");
+            match cuda_graph_sampling(m, &schedule, &dev, batch)? {
+                Ok(d) => check(&name, d, tol),
+                Err(why) => {
+                    out!("{name}: {why}");
+                    check(&name, f32::INFINITY, tol);
+                }
             }
         }
     }
@@ -191,28 +197,29 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     Ok(())
 }
 
-/// Four images of the fixture's model sampled with 5 DDIM steps, by plain network calls and
-/// replayed from CUDA graphs: `Ok(largest difference)`, or `Err(why)` when the graphs did not
-/// serve every step (a failed capture, or no CUDA).
-fn cuda_graph_sampling(model: &UNet, schedule: &Schedule, dev: &Device) -> Result<std::result::Result<f32, String>> {
+/// Four images of `model` sampled with 5 DDIM steps, `batch` at a time, by plain network calls
+/// and replayed from CUDA graphs: `Ok(largest difference)`, or `Err(why)` when the graphs did
+/// not serve every call (a failed capture, or no CUDA).
+fn cuda_graph_sampling(model: &UNet, schedule: &Schedule, dev: &Device, batch: usize) -> Result<std::result::Result<f32, String>> {
     #[cfg(feature = "cuda")]
     if dev.is_cuda() {
         let cfg = model.config();
         let shape = (cfg.image_channels, cfg.image_size, cfg.image_size);
         let kind = diffusion::SamplerKind::Ddim { steps: 5, eta: 0.0 };
         let x_t = diffusion::NoiseRng::new(5).randn((4, shape.0, shape.1, shape.2), dev)?;
-        let plain = sampler::Sampler::new(sampler::EvalModel(model), schedule, shape, dev).batch(4).sample_from(&x_t, &kind, 7, |_, _| {})?;
+        let plain = sampler::Sampler::new(sampler::EvalModel(model), schedule, shape, dev).batch(batch).sample_from(&x_t, &kind, 7, |_, _| {})?;
         let graphed = sampler::cuda_graph::GraphedModel::new(model);
-        let replayed = sampler::Sampler::new(&graphed, schedule, shape, dev).batch(4).sample_from(&x_t, &kind, 7, |_, _| {})?;
+        let replayed = sampler::Sampler::new(&graphed, schedule, shape, dev).batch(batch).sample_from(&x_t, &kind, 7, |_, _| {})?;
         if let Some(why) = graphed.failure() {
             return Ok(Err(format!("went back to plain calls: {why}")));
         }
-        if graphed.launches() != 5 {
-            return Ok(Err(format!("{} graph launches for 5 steps", graphed.launches())));
+        let calls = 5 * 4usize.div_ceil(batch);
+        if graphed.launches() != calls {
+            return Ok(Err(format!("{} graph launches for {calls} network calls", graphed.launches())));
         }
         return Ok(Ok(max_diff(&plain, &replayed)?));
     }
-    let _ = (model, schedule);
+    let _ = (model, schedule, batch);
     Ok(Err(format!("CUDA graphs need a CUDA build and device; this is {dev:?}")))
 }
 

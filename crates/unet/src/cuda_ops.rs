@@ -463,7 +463,9 @@ pub mod profile {
     /// under the name `name()` gives.
     /// A failure of `f` gets the op's name as context, so that an error names the kernel.
     pub fn time<R>(dev: &CudaDevice, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<R>) -> Result<R> {
-        if !enabled() {
+        // Nor while a CUDA graph is being captured (the sampler's): the events would be
+        // captured too, and never recorded as such.
+        if !enabled() || capturing(dev) {
             return f().map_err(|e| super::in_context(e, format!("in CUDA op: {}", name())));
         }
         let stream = dev.cuda_stream();
@@ -475,6 +477,11 @@ pub mod profile {
         let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
         SPANS.with(|s| s.borrow_mut().push((name(), start, end)));
         Ok(out)
+    }
+
+    fn capturing(dev: &CudaDevice) -> bool {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+        !matches!(dev.cuda_stream().capture_status(), Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE))
     }
 
     /// Forgets the spans recorded so far (warm-up runs, say).
