@@ -8,7 +8,7 @@
 #
 # Env knobs (defaults for an H100/H200: every step within DEADLINE_S, the later ones cut or skipped when
 # time runs short; stop 25's first run, steps 1 2 2b 4, took 377 s; after it, STEPS="1 2 7 6" AB=0
-# measures what changed in about 5 minutes):
+# DEADLINE_S=500 under a 520 s limit measures what changed, about 7.5 minutes):
 #   DEVICE=cuda  RUNS=2  WARMUP=1  TRAIN_MINUTES=1.5  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
 #   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16  AB=1 (the train128 attribution runs)
 #   THREADS=$(nproc)  STEPS="1 2 2b 7 4 6" (which steps run, in the order 1 2 2b 7 4 6 5: a rerun can redo only what failed; 5 = PyTorch with
