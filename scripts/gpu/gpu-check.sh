@@ -15,7 +15,8 @@
 #   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare;
 #   6 = a CPU profile of our training step's host side, with the perf the kit carries;
 #   7 = cuDNN's graph API (execution plans per shape, UNET_CUDNN_API=graph): its self-test, then timings;
-#   then sampling replayed from CUDA graphs (SAMPLER_CUDA_GRAPH=1): its check, then timings)
+#   then sampling and training steps replayed from CUDA graphs (SAMPLER_CUDA_GRAPH=1,
+#   TRAIN_CUDA_GRAPH=1): their checks, then timings)
 #   AB_SWAPS="..." (the A/B runs' switches; default: each of our parts; UNET_CUDNN_ALGO=find adds
 #   cuDNN's Find against its heuristics, both precisions)  AB_MICRO=1 (the micro-batch run)
 # Each step has its own time limit, so that one hang cannot take the whole session, and the whole
@@ -227,7 +228,7 @@ fi
 }
 
 want 7 && {
-step "7. cuDNN's graph API (UNET_CUDNN_API=graph: an execution plan per shape): self-test, then the step and forward pass, each precision; then sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1): its check, then the sampling cases"
+step "7. cuDNN's graph API (UNET_CUDNN_API=graph: an execution plan per shape): self-test, then the step and forward pass, each precision; then sampling and training steps from CUDA graphs (SAMPLER_CUDA_GRAPH=1, TRAIN_CUDA_GRAPH=1): their checks, then their cases"
 # Never run on a GPU before it comes here: its own self-test first (the TF32 and bf16
 # convolution checks go through the plans; exact f32 stays on the legacy calls), then timings
 # beside step 2's. A pass whose plan cannot be built runs the legacy calls and says so.
@@ -248,14 +249,19 @@ elif room 60 "$RESERVE4" "the graph API's self-test"; then
     echo "graph API self-test failed (exit $rc): not timed"; tail -15 "$OUT/self-test-graph.txt"
   fi
 fi
-# Sampling replayed from CUDA graphs (SAMPLER_CUDA_GRAPH=1), also never run on a GPU: its own
-# check (4 images, 5 DDIM steps, against plain calls), then the sampling cases with it. The
-# timed run includes the one capture (and its plain warm-up call) a user's sampling run pays.
-if [ "$DEVICE" != cpu ] && room 40 "$RESERVE4" "the CUDA-graph sampling check"; then
-  timeout "$(cap 90 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures --only cuda-graph > "$OUT/self-test-cuda-graph.txt" 2>&1
+# Sampling and training steps replayed from CUDA graphs (SAMPLER_CUDA_GRAPH=1,
+# TRAIN_CUDA_GRAPH=1), also never run on a GPU: their own checks (sampling: 4 images, 5 DDIM
+# steps; training: 3 steps of the tiny model, f32, f32 in micro-batches, bf16; each against
+# plain calls), then the cases with each that passed its check. The timed sampling run includes
+# the one capture (and its plain warm-up call) a user's sampling run pays; the training step's
+# capture falls in the bench's warm-up run.
+if [ "$DEVICE" != cpu ] && room 40 "$RESERVE4" "the CUDA-graph checks"; then
+  timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures --only cuda-graph > "$OUT/self-test-cuda-graph.txt" 2>&1
   rc=$?
-  cat "$OUT/self-test-cuda-graph.txt" | tail -5
-  if [ "$rc" = 0 ]; then
+  cat "$OUT/self-test-cuda-graph.txt" | tail -12
+  # Each use is timed when its checks all ran and passed (rc 0: everything passed).
+  passed() { [ "$rc" = 0 ] || { grep -q "^$1.* ok$" "$OUT/self-test-cuda-graph.txt" && ! grep -q "^$1.*FAIL" "$OUT/self-test-cuda-graph.txt"; }; }
+  if passed "sampling from CUDA graphs"; then
     for p in $PRECISIONS; do
       room 40 "$RESERVE4" "the CUDA-graph sampling bench, $p" || continue
       SAMPLER_CUDA_GRAPH=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases ddim50x256,ddpm100x256 --runs 1 --warmup 1 --threads "$THREADS" \
@@ -263,6 +269,15 @@ if [ "$DEVICE" != cpu ] && room 40 "$RESERVE4" "the CUDA-graph sampling check"; 
     done
   else
     echo "CUDA-graph sampling check failed (exit $rc): not timed"
+  fi
+  if passed "training steps from CUDA graphs"; then
+    for p in $PRECISIONS; do
+      room 40 "$RESERVE4" "the CUDA-graph training bench, $p" || continue
+      TRAIN_CUDA_GRAPH=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 3 --warmup 1 --threads "$THREADS" \
+        --python none --out "$OUT/ab-train_cuda_graph-$p.json" || echo "CUDA-graph training bench ($p) failed or ran out of time"
+    done
+  else
+    echo "CUDA-graph training check failed (exit $rc): not timed"
   fi
 fi
 }

@@ -244,6 +244,8 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
     let schedule = Schedule::reference();
     // Training cases: the host time of each part of a step, averaged over the timed runs (ms).
     let mut host_phases: Option<Value> = None;
+    // Training cases with `TRAIN_CUDA_GRAPH=1`: how the step's CUDA graphs served the runs.
+    let mut cuda_graph: Option<Value> = None;
     let times = match c.kind {
         "forward" => {
             let model = frozen(&c.cfg, &dev, dt)?;
@@ -269,7 +271,8 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
             let t = time_runs(&dev, warmup, runs, || {
                 let before = engine.host_phases();
                 // Not read: the step is queued, and the wait for the device comes after it.
-                let (_loss, g) = engine.loss_and_gradients(&x0, &mut rng)?;
+                // (Replayed from a CUDA graph with `TRAIN_CUDA_GRAPH=1`, as training does.)
+                let (_loss, g) = engine.step_gradients(&x0, &mut rng)?;
                 let opt_start = Instant::now();
                 engine.opt.step_with(&g, 1e-4)?;
                 calls.push((engine.host_phases().since(&before), opt_start.elapsed().as_secs_f64()));
@@ -280,8 +283,13 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
             let avg = |f: fn(&(trainer::HostPhases, f64)) -> f64| 1e3 * timed.iter().map(f).sum::<f64>() / n;
             host_phases = Some(json!({
                 "draws": avg(|c| c.0.draws), "casts": avg(|c| c.0.casts), "forward": avg(|c| c.0.forward),
-                "backward": avg(|c| c.0.backward), "gather": avg(|c| c.0.gather), "optimizer": avg(|c| c.1),
+                "backward": avg(|c| c.0.backward), "gather": avg(|c| c.0.gather), "replay": avg(|c| c.0.replay),
+                "optimizer": avg(|c| c.1),
             }));
+            let report = engine.cuda_graph_report();
+            if report != trainer::CudaGraphReport::default() {
+                cuda_graph = Some(json!({ "launches": report.launches, "captures": report.captures, "failure": report.failure }));
+            }
             t
         }
         "ddim" | "ddpm" => {
@@ -323,6 +331,9 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
     }
     if let Some(h) = host_phases {
         out["host_phases_ms"] = h;
+    }
+    if let Some(g) = cuda_graph {
+        out["train_cuda_graph"] = g;
     }
     // How each convolution pass ran (its cuDNN algorithm and how it was chosen, or its graph
     // plan), and what failed.
@@ -523,8 +534,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             // On a GPU, where a host-bound step's time goes; on the CPU, the step's work.
             let ms = |k: &str| h[k].as_f64().unwrap_or(f64::NAN);
             out!(
-                "  our host time by part (ms a run): draws {:.1}, bf16 casts {:.1}, forward {:.1}, backward {:.1}, gradients {:.1}, optimizer {:.1}",
-                ms("draws"), ms("casts"), ms("forward"), ms("backward"), ms("gather"), ms("optimizer")
+                "  our host time by part (ms a run): draws {:.1}, bf16 casts {:.1}, forward {:.1}, backward {:.1}, gradients {:.1}, graph replay {:.1}, optimizer {:.1}",
+                ms("draws"), ms("casts"), ms("forward"), ms("backward"), ms("gather"), ms("replay"), ms("optimizer")
+            );
+        }
+        if let Some(g) = ours.get("train_cuda_graph") {
+            // TRAIN_CUDA_GRAPH=1: whether the steps came from the graph, or why not.
+            out!(
+                "  training steps from CUDA graphs: {} launches, {} captures{}",
+                g["launches"], g["captures"], g["failure"].as_str().map_or(String::new(), |f| format!("; went back to plain steps: {f}"))
             );
         }
         if let Some(choices) = ours["cudnn_choices"].as_array().filter(|c| !c.is_empty()) {

@@ -5,7 +5,7 @@
 //! kernels, shape by shape, in exact f32, TF32 and bf16, GroupNorm (+Hardswish, +mask) and the
 //! attention softmax and the x2 upsampling in f32 and bf16, and three Adam steps (with the
 //! gradient norm, clipping and EMA) against the CPU's. `--only` picks groups of checks; one,
-//! `cuda-graph` (sampling replayed from CUDA graphs), runs only when named.
+//! `cuda-graph` (sampling and training steps replayed from CUDA graphs), runs only when named.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,8 +30,8 @@ pub struct SelfTestArgs {
     #[arg(long, default_value_t = 1e-3, value_parser = tolerance)]
     tol: f32,
     /// Only these groups of checks, comma-separated: fixtures, micro-batch, conv, fused, adam
-    /// (the default: all of those), cuda-graph (sampling replayed from CUDA graphs against
-    /// plain calls; only when named: it is new and untried on a GPU).
+    /// (the default: all of those), cuda-graph (sampling and training steps replayed from CUDA
+    /// graphs against plain calls; only when named: it is new and untried on a GPU).
     #[arg(long, value_delimiter = ',', value_parser = ["fixtures", "micro-batch", "conv", "fused", "adam", "cuda-graph"])]
     only: Vec<String>,
 }
@@ -188,6 +188,25 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
                 }
             }
         }
+        // Training steps: f32 whole, f32 in micro-batches of 2 (one capture holds both parts),
+        // bf16 whole.
+        for (label, precision, micro, tol) in [
+            ("f32", trainer::Precision::F32, None, 1e-4f32),
+            ("f32, micro-batches of 2", trainer::Precision::F32, Some(2), 1e-4),
+            ("bf16", trainer::Precision::Bf16, None, 2e-3),
+        ] {
+            let name = format!("training steps from CUDA graphs ({label})");
+            match cuda_graph_training(&dev, precision, micro)? {
+                Ok((loss_d, weight_d)) => {
+                    check(&format!("{name}: losses"), loss_d, tol);
+                    check(&format!("{name}: weights"), weight_d, 10.0 * tol);
+                }
+                Err(why) => {
+                    out!("{name}: {why}");
+                    check(&name, f32::INFINITY, tol);
+                }
+            }
+        }
     }
     let failures = checks.failures;
     if failures > 0 {
@@ -195,6 +214,57 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
     }
     out!("self-test: all checks passed on {}", a.device);
     Ok(())
+}
+
+/// Three training steps of the tiny model (dropout 0.3, so that a seed the graph did not see
+/// change would show) on a batch of 4 at `precision`, in parts of `micro`, plain and replayed
+/// from CUDA graphs from the same start and draws: `Ok((losses, weights))`, each the largest
+/// difference relative to the largest value, or `Err(why)` when the graphs did not serve every
+/// step.
+fn cuda_graph_training(dev: &Device, precision: trainer::Precision, micro: Option<usize>) -> Result<std::result::Result<(f32, f32), String>> {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        let mut cfg = trainer::RunConfig::reference();
+        cfg.unet = unet::UNetConfig::tiny();
+        cfg.unet.dropout = 0.3;
+        cfg.train.precision = precision;
+        cfg.train.batch_size = 4;
+        cfg.train.micro_batch_size = micro;
+        let s = cfg.unet.image_size;
+        let x0 = diffusion::NoiseRng::new(1).randn((4, 3, s, s), &Device::Cpu)?.tanh()?.to_device(dev)?;
+        let run = |graph: bool| -> Result<(Vec<f32>, Vec<Tensor>, trainer::CudaGraphReport)> {
+            let mut engine = trainer::StepEngine::new(&cfg, dev)?;
+            engine.set_cuda_graph(graph);
+            let mut rng = diffusion::NoiseRng::new(3);
+            let mut losses = Vec::new();
+            for _ in 0..3 {
+                losses.push(engine.train_step(&x0, &mut rng)?.loss);
+            }
+            let weights = engine.opt.vars().iter().map(|v| v.as_tensor().to_device(&Device::Cpu)).collect::<candle_core::Result<_>>()?;
+            Ok((losses, weights, engine.cuda_graph_report()))
+        };
+        let (plain_losses, plain_weights, _) = run(false)?;
+        let (losses, weights, report) = run(true)?;
+        if let Some(why) = report.failure {
+            return Ok(Err(format!("went back to plain steps: {why}")));
+        }
+        if report.launches != 3 || report.captures != 1 {
+            return Ok(Err(format!("{} graph launches and {} captures for 3 steps of one shape", report.launches, report.captures)));
+        }
+        let largest_loss = plain_losses.iter().fold(0f32, |m, l| m.max(l.abs())).max(f32::MIN_POSITIVE);
+        let loss_d = plain_losses.iter().zip(&losses).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / largest_loss;
+        let mut largest = 0f32;
+        for w in &plain_weights {
+            largest = largest.max(w.abs()?.flatten_all()?.max(0)?.to_scalar()?);
+        }
+        let mut weight_d = 0f32;
+        for (a, b) in plain_weights.iter().zip(&weights) {
+            weight_d = weight_d.max(max_diff(a, b)?);
+        }
+        return Ok(Ok((loss_d, weight_d / largest.max(f32::MIN_POSITIVE))));
+    }
+    let _ = (precision, micro);
+    Ok(Err(format!("CUDA graphs need a CUDA build and device; this is {dev:?}")))
 }
 
 /// Four images of `model` sampled with 5 DDIM steps, `batch` at a time, by plain network calls

@@ -161,11 +161,33 @@ impl Schedule {
         if t.len() != b {
             return Err(DiffusionError::Invalid(format!("q_sample: {} timesteps for a batch of {b}", t.len())));
         }
+        let (a, s) = self.q_coefficients(t)?;
+        self.q_sample_with(x0, &per_sample(a, x0.device())?, &per_sample(s, x0.device())?, noise)
+    }
+
+    /// `sqrt(abar_t)` and `sqrt(1 - abar_t)` for each of `t`, the factors of `x_0` and of the
+    /// noise in [`Schedule::q_sample`].
+    pub fn q_coefficients(&self, t: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
         for &ti in t {
             self.check_t(ti as usize)?;
         }
-        let a = per_sample(t.iter().map(|&i| self.alphas_cumprod_sqrt[i as usize]).collect(), x0.device())?;
-        let s = per_sample(t.iter().map(|&i| self.one_minus_alphas_cumprod_sqrt[i as usize]).collect(), x0.device())?;
+        Ok((
+            t.iter().map(|&i| self.alphas_cumprod_sqrt[i as usize]).collect(),
+            t.iter().map(|&i| self.one_minus_alphas_cumprod_sqrt[i as usize]).collect(),
+        ))
+    }
+
+    /// [`Schedule::q_sample`] with its factors already on the device: `a` and `s`, f32
+    /// `[B, 1, 1, 1]` from [`Schedule::q_coefficients`]. A training step replayed from a CUDA
+    /// graph cannot upload them itself.
+    pub fn q_sample_with(&self, x0: &Tensor, a: &Tensor, s: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        check_pair(x0, noise, "q_sample")?;
+        let b = x0.dim(0)?;
+        for (name, f) in [("a", a), ("s", s)] {
+            if f.dims() != [b, 1, 1, 1] {
+                return Err(DiffusionError::Invalid(format!("q_sample: factor {name} must be [{b}, 1, 1, 1], got {:?}", f.dims())));
+            }
+        }
         let a = a.to_dtype(x0.dtype())?;
         let s = s.to_dtype(x0.dtype())?;
         Ok(x0.broadcast_mul(&a)?.add(&noise.broadcast_mul(&s)?)?)
@@ -185,6 +207,15 @@ impl Schedule {
         let x_t = self.q_sample(x0, t, noise)?;
         let t_tensor = Tensor::from_slice(t, t.len(), x0.device())?;
         let eps = model.predict_noise(&x_t, &t_tensor)?;
+        Ok(mse(&eps, noise)?)
+    }
+
+    /// [`Schedule::loss`] with everything already on the device: the steps `t` (u32 `[B]`) and
+    /// their factors `a`, `s` ([`Schedule::q_sample_with`]). The same operations, so the same
+    /// result.
+    pub fn loss_with(&self, model: &dyn NoisePredictor, x0: &Tensor, t: &Tensor, a: &Tensor, s: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let x_t = self.q_sample_with(x0, a, s, noise)?;
+        let eps = model.predict_noise(&x_t, t)?;
         Ok(mse(&eps, noise)?)
     }
 
@@ -627,6 +658,30 @@ mod tests {
         let zero = |x: &Tensor, _t: &Tensor| x.zeros_like();
         let l = s.loss(&zero, &x0, &t, &noise).unwrap().to_scalar::<f32>().unwrap();
         assert!(l > 0.5);
+    }
+
+    #[test]
+    fn the_loss_with_its_inputs_on_the_device_is_the_loss() {
+        let dev = Device::Cpu;
+        let s = Schedule::reference();
+        let mut rng = NoiseRng::new(3);
+        let x0 = rng.randn((3, 3, 4, 4), &dev).unwrap();
+        let noise = rng.randn((3, 3, 4, 4), &dev).unwrap();
+        let t = [0u32, 417, 999];
+        // A predictor that uses both of its inputs, so that a wrong x_t or t shows.
+        let model = |x: &Tensor, t: &Tensor| x.broadcast_mul(&t.to_dtype(DType::F32)?.affine(1e-3, 0.5)?.reshape((3, 1, 1, 1))?);
+        let want = s.loss(&model, &x0, &t, &noise).unwrap().to_scalar::<f32>().unwrap();
+        let (a, f) = s.q_coefficients(&t).unwrap();
+        let dims = (3, 1, 1, 1);
+        let (a, f) = (Tensor::from_vec(a, dims, &dev).unwrap(), Tensor::from_vec(f, dims, &dev).unwrap());
+        let tt = Tensor::new(&t, &dev).unwrap();
+        let got = s.loss_with(&model, &x0, &tt, &a, &f, &noise).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(got.to_bits(), want.to_bits());
+        // The factors are checked: swapped ones give another loss, a wrong shape an error.
+        let swapped = s.loss_with(&model, &x0, &tt, &f, &a, &noise).unwrap().to_scalar::<f32>().unwrap();
+        assert_ne!(swapped, want);
+        assert!(s.loss_with(&model, &x0, &tt, &a.reshape(3).unwrap(), &f, &noise).is_err());
+        assert!(s.q_coefficients(&[1000]).is_err());
     }
 
     #[test]

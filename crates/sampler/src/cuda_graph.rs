@@ -14,15 +14,14 @@
 //! uploads of shapes and strides come from its cache (`enable_cuda_graph_htod_cache`, filled by
 //! that first call); the memory the pass allocates comes from the graph, which frees and
 //! re-makes it at each launch (`AUTO_FREE_ON_LAUNCH`), so the output buffer keeps its address
-//! and each call returns a copy of it; the graph is launched once when captured, so that the
-//! output's memory exists before anything could free it. A failed capture ends the stream's
-//! capture mode by hand if cudarc could not (an error it recorded meanwhile comes first), and
-//! leaves the never-allocated output alone. A review checked this against CUDA's capture and
-//! graph-memory rules, and candle's and cudarc's code paths.
+//! and each call returns a copy of it. The capture itself is `unet::cuda_graph::capture`'s (shared
+//! with the trainer's step): it launches the graph once, so that the output's memory exists
+//! before anything could free it, and cleans up after a failed capture. A review checked this
+//! against CUDA's capture and graph-memory rules, and candle's and cudarc's code paths.
 
 use std::cell::{Cell, RefCell};
 
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph};
+use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::{DType, Device, Tensor};
 use diffusion::NoisePredictor;
 
@@ -76,8 +75,6 @@ impl<'a> GraphedModel<'a> {
     }
 
     fn capture(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Captured> {
-        use candle_core::cuda_backend::cudarc::driver::result;
-        let w = candle_core::Error::wrap;
         let Device::Cuda(dev) = x_t.device() else { candle_core::bail!("CUDA graphs need a CUDA device") };
         // Buffers of the graph's own, made before the capture and holding only this call's
         // shapes (`copy` of a view would keep the whole buffer behind it).
@@ -86,67 +83,14 @@ impl<'a> GraphedModel<'a> {
         let t_buf = t.zeros_like()?;
         t_buf.slice_set(&t.contiguous()?, 0, 0)?;
         let t = t_buf;
-        let cache = dev.enable_cuda_graph_htod_cache();
+        let _cache = dev.enable_cuda_graph_htod_cache();
         // Kernel modules, cuDNN's choices, cuBLAS's workspace and candle's parameter uploads,
         // none of which may happen while capturing.
         self.plain.predict_noise(&x, &t)?;
         x_t.device().synchronize()?;
-        let stream = dev.cuda_stream();
-        let ctx = stream.context().clone();
-        // The graph's memory comes from its own pool: give back what the ordinary pool keeps
-        // (our devices keep everything freed, `unet::cuda_ops::tune_device`).
-        // SAFETY: the device's default pool, trimmed of memory no allocation holds.
-        unsafe {
-            if let Ok(pool) = result::device::get_mem_pool(ctx.cu_device()) {
-                let _ = result::mem_pool::trim_to(pool, 0);
-            }
-        }
-        ctx.check_err().map_err(w)?;
-        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(w)?;
         // Detached at once: with trainable weights the autograd links would keep every
         // activation alive inside the graph.
-        let out = self.plain.predict_noise(&x, &t).map(|o| o.detach());
-        // An error recorded during the capture (a free refused by an invalidated capture, say)
-        // would make cudarc's `end_capture` return before ending it: take it first, and end a
-        // capture still open by hand, so that the stream leaves capture mode whatever happened.
-        let recorded = ctx.check_err();
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-        if !matches!(stream.capture_status(), Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)) {
-            // SAFETY: ends this stream's own capture; the graph it returns, if any, is dropped.
-            unsafe {
-                if let Ok(g) = result::stream::end_capture(stream.cu_stream()) {
-                    if !g.is_null() {
-                        let _ = result::graph::destroy(g);
-                    }
-                }
-            }
-        }
-        drop(cache);
-        let failed = |why: String, out: candle_core::Result<Tensor>| {
-            // The output's memory belongs to a graph that never ran: not ours to free.
-            if let Ok(o) = out {
-                std::mem::forget(o);
-            }
-            let _ = ctx.check_err();
-            candle_core::Error::Msg(why)
-        };
-        if let Err(e) = recorded {
-            return Err(failed(format!("during the capture: {e}"), out));
-        }
-        let graph = match graph {
-            Ok(Some(g)) => g,
-            Ok(None) => return Err(failed("the capture recorded nothing".into(), out)),
-            Err(e) => return Err(failed(format!("ending the capture: {e}"), out)),
-        };
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => return Err(failed(format!("the captured call: {e}"), Err(e))),
-        };
-        // One launch now, so that the output's memory exists (and the graph is known to run)
-        // before anything can free it.
-        if let Err(e) = graph.upload().and_then(|_| graph.launch()).map_err(w).and_then(|_| x_t.device().synchronize()) {
-            return Err(failed(format!("the first launch: {e}"), Ok(out)));
-        }
+        let (out, graph) = unet::cuda_graph::capture(dev, || self.plain.predict_noise(&x, &t).map(|o| o.detach()))?;
         Ok(Captured { x, t, out, graph })
     }
 

@@ -20,6 +20,8 @@ pub mod metrics;
 pub mod multi_tensor;
 pub mod plot;
 pub mod preview;
+#[cfg(feature = "cuda")]
+mod step_graph;
 pub mod tensorboard;
 mod trainer;
 
@@ -28,7 +30,7 @@ use std::path::Path;
 pub use adam::{Adam, AdamParams};
 pub use config::{CheckpointConfig, DataConfig, LogConfig, Precision, RunConfig, TrainConfig};
 pub use trainer::{
-    read_tensors, resolve_config, HostPhases, StepCallback, StepEngine, StepMetrics, StepOutput, StopReason, TrainOptions, TrainSummary, Trainer,
+    read_tensors, resolve_config, CudaGraphReport, HostPhases, StepCallback, StepEngine, StepMetrics, StepOutput, StopReason, TrainOptions, TrainSummary, Trainer,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -69,6 +69,48 @@ pub struct StepEngine {
     pub schedule: Schedule,
     device: Device,
     host: std::cell::Cell<HostPhases>,
+    /// Whether [`StepEngine::step_gradients`] replays from CUDA graphs (CUDA builds and devices).
+    cuda_graph: bool,
+    #[cfg(feature = "cuda")]
+    graph: std::cell::RefCell<crate::step_graph::GraphState>,
+}
+
+/// How a step engine's CUDA graphs have served it ([`StepEngine::cuda_graph_report`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CudaGraphReport {
+    /// Steps whose loss and gradients came from a graph (a capture's own launch included).
+    pub launches: usize,
+    /// Graphs captured (one per batch shape, micro-batch and precision in turn).
+    pub captures: usize,
+    /// Why the engine went back to plain steps, if it did.
+    pub failure: Option<String>,
+}
+
+/// A step's draws, on the device: timesteps (u32 `[B]`), their `q_sample` factors (f32
+/// `[B, 1, 1, 1]`), the noise, and the dropout seed.
+pub(crate) struct StepDraws {
+    pub t: Tensor,
+    pub a: Tensor,
+    pub s: Tensor,
+    pub noise: Tensor,
+    pub seed: u64,
+}
+
+/// Where a pass's dropout seed is: on the host, or in device memory (a replayed graph's).
+#[derive(Debug, Clone, Copy)]
+enum DropoutSeed {
+    Host(u64),
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    At(u64),
+}
+
+impl DropoutSeed {
+    fn mode(self, first_image: u64) -> Mode {
+        match self {
+            DropoutSeed::Host(seed) => Mode::TrainPart { seed, first_image },
+            DropoutSeed::At(seed_at) => Mode::TrainSeedAt { seed_at, first_image },
+        }
+    }
 }
 
 /// Host time (seconds) that [`StepEngine::loss_and_gradients`] has spent in each of its parts
@@ -86,6 +128,9 @@ pub struct HostPhases {
     pub backward: f64,
     /// Taking the variables' gradients, dropping the graph, summing the parts.
     pub gather: f64,
+    /// A step replayed from a CUDA graph: loading its inputs and the launch (all of the above
+    /// but the draws, for such a step).
+    pub replay: f64,
 }
 
 impl HostPhases {
@@ -97,6 +142,7 @@ impl HostPhases {
             forward: self.forward - before.forward,
             backward: self.backward - before.backward,
             gather: self.gather - before.gather,
+            replay: self.replay - before.replay,
         }
     }
 }
@@ -129,7 +175,45 @@ impl StepEngine {
             None => None,
         };
         let schedule = Schedule::new(&cfg.diffusion)?;
-        Ok(Self { cfg: cfg.clone(), model, varmap, opt, ema, schedule, device: device.clone(), host: Default::default() })
+        #[cfg(feature = "cuda")]
+        let cuda_graph = crate::step_graph::enabled_by_env();
+        #[cfg(not(feature = "cuda"))]
+        let cuda_graph = false;
+        Ok(Self {
+            cfg: cfg.clone(),
+            model,
+            varmap,
+            opt,
+            ema,
+            schedule,
+            device: device.clone(),
+            host: Default::default(),
+            cuda_graph,
+            #[cfg(feature = "cuda")]
+            graph: Default::default(),
+        })
+    }
+
+    /// Replays [`StepEngine::step_gradients`] from CUDA graphs, or not (the default comes from
+    /// `TRAIN_CUDA_GRAPH=1`). Without CUDA (the build or the device) steps stay plain. Turning it
+    /// on again forgets an earlier failure and capture.
+    pub fn set_cuda_graph(&mut self, on: bool) {
+        self.cuda_graph = on;
+        #[cfg(feature = "cuda")]
+        {
+            self.graph.borrow_mut().reset();
+        }
+    }
+
+    /// How the CUDA graphs have served this engine so far.
+    pub fn cuda_graph_report(&self) -> CudaGraphReport {
+        #[cfg(feature = "cuda")]
+        {
+            let g = self.graph.borrow();
+            CudaGraphReport { launches: g.launches, captures: g.captures, failure: g.failure.clone() }
+        }
+        #[cfg(not(feature = "cuda"))]
+        CudaGraphReport::default()
     }
 
     pub fn device(&self) -> &Device {
@@ -148,7 +232,7 @@ impl StepEngine {
     /// Waits for the device (reads the loss), so it can be timed as is.
     pub fn train_step(&mut self, x0: &Tensor, rng: &mut NoiseRng) -> Result<StepOutput, TrainError> {
         let step = self.opt.step_count();
-        let (loss_v, g) = self.loss_and_gradients(x0, rng)?;
+        let (loss_v, g) = self.step_gradients(x0, rng)?;
         // One wait for the device a step, here: reading the loss before the backward pass would
         // add a second one, leaving a GPU idle while the backward pass is queued. Nothing has
         // been updated yet, so a non-finite loss is still caught before it does harm.
@@ -176,6 +260,71 @@ impl StepEngine {
     /// With a micro-batch the parts' losses are weighted by their share of the batch, so the
     /// sums are the whole batch's mean loss and its gradient.
     pub fn loss_and_gradients(&self, x0: &Tensor, rng: &mut NoiseRng) -> Result<(Tensor, Vec<Tensor>), TrainError> {
+        let d = self.draw(x0, rng)?;
+        self.parts(x0, &d.noise, &d.t, &d.a, &d.s, DropoutSeed::Host(d.seed))
+    }
+
+    /// [`StepEngine::loss_and_gradients`], replayed from a CUDA graph when that is on
+    /// ([`StepEngine::set_cuda_graph`]): the same draws and values, but the tensors are the
+    /// graph's, rewritten by the next call, so they must be used before it (the optimizer step
+    /// that follows does). Plain steps otherwise, and after a graph failed.
+    pub fn step_gradients(&self, x0: &Tensor, rng: &mut NoiseRng) -> Result<(Tensor, Vec<Tensor>), TrainError> {
+        let d = self.draw(x0, rng)?;
+        #[cfg(feature = "cuda")]
+        if self.cuda_graph {
+            if let Device::Cuda(dev) = &self.device {
+                if self.graph.borrow().failure.is_none() {
+                    match self.graphed(dev, x0, &d) {
+                        Ok(out) => return Ok(out),
+                        Err(e) => self.graph.borrow_mut().fail(e.to_string(), dev),
+                    }
+                }
+            }
+        }
+        self.parts(x0, &d.noise, &d.t, &d.a, &d.s, DropoutSeed::Host(d.seed))
+    }
+
+    /// The step from this engine's graph: captured first for a new batch shape, micro-batch or
+    /// precision (the capture's own launch computes this step).
+    #[cfg(feature = "cuda")]
+    fn graphed(&self, dev: &candle_core::CudaDevice, x0: &Tensor, d: &StepDraws) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        use crate::step_graph::{Inputs, Key, StepGraph};
+        let key = Key { dims: x0.dims().to_vec(), micro: self.cfg.train.micro_batch(x0.dim(0)?), precision: self.cfg.train.precision };
+        let clock = Instant::now();
+        let mut state = self.graph.borrow_mut();
+        if let Some(c) = state.captured.as_ref().filter(|c| c.key == key) {
+            let out = c.replay(x0, d)?;
+            state.launches += 1;
+            drop(state);
+            let mut host = self.host.get();
+            host.replay += clock.elapsed().as_secs_f64();
+            self.host.set(host);
+            return Ok(out);
+        }
+        // The old graph and its memory go first.
+        state.captured = None;
+        let inputs = Inputs::new(x0, d)?;
+        let seed = DropoutSeed::At(inputs.seed_at()?);
+        let part = |i: &Inputs| self.parts(&i.x0, &i.noise, &i.t, &i.a, &i.s, seed).map_err(|e| candle_core::Error::Msg(e.to_string()));
+        let _cache = dev.enable_cuda_graph_htod_cache();
+        // Kernel modules, cuDNN's choices, cuBLAS's workspace and candle's shape uploads, none of
+        // which may happen while capturing; nothing is updated by it.
+        drop(part(&inputs)?);
+        self.device.synchronize()?;
+        // The loss detached: its graph links would keep the whole pass alive inside the graph.
+        let ((loss, grads), graph) = unet::cuda_graph::capture(dev, || part(&inputs).map(|(l, g)| (l.detach(), g)))?;
+        let c = StepGraph { key, inputs, loss, grads, graph };
+        let out = (c.loss.clone(), c.grads.clone());
+        state.captured = Some(c);
+        state.captures += 1;
+        state.launches += 1;
+        Ok(out)
+    }
+
+    /// Checks the batch, then draws the timesteps, the noise (on the host) and the dropout seed,
+    /// in that order, for the whole batch (so the draws do not depend on the micro-batch), with
+    /// the timesteps' `q_sample` factors, all on the device.
+    fn draw(&self, x0: &Tensor, rng: &mut NoiseRng) -> Result<StepDraws, TrainError> {
         let u = &self.cfg.unet;
         let want = [u.image_channels, u.image_size, u.image_size];
         match x0.dims() {
@@ -188,21 +337,32 @@ impl StepEngine {
             }
         }
         let b = x0.dim(0)?;
+        let clock = Instant::now();
+        let (ts, t) = rng.timesteps(b, self.schedule.num_steps(), &self.device)?;
+        let noise = rng.randn(x0.shape().clone(), &self.device)?;
+        let seed = rng.next_u64();
+        let (a, s) = self.schedule.q_coefficients(&ts)?;
+        let a = Tensor::from_vec(a, (b, 1, 1, 1), &self.device)?;
+        let s = Tensor::from_vec(s, (b, 1, 1, 1), &self.device)?;
         let mut host = self.host.get();
-        let mut clock = std::time::Instant::now();
+        host.draws += clock.elapsed().as_secs_f64();
+        self.host.set(host);
+        Ok(StepDraws { t, a, s, noise, seed })
+    }
+
+    /// The loss and gradients of the batch `x0` with its draws, in parts of
+    /// `train.micro_batch_size` images when set.
+    fn parts(&self, x0: &Tensor, noise: &Tensor, ts: &Tensor, a: &Tensor, s: &Tensor, seed: DropoutSeed) -> Result<(Tensor, Vec<Tensor>), TrainError> {
+        let b = x0.dim(0)?;
+        let mut host = self.host.get();
+        let mut clock = Instant::now();
         // Adds the time since the last mark to one phase.
         let mut mark = |phase: &mut f64| {
-            let now = std::time::Instant::now();
+            let now = Instant::now();
             *phase += (now - clock).as_secs_f64();
             clock = now;
         };
-        // Drawn for the whole batch before it is split, so that the parts see what one pass
-        // would: the draws do not depend on the micro-batch.
-        let (ts, _) = rng.timesteps(b, self.schedule.num_steps(), &self.device)?;
-        let noise = rng.randn(x0.shape().clone(), &self.device)?;
-        let seed = rng.next_u64();
         let micro = self.cfg.train.micro_batch(b);
-        mark(&mut host.draws);
         // One set of bf16 casts for all the parts: each backward pass reaches the f32 variables
         // through them.
         let half = if self.cfg.train.precision == Precision::Bf16 { Some(self.bf16_view()?) } else { None };
@@ -210,16 +370,17 @@ impl StepEngine {
         let mut total: Option<(Tensor, Vec<Tensor>)> = None;
         for first in (0..b).step_by(micro) {
             let n = micro.min(b - first);
-            let mode = Mode::TrainPart { seed, first_image: first as u64 };
+            let mode = seed.mode(first as u64);
             // (The whole range is the tensor itself: `narrow` then copies nothing.)
-            let (x, e, t) = (x0.narrow(0, first, n)?, noise.narrow(0, first, n)?, &ts[first..first + n]);
+            let part = |t: &Tensor| t.narrow(0, first, n);
+            let (x, e, t, a, s) = (part(x0)?, part(noise)?, part(ts)?, part(a)?, part(s)?);
             let loss = if let Some(half) = &half {
                 let predict = move |x: &Tensor, t: &Tensor| half.forward_t(&x.to_dtype(DType::BF16)?, t, mode)?.to_dtype(DType::F32);
-                self.schedule.loss(&predict, &x, t, &e)?
+                self.schedule.loss_with(&predict, &x, &t, &a, &s, &e)?
             } else {
                 let model = &self.model;
                 let predict = move |x: &Tensor, t: &Tensor| model.forward_t(x, t, mode);
-                self.schedule.loss(&predict, &x, t, &e)?
+                self.schedule.loss_with(&predict, &x, &t, &a, &s, &e)?
             };
             let loss = if n == b { loss } else { loss.affine(n as f64 / b as f64, 0.0)? };
             mark(&mut host.forward);
@@ -266,6 +427,12 @@ impl StepEngine {
 
     /// Sets the trainable variables (and the EMA, when on) from a model file.
     pub fn load_weights(&mut self, w: &ModelWeights) -> Result<(), TrainError> {
+        // A captured step reads the variables where they are; they are set in place, but a new
+        // capture costs one step and rules out any doubt.
+        #[cfg(feature = "cuda")]
+        {
+            self.graph.borrow_mut().captured = None;
+        }
         if w.config != self.cfg.unet {
             return Err(TrainError::ConfigMismatch("the checkpoint's unet config differs from the run's".into()));
         }

@@ -131,18 +131,21 @@ fn ptx() -> Result<&'static str> {
 }
 
 /// The GroupNorm kernels' dropout arguments (`GN_DROP_ARGS`), last: the mask or a null
-/// pointer, then the hash key, threshold (0: none) and scale.
+/// pointer, then the hash key, threshold (0: none) and scale, then the seed's device address
+/// (0: none, the key is whole) and the call site's mix.
 struct DropArgs {
     key: u64,
     thr: u32,
     scale: f32,
+    seed_at: u64,
+    site_mix: u64,
 }
 
 impl DropArgs {
     fn new(hashed: Option<HashedDropout>) -> Self {
         match hashed {
-            Some(h) => Self { key: h.key, thr: h.threshold, scale: h.scale },
-            None => Self { key: 0, thr: 0, scale: 1.0 },
+            Some(h) => Self { key: h.key, thr: h.threshold, scale: h.scale, seed_at: h.seed_at, site_mix: h.site_mix },
+            None => Self { key: 0, thr: 0, scale: 1.0, seed_at: 0, site_mix: 0 },
         }
     }
 
@@ -151,7 +154,9 @@ impl DropArgs {
             Some(m) => args.arg(m),
             None => args.arg(null),
         };
-        args.arg(&self.key).arg(&self.thr).arg(&self.scale);
+        // The address goes as a pointer-sized integer: the kernel reads it as
+        // `const unsigned long long*`.
+        args.arg(&self.key).arg(&self.thr).arg(&self.scale).arg(&self.seed_at).arg(&self.site_mix);
     }
 }
 

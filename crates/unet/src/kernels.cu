@@ -168,9 +168,12 @@ __device__ void gn_bwd(const T* x, const T* w, const T* b, Drop drop, const T* d
 }
 
 // Dropout arguments, last: the mask (or null), then the hash key, threshold (0: no hashed
-// dropout) and scale.
-#define GN_DROP_ARGS const float *mask, unsigned long long drop_key, unsigned int drop_thr, float drop_scale
-#define GN_DROP Drop{mask, drop_key, drop_thr, drop_scale}
+// dropout) and scale, then where the pass's seed lives in device memory (or null) and the call
+// site's mix. With a seed in memory the key is `mix64(seed ^ site_mix) + drop_key`, what
+// `HashedDropout::resolve` (norm.rs) computes on the host: a CUDA graph replays the arguments it
+// captured at every step, so a seed that changes from step to step has to be read from memory.
+#define GN_DROP_ARGS const float *mask, unsigned long long drop_key, unsigned int drop_thr, float drop_scale, const unsigned long long *drop_seed_at, unsigned long long drop_site_mix
+#define GN_DROP Drop{mask, drop_seed_at ? mix64(*drop_seed_at ^ drop_site_mix) + drop_key : drop_key, drop_thr, drop_scale}
 extern "C" __global__ void gn_fwd_f32(const float* x, const float* w, const float* b, float* y, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
     gn_fwd<float>(x, w, b, GN_DROP, y, C, HW, G, eps, act);
 }

@@ -15,6 +15,8 @@ pub mod lightning;
 pub mod model;
 pub mod norm;
 #[cfg(feature = "cuda")]
+pub mod cuda_graph;
+#[cfg(feature = "cuda")]
 pub mod cuda_ops;
 pub mod softmax;
 pub mod upsample;

@@ -31,11 +31,25 @@ pub enum Mode {
     /// so that the parts' gradients add up to the whole batch's. `Train { seed }` is the part
     /// from image 0.
     TrainPart { seed: u64, first_image: u64 },
+    /// `TrainPart` with the seed in device memory: the 8 bytes at CUDA device address `seed_at`,
+    /// read by the kernels when they run (CUDA only; the caller keeps that memory alive). A
+    /// training step replayed from a CUDA graph runs with the captured arguments, so the seed,
+    /// which changes every step, must be found there: the masks are those of
+    /// `TrainPart { seed: <the value there>, first_image }`.
+    TrainSeedAt { seed_at: u64, first_image: u64 },
+}
+
+/// Where a training pass's dropout seed is.
+#[derive(Debug, Clone, Copy)]
+enum Seed {
+    Host(u64),
+    /// A device address.
+    At(u64),
 }
 
 /// Hands out one dropout mask per call site within a forward pass.
 struct DropoutMasks {
-    seed: Option<u64>,
+    seed: Option<Seed>,
     first_image: u64,
     next_stream: Cell<u64>,
 }
@@ -44,8 +58,9 @@ impl DropoutMasks {
     fn new(mode: Mode) -> Self {
         let (seed, first_image) = match mode {
             Mode::Eval => (None, 0),
-            Mode::Train { seed } => (Some(seed), 0),
-            Mode::TrainPart { seed, first_image } => (Some(seed), first_image),
+            Mode::Train { seed } => (Some(Seed::Host(seed)), 0),
+            Mode::TrainPart { seed, first_image } => (Some(Seed::Host(seed)), first_image),
+            Mode::TrainSeedAt { seed_at, first_image } => (Some(Seed::At(seed_at)), first_image),
         };
         Self { seed, first_image, next_stream: Cell::new(0) }
     }
@@ -61,7 +76,7 @@ impl DropoutMasks {
     }
 
     /// The seed and the next call site's number, when dropout is on at rate `p`.
-    fn next_site(&self, p: f32) -> Option<(u64, u64)> {
+    fn next_site(&self, p: f32) -> Option<(Seed, u64)> {
         let seed = self.seed?;
         if p <= 0.0 {
             return None;
@@ -88,15 +103,21 @@ impl DropoutMasks {
                 None => gn.forward_hardswish(x),
             };
         }
-        match self.next_site(p) {
-            Some((seed, site)) => gn.forward_hardswish_dropout(x, HashedDropout::new(seed, site, p).from_element(self.element_offset(x)?)),
-            None => gn.forward_hardswish(x),
-        }
+        let hashed = match self.next_site(p) {
+            Some((Seed::Host(seed), site)) => HashedDropout::new(seed, site, p),
+            Some((Seed::At(at), site)) => HashedDropout::with_seed_at(at, site, p),
+            None => return gn.forward_hardswish(x),
+        };
+        gn.forward_hardswish_dropout(x, hashed.from_element(self.element_offset(x)?))
     }
 
     /// The next call site's mask (0 or 1/(1-p) per element), or `None` when dropout is off.
     fn mask(&self, x: &Tensor, p: f32) -> Result<Option<Tensor>> {
-        let Some((seed, stream)) = self.next_site(p) else { return Ok(None) };
+        let (seed, stream) = match self.next_site(p) {
+            None => return Ok(None),
+            Some((Seed::Host(seed), stream)) => (seed, stream),
+            Some((Seed::At(_), _)) => candle_core::bail!("dropout with its seed in device memory (Mode::TrainSeedAt) needs a CUDA device and the fused GroupNorm"),
+        };
         let keep = 1.0 / (1.0 - p);
         let first = self.element_offset(x)?;
         let mask = if x.device().is_cpu() {
@@ -594,5 +615,22 @@ mod tests {
         let wrong = net.forward_t(&x.narrow(0, 1, 2).unwrap(), &t.narrow(0, 1, 2).unwrap(), Mode::Train { seed: 42 }).unwrap();
         let off = (whole.narrow(0, 1, 2).unwrap() - &wrong).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(off > 1e-3, "dropout made no difference ({off})");
+    }
+
+    #[test]
+    fn a_seed_in_device_memory_is_refused_off_cuda() {
+        let dev = Device::Cpu;
+        let mut cfg = UNetConfig::tiny();
+        cfg.dropout = 0.1;
+        let (net, _vars) = crate::new_trainable(&cfg, &dev, 1).unwrap();
+        let s = cfg.image_size;
+        let x = Tensor::zeros((1, 3, s, s), DType::F32, &dev).unwrap();
+        let t = Tensor::new(&[5u32], &dev).unwrap();
+        let e = net.forward_t(&x, &t, Mode::TrainSeedAt { seed_at: 0x1000, first_image: 0 }).unwrap_err();
+        assert!(e.to_string().contains("needs a CUDA device"), "{e}");
+        // Without dropout no seed is read, so nothing is refused.
+        cfg.dropout = 0.0;
+        let (net, _vars) = crate::new_trainable(&cfg, &dev, 1).unwrap();
+        assert!(net.forward_t(&x, &t, Mode::TrainSeedAt { seed_at: 0x1000, first_image: 0 }).is_ok());
     }
 }

@@ -132,11 +132,20 @@ pub fn composite_group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, e
 /// of storing a mask (at batch 128 the reference network's masks would be 1.2 GB in f32), and it
 /// needs no RNG state on the device. The CUDA kernels (`kernels.cu`, `drop_factor`) compute
 /// exactly these factors; the CPU keeps its own ChaCha masks (`model.rs`).
+///
+/// The pass's seed can also live in device memory ([`HashedDropout::with_seed_at`]), read by the
+/// kernels when they run: a captured CUDA graph replays its kernels' arguments unchanged, so a
+/// training step replayed from one must find its new seed there.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HashedDropout {
+    /// The hash key; with a seed in device memory, only the offset added to the seed's key.
     pub key: u64,
     pub threshold: u32,
     pub scale: f32,
+    /// Device address of the seed (8 bytes), or 0 when `key` is the whole key.
+    pub seed_at: u64,
+    /// The call site's part of the key, mixed with the seed read at `seed_at`.
+    pub site_mix: u64,
 }
 
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -151,9 +160,27 @@ impl HashedDropout {
     /// Call site `site` of a forward pass seeded with `seed`, dropping with probability `p`
     /// (in (0, 1)).
     pub fn new(seed: u64, site: u64, p: f32) -> Self {
-        let key = mix64(seed ^ mix64(site.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
+        Self::with_seed_at(0, site, p).resolve(seed)
+    }
+
+    /// Call site `site` of a forward pass whose seed the kernels read from the 8 bytes at device
+    /// address `seed_at` (CUDA only; the caller keeps that memory alive while the kernels may
+    /// run). Once resolved with the seed found there, it is [`HashedDropout::new`]`(seed, site, p)`.
+    pub fn with_seed_at(seed_at: u64, site: u64, p: f32) -> Self {
         let threshold = ((p as f64) * (1u64 << 24) as f64).ceil().clamp(1.0, (1u64 << 24) as f64) as u32;
-        Self { key, threshold, scale: 1.0 / (1.0 - p) }
+        let site_mix = mix64(site.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA));
+        Self { key: 0, threshold, scale: 1.0 / (1.0 - p), seed_at, site_mix }
+    }
+
+    /// The key the kernels compute from `seed` (the value at `seed_at`), `GN_DROP` in
+    /// kernels.cu: `mix64(seed ^ site_mix) + key`.
+    pub fn resolve(self, seed: u64) -> Self {
+        Self { key: mix64(seed ^ self.site_mix).wrapping_add(self.key), seed_at: 0, site_mix: 0, ..self }
+    }
+
+    /// Whether the seed is read from device memory.
+    pub fn seed_on_device(&self) -> bool {
+        self.seed_at != 0
     }
 
     /// The same dropout seen from element `first` on: factor `i` of the result is factor
@@ -163,14 +190,19 @@ impl HashedDropout {
         Self { key: self.key.wrapping_add(first.wrapping_mul(GOLDEN_GAMMA)), ..self }
     }
 
-    /// Element `i`'s factor: 0 or `scale`.
+    /// Element `i`'s factor: 0 or `scale` (for a seed in device memory, of the
+    /// [`HashedDropout::resolve`]d dropout).
     pub fn factor(&self, i: u64) -> f32 {
+        debug_assert!(!self.seed_on_device(), "a dropout whose seed is on the device has no factors on the host");
         let u = mix64(self.key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
         if ((u >> 40) as u32) >= self.threshold { self.scale } else { 0.0 }
     }
 
     /// The mask as an f32 tensor (computed on the host, in parallel, then moved to `device`).
     pub fn mask(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
+        if self.seed_on_device() {
+            candle_core::bail!("dropout with its seed in device memory runs in the CUDA kernels only; it has no host mask");
+        }
         const CHUNK: usize = 1 << 16;
         let mut m = crate::output_buffer(shape.elem_count(), 0);
         // Writes every element.
@@ -553,6 +585,19 @@ mod tests {
         assert_eq!(dropped_bits, 0x8820_0420_0140_0008);
         assert_eq!(mix64(0), 0);
         assert_eq!(mix64(GOLDEN_GAMMA), 0xE220_A839_7B1D_CDAF); // splitmix64(0)'s first output
+    }
+
+    #[test]
+    fn a_seed_in_device_memory_resolves_to_the_host_seeded_dropout() {
+        for (seed, site, p, first) in [(42u64, 3u64, 0.1f32, 0u64), (7, 0, 0.3, 12_345), (u64::MAX, 17, 0.5, 1 << 40)] {
+            let on_device = HashedDropout::with_seed_at(0x7f00_1234_5600, site, p).from_element(first);
+            assert!(on_device.seed_on_device());
+            assert_eq!(on_device.resolve(seed), HashedDropout::new(seed, site, p).from_element(first), "seed {seed} site {site}");
+            // Another seed in the same memory gives another mask.
+            assert_ne!(on_device.resolve(seed ^ 1).key, on_device.resolve(seed).key);
+        }
+        let e = HashedDropout::with_seed_at(0x7f00_1234_5600, 0, 0.1).mask(&Shape::from((2, 3)), &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("device memory"), "{e}");
     }
 
     #[test]

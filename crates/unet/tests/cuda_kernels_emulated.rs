@@ -109,6 +109,9 @@ enum Drop {
     Mask,
     /// `HashedDropout` (the CUDA training path): the kernels recompute it from the index.
     Hashed,
+    /// The same with the pass's seed in device memory (a training step replayed from a CUDA
+    /// graph), from an element offset: the kernels read the seed and make the key.
+    SeedInMemory,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -117,8 +120,12 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     let seed = (n * 1000 + c * 10 + hw) as u64;
     let (mut x, mut w, mut b, mut dy) = (values(len, seed, 2.0, 0.5), values(c, seed + 1, 0.5, 1.0), values(c, seed + 2, 0.5, 0.0), values(len, seed + 3, 1.0, 0.0));
     let hashed = HashedDropout::new(seed, 2, 0.3);
+    // The kernel gets a pointer to `seed`, the site's mix and the offset's key; the host resolves
+    // the same dropout with the seed in hand.
+    let in_memory = HashedDropout::with_seed_at(1, 2, 0.3).from_element(77);
     let mask: Vec<f32> = match drop {
         Drop::Hashed => (0..len as u64).map(|i| hashed.factor(i)).collect(),
+        Drop::SeedInMemory => (0..len as u64).map(|i| in_memory.resolve(seed).factor(i)).collect(),
         _ => values(len, seed + 4, 1.0, 0.0).iter().map(|&u| if u > -0.8 { 1.0 / 0.9 } else { 0.0 }).collect(),
     };
     write_inputs(dir, bf16, &mut [("x.bin", &mut x), ("w.bin", &mut w), ("b.bin", &mut b), ("dy.bin", &mut dy)]);
@@ -127,6 +134,10 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     if drop == Drop::Hashed {
         // The kernels get the key, not the mask: they must draw the same factors as `factor`.
         args.extend([hashed.key.to_string(), hashed.threshold.to_string(), hashed.scale.to_string()]);
+    }
+    if drop == Drop::SeedInMemory {
+        let d = in_memory;
+        args.extend([d.key.to_string(), d.threshold.to_string(), d.scale.to_string(), seed.to_string(), d.site_mix.to_string()]);
     }
     let out = Command::new(exe).arg("gn").args(&args).current_dir(dir).output().unwrap();
     assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -304,4 +315,6 @@ fn group_norm_kernels_match_the_cpu_op() {
     case(&exe, dir.path(), 1, 6, 17, 3, true, Drop::None, true);
     case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::Hashed, false);
     case(&exe, dir.path(), 2, 6, 50, 3, true, Drop::Hashed, true);
+    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::SeedInMemory, false);
+    case(&exe, dir.path(), 2, 6, 50, 3, true, Drop::SeedInMemory, true);
 }

@@ -1,8 +1,9 @@
 // Driver for kernels.cu under shim.h, reading its inputs from and writing its outputs to the
 // working directory (f32, or bf16 bits where the kernel takes bf16):
-//   main gn N C HW G act drop bf16 [key thr scale]
+//   main gn N C HW G act drop bf16 [key thr scale [seed site_mix]]
 //                                        x, w, b, mask, dy -> y, out (the backward's packed f32);
-//                                        drop: 0 none, 1 mask.bin, 2 hashed (key thr scale)
+//                                        drop: 0 none, 1 mask.bin, 2 hashed (key thr scale),
+//                                        3 hashed with the seed in (device) memory (+ seed site_mix)
 //   main softmax ROWS LEN SCALE bf16     x, dy -> y, dx
 //   main up ROWS W bf16                  x [ROWS, W], g [ROWS, 2, 2W] -> y (x upsampled), dx (g's block sums)
 //   main bias N C HW bf16                y [N, C, HW], b [C] -> ya (y + b, in place), cs (y's sums per channel)
@@ -24,7 +25,7 @@ template <class T> void wr(const char* p, const std::vector<T>& v) {
     fclose(f);
 }
 
-struct DropArg { const float* m; unsigned long long key; unsigned int thr; float scale; };
+struct DropArg { const float* m; unsigned long long key; unsigned int thr; float scale; const unsigned long long* seed_at; unsigned long long site_mix; };
 
 template <class T, class Fwd, class Bwd>
 void run(int N, int C, int HW, int G, int act, DropArg d, Fwd fwd, Bwd bwd) {
@@ -33,8 +34,8 @@ void run(int N, int C, int HW, int G, int act, DropArg d, Fwd fwd, Bwd bwd) {
     auto x = rd<T>("x.bin", len), w = rd<T>("w.bin", C), b = rd<T>("b.bin", C), dy = rd<T>("dy.bin", len);
     std::vector<T> y(len);
     std::vector<float> out(len + 2 * (size_t)N * C);
-    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), y.data(), C, HW, G, eps, act, d.m, d.key, d.thr, d.scale); });
-    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), dy.data(), out.data(), N, C, HW, G, eps, act, d.m, d.key, d.thr, d.scale); });
+    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), y.data(), C, HW, G, eps, act, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), dy.data(), out.data(), N, C, HW, G, eps, act, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
     wr("y.bin", y);
     wr("out.bin", out);
 }
@@ -80,15 +81,21 @@ void run_bias(int N, int C, long long HW, Add add, Partial partial, Finish finis
 
 int main(int argc, char** argv) {
     std::string mode = argc > 1 ? argv[1] : "";
-    if (mode == "gn" && (argc == 9 || argc == 12)) {
+    if (mode == "gn" && (argc == 9 || argc == 12 || argc == 14)) {
         int N = atoi(argv[2]), C = atoi(argv[3]), HW = atoi(argv[4]), G = atoi(argv[5]), act = atoi(argv[6]), drop = atoi(argv[7]);
         auto mask = rd<float>("mask.bin", (size_t)N * C * HW);
-        DropArg d{drop == 1 ? mask.data() : nullptr, 0, 0, 1.f};
-        if (drop == 2) {
-            if (argc != 12) { fprintf(stderr, "hashed dropout needs key thr scale\n"); return 2; }
+        DropArg d{drop == 1 ? mask.data() : nullptr, 0, 0, 1.f, nullptr, 0};
+        unsigned long long seed = 0;
+        if (drop == 2 || drop == 3) {
+            if (argc != (drop == 2 ? 12 : 14)) { fprintf(stderr, "hashed dropout needs key thr scale (and seed site_mix with drop 3)\n"); return 2; }
             d.key = strtoull(argv[9], nullptr, 10);
             d.thr = (unsigned int)strtoul(argv[10], nullptr, 10);
             d.scale = (float)atof(argv[11]);
+        }
+        if (drop == 3) {
+            seed = strtoull(argv[12], nullptr, 10);
+            d.seed_at = &seed;
+            d.site_mix = strtoull(argv[13], nullptr, 10);
         }
         if (atoi(argv[8])) run<bf16_t>(N, C, HW, G, act, d, gn_fwd_bf16, gn_bwd_bf16);
         else run<float>(N, C, HW, G, act, d, gn_fwd_f32, gn_bwd_f32);
@@ -114,6 +121,6 @@ int main(int argc, char** argv) {
         else run_bias<float>(N, C, HW, bias_add_f32, channel_partial_f32, channel_finish_f32);
         return 0;
     }
-    fprintf(stderr, "usage: main gn N C HW G act drop bf16 [key thr scale] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16 | main bias N C HW bf16\n");
+    fprintf(stderr, "usage: main gn N C HW G act drop bf16 [key thr scale [seed site_mix]] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16 | main bias N C HW bf16\n");
     return 2;
 }
