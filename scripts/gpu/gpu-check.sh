@@ -251,7 +251,7 @@ elif room 60 "$RESERVE4" "the graph API's self-test"; then
 fi
 # Sampling and training steps replayed from CUDA graphs (SAMPLER_CUDA_GRAPH=1,
 # TRAIN_CUDA_GRAPH=1), also never run on a GPU: their own checks (sampling: 4 images, 5 DDIM
-# steps; training: 3 steps of the tiny model, f32, f32 in micro-batches, bf16; each against
+# steps; training: 4 steps of the tiny model, the last a smaller batch, f32, f32 in micro-batches, bf16; each against
 # plain calls), then the cases with each that passed its check. The timed sampling run includes
 # the one capture (and its plain warm-up call) a user's sampling run pays; the training step's
 # capture falls in the bench's warm-up run.

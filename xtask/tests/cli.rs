@@ -299,7 +299,9 @@ fn self_test_runs_the_groups_it_is_given() {
     let out = run("cuda-graph");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("CUDA graphs need a CUDA build and device") && said.contains("FAIL"), "{said}");
-    assert_one_line_error(&out, "2 check(s) failed on cpu");
+    // Sampling (2 checks) and training steps (3).
+    assert!(said.contains("sampling from CUDA graphs") && said.contains("training steps from CUDA graphs"), "{said}");
+    assert_one_line_error(&out, "5 check(s) failed on cpu");
     // The default leaves it out.
     let out = xtask(&["self-test", "--device", "cpu", "--fixtures", fixtures.to_str().unwrap()], dir.path());
     let said = String::from_utf8_lossy(&out.stdout);

@@ -104,27 +104,42 @@ impl StepGraph {
     }
 }
 
-/// The engine's graphs: on or off, the current capture, and why it went back to plain steps.
+/// Captures kept at most: an epoch's full batches and its last, smaller one.
+pub(crate) const MAX_CAPTURES: usize = 2;
+
+/// The engine's graphs: its captures, and why it went back to plain steps.
 #[derive(Default)]
 pub(crate) struct GraphState {
-    pub captured: Option<StepGraph>,
+    pub captured: Vec<StepGraph>,
     pub failure: Option<String>,
     pub launches: usize,
     pub captures: usize,
 }
 
 impl GraphState {
-    /// Forgets the capture (the weights it reads may have moved) and any failure.
+    /// Forgets the captures (the weights they read may have moved) and any failure.
     pub fn reset(&mut self) {
-        self.captured = None;
+        self.captured.clear();
         self.failure = None;
     }
 
-    /// Plain steps from now on, saying why; no error of the graph's left recorded on `dev`.
+    /// Room for one more capture: the oldest goes, with the memory its graph kept.
+    pub fn make_room(&mut self, dev: &CudaDevice) -> candle_core::Result<()> {
+        if self.captured.len() >= MAX_CAPTURES {
+            self.captured.remove(0);
+            unet::cuda_graph::trim_graph_memory(dev)?;
+        }
+        Ok(())
+    }
+
+    /// Plain steps from now on, saying why; no error of the graphs' left recorded on `dev`, and
+    /// their memory given back.
     pub fn fail(&mut self, why: String, dev: &CudaDevice) {
         tracing::warn!("training steps from a CUDA graph: {why}; going on with plain steps");
         self.failure = Some(why);
-        self.captured = None;
+        self.captured.clear();
+        let _ = dev.cuda_stream().context().check_err();
+        let _ = unet::cuda_graph::trim_graph_memory(dev);
         let _ = dev.cuda_stream().context().check_err();
     }
 }

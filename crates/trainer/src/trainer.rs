@@ -284,15 +284,16 @@ impl StepEngine {
         self.parts(x0, &d.noise, &d.t, &d.a, &d.s, DropoutSeed::Host(d.seed))
     }
 
-    /// The step from this engine's graph: captured first for a new batch shape, micro-batch or
-    /// precision (the capture's own launch computes this step).
+    /// The step from this engine's graphs: captured first for a new batch shape, micro-batch or
+    /// precision (the capture's own launch computes this step); the last two are kept, for an
+    /// epoch's full batches and its smaller last one.
     #[cfg(feature = "cuda")]
     fn graphed(&self, dev: &candle_core::CudaDevice, x0: &Tensor, d: &StepDraws) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         use crate::step_graph::{Inputs, Key, StepGraph};
         let key = Key { dims: x0.dims().to_vec(), micro: self.cfg.train.micro_batch(x0.dim(0)?), precision: self.cfg.train.precision };
         let clock = Instant::now();
         let mut state = self.graph.borrow_mut();
-        if let Some(c) = state.captured.as_ref().filter(|c| c.key == key) {
+        if let Some(c) = state.captured.iter().find(|c| c.key == key) {
             let out = c.replay(x0, d)?;
             state.launches += 1;
             drop(state);
@@ -301,8 +302,7 @@ impl StepEngine {
             self.host.set(host);
             return Ok(out);
         }
-        // The old graph and its memory go first.
-        state.captured = None;
+        state.make_room(dev)?;
         let inputs = Inputs::new(x0, d)?;
         let seed = DropoutSeed::At(inputs.seed_at()?);
         let part = |i: &Inputs| self.parts(&i.x0, &i.noise, &i.t, &i.a, &i.s, seed).map_err(|e| candle_core::Error::Msg(e.to_string()));
@@ -315,7 +315,7 @@ impl StepEngine {
         let ((loss, grads), graph) = unet::cuda_graph::capture(dev, || part(&inputs).map(|(l, g)| (l.detach(), g)))?;
         let c = StepGraph { key, inputs, loss, grads, graph };
         let out = (c.loss.clone(), c.grads.clone());
-        state.captured = Some(c);
+        state.captured.push(c);
         state.captures += 1;
         state.launches += 1;
         Ok(out)
@@ -431,7 +431,7 @@ impl StepEngine {
         // capture costs one step and rules out any doubt.
         #[cfg(feature = "cuda")]
         {
-            self.graph.borrow_mut().captured = None;
+            self.graph.borrow_mut().captured.clear();
         }
         if w.config != self.cfg.unet {
             return Err(TrainError::ConfigMismatch("the checkpoint's unet config differs from the run's".into()));

@@ -78,6 +78,16 @@ pub fn capture<T>(dev: &CudaDevice, f: impl FnOnce() -> Result<T>) -> Result<(T,
     Ok((out, graph))
 }
 
+/// Gives back the device memory of graphs that were dropped (the driver keeps a destroyed
+/// graph's memory until trimmed), after waiting for the device: before a new capture's plain
+/// warm-up, or plain calls after a failure, would otherwise need it twice.
+pub fn trim_graph_memory(dev: &CudaDevice) -> Result<()> {
+    dev.synchronize()?;
+    let ctx = dev.cuda_stream().context().clone();
+    // SAFETY: a plain driver call on this device; memory still in use by a live graph is kept.
+    unsafe { sys::cuDeviceGraphMemTrim(ctx.cu_device()) }.result().map_err(candle_core::Error::wrap)
+}
+
 /// The device address of a tensor's first element (CUDA only), for kernels that read a value
 /// the host rewrites between graph launches.
 pub fn device_address(t: &candle_core::Tensor) -> Result<u64> {
@@ -98,5 +108,8 @@ pub fn device_address(t: &candle_core::Tensor) -> Result<u64> {
         }
         d => candle_core::bail!("device_address: {d:?} tensors are not supported (u32 or i64)"),
     };
-    Ok(base + bytes as u64)
+    let at = base + bytes as u64;
+    // The kernels read whole words there (a u64 seed).
+    debug_assert!(at.is_multiple_of(8), "device_address: {at:#x} is not 8-byte aligned");
+    Ok(at)
 }

@@ -217,22 +217,25 @@ impl CudaDevice {
             unsafe { std::slice::from_raw_parts(src_slice.as_ptr().cast::<u8>(), byte_len) }
                 .to_vec();
         let key = (self.id, TypeId::of::<T>(), bytes);
+        // `try_clone`, not `clone`: cudarc's `Clone` unwraps, so an error the context recorded
+        // (say, an invalidated capture) would panic here instead of failing the capture.
         if let Some(cached) = CUDA_GRAPH_HTOD_CACHE.with(|cache| {
             cache.borrow().get(&key).and_then(|cached| {
                 cached
                     .downcast_ref::<cudarc::driver::CudaSlice<T>>()
-                    .cloned()
+                    .map(|c| c.try_clone())
             })
         }) {
-            return Ok(Some(cached));
+            return Ok(Some(cached.w()?));
         }
         if self.cuda_graph_capture_active() {
             crate::bail!("CUDA graph capture missing cached host data");
         }
 
         let cached = self.stream.clone_htod(src).w()?;
+        let kept = cached.try_clone().w()?;
         CUDA_GRAPH_HTOD_CACHE.with(|cache| {
-            cache.borrow_mut().insert(key, Box::new(cached.clone()));
+            cache.borrow_mut().insert(key, Box::new(kept));
         });
         Ok(Some(cached))
     }
