@@ -14,9 +14,9 @@
 #   THREADS=$(nproc)  STEPS="1 2 2b 7 4 6" (which steps run, in the order 1 2 2b 7 4 6 5: a rerun can redo only what failed; 5 = PyTorch with
 #   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare;
 #   6 = a CPU profile of our training step's host side, with the perf the kit carries;
-#   7 = cuDNN's graph API (execution plans per shape, UNET_CUDNN_API=graph): its self-test, then timings;
-#   then sampling and training steps replayed from CUDA graphs (SAMPLER_CUDA_GRAPH=1,
-#   TRAIN_CUDA_GRAPH=1): their checks, then timings)
+#   7 = what has never run on a GPU, each checked, then timed: training steps and sampling
+#   replayed from CUDA graphs (TRAIN_CUDA_GRAPH=1, SAMPLER_CUDA_GRAPH=1), bf16 1x1 convolutions
+#   as GEMMs (UNET_CONV1X1=gemm), cuDNN's graph API (execution plans, UNET_CUDNN_API=graph))
 #   AB_SWAPS="..." (the A/B runs' switches; default: each of our parts; UNET_CUDNN_ALGO=find adds
 #   cuDNN's Find against its heuristics, both precisions)  AB_MICRO=1 (the micro-batch run)
 # Each step has its own time limit, so that one hang cannot take the whole session, and the whole
@@ -228,39 +228,54 @@ fi
 }
 
 want 7 && {
-step "7. cuDNN's graph API (UNET_CUDNN_API=graph: an execution plan per shape): self-test, then the step and forward pass, each precision; then sampling and training steps from CUDA graphs (SAMPLER_CUDA_GRAPH=1, TRAIN_CUDA_GRAPH=1): their checks, then their cases"
-# Never run on a GPU before it comes here: its own self-test first (the TF32 and bf16
-# convolution checks go through the plans; exact f32 stays on the legacy calls), then timings
-# beside step 2's. A pass whose plan cannot be built runs the legacy calls and says so.
+step "7. never run on a GPU before: training steps and sampling from CUDA graphs (TRAIN_CUDA_GRAPH=1, SAMPLER_CUDA_GRAPH=1): their checks, then their cases; bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm): check, then timings; cuDNN's graph API (UNET_CUDNN_API=graph): self-test, then the step and forward pass"
+# Each use first passes its own checks, and only then is timed, beside step 2's figures; in the
+# order of what they may gain, so that the deadline cuts the least. A use that fails on the
+# card goes back to the plain path and says why (in the bench's JSON and log lines).
 if [ "$DEVICE" = cpu ]; then
-  echo "step 7 needs cuDNN: skipped on the CPU"
-elif room 60 "$RESERVE4" "the graph API's self-test"; then
-  UNET_CUDNN_API=graph timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-graph.txt" 2>&1
-  rc=$?
-  grep -E 'FAIL|all checks|check\(s\) failed|^[Ee]rror' "$OUT/self-test-graph.txt" | head -20
-  if [ "$rc" = 0 ]; then
-    GRAPH_OK=1
+  echo "step 7 needs CUDA: skipped on the CPU"
+else
+  # The CUDA-graph checks (sampling: 4 images, 5 DDIM steps; training: 4 steps of the tiny
+  # model, the last a smaller batch, f32, f32 in micro-batches, bf16; each against plain calls).
+  CG_RC=skipped
+  if room 40 "$RESERVE4" "the CUDA-graph checks"; then
+    timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures --only cuda-graph > "$OUT/self-test-cuda-graph.txt" 2>&1
+    CG_RC=$?
+    tail -16 "$OUT/self-test-cuda-graph.txt"
+  fi
+  # A use is timed when its checks all ran and passed (exit 0: everything passed).
+  passed() { [ "$CG_RC" = 0 ] || { [ -f "$OUT/self-test-cuda-graph.txt" ] && grep -q "^$1.* ok$" "$OUT/self-test-cuda-graph.txt" && ! grep -q "^$1.*FAIL" "$OUT/self-test-cuda-graph.txt"; }; }
+  TRAIN_GRAPH_OK=0
+  if passed "training steps from CUDA graphs"; then
+    TRAIN_GRAPH_OK=1
+    # The capture falls in the warm-up run.
     for p in $PRECISIONS; do
-      room 40 "$RESERVE4" "the graph API's bench, $p" || continue
-      UNET_CUDNN_API=graph timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128,forward128 --runs 3 --warmup 1 --threads "$THREADS" \
-        --python none --out "$OUT/ab-unet_cudnn_api-graph-$p.json" || echo "graph API bench ($p) failed or ran out of time"
+      room 40 "$RESERVE4" "the CUDA-graph training bench, $p" || continue
+      TRAIN_CUDA_GRAPH=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 3 --warmup 1 --threads "$THREADS" \
+        --python none --out "$OUT/ab-train_cuda_graph-$p.json" || echo "CUDA-graph training bench ($p) failed or ran out of time"
     done
   else
-    echo "graph API self-test failed (exit $rc): not timed"; tail -15 "$OUT/self-test-graph.txt"
+    echo "CUDA-graph training check failed or did not run (exit $CG_RC): not timed"
   fi
-fi
-# Sampling and training steps replayed from CUDA graphs (SAMPLER_CUDA_GRAPH=1,
-# TRAIN_CUDA_GRAPH=1), also never run on a GPU: their own checks (sampling: 4 images, 5 DDIM
-# steps; training: 4 steps of the tiny model, the last a smaller batch, f32, f32 in micro-batches, bf16; each against
-# plain calls), then the cases with each that passed its check. The timed sampling run includes
-# the one capture (and its plain warm-up call) a user's sampling run pays; the training step's
-# capture falls in the bench's warm-up run.
-if [ "$DEVICE" != cpu ] && room 40 "$RESERVE4" "the CUDA-graph checks"; then
-  timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures --only cuda-graph > "$OUT/self-test-cuda-graph.txt" 2>&1
-  rc=$?
-  cat "$OUT/self-test-cuda-graph.txt" | tail -12
-  # Each use is timed when its checks all ran and passed (rc 0: everything passed).
-  passed() { [ "$rc" = 0 ] || { grep -q "^$1.* ok$" "$OUT/self-test-cuda-graph.txt" && ! grep -q "^$1.*FAIL" "$OUT/self-test-cuda-graph.txt"; }; }
+  # bf16 1x1 forward convolutions as one cuBLAS GEMM each: the conv checks with it (the bf16 1x1
+  # shapes go through it), then the bf16 step and forward pass, and the step with the graphs too.
+  if room 40 "$RESERVE4" "the 1x1-GEMM check"; then
+    UNET_CONV1X1=gemm timeout "$(cap 90 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures --only conv > "$OUT/self-test-conv1x1-gemm.txt" 2>&1
+    rc=$?
+    grep -E 'k1 s1 fwd|FAIL|all checks|check\(s\) failed|^[Ee]rror' "$OUT/self-test-conv1x1-gemm.txt" | grep -E 'bf16|FAIL|all checks|failed|rror' | head -12
+    if [ "$rc" = 0 ] && room 40 "$RESERVE4" "the 1x1-GEMM bench"; then
+      UNET_CONV1X1=gemm timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision bf16 --cases train128,forward128 --runs 3 --warmup 1 --threads "$THREADS" \
+        --python none --out "$OUT/ab-unet_conv1x1-gemm-bf16.json" || echo "1x1-GEMM bench failed or ran out of time"
+      if [ "$TRAIN_GRAPH_OK" = 1 ] && room 40 "$RESERVE4" "the 1x1-GEMM bench with CUDA graphs"; then
+        UNET_CONV1X1=gemm TRAIN_CUDA_GRAPH=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision bf16 --cases train128 --runs 3 --warmup 1 --threads "$THREADS" \
+          --python none --out "$OUT/ab-train_cuda_graph-conv1x1_gemm-bf16.json" || echo "1x1-GEMM bench with graphs failed or ran out of time"
+      fi
+    elif [ "$rc" != 0 ]; then
+      echo "1x1-GEMM conv check failed (exit $rc): not timed"; tail -5 "$OUT/self-test-conv1x1-gemm.txt"
+    fi
+  fi
+  # Sampling from graphs; the timed run includes the one capture (and its plain warm-up call) a
+  # user's sampling run pays.
   if passed "sampling from CUDA graphs"; then
     for p in $PRECISIONS; do
       room 40 "$RESERVE4" "the CUDA-graph sampling bench, $p" || continue
@@ -268,16 +283,25 @@ if [ "$DEVICE" != cpu ] && room 40 "$RESERVE4" "the CUDA-graph checks"; then
         --python none --out "$OUT/ab-sampler_cuda_graph-$p.json" || echo "CUDA-graph sampling bench ($p) failed or ran out of time"
     done
   else
-    echo "CUDA-graph sampling check failed (exit $rc): not timed"
+    echo "CUDA-graph sampling check failed or did not run (exit $CG_RC): not timed"
   fi
-  if passed "training steps from CUDA graphs"; then
-    for p in $PRECISIONS; do
-      room 40 "$RESERVE4" "the CUDA-graph training bench, $p" || continue
-      TRAIN_CUDA_GRAPH=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 3 --warmup 1 --threads "$THREADS" \
-        --python none --out "$OUT/ab-train_cuda_graph-$p.json" || echo "CUDA-graph training bench ($p) failed or ran out of time"
-    done
-  else
-    echo "CUDA-graph training check failed (exit $rc): not timed"
+  # cuDNN's graph API: its own self-test first (the TF32 and bf16 convolution checks go through
+  # the plans; exact f32 stays on the legacy calls). A pass whose plan cannot be built runs the
+  # legacy calls and says so.
+  if room 60 "$RESERVE4" "the graph API's self-test"; then
+    UNET_CUDNN_API=graph timeout "$(cap 120 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures > "$OUT/self-test-graph.txt" 2>&1
+    rc=$?
+    grep -E 'FAIL|all checks|check\(s\) failed|^[Ee]rror' "$OUT/self-test-graph.txt" | head -20
+    if [ "$rc" = 0 ]; then
+      GRAPH_OK=1
+      for p in $PRECISIONS; do
+        room 40 "$RESERVE4" "the graph API's bench, $p" || continue
+        UNET_CUDNN_API=graph timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128,forward128 --runs 3 --warmup 1 --threads "$THREADS" \
+          --python none --out "$OUT/ab-unet_cudnn_api-graph-$p.json" || echo "graph API bench ($p) failed or ran out of time"
+      done
+    else
+      echo "graph API self-test failed (exit $rc): not timed"; tail -15 "$OUT/self-test-graph.txt"
+    fi
   fi
 fi
 }
