@@ -8,15 +8,17 @@
 #
 # Env knobs (defaults for an H100/H200: every step within DEADLINE_S, the later ones cut or skipped when
 # time runs short; stop 25's first run, steps 1 2 2b 4, took 377 s; after it, STEPS="1 2 7 6" AB=0
-# DEADLINE_S=500 under a 520 s limit measures what changed, about 7.5 minutes):
+# DEADLINE_S=540 under a 560 s limit measures what changed, about 9 minutes, the deadline
+# cutting step 7's last parts and step 6 first):
 #   DEVICE=cuda  RUNS=2  WARMUP=1  TRAIN_MINUTES=1.5  CASES=gpu  PRECISIONS="f32 bf16"  PY=python3
 #   CONFIG=configs/anime64.toml  BATCH=64  GRID=16x16  AB=1 (the train128 attribution runs)
 #   THREADS=$(nproc)  STEPS="1 2 2b 7 4 6" (which steps run, in the order 1 2 2b 7 4 6 5: a rerun can redo only what failed; 5 = PyTorch with
 #   torch.compile, ~1 minute of compiling per precision, for when the session has time to spare;
 #   6 = a CPU profile of our training step's host side, with the perf the kit carries;
-#   7 = what has never run on a GPU, each checked, then timed: training steps and sampling
-#   replayed from CUDA graphs (TRAIN_CUDA_GRAPH=1, SAMPLER_CUDA_GRAPH=1), bf16 1x1 convolutions
-#   as GEMMs (UNET_CONV1X1=gemm), cuDNN's graph API (execution plans, UNET_CUDNN_API=graph))
+#   7 = what has never run on a GPU, each checked, then timed: training steps replayed from
+#   CUDA graphs (TRAIN_CUDA_GRAPH=1), bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm), the
+#   time embedding folded into GroupNorm (UNET_FOLD_TEMB=1), all that passed together, sampling
+#   from CUDA graphs (SAMPLER_CUDA_GRAPH=1), cuDNN's graph API (execution plans, UNET_CUDNN_API=graph))
 #   AB_SWAPS="..." (the A/B runs' switches; default: each of our parts; UNET_CUDNN_ALGO=find adds
 #   cuDNN's Find against its heuristics, both precisions)  AB_MICRO=1 (the micro-batch run)
 # Each step has its own time limit, so that one hang cannot take the whole session, and the whole
@@ -228,7 +230,7 @@ fi
 }
 
 want 7 && {
-step "7. never run on a GPU before: training steps and sampling from CUDA graphs (TRAIN_CUDA_GRAPH=1, SAMPLER_CUDA_GRAPH=1): their checks, then their cases; bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm): check, then timings; cuDNN's graph API (UNET_CUDNN_API=graph): self-test, then the step and forward pass"
+step "7. never run on a GPU before, each checked then timed: training steps from CUDA graphs (TRAIN_CUDA_GRAPH=1); bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm); the time embedding folded into GroupNorm (UNET_FOLD_TEMB=1); all that passed together; sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1); cuDNN's graph API (UNET_CUDNN_API=graph)"
 # Each use first passes its own checks, and only then is timed, beside step 2's figures; in the
 # order of what they may gain, so that the deadline cuts the least. A use that fails on the
 # card goes back to the plain path and says why (in the bench's JSON and log lines).
@@ -258,21 +260,50 @@ else
     echo "CUDA-graph training check failed or did not run (exit $CG_RC): not timed"
   fi
   # bf16 1x1 forward convolutions as one cuBLAS GEMM each: the conv checks with it (the bf16 1x1
-  # shapes go through it), then the bf16 step and forward pass, and the step with the graphs too.
+  # shapes go through it), then the bf16 step and forward pass.
   if room 40 "$RESERVE4" "the 1x1-GEMM check"; then
     UNET_CONV1X1=gemm timeout "$(cap 90 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures --only conv > "$OUT/self-test-conv1x1-gemm.txt" 2>&1
     rc=$?
     grep -E 'k1 s1 fwd|FAIL|all checks|check\(s\) failed|^[Ee]rror' "$OUT/self-test-conv1x1-gemm.txt" | grep -E 'bf16|FAIL|all checks|failed|rror' | head -12
+    [ "$rc" = 0 ] && GEMM_OK=1
     if [ "$rc" = 0 ] && room 40 "$RESERVE4" "the 1x1-GEMM bench"; then
-      UNET_CONV1X1=gemm timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision bf16 --cases train128,forward128 --runs 3 --warmup 1 --threads "$THREADS" \
+      UNET_CONV1X1=gemm timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision bf16 --cases train128,forward128 --runs 2 --warmup 1 --threads "$THREADS" \
         --python none --out "$OUT/ab-unet_conv1x1-gemm-bf16.json" || echo "1x1-GEMM bench failed or ran out of time"
-      if [ "$TRAIN_GRAPH_OK" = 1 ] && room 40 "$RESERVE4" "the 1x1-GEMM bench with CUDA graphs"; then
-        UNET_CONV1X1=gemm TRAIN_CUDA_GRAPH=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision bf16 --cases train128 --runs 3 --warmup 1 --threads "$THREADS" \
-          --python none --out "$OUT/ab-train_cuda_graph-conv1x1_gemm-bf16.json" || echo "1x1-GEMM bench with graphs failed or ran out of time"
-      fi
     elif [ "$rc" != 0 ]; then
       echo "1x1-GEMM conv check failed (exit $rc): not timed"; tail -5 "$OUT/self-test-conv1x1-gemm.txt"
     fi
+  fi
+  # The time embedding and conv1's bias folded into the GroupNorm that follows (UNET_FOLD_TEMB=1):
+  # the model-level checks with it (forward and gradients against PyTorch's fixtures, the
+  # micro-batch parts' dropout), then the step in each precision.
+  FOLD_OK=0
+  if room 40 "$RESERVE4" "the folded time embedding's check"; then
+    UNET_FOLD_TEMB=1 timeout "$(cap 90 "$RESERVE4")" "$BIN" self-test --device "$DEVICE" --fixtures crates/unet/tests/fixtures --only fixtures,micro-batch > "$OUT/self-test-fold-temb.txt" 2>&1
+    rc=$?
+    grep -E 'FAIL|all checks|check\(s\) failed|^[Ee]rror' "$OUT/self-test-fold-temb.txt" | head -8
+    if [ "$rc" = 0 ]; then
+      FOLD_OK=1
+      for p in $PRECISIONS; do
+        room 40 "$RESERVE4" "the folded time embedding's bench, $p" || continue
+        UNET_FOLD_TEMB=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 2 --warmup 1 --threads "$THREADS" \
+          --python none --out "$OUT/ab-unet_fold_temb-$p.json" || echo "folded time embedding bench ($p) failed or ran out of time"
+      done
+    else
+      echo "folded time embedding check failed (exit $rc): not timed"; tail -5 "$OUT/self-test-fold-temb.txt"
+    fi
+  fi
+  # Everything that passed its checks at once: the candidate defaults, each precision.
+  ALL_ENV=""
+  [ "$TRAIN_GRAPH_OK" = 1 ] && ALL_ENV="$ALL_ENV TRAIN_CUDA_GRAPH=1"
+  [ "${GEMM_OK:-0}" = 1 ] && ALL_ENV="$ALL_ENV UNET_CONV1X1=gemm"
+  [ "$FOLD_OK" = 1 ] && ALL_ENV="$ALL_ENV UNET_FOLD_TEMB=1"
+  if [ -n "$ALL_ENV" ]; then
+    for p in $PRECISIONS; do
+      room 40 "$RESERVE4" "the step with all that passed ($ALL_ENV), $p" || continue
+      echo "all that passed:$ALL_ENV ($p)"
+      env $ALL_ENV timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128,forward128 --runs 3 --warmup 1 --threads "$THREADS" \
+        --python none --out "$OUT/ab-all-passed-$p.json" || echo "bench with all that passed ($p) failed or ran out of time"
+    done
   fi
   # Sampling from graphs; the timed run includes the one capture (and its plain warm-up call) a
   # user's sampling run pays.

@@ -35,6 +35,16 @@ impl Conv2d {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// The convolution without its bias, for a caller that adds the bias later, folded into
+    /// another op.
+    pub fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.stride, self.padding)
+    }
 }
 
 impl Module for Conv2d {

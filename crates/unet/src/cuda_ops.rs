@@ -113,6 +113,15 @@ pub fn norm_enabled() -> bool {
     switch_on(&ON, "UNET_CUDA_NORM")
 }
 
+/// Whether a ResBlock adds its time embedding and its first convolution's bias inside the
+/// GroupNorm kernels that follow them (`UNET_FOLD_TEMB=1`; `GroupNorm::forward_hardswish_shifted`)
+/// instead of in two full-size passes of their own and their backward reductions. Not yet run
+/// on a GPU, so opt-in: the check's step 7 self-tests and times it.
+pub fn fold_temb_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_FOLD_TEMB").is_ok_and(|v| v == "1"))
+}
+
 /// The upsampling kernels, unless `UNET_CUDA_UPSAMPLE=candle`.
 pub fn upsample_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -203,10 +212,10 @@ fn with_mask<R>(mask: Option<&Tensor>, len: usize, f: impl FnOnce(Option<CudaVie
     }
 }
 
-/// y = act(group_norm(x) * w + b) * dropout (the mask, or the hashed factors), in x's dtype (w
-/// and b share it).
+/// y = act(group_norm(x + shift) * w + b) * dropout (the mask, or the hashed factors), in x's
+/// dtype (w, b and the shift, one value per image and channel, share it).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
+pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, b: &CudaStorage, lb: &Layout, shift: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
     let dev = x.device.clone();
     let len = d.n * d.c * d.hw;
     let (c, hw, g, act) = (d.c as i32, d.hw as i32, d.groups as i32, act as i32);
@@ -216,11 +225,20 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
         macro_rules! run {
             ($t:ty, $name:literal) => {{
                 let (xv, wv, bv) = (view::<$t>(x, lx, len)?, view::<$t>(w, lw, d.c)?, view::<$t>(b, lb, d.c)?);
+                let sv = match shift {
+                    Some((s, l)) => Some(view::<$t>(s, l, d.n * d.c)?),
+                    None => None,
+                };
                 // SAFETY: the kernel writes every element (one block per group, each group whole).
                 let mut out = unsafe { dev.alloc::<$t>(len)? };
                 let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
                 let mut args = func.builder();
-                args.arg(&xv).arg(&wv).arg(&bv).arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                args.arg(&xv).arg(&wv).arg(&bv);
+                match &sv {
+                    Some(v) => args.arg(v),
+                    None => args.arg(&null),
+                };
+                args.arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
                 drop.push(&mut args, &mask, &null);
                 let name = || format!("groupnorm{} fwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
                 // SAFETY: argument types and order match `gn_fwd_*` in kernels.cu; the buffers
@@ -228,6 +246,9 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
                 profile::time(&dev, name, || unsafe { args.launch(launch_config(&d)) }.w())?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
+        }
+        if shift.is_some_and(|(s, _)| s.dtype() != x.dtype()) {
+            candle_core::bail!("group norm (CUDA): the shift must have the input's dtype {:?}", x.dtype());
         }
         Ok(match (&x.slice, &w.slice, &b.slice) {
             (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run!(f32, "gn_fwd_f32"),
@@ -237,29 +258,39 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
     })
 }
 
-/// f32 [dx (n*c*hw) | dw partial sums (n*c) | db partial sums (n*c)] from x, dy and [w | b].
+/// f32 [dx (n*c*hw) | dw partial sums (n*c) | db partial sums (n*c)] from x, dy and [w | b];
+/// when `shifted`, from [w | b | shift (n*c)], with the shift's gradient (n*c) appended.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout) -> Result<CudaStorage> {
+pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout, shifted: bool) -> Result<CudaStorage> {
     let dev = x.device.clone();
     let len = d.n * d.c * d.hw;
-    let out_len = len + 2 * d.n * d.c;
+    let shift_len = if shifted { d.n * d.c } else { 0 };
+    let out_len = len + 2 * d.n * d.c + shift_len;
     let (n, c, hw, g, act) = (d.n as i32, d.c as i32, d.hw as i32, d.groups as i32, act as i32);
     let null = 0usize;
     let drop = DropArgs::new(hashed);
     with_mask(mask, len, |mask| {
         macro_rules! run {
             ($t:ty, $name:literal) => {{
-                let (xv, dyv, wbv) = (view::<$t>(x, lx, len)?, view::<$t>(dy, ldy, len)?, view::<$t>(wb, lwb, 2 * d.c)?);
-                let (wv, bv) = (wbv.slice(..d.c), wbv.slice(d.c..));
-                // SAFETY: every dx element and every (image, channel) partial sum is written.
+                let (xv, dyv, wbv) = (view::<$t>(x, lx, len)?, view::<$t>(dy, ldy, len)?, view::<$t>(wb, lwb, 2 * d.c + shift_len)?);
+                let (wv, bv) = (wbv.slice(..d.c), wbv.slice(d.c..2 * d.c));
+                let sv = wbv.slice(2 * d.c..);
+                // SAFETY: every dx element and every (image, channel) partial sum (and shift
+                // gradient) is written.
                 let mut out = unsafe { dev.alloc::<f32>(out_len)? };
                 let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
                 let mut args = func.builder();
-                args.arg(&xv).arg(&wv).arg(&bv).arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                args.arg(&xv).arg(&wv).arg(&bv);
+                if shifted {
+                    args.arg(&sv);
+                } else {
+                    args.arg(&null);
+                }
+                args.arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
                 drop.push(&mut args, &mask, &null);
                 let name = || format!("groupnorm{} bwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
                 // SAFETY: argument types and order match `gn_bwd_*` in kernels.cu; `out` holds
-                // n*c*hw + 2*n*c floats.
+                // n*c*hw + 2*n*c (+ n*c with a shift) floats.
                 profile::time(&dev, name, || unsafe { args.launch(launch_config(&d)) }.w())?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};

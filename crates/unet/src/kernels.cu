@@ -89,15 +89,25 @@ struct Drop {
     }
 };
 
-// Group statistics: mean and 1/sqrt(var + eps).
+// Element i of a group starting at `base`, plus its channel's shift (one value per image and
+// channel, from `sbase` on) when there is one: the time embedding and the convolution's bias,
+// folded into the norm that follows them (`GroupNorm::forward_hardswish_shifted`).
 template <typename T>
-__device__ void stats(const T* x, long base, long len, float eps, float* sh, float* mean, float* rstd) {
+__device__ __forceinline__ float ld_shifted(const T* x, const T* shift, long base, long sbase, long i, int HW) {
+    float v = ld(x, base + i);
+    if (shift) v += ld(shift, sbase + i / HW);
+    return v;
+}
+
+// Group statistics: mean and 1/sqrt(var + eps), of x plus its shift.
+template <typename T>
+__device__ void stats(const T* x, const T* shift, long base, long sbase, int HW, long len, float eps, float* sh, float* mean, float* rstd) {
     float s = 0.f;
-    for (long i = threadIdx.x; i < len; i += blockDim.x) s += ld(x, base + i);
+    for (long i = threadIdx.x; i < len; i += blockDim.x) s += ld_shifted(x, shift, base, sbase, i, HW);
     const float m = block_sum(s, sh) / (float)len;
     float v = 0.f;
     for (long i = threadIdx.x; i < len; i += blockDim.x) {
-        const float d = ld(x, base + i) - m;
+        const float d = ld_shifted(x, shift, base, sbase, i, HW) - m;
         v += d * d;
     }
     const float var = block_sum(v, sh) / (float)len;
@@ -106,16 +116,17 @@ __device__ void stats(const T* x, long base, long len, float eps, float* sh, flo
 }
 
 template <typename T>
-__device__ void gn_fwd(const T* x, const T* w, const T* b, Drop drop, T* y, int C, int HW, int G, float eps, int act) {
+__device__ void gn_fwd(const T* x, const T* w, const T* b, const T* shift, Drop drop, T* y, int C, int HW, int G, float eps, int act) {
     __shared__ float sh[32];
     const int n = blockIdx.x / G, g = blockIdx.x % G, cpg = C / G;
-    const long len = (long)cpg * HW, base = ((long)n * C + (long)g * cpg) * HW;
+    const long len = (long)cpg * HW, base = ((long)n * C + (long)g * cpg) * HW, sbase = (long)n * C + (long)g * cpg;
     float mean, rstd;
-    stats(x, base, len, eps, sh, &mean, &rstd);
+    stats(x, shift, base, sbase, HW, len, eps, sh, &mean, &rstd);
     for (long i = threadIdx.x; i < len; i += blockDim.x) {
         const int c = g * cpg + (int)(i / HW);
         const float wc = ld(w, c);
-        float z = ld(x, base + i) * (wc * rstd) + (ld(b, c) - mean * rstd * wc);
+        const float xv = ld(x, base + i) + (shift ? ld(shift, (long)n * C + c) : 0.f);
+        float z = xv * (wc * rstd) + (ld(b, c) - mean * rstd * wc);
         if (act) z = hardswish(z);
         st(y, base + i, drop.apply(z, base + i));
     }
@@ -123,44 +134,58 @@ __device__ void gn_fwd(const T* x, const T* w, const T* b, Drop drop, T* y, int 
 
 // dx (f32, packed first in `out`), and per (image, channel) partial sums of dL/dz * xhat and
 // dL/dz (z: the normalised, affine output before the activation) at out + N*C*HW and
-// out + N*C*HW + N*C, summed over images by the caller.
+// out + N*C*HW + N*C, summed over images by the caller; with a shift, also its gradient (the
+// sum of dx over the channel's pixels, per image and channel) at out + N*C*HW + 2*N*C.
 template <typename T>
-__device__ void gn_bwd(const T* x, const T* w, const T* b, Drop drop, const T* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
+__device__ void gn_bwd(const T* x, const T* w, const T* b, const T* shift, Drop drop, const T* dy, float* out, int N, int C, int HW, int G, float eps, int act) {
     __shared__ float sh[32];
     const int n = blockIdx.x / G, g = blockIdx.x % G, cpg = C / G;
-    const long len = (long)cpg * HW, base = ((long)n * C + (long)g * cpg) * HW;
+    const long len = (long)cpg * HW, base = ((long)n * C + (long)g * cpg) * HW, sbase = (long)n * C + (long)g * cpg;
     float* dx = out;
     float* dw_part = out + (long)N * C * HW;
     float* db_part = dw_part + (long)N * C;
+    float* dshift = shift ? db_part + (long)N * C : nullptr;
     float mean, rstd;
-    stats(x, base, len, eps, sh, &mean, &rstd);
+    stats(x, shift, base, sbase, HW, len, eps, sh, &mean, &rstd);
     float sum_g = 0.f, sum_gx = 0.f;  // group sums of dL/dxhat and dL/dxhat * xhat
     for (int ci = 0; ci < cpg; ++ci) {
         const int c = g * cpg + ci;
         const float wc = ld(w, c), bc = ld(b, c);
+        const float sc = shift ? ld(shift, (long)n * C + c) : 0.f;
         const long cb = base + (long)ci * HW;
-        float sg = 0.f, sgx = 0.f;
+        float sg = 0.f, sgx = 0.f, sxh = 0.f;
         for (long i = threadIdx.x; i < HW; i += blockDim.x) {
-            const float xh = (ld(x, cb + i) - mean) * rstd;
+            const float xh = (ld(x, cb + i) + sc - mean) * rstd;
             float gz = drop.apply(ld(dy, cb + i), cb + i);
             if (act) gz *= hardswish_grad(xh * wc + bc);
             sg += gz;
             sgx += gz * xh;
+            sxh += xh;
         }
         sg = block_sum(sg, sh);
         sgx = block_sum(sgx, sh);
+        if (dshift) sxh = block_sum(sxh, sh);
         if (threadIdx.x == 0) {
             dw_part[(long)n * C + c] = sgx;
             db_part[(long)n * C + c] = sg;
+            // The channel's sum of xhat, until the group means below make it the shift's gradient.
+            if (dshift) dshift[(long)n * C + c] = sxh;
         }
         sum_g += wc * sg;
         sum_gx += wc * sgx;
     }
     const float mg = sum_g / (float)len, mgx = sum_gx / (float)len;
+    if (dshift && threadIdx.x == 0) {
+        // sum over the channel of dx = rstd * (gz * w - mg - xhat * mgx) (the loop below).
+        for (int ci = 0; ci < cpg; ++ci) {
+            const long at = (long)n * C + g * cpg + ci;
+            dshift[at] = rstd * (ld(w, g * cpg + ci) * db_part[at] - (float)HW * mg - dshift[at] * mgx);
+        }
+    }
     for (long i = threadIdx.x; i < len; i += blockDim.x) {
         const int c = g * cpg + (int)(i / HW);
         const float wc = ld(w, c), bc = ld(b, c);
-        const float xh = (ld(x, base + i) - mean) * rstd;
+        const float xh = (ld_shifted(x, shift, base, sbase, i, HW) - mean) * rstd;
         float gz = drop.apply(ld(dy, base + i), base + i);
         if (act) gz *= hardswish_grad(xh * wc + bc);
         dx[base + i] = rstd * (gz * wc - mg - xh * mgx);
@@ -174,17 +199,18 @@ __device__ void gn_bwd(const T* x, const T* w, const T* b, Drop drop, const T* d
 // captured at every step, so a seed that changes from step to step has to be read from memory.
 #define GN_DROP_ARGS const float *mask, unsigned long long drop_key, unsigned int drop_thr, float drop_scale, const unsigned long long *drop_seed_at, unsigned long long drop_site_mix
 #define GN_DROP Drop{mask, drop_seed_at ? mix64(*drop_seed_at ^ drop_site_mix) + drop_key : drop_key, drop_thr, drop_scale}
-extern "C" __global__ void gn_fwd_f32(const float* x, const float* w, const float* b, float* y, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
-    gn_fwd<float>(x, w, b, GN_DROP, y, C, HW, G, eps, act);
+// `shift`: null, or one value per image and channel added to x before the norm.
+extern "C" __global__ void gn_fwd_f32(const float* x, const float* w, const float* b, const float* shift, float* y, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
+    gn_fwd<float>(x, w, b, shift, GN_DROP, y, C, HW, G, eps, act);
 }
-extern "C" __global__ void gn_fwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, bf16_t* y, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
-    gn_fwd<bf16_t>(x, w, b, GN_DROP, y, C, HW, G, eps, act);
+extern "C" __global__ void gn_fwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const bf16_t* shift, bf16_t* y, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
+    gn_fwd<bf16_t>(x, w, b, shift, GN_DROP, y, C, HW, G, eps, act);
 }
-extern "C" __global__ void gn_bwd_f32(const float* x, const float* w, const float* b, const float* dy, float* out, int N, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
-    gn_bwd<float>(x, w, b, GN_DROP, dy, out, N, C, HW, G, eps, act);
+extern "C" __global__ void gn_bwd_f32(const float* x, const float* w, const float* b, const float* shift, const float* dy, float* out, int N, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
+    gn_bwd<float>(x, w, b, shift, GN_DROP, dy, out, N, C, HW, G, eps, act);
 }
-extern "C" __global__ void gn_bwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const bf16_t* dy, float* out, int N, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
-    gn_bwd<bf16_t>(x, w, b, GN_DROP, dy, out, N, C, HW, G, eps, act);
+extern "C" __global__ void gn_bwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const bf16_t* shift, const bf16_t* dy, float* out, int N, int C, int HW, int G, float eps, int act, GN_DROP_ARGS) {
+    gn_bwd<bf16_t>(x, w, b, shift, GN_DROP, dy, out, N, C, HW, G, eps, act);
 }
 
 // y = softmax(scale * x) along rows of `len` values; one block per row.

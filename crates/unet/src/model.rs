@@ -111,6 +111,22 @@ impl DropoutMasks {
         gn.forward_hardswish_dropout(x, hashed.from_element(self.element_offset(x)?))
     }
 
+    /// `hardswish(gn(x + shift))` with dropout (`GroupNorm::forward_hardswish_shifted`): the
+    /// same call site, and so the same masks, as [`DropoutMasks::apply_after_norm`] on `x + shift`.
+    /// For devices other than the CPU (the CPU keeps the separate addition, `ResBlock::forward`).
+    fn apply_after_norm_shifted(&self, gn: &GroupNorm, x: &Tensor, shift: &Tensor, p: f32) -> Result<Tensor> {
+        let hashed = match self.next_site(p) {
+            Some((Seed::Host(seed), site)) => Some(HashedDropout::new(seed, site, p)),
+            Some((Seed::At(at), site)) => Some(HashedDropout::with_seed_at(at, site, p)),
+            None => None,
+        };
+        let hashed = match hashed {
+            Some(h) => Some(h.from_element(self.element_offset(x)?)),
+            None => None,
+        };
+        gn.forward_hardswish_shifted(x, shift, hashed)
+    }
+
     /// The next call site's mask (0 or 1/(1-p) per element), or `None` when dropout is off.
     fn mask(&self, x: &Tensor, p: f32) -> Result<Option<Tensor>> {
         let (seed, stream) = match self.next_site(p) {
@@ -142,6 +158,17 @@ impl DropoutMasks {
         };
         Ok(Some(mask))
     }
+}
+
+/// Whether `ResBlock::forward` folds the time embedding and conv1's bias into GroupNorm (CUDA,
+/// `UNET_FOLD_TEMB=1`).
+fn fold_temb(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::cuda_ops::fold_temb_enabled();
+    }
+    let _ = x;
+    false
 }
 
 pub(crate) fn hardswish(x: &Tensor) -> Result<Tensor> {
@@ -265,10 +292,17 @@ impl ResBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor, masks: &DropoutMasks) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.gn1.forward_hardswish(x)?)?;
-        let t = self.temb_proj.forward(&hardswish(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = masks.apply_after_norm(&self.gn2, &h, self.dropout)?;
+        let a = self.gn1.forward_hardswish(x)?;
+        let t = self.temb_proj.forward(&hardswish(temb)?)?;
+        let h = if fold_temb(x) {
+            // conv1's bias and the time embedding, one value per image and channel, go into the
+            // norm that follows: no full-size sum stored, no reductions for their gradients.
+            let shift = t.broadcast_add(self.conv1.bias())?;
+            masks.apply_after_norm_shifted(&self.gn2, &self.conv1.forward_without_bias(&a)?, &shift, self.dropout)?
+        } else {
+            let h = self.conv1.forward(&a)?.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+            masks.apply_after_norm(&self.gn2, &h, self.dropout)?
+        };
         let h = self.conv2.forward(&h)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,

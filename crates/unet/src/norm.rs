@@ -71,6 +71,32 @@ impl GroupNorm {
         }
     }
 
+    /// `hardswish(group_norm(x + shift))` with dropout `d` if any, where `shift` (`[N, C]`, x's
+    /// dtype) is added to every pixel of its image and channel: a ResBlock's time embedding and
+    /// its first convolution's bias. On CUDA, fused: the sum is never stored, and the backward
+    /// pass gives the shift's gradient with the others, where adding it first cost a full-size
+    /// pass each way (and the convolution's bias another). Elsewhere, the addition, then
+    /// [`GroupNorm::forward_hardswish_dropout`] (or without dropout, `forward_hardswish`).
+    pub fn forward_hardswish_shifted(&self, x: &Tensor, shift: &Tensor, d: Option<HashedDropout>) -> Result<Tensor> {
+        self.check_input(x)?;
+        let (n, c) = (x.dim(0)?, x.dim(1)?);
+        if shift.dims() != [n, c] {
+            candle_core::bail!("GroupNorm shift must be [{n}, {c}] (one value per image and channel), got {:?}", shift.dims());
+        }
+        if self.fused(x) && x.device().is_cuda() && shift.dtype() == x.dtype() {
+            let op = ShiftedGroupNormOp(GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: None, hashed: d });
+            let wb = Tensor::cat(&[&self.weight, &self.bias], 0)?;
+            return x.contiguous()?.apply_op3(&shift.contiguous()?, &wb, op);
+        }
+        let mut dims = vec![n, c];
+        dims.resize(x.rank(), 1);
+        let shifted = x.broadcast_add(&shift.to_dtype(x.dtype())?.reshape(dims)?)?;
+        match d {
+            Some(d) => self.forward_hardswish_dropout(&shifted, d),
+            None => self.forward_hardswish(&shifted),
+        }
+    }
+
     /// [N, C, ...] with N >= 1 and C this norm's channels: anything else is an error here, not
     /// a panic (or a wrong broadcast) in the kernels.
     fn check_input(&self, x: &Tensor) -> Result<()> {
@@ -356,13 +382,13 @@ impl candle_core::CustomOp3 for GroupNormOp {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
-        let out = crate::cuda_ops::forward(self.cuda_dims(l1), self.eps, self.act, self.mask.as_ref(), self.hashed, s1, l1, s2, l2, s3, l3)?;
+        let out = crate::cuda_ops::forward(self.cuda_dims(l1), self.eps, self.act, self.mask.as_ref(), self.hashed, s1, l1, s2, l2, s3, l3, None)?;
         Ok((out, l1.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let op = GroupNormBackward(self.clone());
+        let op = GroupNormBackward { op: self.clone(), shifted: false };
         if x.device().is_cuda() {
             // The kernel returns f32 [dx | dw per image | db per image]; the images are summed here.
             let packed = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[w, b], 0)?, &op)?;
@@ -383,7 +409,49 @@ impl candle_core::CustomOp3 for GroupNormOp {
     }
 }
 
-struct GroupNormBackward(GroupNormOp);
+/// `act(group_norm(x + shift))` (with its dropout) as one op on `(x, shift, [w | b])`; CUDA only.
+#[derive(Debug, Clone)]
+struct ShiftedGroupNormOp(GroupNormOp);
+
+impl candle_core::CustomOp3 for ShiftedGroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm-hardswish-shifted"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("group norm: the fused shift is CUDA only (elsewhere it is added first)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        let d = self.0.cuda_dims(l1);
+        if !l3.is_contiguous() {
+            candle_core::bail!("group norm: [w | b] must be contiguous");
+        }
+        let w = Layout::contiguous_with_offset(Shape::from(d.c), l3.start_offset());
+        let b = Layout::contiguous_with_offset(Shape::from(d.c), l3.start_offset() + d.c);
+        let out = crate::cuda_ops::forward(d, self.0.eps, self.0.act, None, self.0.hashed, s1, l1, s3, &w, s3, &b, Some((s2, l2)))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, shift: &Tensor, wb: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, len) = (x.dim(0)?, x.dim(1)?, x.elem_count());
+        let op = GroupNormBackward { op: self.0.clone(), shifted: true };
+        // f32 [dx | dw per image | db per image | dshift]; the images' dw and db are summed here.
+        let packed = x.apply_op3_no_bwd(&grad.contiguous()?, &Tensor::cat(&[wb, &shift.flatten_all()?], 0)?, &op)?;
+        let dx = packed.narrow(0, 0, len)?.reshape(x.shape())?.to_dtype(x.dtype())?;
+        let dw = packed.narrow(0, len, n * c)?.reshape((n, c))?.sum(0)?;
+        let db = packed.narrow(0, len + n * c, n * c)?.reshape((n, c))?.sum(0)?;
+        let dshift = packed.narrow(0, len + 2 * n * c, n * c)?.reshape((n, c))?.to_dtype(shift.dtype())?;
+        Ok((Some(dx), Some(dshift), Some(Tensor::cat(&[&dw, &db], 0)?.to_dtype(wb.dtype())?)))
+    }
+}
+
+/// `(x, dy, [w | b])`, or with a shift `(x, dy, [w | b | shift])`: the packed gradients.
+struct GroupNormBackward {
+    op: GroupNormOp,
+    shifted: bool,
+}
 
 impl candle_core::CustomOp3 for GroupNormBackward {
     fn name(&self) -> &'static str {
@@ -392,14 +460,18 @@ impl candle_core::CustomOp3 for GroupNormBackward {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
-        let op = &self.0;
+        let op = &self.op;
         let d = op.cuda_dims(l1);
-        let out = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, s3, l3)?;
-        Ok((out, Shape::from(d.n * d.c * d.hw + 2 * d.n * d.c)))
+        let out = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, s3, l3, self.shifted)?;
+        let shift_len = if self.shifted { d.n * d.c } else { 0 };
+        Ok((out, Shape::from(d.n * d.c * d.hw + 2 * d.n * d.c + shift_len)))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = &self.0;
+        let op = &self.op;
+        if self.shifted {
+            candle_core::bail!("group norm backward: the fused shift is CUDA only");
+        }
         if op.hashed.is_some() {
             candle_core::bail!("group norm backward: hashed dropout is fused on CUDA only");
         }
@@ -598,6 +670,26 @@ mod tests {
         }
         let e = HashedDropout::with_seed_at(0x7f00_1234_5600, 0, 0.1).mask(&Shape::from((2, 3)), &Device::Cpu).unwrap_err();
         assert!(e.to_string().contains("device memory"), "{e}");
+    }
+
+    #[test]
+    fn a_shift_off_cuda_is_added_first() {
+        let x = rand(&[2, 8, 4, 3], 31, 3.0, 0.5);
+        let gn = GroupNorm { weight: rand(&[8], 32, 1.0, 1.0), bias: rand(&[8], 33, 1.0, 0.0), groups: 4, eps: 1e-5 };
+        let shift = rand(&[2, 8], 34, 2.0, 0.0);
+        let added = x.broadcast_add(&shift.reshape((2, 8, 1, 1)).unwrap()).unwrap();
+        let d = HashedDropout::new(5, 0, 0.3);
+        for drop in [None, Some(d)] {
+            let got = gn.forward_hardswish_shifted(&x, &shift, drop).unwrap();
+            let want = match drop {
+                Some(d) => gn.forward_hardswish_dropout(&added, d).unwrap(),
+                None => gn.forward_hardswish(&added).unwrap(),
+            };
+            assert_eq!(max_diff(&got, &want), 0.0, "dropout {drop:?}");
+        }
+        // One value per image and channel, or a one-line error.
+        let e = gn.forward_hardswish_shifted(&x, &shift.reshape(16).unwrap(), None).unwrap_err();
+        assert!(e.to_string().contains("must be [2, 8]"), "{e}");
     }
 
     #[test]

@@ -115,10 +115,13 @@ enum Drop {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, act: bool, drop: Drop, bf16: bool) {
+fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, act: bool, drop: Drop, bf16: bool, shifted: bool) {
     let len = n * c * hw;
     let seed = (n * 1000 + c * 10 + hw) as u64;
     let (mut x, mut w, mut b, mut dy) = (values(len, seed, 2.0, 0.5), values(c, seed + 1, 0.5, 1.0), values(c, seed + 2, 0.5, 0.0), values(len, seed + 3, 1.0, 0.0));
+    // One value per image and channel, added to x inside the kernels (`forward_hardswish_shifted`),
+    // large enough to move each channel's share of the group statistics.
+    let mut shift = values(n * c, seed + 5, 1.5, 0.2);
     let hashed = HashedDropout::new(seed, 2, 0.3);
     // The kernel gets a pointer to `seed`, the site's mix and the offset's key; the host resolves
     // the same dropout with the seed in hand.
@@ -128,7 +131,7 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
         Drop::SeedInMemory => (0..len as u64).map(|i| in_memory.resolve(seed).factor(i)).collect(),
         _ => values(len, seed + 4, 1.0, 0.0).iter().map(|&u| if u > -0.8 { 1.0 / 0.9 } else { 0.0 }).collect(),
     };
-    write_inputs(dir, bf16, &mut [("x.bin", &mut x), ("w.bin", &mut w), ("b.bin", &mut b), ("dy.bin", &mut dy)]);
+    write_inputs(dir, bf16, &mut [("x.bin", &mut x), ("w.bin", &mut w), ("b.bin", &mut b), ("dy.bin", &mut dy), ("shift.bin", &mut shift)]);
     write_f32(dir.join("mask.bin"), &mask);
     let mut args = [n, c, hw, groups, act as usize, drop as usize, bf16 as usize].map(|v| v.to_string()).to_vec();
     if drop == Drop::Hashed {
@@ -139,14 +142,16 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
         let d = in_memory;
         args.extend([d.key.to_string(), d.threshold.to_string(), d.scale.to_string(), seed.to_string(), d.site_mix.to_string()]);
     }
-    let out = Command::new(exe).arg("gn").args(&args).current_dir(dir).output().unwrap();
+    let out = Command::new(exe).arg("gn").args(&args).env("EMU_SHIFT", if shifted { "1" } else { "0" }).current_dir(dir).output().unwrap();
     assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
     let y = read_output(dir, "y.bin", bf16);
     let packed = read_f32(dir.join("out.bin"));
+    assert_eq!(packed.len(), len + (2 + shifted as usize) * n * c);
     let dx = &packed[..len];
     let sum_images = |part: &[f32]| (0..c).map(|ch| (0..n).map(|i| part[i * c + ch]).sum::<f32>()).collect::<Vec<f32>>();
     let dw = sum_images(&packed[len..len + n * c]);
-    let db = sum_images(&packed[len + n * c..]);
+    let db = sum_images(&packed[len + n * c..len + 2 * n * c]);
+    let dshift = &packed[len + 2 * n * c..];
 
     let dev = Device::Cpu;
     let xv = Var::from_tensor(&Tensor::from_vec(x, (n, c, hw), &dev).unwrap()).unwrap();
@@ -155,17 +160,19 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     let vb = VarBuilder::from_tensors([("weight".to_string(), wv.as_tensor().clone()), ("bias".to_string(), bv.as_tensor().clone())].into(), DType::F32, &dev);
     let gn = GroupNorm::new(vb, groups, c, 1e-5).unwrap();
     let mask_t = Tensor::from_vec(mask, (n, c, hw), &dev).unwrap();
+    let sv = Var::from_tensor(&Tensor::from_vec(shift, (n, c), &dev).unwrap()).unwrap();
+    let input = if shifted { xv.as_tensor().broadcast_add(&sv.as_tensor().unsqueeze(2).unwrap()).unwrap() } else { xv.as_tensor().clone() };
     let want = match (act, drop) {
-        (false, Drop::None) => gn.forward(xv.as_tensor()).unwrap(),
-        (true, Drop::None) => gn.forward_hardswish(xv.as_tensor()).unwrap(),
-        (true, _) => gn.forward_hardswish_masked(xv.as_tensor(), &mask_t).unwrap(),
+        (false, Drop::None) => gn.forward(&input).unwrap(),
+        (true, Drop::None) => gn.forward_hardswish(&input).unwrap(),
+        (true, _) => gn.forward_hardswish_masked(&input, &mask_t).unwrap(),
         (false, _) => unreachable!("the network never drops out of a bare GroupNorm"),
     };
     let dy_t = Tensor::from_vec(dy, (n, c, hw), &dev).unwrap();
     let grads = want.mul(&dy_t).unwrap().sum_all().unwrap().backward().unwrap();
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let (y_tol, g_tol) = if bf16 { (8e-3, 1e-4) } else { (1e-5, 1e-5) };
-    let label = format!("n={n} c={c} hw={hw} groups={groups} act={act} drop={drop:?} bf16={bf16}");
+    let label = format!("n={n} c={c} hw={hw} groups={groups} act={act} drop={drop:?} bf16={bf16} shifted={shifted}");
     if bf16 {
         assert_bf16_rounded(&format!("{label} y"), &y, &flat(&want));
     }
@@ -177,6 +184,18 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     ] {
         let d = rel(got, &want);
         assert!(d <= tol, "{label}: {name} differs by {d:e} (relative to its largest value), tolerance {tol:e}");
+    }
+    if shifted {
+        // The sum of dx over each image and channel, made from the group sums in the kernel;
+        // relative to dx's largest value, as its cancellations are dx's.
+        let want = flat(grads.get(sv.as_tensor()).unwrap());
+        let scale = flat(grads.get(xv.as_tensor()).unwrap()).iter().fold(0f32, |m, v| m.max(v.abs())) * hw as f32;
+        let d = dshift.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale;
+        assert!(d <= g_tol, "{label}: dshift differs by {d:e} (relative to the largest dx times the pixels), tolerance {g_tol:e}");
+        // (With one channel a group the norm takes each shift out again: its gradient is 0.)
+        if groups < c {
+            assert!(want.iter().any(|v| v.abs() > 1e-3 * scale), "{label}: the shift's gradient is all but zero: the check would not see a wrong one");
+        }
     }
 }
 
@@ -308,13 +327,19 @@ fn group_norm_kernels_match_the_cpu_op() {
     let dir = tempfile::tempdir().unwrap();
     let Some(exe) = compile(dir.path()) else { return };
     // Group lengths below, at and above the block's 256 threads; odd sizes; every variant.
-    case(&exe, dir.path(), 2, 8, 100, 4, true, Drop::Mask, false);
-    case(&exe, dir.path(), 3, 8, 1000, 4, false, Drop::None, false);
-    case(&exe, dir.path(), 2, 4, 64, 2, true, Drop::None, false);
-    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::Mask, true);
-    case(&exe, dir.path(), 1, 6, 17, 3, true, Drop::None, true);
-    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::Hashed, false);
-    case(&exe, dir.path(), 2, 6, 50, 3, true, Drop::Hashed, true);
-    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::SeedInMemory, false);
-    case(&exe, dir.path(), 2, 6, 50, 3, true, Drop::SeedInMemory, true);
+    case(&exe, dir.path(), 2, 8, 100, 4, true, Drop::Mask, false, false);
+    case(&exe, dir.path(), 3, 8, 1000, 4, false, Drop::None, false, false);
+    case(&exe, dir.path(), 2, 4, 64, 2, true, Drop::None, false, false);
+    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::Mask, true, false);
+    case(&exe, dir.path(), 1, 6, 17, 3, true, Drop::None, true, false);
+    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::Hashed, false, false);
+    case(&exe, dir.path(), 2, 6, 50, 3, true, Drop::Hashed, true, false);
+    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::SeedInMemory, false, false);
+    case(&exe, dir.path(), 2, 6, 50, 3, true, Drop::SeedInMemory, true, false);
+    // The shift (a ResBlock's time embedding and bias) inside the kernels: groups of one and of
+    // several channels, with and without dropout, f32 and bf16.
+    case(&exe, dir.path(), 2, 8, 300, 4, true, Drop::SeedInMemory, false, true);
+    case(&exe, dir.path(), 3, 8, 100, 8, true, Drop::None, false, true);
+    case(&exe, dir.path(), 2, 6, 50, 3, true, Drop::Hashed, true, true);
+    case(&exe, dir.path(), 1, 4, 1000, 2, true, Drop::None, true, true);
 }

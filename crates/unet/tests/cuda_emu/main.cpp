@@ -27,15 +27,20 @@ template <class T> void wr(const char* p, const std::vector<T>& v) {
 
 struct DropArg { const float* m; unsigned long long key; unsigned int thr; float scale; const unsigned long long* seed_at; unsigned long long site_mix; };
 
+// With EMU_SHIFT=1 in the environment, shift.bin (N*C values) is added to x per image and
+// channel, and `out` has its gradient appended.
 template <class T, class Fwd, class Bwd>
 void run(int N, int C, int HW, int G, int act, DropArg d, Fwd fwd, Bwd bwd) {
     const float eps = 1e-5f;
     const size_t len = (size_t)N * C * HW;
+    const bool shifted = getenv("EMU_SHIFT") && std::string(getenv("EMU_SHIFT")) == "1";
     auto x = rd<T>("x.bin", len), w = rd<T>("w.bin", C), b = rd<T>("b.bin", C), dy = rd<T>("dy.bin", len);
+    std::vector<T> shift = shifted ? rd<T>("shift.bin", (size_t)N * C) : std::vector<T>();
+    const T* sp = shifted ? shift.data() : nullptr;
     std::vector<T> y(len);
-    std::vector<float> out(len + 2 * (size_t)N * C);
-    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), y.data(), C, HW, G, eps, act, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
-    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), dy.data(), out.data(), N, C, HW, G, eps, act, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    std::vector<float> out(len + (shifted ? 3 : 2) * (size_t)N * C);
+    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), sp, y.data(), C, HW, G, eps, act, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), sp, dy.data(), out.data(), N, C, HW, G, eps, act, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
     wr("y.bin", y);
     wr("out.bin", out);
 }
