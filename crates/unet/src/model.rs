@@ -160,9 +160,19 @@ impl DropoutMasks {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests run the folded path on the CPU (where the norm adds the shift first).
+    static FOLD_FOR_TESTS: Cell<bool> = const { Cell::new(false) };
+}
+
 /// Whether `ResBlock::forward` folds the time embedding and conv1's bias into GroupNorm (CUDA,
 /// `UNET_FOLD_TEMB=1`).
 fn fold_temb(x: &Tensor) -> bool {
+    #[cfg(test)]
+    if FOLD_FOR_TESTS.with(|f| f.get()) {
+        return true;
+    }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return crate::cuda_ops::fold_temb_enabled();
@@ -297,8 +307,11 @@ impl ResBlock {
         let h = if fold_temb(x) {
             // conv1's bias and the time embedding, one value per image and channel, go into the
             // norm that follows: no full-size sum stored, no reductions for their gradients.
-            let shift = t.broadcast_add(self.conv1.bias())?;
-            masks.apply_after_norm_shifted(&self.gn2, &self.conv1.forward_without_bias(&a)?, &shift, self.dropout)?
+            let h = self.conv1.forward_without_bias(&a)?;
+            let (n, c) = (h.dim(0)?, h.dim(1)?);
+            // One step for the whole batch (`t` of shape [1]) gives one row: one per image here.
+            let shift = t.broadcast_add(self.conv1.bias())?.broadcast_as((n, c))?.contiguous()?;
+            masks.apply_after_norm_shifted(&self.gn2, &h, &shift, self.dropout)?
         } else {
             let h = self.conv1.forward(&a)?.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
             masks.apply_after_norm(&self.gn2, &h, self.dropout)?
@@ -649,6 +662,41 @@ mod tests {
         let wrong = net.forward_t(&x.narrow(0, 1, 2).unwrap(), &t.narrow(0, 1, 2).unwrap(), Mode::Train { seed: 42 }).unwrap();
         let off = (whole.narrow(0, 1, 2).unwrap() - &wrong).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(off > 1e-3, "dropout made no difference ({off})");
+    }
+
+    #[test]
+    fn the_folded_time_embedding_gives_the_same_outputs_and_gradients() {
+        let dev = Device::Cpu;
+        let cfg = UNetConfig::tiny();
+        let (net, vars) = crate::new_trainable(&cfg, &dev, 4).unwrap();
+        let s = cfg.image_size;
+        let x = Tensor::arange(0u32, (3 * 3 * s * s) as u32, &dev).unwrap().to_dtype(DType::F32).unwrap().affine(0.29, 0.0).unwrap().cos().unwrap().reshape((3, 3, s, s)).unwrap();
+        // Per image, and one step for the whole batch (a [1, C] shift row, broadcast).
+        for t in [Tensor::new(&[5u32, 1, 9], &dev).unwrap(), Tensor::new(&[7u32], &dev).unwrap()] {
+            let run = |fold: bool| {
+                FOLD_FOR_TESTS.with(|f| f.set(fold));
+                let y = net.forward_t(&x, &t, Mode::Eval);
+                FOLD_FOR_TESTS.with(|f| f.set(false));
+                let y = y.unwrap();
+                let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                (y, grads)
+            };
+            let ((plain, pg), (folded, fg)) = (run(false), run(true));
+            let largest = plain.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (&plain - &folded).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-5 * largest.max(1.0), "t {:?}: outputs differ by {diff}", t.dims());
+            // Relative to the largest gradient of all: a bias whose channel is a group of its own
+            // has a gradient of 0 but for rounding (the norm takes it out again).
+            let vars = vars.data().lock().unwrap();
+            let largest_of = |g: &candle_core::backprop::GradStore, v: &candle_core::Var| g.get(v.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = vars.values().map(|v| largest_of(&pg, v)).fold(0f32, f32::max);
+            assert!(scale > 0.0);
+            for (name, var) in vars.iter() {
+                let (a, b) = (pg.get(var.as_tensor()).unwrap(), fg.get(var.as_tensor()).unwrap());
+                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d <= 1e-5 * scale, "t {:?}: gradient of {name} differs by {d} (largest gradient {scale})", t.dims());
+            }
+        }
     }
 
     #[test]
