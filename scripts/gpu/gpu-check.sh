@@ -237,6 +237,16 @@ step "7. never run on a GPU before, each checked then timed: training steps from
 if [ "$DEVICE" = cpu ]; then
   echo "step 7 needs CUDA: skipped on the CPU"
 else
+  # `[VAR=value ...] timed LABEL NAME CASES RUNS PRECISION...`: the bench with the caller's
+  # switches, one JSON per precision ($OUT/NAME-p.json), each run only with room left.
+  timed() {
+    local label=$1 name=$2 cases=$3 runs=$4 p; shift 4
+    for p in "$@"; do
+      room 40 "$RESERVE4" "$label, $p" || continue
+      timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases "$cases" --runs "$runs" --warmup 1 --threads "$THREADS" \
+        --python none --out "$OUT/$name-$p.json" || echo "$label ($p) failed or ran out of time"
+    done
+  }
   # The CUDA-graph checks (sampling: 4 images, 5 DDIM steps; training: 4 steps of the tiny
   # model, the last a smaller batch, f32, f32 in micro-batches, bf16; each against plain calls).
   CG_RC=skipped
@@ -251,11 +261,7 @@ else
   if passed "training steps from CUDA graphs"; then
     TRAIN_GRAPH_OK=1
     # The capture falls in the warm-up run.
-    for p in $PRECISIONS; do
-      room 40 "$RESERVE4" "the CUDA-graph training bench, $p" || continue
-      TRAIN_CUDA_GRAPH=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 3 --warmup 1 --threads "$THREADS" \
-        --python none --out "$OUT/ab-train_cuda_graph-$p.json" || echo "CUDA-graph training bench ($p) failed or ran out of time"
-    done
+    TRAIN_CUDA_GRAPH=1 timed "the CUDA-graph training bench" ab-train_cuda_graph train128 3 $PRECISIONS
   else
     echo "CUDA-graph training check failed or did not run (exit $CG_RC): not timed"
   fi
@@ -266,10 +272,9 @@ else
     rc=$?
     grep -E 'k1 s1 fwd|FAIL|all checks|check\(s\) failed|^[Ee]rror' "$OUT/self-test-conv1x1-gemm.txt" | grep -E 'bf16|FAIL|all checks|failed|rror' | head -12
     [ "$rc" = 0 ] && GEMM_OK=1
-    if [ "$rc" = 0 ] && room 40 "$RESERVE4" "the 1x1-GEMM bench"; then
-      UNET_CONV1X1=gemm timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision bf16 --cases train128,forward128 --runs 2 --warmup 1 --threads "$THREADS" \
-        --python none --out "$OUT/ab-unet_conv1x1-gemm-bf16.json" || echo "1x1-GEMM bench failed or ran out of time"
-    elif [ "$rc" != 0 ]; then
+    if [ "$rc" = 0 ]; then
+      UNET_CONV1X1=gemm timed "the 1x1-GEMM bench" ab-unet_conv1x1-gemm train128,forward128 2 bf16
+    else
       echo "1x1-GEMM conv check failed (exit $rc): not timed"; tail -5 "$OUT/self-test-conv1x1-gemm.txt"
     fi
   fi
@@ -283,11 +288,7 @@ else
     grep -E 'FAIL|all checks|check\(s\) failed|^[Ee]rror' "$OUT/self-test-fold-temb.txt" | head -8
     if [ "$rc" = 0 ]; then
       FOLD_OK=1
-      for p in $PRECISIONS; do
-        room 40 "$RESERVE4" "the folded time embedding's bench, $p" || continue
-        UNET_FOLD_TEMB=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 2 --warmup 1 --threads "$THREADS" \
-          --python none --out "$OUT/ab-unet_fold_temb-$p.json" || echo "folded time embedding bench ($p) failed or ran out of time"
-      done
+      UNET_FOLD_TEMB=1 timed "the folded time embedding's bench" ab-unet_fold_temb train128 2 $PRECISIONS
     else
       echo "folded time embedding check failed (exit $rc): not timed"; tail -5 "$OUT/self-test-fold-temb.txt"
     fi
@@ -298,21 +299,13 @@ else
   [ "${GEMM_OK:-0}" = 1 ] && ALL_ENV="$ALL_ENV UNET_CONV1X1=gemm"
   [ "$FOLD_OK" = 1 ] && ALL_ENV="$ALL_ENV UNET_FOLD_TEMB=1"
   if [ -n "$ALL_ENV" ]; then
-    for p in $PRECISIONS; do
-      room 40 "$RESERVE4" "the step with all that passed ($ALL_ENV), $p" || continue
-      echo "all that passed:$ALL_ENV ($p)"
-      env $ALL_ENV timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128,forward128 --runs 3 --warmup 1 --threads "$THREADS" \
-        --python none --out "$OUT/ab-all-passed-$p.json" || echo "bench with all that passed ($p) failed or ran out of time"
-    done
+    echo "all that passed:$ALL_ENV"
+    (export $ALL_ENV; timed "the bench with all that passed" ab-all-passed train128,forward128 3 $PRECISIONS)
   fi
   # Sampling from graphs; the timed run includes the one capture (and its plain warm-up call) a
   # user's sampling run pays.
   if passed "sampling from CUDA graphs"; then
-    for p in $PRECISIONS; do
-      room 40 "$RESERVE4" "the CUDA-graph sampling bench, $p" || continue
-      SAMPLER_CUDA_GRAPH=1 timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases ddim50x256,ddpm100x256 --runs 1 --warmup 1 --threads "$THREADS" \
-        --python none --out "$OUT/ab-sampler_cuda_graph-$p.json" || echo "CUDA-graph sampling bench ($p) failed or ran out of time"
-    done
+    SAMPLER_CUDA_GRAPH=1 timed "the CUDA-graph sampling bench" ab-sampler_cuda_graph ddim50x256,ddpm100x256 1 $PRECISIONS
   else
     echo "CUDA-graph sampling check failed or did not run (exit $CG_RC): not timed"
   fi
@@ -325,11 +318,7 @@ else
     grep -E 'FAIL|all checks|check\(s\) failed|^[Ee]rror' "$OUT/self-test-graph.txt" | head -20
     if [ "$rc" = 0 ]; then
       GRAPH_OK=1
-      for p in $PRECISIONS; do
-        room 40 "$RESERVE4" "the graph API's bench, $p" || continue
-        UNET_CUDNN_API=graph timeout "$(cap 120 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128,forward128 --runs 3 --warmup 1 --threads "$THREADS" \
-          --python none --out "$OUT/ab-unet_cudnn_api-graph-$p.json" || echo "graph API bench ($p) failed or ran out of time"
-      done
+      UNET_CUDNN_API=graph timed "the graph API's bench" ab-unet_cudnn_api-graph train128,forward128 3 $PRECISIONS
     else
       echo "graph API self-test failed (exit $rc): not timed"; tail -15 "$OUT/self-test-graph.txt"
     fi
