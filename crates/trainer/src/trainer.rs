@@ -113,7 +113,7 @@ impl DropoutSeed {
     }
 }
 
-/// Host time (seconds) that [`StepEngine::loss_and_gradients`] has spent in each of its parts
+/// Host time (seconds) that [`StepEngine::loss_and_gradients`] and [`StepEngine::step_gradients`] have spent in each of their parts
 /// since the engine was made. On a GPU the work is queued, not done, in that time, so this says
 /// where a host-bound step's time goes; on the CPU it is the work itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -220,7 +220,7 @@ impl StepEngine {
         &self.device
     }
 
-    /// Host time spent so far in each part of [`Self::loss_and_gradients`].
+    /// Host time spent so far in each part of [`Self::loss_and_gradients`] and [`Self::step_gradients`].
     pub fn host_phases(&self) -> HostPhases {
         self.host.get()
     }
