@@ -198,6 +198,15 @@ fn rows_config(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// The magic numbers of the kernels' divisions by HW (`int_div`), once the kernels' 32-bit
+/// indices are known to hold: `span` (a group, or an image) must have fewer than 2^31 values.
+fn hw_magic(what: &str, hw: usize, span: usize) -> Result<(u32, u32)> {
+    if hw == 0 || span >= 1 << 31 {
+        candle_core::bail!("{what} (CUDA): {span} values in one block's range, of maps of {hw} values: the kernels index up to 2^31");
+    }
+    Ok(crate::int_div::magic(hw as u32))
+}
+
 /// Runs `f` with the mask's device buffer (f32, contiguous, x's shape), if any.
 fn with_mask<R>(mask: Option<&Tensor>, len: usize, f: impl FnOnce(Option<CudaView<'_, f32>>) -> Result<R>) -> Result<R> {
     match mask {
@@ -219,6 +228,7 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
     let dev = x.device.clone();
     let len = d.n * d.c * d.hw;
     let (c, hw, g, act) = (d.c as i32, d.hw as i32, d.groups as i32, act as i32);
+    let (hw_m, hw_s) = hw_magic("group norm", d.hw, d.c / d.groups * d.hw)?;
     let null = 0usize;
     let drop = DropArgs::new(hashed);
     with_mask(mask, len, |mask| {
@@ -238,7 +248,7 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
                     Some(v) => args.arg(v),
                     None => args.arg(&null),
                 };
-                args.arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                args.arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act).arg(&hw_m).arg(&hw_s);
                 drop.push(&mut args, &mask, &null);
                 let name = || format!("groupnorm{} fwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
                 // SAFETY: argument types and order match `gn_fwd_*` in kernels.cu; the buffers
@@ -258,15 +268,17 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
     })
 }
 
-/// f32 [dx (n*c*hw) | dw partial sums (n*c) | db partial sums (n*c)] from x, dy and [w | b];
-/// when `shifted`, from [w | b | shift (n*c)], with the shift's gradient (n*c) appended.
+/// From x, dy and [w | b] (with `shifted`, [w | b | shift (n*c)]): dx in x's dtype, and f32
+/// [dw partial sums (n*c) | db partial sums (n*c)], per image, with the shift's gradient (n*c)
+/// appended when `shifted`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout, shifted: bool) -> Result<CudaStorage> {
+pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout, shifted: bool) -> Result<(CudaStorage, CudaStorage)> {
     let dev = x.device.clone();
     let len = d.n * d.c * d.hw;
     let shift_len = if shifted { d.n * d.c } else { 0 };
-    let out_len = len + 2 * d.n * d.c + shift_len;
+    let aux_len = 2 * d.n * d.c + shift_len;
     let (n, c, hw, g, act) = (d.n as i32, d.c as i32, d.hw as i32, d.groups as i32, act as i32);
+    let (hw_m, hw_s) = hw_magic("group norm backward", d.hw, d.c / d.groups * d.hw)?;
     let null = 0usize;
     let drop = DropArgs::new(hashed);
     with_mask(mask, len, |mask| {
@@ -277,7 +289,8 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hash
                 let sv = wbv.slice(2 * d.c..);
                 // SAFETY: every dx element and every (image, channel) partial sum (and shift
                 // gradient) is written.
-                let mut out = unsafe { dev.alloc::<f32>(out_len)? };
+                let mut dx = unsafe { dev.alloc::<$t>(len)? };
+                let mut aux = unsafe { dev.alloc::<f32>(aux_len)? };
                 let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
                 let mut args = func.builder();
                 args.arg(&xv).arg(&wv).arg(&bv);
@@ -286,13 +299,13 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hash
                 } else {
                     args.arg(&null);
                 }
-                args.arg(&dyv).arg(&mut out).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act);
+                args.arg(&dyv).arg(&mut dx).arg(&mut aux).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act).arg(&hw_m).arg(&hw_s);
                 drop.push(&mut args, &mask, &null);
                 let name = || format!("groupnorm{} bwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
-                // SAFETY: argument types and order match `gn_bwd_*` in kernels.cu; `out` holds
-                // n*c*hw + 2*n*c (+ n*c with a shift) floats.
+                // SAFETY: argument types and order match `gn_bwd_*` in kernels.cu; `dx` holds
+                // n*c*hw values and `aux` 2*n*c (+ n*c with a shift).
                 profile::time(&dev, name, || unsafe { args.launch(launch_config(&d)) }.w())?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
+                (CudaStorage::wrap_cuda_slice(dx, dev.clone()), CudaStorage::wrap_cuda_slice(aux, dev.clone()))
             }};
         }
         Ok(match (&x.slice, &dy.slice, &wb.slice) {
@@ -401,9 +414,15 @@ pub(crate) fn bias_add_inplace(y: &mut CudaStorage, total: usize, b: &CudaStorag
     if c == 0 || hw == 0 || !total.is_multiple_of(c * hw) || lb.shape().elem_count() != c {
         candle_core::bail!("bias add (CUDA): {total} values do not split into channels of {c} x {hw}, or the bias has not {c} values");
     }
-    let (c_i, hw64, total64) = (c as i32, hw as i64, total as i64);
-    let blocks = total.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let (n, chw) = (total / (c * hw), c * hw);
+    let (hw_m, hw_s) = hw_magic("bias add", hw, chw)?;
+    let (n_i, chw_u) = (n as i32, chw as u32);
+    // Images along y (the kernel strides over the rest), about four values a thread along x.
+    let cfg = LaunchConfig {
+        grid_dim: (chw.div_ceil(4 * THREADS as usize).clamp(1, 65_535) as u32, n.clamp(1, 65_535) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let dtype = y.dtype();
     let name = || format!("conv bias add {c}ch {hw}px {dtype:?}");
     macro_rules! run {
@@ -415,7 +434,7 @@ pub(crate) fn bias_add_inplace(y: &mut CudaStorage, total: usize, b: &CudaStorag
                 candle_core::bail!("bias add (CUDA): the output holds {} values, not {total}", ys.len());
             }
             let mut args = func.builder();
-            args.arg(ys).arg(&bv).arg(&c_i).arg(&hw64).arg(&total64);
+            args.arg(ys).arg(&bv).arg(&n_i).arg(&chw_u).arg(&hw_m).arg(&hw_s);
             // SAFETY: argument types and order match `bias_add_*` in kernels.cu; `y` holds
             // `total` values and `b` `c`.
             profile::time(&dev, name, || unsafe { args.launch(cfg) }.w())?;
@@ -436,9 +455,12 @@ pub(crate) fn channel_sum(dy: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
     let (n, c, h, w) = l.shape().dims4()?;
     let (n_i, c_i, hw64) = (n as i32, c as i32, (h * w) as i64);
     let rows = n * c;
-    if rows == 0 || rows > i32::MAX as usize {
+    // One warp a row.
+    let warps = THREADS as usize / 32;
+    if rows == 0 || rows.div_ceil(warps) > i32::MAX as usize || n > i32::MAX as usize {
         candle_core::bail!("channel sum (CUDA): {n} images x {c} channels is not a launchable grid");
     }
+    let rows64 = rows as i64;
     macro_rules! run {
         ($t:ty, $partial:literal, $finish:literal) => {{
             let dyv = view::<$t>(dy, l, n * c * h * w)?;
@@ -452,10 +474,10 @@ pub(crate) fn channel_sum(dy: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
             let finish_cfg = LaunchConfig { grid_dim: (c.div_ceil(THREADS as usize) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
             profile::time(&dev, name, || {
                 let mut args = partial.builder();
-                args.arg(&dyv).arg(&mut part).arg(&hw64);
+                args.arg(&dyv).arg(&mut part).arg(&hw64).arg(&rows64);
                 // SAFETY: argument types and order match `channel_partial_*` in kernels.cu; `dy`
                 // holds rows * hw values and `part` rows.
-                unsafe { args.launch(rows_config(rows)) }.w()?;
+                unsafe { args.launch(rows_config(rows.div_ceil(warps))) }.w()?;
                 let mut args = finish.builder();
                 args.arg(&part).arg(&mut out).arg(&n_i).arg(&c_i);
                 // SAFETY: argument types and order match `channel_finish_*`; `part` holds n * c

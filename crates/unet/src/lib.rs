@@ -18,6 +18,7 @@ pub mod norm;
 pub mod cuda_graph;
 #[cfg(feature = "cuda")]
 pub mod cuda_ops;
+pub mod int_div;
 pub mod softmax;
 pub mod upsample;
 pub mod weights;

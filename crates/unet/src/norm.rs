@@ -388,14 +388,15 @@ impl candle_core::CustomOp3 for GroupNormOp {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let op = GroupNormBackward { op: self.clone(), shifted: false };
+        let op = GroupNormBackward::new(self.clone(), false);
         if x.device().is_cuda() {
-            // The kernel returns f32 [dx | dw per image | db per image]; the images are summed here.
-            let packed = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[w, b], 0)?, &op)?;
-            let (n, c, len) = (x.dim(0)?, w.elem_count(), x.elem_count());
-            let dx = packed.narrow(0, 0, len)?.reshape(x.shape())?.to_dtype(x.dtype())?;
-            let dw = packed.narrow(0, len, n * c)?.reshape((n, c))?.sum(0)?.to_dtype(w.dtype())?;
-            let db = packed.narrow(0, len + n * c, n * c)?.reshape((n, c))?.sum(0)?.to_dtype(b.dtype())?;
+            // The kernel gives dx in x's dtype, and f32 [dw per image | db per image], summed
+            // over the images here.
+            let dx = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[w, b], 0)?, &op)?;
+            let sums = op.sums(x)?;
+            let (n, c) = (x.dim(0)?, w.elem_count());
+            let dw = sums.narrow(0, 0, n * c)?.reshape((n, c))?.sum(0)?.to_dtype(w.dtype())?;
+            let db = sums.narrow(0, n * c, n * c)?.reshape((n, c))?.sum(0)?.to_dtype(b.dtype())?;
             return Ok((Some(dx), Some(dw), Some(db)));
         }
         // One op computes all three gradients; it returns them packed as [dx | dw | db].
@@ -435,22 +436,77 @@ impl candle_core::CustomOp3 for ShiftedGroupNormOp {
     }
 
     fn bwd(&self, x: &Tensor, shift: &Tensor, wb: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c, len) = (x.dim(0)?, x.dim(1)?, x.elem_count());
-        let op = GroupNormBackward { op: self.0.clone(), shifted: true };
-        // f32 [dx | dw per image | db per image | dshift]; the images' dw and db are summed here.
-        let packed = x.apply_op3_no_bwd(&grad.contiguous()?, &Tensor::cat(&[wb, &shift.flatten_all()?], 0)?, &op)?;
-        let dx = packed.narrow(0, 0, len)?.reshape(x.shape())?.to_dtype(x.dtype())?;
-        let dw = packed.narrow(0, len, n * c)?.reshape((n, c))?.sum(0)?;
-        let db = packed.narrow(0, len + n * c, n * c)?.reshape((n, c))?.sum(0)?;
-        let dshift = packed.narrow(0, len + 2 * n * c, n * c)?.reshape((n, c))?.to_dtype(shift.dtype())?;
+        let (n, c) = (x.dim(0)?, x.dim(1)?);
+        let op = GroupNormBackward::new(self.0.clone(), true);
+        // dx in x's dtype, then f32 [dw per image | db per image | dshift]; the images' dw and
+        // db are summed here.
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, &Tensor::cat(&[wb, &shift.flatten_all()?], 0)?, &op)?;
+        let sums = op.sums(x)?;
+        let dw = sums.narrow(0, 0, n * c)?.reshape((n, c))?.sum(0)?;
+        let db = sums.narrow(0, n * c, n * c)?.reshape((n, c))?.sum(0)?;
+        let dshift = sums.narrow(0, 2 * n * c, n * c)?.reshape((n, c))?.to_dtype(shift.dtype())?;
         Ok((Some(dx), Some(dshift), Some(Tensor::cat(&[&dw, &db], 0)?.to_dtype(wb.dtype())?)))
     }
 }
 
-/// `(x, dy, [w | b])`, or with a shift `(x, dy, [w | b | shift])`: the packed gradients.
+/// `(x, dy, [w | b])`, or with a shift `(x, dy, [w | b | shift])`: the gradients. On the CPU,
+/// packed f32 [dx | dw | db]. On CUDA, dx in x's dtype; the kernel's f32 per-image sums (dw,
+/// db, and the shift's gradient) wait in `sums` for [`GroupNormBackward::sums`]: a custom op
+/// has one output, and packing dx with them made it f32, so a bf16 step wrote dx in f32 and
+/// then paid a full-size cast back.
 struct GroupNormBackward {
     op: GroupNormOp,
     shifted: bool,
+    #[cfg(feature = "cuda")]
+    sums: std::sync::Arc<std::sync::Mutex<Option<(CudaStorage, usize)>>>,
+}
+
+impl GroupNormBackward {
+    fn new(op: GroupNormOp, shifted: bool) -> Self {
+        Self {
+            op,
+            shifted,
+            #[cfg(feature = "cuda")]
+            sums: Default::default(),
+        }
+    }
+
+    /// The sums of the CUDA pass that ran last through this op, as an f32 tensor on `like`'s
+    /// device (taken: a second call is an error).
+    fn sums(&self, like: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            like.apply_op1_no_bwd(&TakeSums(self.sums.clone()))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = like;
+            candle_core::bail!("group norm backward: the per-image sums come from the CUDA kernel only")
+        }
+    }
+}
+
+/// Hands over a [`GroupNormBackward`]'s CUDA sums as an op's output (its input is not read).
+#[cfg(feature = "cuda")]
+struct TakeSums(std::sync::Arc<std::sync::Mutex<Option<(CudaStorage, usize)>>>);
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for TakeSums {
+    fn name(&self) -> &'static str {
+        "group-norm-backward-sums"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("group norm backward: the per-image sums come from the CUDA kernel only")
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let taken = self.0.lock().map_err(|_| candle_core::Error::Msg("group norm backward: its sums' lock is poisoned".into()))?.take();
+        match taken {
+            Some((s, len)) => Ok((s, Shape::from(len))),
+            None => candle_core::bail!("group norm backward: no sums to take (the CUDA pass did not run, or they were taken)"),
+        }
+    }
 }
 
 impl candle_core::CustomOp3 for GroupNormBackward {
@@ -462,9 +518,10 @@ impl candle_core::CustomOp3 for GroupNormBackward {
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
         let op = &self.op;
         let d = op.cuda_dims(l1);
-        let out = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, s3, l3, self.shifted)?;
+        let (dx, sums) = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, s3, l3, self.shifted)?;
         let shift_len = if self.shifted { d.n * d.c } else { 0 };
-        Ok((out, Shape::from(d.n * d.c * d.hw + 2 * d.n * d.c + shift_len)))
+        *self.sums.lock().map_err(|_| candle_core::Error::Msg("group norm backward: its sums' lock is poisoned".into()))? = Some((sums, 2 * d.n * d.c + shift_len));
+        Ok((dx, l1.shape().clone()))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {

@@ -133,7 +133,8 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     };
     write_inputs(dir, bf16, &mut [("x.bin", &mut x), ("w.bin", &mut w), ("b.bin", &mut b), ("dy.bin", &mut dy), ("shift.bin", &mut shift)]);
     write_f32(dir.join("mask.bin"), &mask);
-    let mut args = [n, c, hw, groups, act as usize, drop as usize, bf16 as usize].map(|v| v.to_string()).to_vec();
+    let (hw_m, hw_s) = unet::int_div::magic(hw as u32);
+    let mut args = [n, c, hw, groups, act as usize, drop as usize, bf16 as usize, hw_m as usize, hw_s as usize].map(|v| v.to_string()).to_vec();
     if drop == Drop::Hashed {
         // The kernels get the key, not the mask: they must draw the same factors as `factor`.
         args.extend([hashed.key.to_string(), hashed.threshold.to_string(), hashed.scale.to_string()]);
@@ -145,13 +146,14 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     let out = Command::new(exe).arg("gn").args(&args).env("EMU_SHIFT", if shifted { "1" } else { "0" }).current_dir(dir).output().unwrap();
     assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
     let y = read_output(dir, "y.bin", bf16);
-    let packed = read_f32(dir.join("out.bin"));
-    assert_eq!(packed.len(), len + (2 + shifted as usize) * n * c);
-    let dx = &packed[..len];
+    // dx in the input's dtype; the per-image sums in f32.
+    let dx = read_output(dir, "dx.bin", bf16);
+    let aux = read_f32(dir.join("aux.bin"));
+    assert_eq!((dx.len(), aux.len()), (len, (2 + shifted as usize) * n * c));
     let sum_images = |part: &[f32]| (0..c).map(|ch| (0..n).map(|i| part[i * c + ch]).sum::<f32>()).collect::<Vec<f32>>();
-    let dw = sum_images(&packed[len..len + n * c]);
-    let db = sum_images(&packed[len + n * c..len + 2 * n * c]);
-    let dshift = &packed[len + 2 * n * c..];
+    let dw = sum_images(&aux[..n * c]);
+    let db = sum_images(&aux[n * c..2 * n * c]);
+    let dshift = &aux[2 * n * c..];
 
     let dev = Device::Cpu;
     let xv = Var::from_tensor(&Tensor::from_vec(x, (n, c, hw), &dev).unwrap()).unwrap();
@@ -173,12 +175,20 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let (y_tol, g_tol) = if bf16 { (8e-3, 1e-4) } else { (1e-5, 1e-5) };
     let label = format!("n={n} c={c} hw={hw} groups={groups} act={act} drop={drop:?} bf16={bf16} shifted={shifted}");
+    let want_dx = flat(grads.get(xv.as_tensor()).unwrap());
     if bf16 {
         assert_bf16_rounded(&format!("{label} y"), &y, &flat(&want));
+        // dx is computed in f32, as on the CPU, then rounded: within a bf16 step (2^-7 of the
+        // value), as the two f32 results may round either side of a midpoint.
+        let scale = want_dx.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in dx.iter().zip(&want_dx).enumerate() {
+            assert!((g - w).abs() <= w.abs() * 2f32.powi(-7) + 1e-5 * scale, "{label}: dx[{i}] = {g} is not {w} in bf16");
+        }
     }
+    let dx_tol = if bf16 { 2f32.powi(-7) + 1e-5 } else { g_tol };
     for (name, got, want, tol) in [
         ("y", &y[..], flat(&want), y_tol),
-        ("dx", dx, flat(grads.get(xv.as_tensor()).unwrap()), g_tol),
+        ("dx", &dx[..], want_dx.clone(), dx_tol),
         ("dw", &dw[..], flat(grads.get(wv.as_tensor()).unwrap()), g_tol),
         ("db", &db[..], flat(grads.get(bv.as_tensor()).unwrap()), g_tol),
     ] {
@@ -189,7 +199,7 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
         // The sum of dx over each image and channel, made from the group sums in the kernel;
         // relative to dx's largest value, as its cancellations are dx's.
         let want = flat(grads.get(sv.as_tensor()).unwrap());
-        let scale = flat(grads.get(xv.as_tensor()).unwrap()).iter().fold(0f32, |m, v| m.max(v.abs())) * hw as f32;
+        let scale = want_dx.iter().fold(0f32, |m, v| m.max(v.abs())) * hw as f32;
         let d = dshift.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale;
         assert!(d <= g_tol, "{label}: dshift differs by {d:e} (relative to the largest dx times the pixels), tolerance {g_tol:e}");
         // (With one channel a group the norm takes each shift out again: its gradient is 0.)
@@ -278,11 +288,14 @@ fn conv_bias_kernels_match_the_cpu_op() {
     let Some(exe) = compile(dir.path()) else { return };
     // A map shorter than the block, and one long enough for the four-way unrolled loop and
     // its tail (33 x 33 = 1089 = 4 x 256 + 65).
-    for (bf16, (n, c, h, w)) in [(false, (3, 5, 6, 7)), (true, (3, 5, 6, 7)), (false, (2, 3, 33, 33)), (true, (2, 3, 33, 33))] {
+    // (A warp a row, 8 rows a block: 15 rows leave the last block a warp short; 3 images on a
+    // grid 2 high make the add's image loop go round.)
+    for (bf16, (n, c, h, w)) in [(false, (3, 5, 6, 7)), (true, (3, 5, 6, 7)), (false, (2, 3, 33, 33)), (true, (2, 3, 33, 33)), (false, (3, 5, 8, 8)), (true, (1, 9, 16, 16))] {
         let total = n * c * h * w;
         let (mut y, mut b) = (values(total, 21, 2.0, 0.3), values(c, 22, 1.0, 0.0));
         write_inputs(dir.path(), bf16, &mut [("y.bin", &mut y), ("b.bin", &mut b)]);
-        let args = ["bias".to_string(), n.to_string(), c.to_string(), (h * w).to_string(), (bf16 as u8).to_string()];
+        let (hw_m, hw_s) = unet::int_div::magic((h * w) as u32);
+        let args = ["bias".to_string(), n.to_string(), c.to_string(), (h * w).to_string(), (bf16 as u8).to_string(), hw_m.to_string(), hw_s.to_string()];
         let out = Command::new(&exe).args(&args).current_dir(dir.path()).output().unwrap();
         assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
         let (ya, cs) = (read_output(dir.path(), "ya.bin", bf16), read_output(dir.path(), "cs.bin", bf16));
@@ -342,4 +355,10 @@ fn group_norm_kernels_match_the_cpu_op() {
     case(&exe, dir.path(), 3, 8, 100, 8, true, Drop::None, false, true);
     case(&exe, dir.path(), 2, 6, 50, 3, true, Drop::Hashed, true, true);
     case(&exe, dir.path(), 1, 4, 1000, 2, true, Drop::None, true, true);
+    // Channels shorter than the block go a warp each (HW < 256): more channels a group than
+    // warps a block, so that a warp takes several; 255 and 256 either side of the switch.
+    case(&exe, dir.path(), 2, 40, 50, 2, true, Drop::Hashed, false, true);
+    case(&exe, dir.path(), 1, 24, 64, 2, true, Drop::SeedInMemory, true, false);
+    case(&exe, dir.path(), 2, 4, 255, 2, true, Drop::Mask, false, true);
+    case(&exe, dir.path(), 2, 4, 256, 2, false, Drop::None, false, false);
 }

@@ -1,12 +1,13 @@
 // Driver for kernels.cu under shim.h, reading its inputs from and writing its outputs to the
 // working directory (f32, or bf16 bits where the kernel takes bf16):
-//   main gn N C HW G act drop bf16 [key thr scale [seed site_mix]]
-//                                        x, w, b, mask, dy -> y, out (the backward's packed f32);
+//   main gn N C HW G act drop bf16 hw_m hw_s [key thr scale [seed site_mix]]
+//                                        x, w, b, mask, dy -> y, dx, aux (the backward's f32 sums);
+//                                        (hw_m, hw_s): int_div::magic(HW), as the launches pass;
 //                                        drop: 0 none, 1 mask.bin, 2 hashed (key thr scale),
 //                                        3 hashed with the seed in (device) memory (+ seed site_mix)
 //   main softmax ROWS LEN SCALE bf16     x, dy -> y, dx
 //   main up ROWS W bf16                  x [ROWS, W], g [ROWS, 2, 2W] -> y (x upsampled), dx (g's block sums)
-//   main bias N C HW bf16                y [N, C, HW], b [C] -> ya (y + b, in place), cs (y's sums per channel)
+//   main bias N C HW bf16 hw_m hw_s      y [N, C, HW], b [C] -> ya (y + b, in place), cs (y's sums per channel)
 #include "kernels.cu"
 #include <cstdio>
 #include <cstdlib>
@@ -28,21 +29,22 @@ template <class T> void wr(const char* p, const std::vector<T>& v) {
 struct DropArg { const float* m; unsigned long long key; unsigned int thr; float scale; const unsigned long long* seed_at; unsigned long long site_mix; };
 
 // With EMU_SHIFT=1 in the environment, shift.bin (N*C values) is added to x per image and
-// channel, and `out` has its gradient appended.
+// channel, and `aux` has its gradient appended.
 template <class T, class Fwd, class Bwd>
-void run(int N, int C, int HW, int G, int act, DropArg d, Fwd fwd, Bwd bwd) {
+void run(int N, int C, int HW, int G, int act, unsigned hw_m, unsigned hw_s, DropArg d, Fwd fwd, Bwd bwd) {
     const float eps = 1e-5f;
     const size_t len = (size_t)N * C * HW;
     const bool shifted = getenv("EMU_SHIFT") && std::string(getenv("EMU_SHIFT")) == "1";
     auto x = rd<T>("x.bin", len), w = rd<T>("w.bin", C), b = rd<T>("b.bin", C), dy = rd<T>("dy.bin", len);
     std::vector<T> shift = shifted ? rd<T>("shift.bin", (size_t)N * C) : std::vector<T>();
     const T* sp = shifted ? shift.data() : nullptr;
-    std::vector<T> y(len);
-    std::vector<float> out(len + (shifted ? 3 : 2) * (size_t)N * C);
-    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), sp, y.data(), C, HW, G, eps, act, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
-    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), sp, dy.data(), out.data(), N, C, HW, G, eps, act, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    std::vector<T> y(len), dx(len);
+    std::vector<float> aux((shifted ? 3 : 2) * (size_t)N * C);
+    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), sp, y.data(), C, HW, G, eps, act, hw_m, hw_s, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), sp, dy.data(), dx.data(), aux.data(), N, C, HW, G, eps, act, hw_m, hw_s, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
     wr("y.bin", y);
-    wr("out.bin", out);
+    wr("dx.bin", dx);
+    wr("aux.bin", aux);
 }
 
 template <class T, class Fwd, class Bwd>
@@ -69,41 +71,42 @@ void run_up(int rows, int w, Up up, Sum sum) {
 }
 
 template <class T, class Add, class Partial, class Finish>
-void run_bias(int N, int C, long long HW, Add add, Partial partial, Finish finish) {
-    const long long total = (long long)N * C * HW;
+void run_bias(int N, int C, long long HW, unsigned hw_m, unsigned hw_s, Add add, Partial partial, Finish finish) {
+    const long long total = (long long)N * C * HW, rows = (long long)N * C;
     auto y = rd<T>("y.bin", total), b = rd<T>("b.bin", C);
     std::vector<T> cs(C);
     std::vector<float> part(N * C);
     // The channel sums read y before the in-place add changes it; launched as cuda_ops.rs does:
-    // a block per (image, channel), then ceil(C / 256) blocks of 256 threads.
-    launch(N * C, 256, [&] { partial(y.data(), part.data(), HW); });
+    // a warp per (image, channel), 8 to a block, then ceil(C / 256) blocks of 256 threads.
+    launch((unsigned)((rows + 7) / 8), 256, [&] { partial(y.data(), part.data(), HW, rows); });
     launch((C + 255) / 256, 256, [&] { finish(part.data(), cs.data(), N, C); });
-    // A grid much smaller than the data: the grid-stride loop goes round several times.
-    launch(2, 64, [&] { add(y.data(), b.data(), C, HW, total); });
+    // A grid much smaller than the data, 2 x 2 blocks: both grid-stride loops go round.
+    launch(2, 64, [&] { add(y.data(), b.data(), N, (unsigned)(C * HW), hw_m, hw_s); }, 2);
     wr("ya.bin", y);
     wr("cs.bin", cs);
 }
 
 int main(int argc, char** argv) {
     std::string mode = argc > 1 ? argv[1] : "";
-    if (mode == "gn" && (argc == 9 || argc == 12 || argc == 14)) {
+    if (mode == "gn" && (argc == 11 || argc == 14 || argc == 16)) {
         int N = atoi(argv[2]), C = atoi(argv[3]), HW = atoi(argv[4]), G = atoi(argv[5]), act = atoi(argv[6]), drop = atoi(argv[7]);
+        unsigned hw_m = (unsigned)strtoul(argv[9], nullptr, 10), hw_s = (unsigned)strtoul(argv[10], nullptr, 10);
         auto mask = rd<float>("mask.bin", (size_t)N * C * HW);
         DropArg d{drop == 1 ? mask.data() : nullptr, 0, 0, 1.f, nullptr, 0};
         unsigned long long seed = 0;
         if (drop == 2 || drop == 3) {
-            if (argc != (drop == 2 ? 12 : 14)) { fprintf(stderr, "hashed dropout needs key thr scale (and seed site_mix with drop 3)\n"); return 2; }
-            d.key = strtoull(argv[9], nullptr, 10);
-            d.thr = (unsigned int)strtoul(argv[10], nullptr, 10);
-            d.scale = (float)atof(argv[11]);
+            if (argc != (drop == 2 ? 14 : 16)) { fprintf(stderr, "hashed dropout needs key thr scale (and seed site_mix with drop 3)\n"); return 2; }
+            d.key = strtoull(argv[11], nullptr, 10);
+            d.thr = (unsigned int)strtoul(argv[12], nullptr, 10);
+            d.scale = (float)atof(argv[13]);
         }
         if (drop == 3) {
-            seed = strtoull(argv[12], nullptr, 10);
+            seed = strtoull(argv[14], nullptr, 10);
             d.seed_at = &seed;
-            d.site_mix = strtoull(argv[13], nullptr, 10);
+            d.site_mix = strtoull(argv[15], nullptr, 10);
         }
-        if (atoi(argv[8])) run<bf16_t>(N, C, HW, G, act, d, gn_fwd_bf16, gn_bwd_bf16);
-        else run<float>(N, C, HW, G, act, d, gn_fwd_f32, gn_bwd_f32);
+        if (atoi(argv[8])) run<bf16_t>(N, C, HW, G, act, hw_m, hw_s, d, gn_fwd_bf16, gn_bwd_bf16);
+        else run<float>(N, C, HW, G, act, hw_m, hw_s, d, gn_fwd_f32, gn_bwd_f32);
         return 0;
     }
     if (mode == "softmax" && argc == 6) {
@@ -119,13 +122,14 @@ int main(int argc, char** argv) {
         else run_up<float>(rows, w, up2x_f32, blocksum2x_f32);
         return 0;
     }
-    if (mode == "bias" && argc == 6) {
+    if (mode == "bias" && argc == 8) {
         int N = atoi(argv[2]), C = atoi(argv[3]);
         long long HW = atoll(argv[4]);
-        if (atoi(argv[5])) run_bias<bf16_t>(N, C, HW, bias_add_bf16, channel_partial_bf16, channel_finish_bf16);
-        else run_bias<float>(N, C, HW, bias_add_f32, channel_partial_f32, channel_finish_f32);
+        unsigned hw_m = (unsigned)strtoul(argv[6], nullptr, 10), hw_s = (unsigned)strtoul(argv[7], nullptr, 10);
+        if (atoi(argv[5])) run_bias<bf16_t>(N, C, HW, hw_m, hw_s, bias_add_bf16, channel_partial_bf16, channel_finish_bf16);
+        else run_bias<float>(N, C, HW, hw_m, hw_s, bias_add_f32, channel_partial_f32, channel_finish_f32);
         return 0;
     }
-    fprintf(stderr, "usage: main gn N C HW G act drop bf16 [key thr scale [seed site_mix]] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16 | main bias N C HW bf16\n");
+    fprintf(stderr, "usage: main gn N C HW G act drop bf16 hw_m hw_s [key thr scale [seed site_mix]] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16 | main bias N C HW bf16 hw_m hw_s\n");
     return 2;
 }

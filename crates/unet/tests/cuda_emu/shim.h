@@ -24,13 +24,18 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   float r = warp_buf[(threadIdx.x & ~31u) | ((threadIdx.x & 31u) ^ (unsigned)o)];
   b.arrive_and_wait(); return r;
 }
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-template <class F> void launch(unsigned blocks, unsigned threads, F f) {
+// A grid of blocks_x x blocks_y blocks (y defaults to 1).
+template <class F> void launch(unsigned blocks, unsigned threads, F f, unsigned blocks_y = 1) {
   blockDim.x = threads;
   gridDim.x = blocks;
+  gridDim.y = blocks_y;
+  for (unsigned by = 0; by < blocks_y; ++by)
   for (unsigned b = 0; b < blocks; ++b) {
     blockIdx.x = b;
+    blockIdx.y = by;
     std::barrier<> bb(threads); block_bar = &bb;
     warp_bars.clear(); for (unsigned w = 0; w < threads / 32; ++w) warp_bars.emplace_back(new std::barrier<>(32));
     std::vector<std::thread> ts;
