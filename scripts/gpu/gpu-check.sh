@@ -18,7 +18,8 @@
 #   7 = what has never run on a GPU, each checked, then timed: training steps replayed from
 #   CUDA graphs (TRAIN_CUDA_GRAPH=1), bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm), the
 #   time embedding folded into GroupNorm (UNET_FOLD_TEMB=1), all that passed together, sampling
-#   from CUDA graphs (SAMPLER_CUDA_GRAPH=1), cuDNN's graph API (execution plans, UNET_CUDNN_API=graph))
+#   from CUDA graphs (SAMPLER_CUDA_GRAPH=1), cuDNN's graph API (execution plans, UNET_CUDNN_API=graph),
+#   then our per-op GPU times with what passed (plain steps))
 #   AB_SWAPS="..." (the A/B runs' switches; default: each of our parts; UNET_CUDNN_ALGO=find adds
 #   cuDNN's Find against its heuristics, both precisions)  AB_MICRO=1 (the micro-batch run)
 # Each step has its own time limit, so that one hang cannot take the whole session, and the whole
@@ -230,7 +231,7 @@ fi
 }
 
 want 7 && {
-step "7. never run on a GPU before, each checked then timed: training steps from CUDA graphs (TRAIN_CUDA_GRAPH=1); bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm); the time embedding folded into GroupNorm (UNET_FOLD_TEMB=1); all that passed together; sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1); cuDNN's graph API (UNET_CUDNN_API=graph)"
+step "7. never run on a GPU before, each checked then timed: training steps from CUDA graphs (TRAIN_CUDA_GRAPH=1); bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm); the time embedding folded into GroupNorm (UNET_FOLD_TEMB=1); all that passed together; sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1); cuDNN's graph API (UNET_CUDNN_API=graph); our per-op profile with what passed"
 # Each use first passes its own checks, and only then is timed, beside step 2's figures; in the
 # order of what they may gain, so that the deadline cuts the least. A use that fails on the
 # card goes back to the plain path and says why (in the bench's JSON and log lines).
@@ -323,6 +324,15 @@ else
       echo "graph API self-test failed (exit $rc): not timed"; tail -15 "$OUT/self-test-graph.txt"
     fi
   fi
+  # Last, our per-op GPU times (UNET_CUDA_PROFILE) with what passed, plain steps (a profile
+  # times each op with events, which a replayed graph has not): the kernels rewritten after stop
+  # 25 (GroupNorm, the bias passes) beside that run's profile-ours-train128-*.json, op by op.
+  PROFILE_ENV=$(echo "$ALL_ENV" | tr ' ' '\n' | grep -v '^TRAIN_CUDA_GRAPH=' | tr '\n' ' ')
+  for p in $PRECISIONS; do
+    room 30 "$RESERVE4" "our profile with what passed, $p" || continue
+    (export $PROFILE_ENV UNET_CUDA_PROFILE=1; timeout "$(cap 90 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 1 --warmup 1 --threads "$THREADS" \
+      --python none --out "$OUT/profile-ours-train128-$p.json") || echo "our profile $p failed"
+  done
 fi
 }
 
