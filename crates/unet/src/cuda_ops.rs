@@ -222,9 +222,10 @@ fn with_mask<R>(mask: Option<&Tensor>, len: usize, f: impl FnOnce(Option<CudaVie
 }
 
 /// y = act(group_norm(x + shift) * w + b) * dropout (the mask, or the hashed factors), in x's
-/// dtype (w, b and the shift, one value per image and channel, share it).
+/// dtype (w, b and the shift, one value per image and channel, share it); with `save`, also
+/// each group's mean and 1/std (f32, 2 per (image, group)) for [`backward`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, b: &CudaStorage, lb: &Layout, shift: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
+pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, b: &CudaStorage, lb: &Layout, shift: Option<(&CudaStorage, &Layout)>, save: bool) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let dev = x.device.clone();
     let len = d.n * d.c * d.hw;
     let (c, hw, g, act) = (d.c as i32, d.hw as i32, d.groups as i32, act as i32);
@@ -239,8 +240,10 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
                     Some((s, l)) => Some(view::<$t>(s, l, d.n * d.c)?),
                     None => None,
                 };
-                // SAFETY: the kernel writes every element (one block per group, each group whole).
+                // SAFETY: the kernel writes every element (one block per group, each group
+                // whole), and with `save` both statistics of every group.
                 let mut out = unsafe { dev.alloc::<$t>(len)? };
+                let mut saved = if save { Some(unsafe { dev.alloc::<f32>(2 * d.n * d.groups)? }) } else { None };
                 let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
                 let mut args = func.builder();
                 args.arg(&xv).arg(&wv).arg(&bv);
@@ -248,13 +251,18 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
                     Some(v) => args.arg(v),
                     None => args.arg(&null),
                 };
-                args.arg(&mut out).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act).arg(&hw_m).arg(&hw_s);
+                args.arg(&mut out);
+                match saved.as_mut() {
+                    Some(s) => args.arg(s),
+                    None => args.arg(&null),
+                };
+                args.arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act).arg(&hw_m).arg(&hw_s);
                 drop.push(&mut args, &mask, &null);
                 let name = || format!("groupnorm{} fwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
                 // SAFETY: argument types and order match `gn_fwd_*` in kernels.cu; the buffers
-                // hold the lengths the kernel indexes (n*c*hw, c, c).
+                // hold the lengths the kernel indexes (n*c*hw, c, c; 2*n*groups saved).
                 profile::time(&dev, name, || unsafe { args.launch(launch_config(&d)) }.w())?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
+                (CudaStorage::wrap_cuda_slice(out, dev.clone()), saved.map(|s| CudaStorage::wrap_cuda_slice(s, dev.clone())))
             }};
         }
         if shift.is_some_and(|(s, _)| s.dtype() != x.dtype()) {
@@ -270,9 +278,10 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
 
 /// From x, dy and [w | b] (with `shifted`, [w | b | shift (n*c)]): dx in x's dtype, and f32
 /// [dw partial sums (n*c) | db partial sums (n*c)], per image, with the shift's gradient (n*c)
-/// appended when `shifted`.
+/// appended when `shifted`. `saved`: the forward pass's statistics ([`forward`] with `save`), or
+/// `None` to recompute them.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout, shifted: bool) -> Result<(CudaStorage, CudaStorage)> {
+pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout, shifted: bool, saved: Option<&CudaStorage>) -> Result<(CudaStorage, CudaStorage)> {
     let dev = x.device.clone();
     let len = d.n * d.c * d.hw;
     let shift_len = if shifted { d.n * d.c } else { 0 };
@@ -287,6 +296,16 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hash
                 let (xv, dyv, wbv) = (view::<$t>(x, lx, len)?, view::<$t>(dy, ldy, len)?, view::<$t>(wb, lwb, 2 * d.c + shift_len)?);
                 let (wv, bv) = (wbv.slice(..d.c), wbv.slice(d.c..2 * d.c));
                 let sv = wbv.slice(2 * d.c..);
+                let stats = match saved {
+                    Some(s) => {
+                        let v = s.as_cuda_slice::<f32>()?;
+                        if v.len() != 2 * d.n * d.groups {
+                            candle_core::bail!("group norm backward (CUDA): {} saved statistics for {} groups", v.len(), d.n * d.groups);
+                        }
+                        Some(v)
+                    }
+                    None => None,
+                };
                 // SAFETY: every dx element and every (image, channel) partial sum (and shift
                 // gradient) is written.
                 let mut dx = unsafe { dev.alloc::<$t>(len)? };
@@ -299,7 +318,12 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hash
                 } else {
                     args.arg(&null);
                 }
-                args.arg(&dyv).arg(&mut dx).arg(&mut aux).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act).arg(&hw_m).arg(&hw_s);
+                args.arg(&dyv);
+                match stats {
+                    Some(v) => args.arg(v),
+                    None => args.arg(&null),
+                };
+                args.arg(&mut dx).arg(&mut aux).arg(&n).arg(&c).arg(&hw).arg(&g).arg(&eps).arg(&act).arg(&hw_m).arg(&hw_s);
                 drop.push(&mut args, &mask, &null);
                 let name = || format!("groupnorm{} bwd {}ch {}px b{} {}", if act != 0 { "+hardswish" } else { "" }, d.c, d.hw, d.n, stringify!($t));
                 // SAFETY: argument types and order match `gn_bwd_*` in kernels.cu; `dx` holds
@@ -448,6 +472,45 @@ pub(crate) fn bias_add_inplace(y: &mut CudaStorage, total: usize, b: &CudaStorag
     Ok(())
 }
 
+/// `a + h + b[c]` for `a`, `h` [n, c, hw...] (contiguous) and `b` [c], all f32 or all bf16: a
+/// ResBlock's residual sum with its convolutions' bias, in one pass.
+pub(crate) fn residual_bias_add(a: &CudaStorage, la: &Layout, h: &CudaStorage, lh: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
+    let dev = a.device.clone();
+    let (n, c, hgt, w) = la.shape().dims4()?;
+    let hw = hgt * w;
+    let total = n * c * hw;
+    if lh.shape() != la.shape() || lb.shape().elem_count() != c {
+        candle_core::bail!("residual add (CUDA): shapes {:?} + {:?} + bias {:?} do not match", la.shape(), lh.shape(), lb.shape());
+    }
+    let (hw_m, hw_s) = hw_magic("residual add", hw, c * hw)?;
+    let (n_i, chw_u) = (n as i32, (c * hw) as u32);
+    let cfg = LaunchConfig {
+        grid_dim: ((c * hw).div_ceil(4 * THREADS as usize).clamp(1, 65_535) as u32, n.clamp(1, 65_535) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = || format!("residual+bias add {c}ch {hw}px b{n} {:?}", a.dtype());
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            let (av, hv, bv) = (view::<$t>(a, la, total)?, view::<$t>(h, lh, total)?, view::<$t>(b, lb, c)?);
+            // SAFETY: the kernel writes every one of the `total` values.
+            let mut out = unsafe { dev.alloc::<$t>(total)? };
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
+            let mut args = func.builder();
+            args.arg(&av).arg(&hv).arg(&bv).arg(&mut out).arg(&n_i).arg(&chw_u).arg(&hw_m).arg(&hw_s);
+            // SAFETY: argument types and order match `residual_bias_add_*` in kernels.cu; `a`,
+            // `h` and `out` hold `total` values and `b` `c`.
+            profile::time(&dev, name, || unsafe { args.launch(cfg) }.w())?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    Ok(match (&a.slice, &h.slice, &b.slice) {
+        (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run!(f32, "residual_bias_add_f32"),
+        (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run!(bf16, "residual_bias_add_bf16"),
+        _ => candle_core::bail!("residual add (CUDA): dtypes {:?}/{:?}/{:?} not supported", a.dtype(), h.dtype(), b.dtype()),
+    })
+}
+
 /// The per-channel sum of `dy` [n, c, h, w] (a convolution's bias gradient), in its dtype: per
 /// (image, channel) partial sums in f32, then their sum per channel in image order.
 pub(crate) fn channel_sum(dy: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
@@ -591,7 +654,7 @@ mod tests {
     fn the_kernels_compile_with_nvrtc_and_have_every_entry_point_asked_for() {
         let ptx = super::ptx().unwrap();
         let asked = names_asked_for(include_str!("cuda_ops.rs"), &["_f32", "_bf16"]);
-        assert_eq!(asked.len(), 18, "{asked:?}");
+        assert_eq!(asked.len(), 20, "{asked:?}");
         for name in &asked {
             assert!(ptx.contains(&format!(".entry {name}(")), "the PTX has no entry {name}");
         }

@@ -5,14 +5,18 @@
 //   one block per (image, group), a group being one contiguous run of channels_per_group * H * W
 //   values; statistics in two passes (mean, then the mean of squared deviations), recomputed in
 //   the backward pass. Dropout is either a stored f32 mask or, with no mask, `norm::HashedDropout`:
-//   each element's keep/drop recomputed from a hash of its index, in both passes. The backward
-//   pass writes dx in the input's dtype, and its per-channel sums in f32 to a second buffer.
+//   each element's keep/drop recomputed from a hash of its index, in both passes. The forward
+//   pass can save each group's statistics for the backward pass, which then skips their two
+//   passes over x (PyTorch keeps them too); given none, it recomputes them, to the same bits.
+//   The backward pass writes dx in the input's dtype, and its per-channel sums in f32 to a
+//   second buffer.
 // - softmax(scale * x) over the last dimension, forward and backward (`softmax.rs`): one block
 //   per row.
 // - nearest x2 upsampling and its adjoint, the sum of each 2x2 block (`upsample.rs`): one
 //   thread per input (resp. output) value, grid-stride.
 // - a convolution's bias (`conv.rs`): added in place to the cuDNN output, grid-stride, and its
-//   gradient, the sum of dY per channel: per (image, channel) partial sums, then per channel.
+//   gradient, the sum of dY per channel: per (image, channel) partial sums, then per channel;
+//   or added in the residual sum that follows the convolution, in the same pass.
 // Inside a group or an image, indices are 32-bit and the channel of an element comes from a
 // multiply and a shift by the host's magic numbers for H * W (`int_div::magic`): the 64-bit
 // division these kernels did per element cost more than its memory traffic (stop 25's H100
@@ -132,13 +136,18 @@ __device__ void stats(const T* x, const T* shift, long base, long sbase, unsigne
 }
 
 // One block per (image, group); the group's cpg * HW values are fewer than 2^31 (the host checks).
+// `saved`: null, or where the group's mean and 1/std go (2 floats per block, in block order).
 template <typename T>
-__device__ void gn_fwd(const T* x, const T* w, const T* b, const T* shift, Drop drop, T* y, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s) {
+__device__ void gn_fwd(const T* x, const T* w, const T* b, const T* shift, Drop drop, T* y, float* saved, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s) {
     __shared__ float sh[32];
     const int n = blockIdx.x / G, g = blockIdx.x % G, cpg = C / G, len = cpg * HW;
     const long base = ((long)n * C + (long)g * cpg) * HW, sbase = (long)n * C + (long)g * cpg;
     float mean, rstd;
     stats(x, shift, base, sbase, hw_m, hw_s, len, eps, sh, &mean, &rstd);
+    if (saved && threadIdx.x == 0) {
+        saved[2 * (long)blockIdx.x] = mean;
+        saved[2 * (long)blockIdx.x + 1] = rstd;
+    }
     for (int i = threadIdx.x; i < len; i += blockDim.x) {
         const int c = g * cpg + (int)udiv(i, hw_m, hw_s);
         const float wc = ld(w, c);
@@ -153,8 +162,9 @@ __device__ void gn_fwd(const T* x, const T* w, const T* b, const T* shift, Drop 
 // and of dL/dz at aux + N*C (z: the normalised, affine output before the activation), summed
 // over images by the caller; with a shift, also its gradient (the sum of dx over the channel's
 // pixels, per image and channel) at aux + 2*N*C.
+// `saved`: null, or the forward pass's statistics (gn_fwd's `saved`).
 template <typename T>
-__device__ void gn_bwd(const T* x, const T* w, const T* b, const T* shift, Drop drop, const T* dy, T* dx, float* aux, int N, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s) {
+__device__ void gn_bwd(const T* x, const T* w, const T* b, const T* shift, Drop drop, const T* dy, const float* saved, T* dx, float* aux, int N, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s) {
     __shared__ float sh[32];
     const int n = blockIdx.x / G, g = blockIdx.x % G, cpg = C / G, len = cpg * HW;
     const long base = ((long)n * C + (long)g * cpg) * HW, sbase = (long)n * C + (long)g * cpg;
@@ -162,7 +172,12 @@ __device__ void gn_bwd(const T* x, const T* w, const T* b, const T* shift, Drop 
     float* db_part = aux + (long)N * C;
     float* dshift = shift ? db_part + (long)N * C : nullptr;
     float mean, rstd;
-    stats(x, shift, base, sbase, hw_m, hw_s, len, eps, sh, &mean, &rstd);
+    if (saved) {
+        mean = saved[2 * (long)blockIdx.x];
+        rstd = saved[2 * (long)blockIdx.x + 1];
+    } else {
+        stats(x, shift, base, sbase, hw_m, hw_s, len, eps, sh, &mean, &rstd);
+    }
     // Each channel's sums of dL/dz, dL/dz * xhat (and xhat), into its (image, channel) slots: the
     // whole block on one channel at a time when a channel has a block's worth of values, else a
     // warp per channel (at 8x8, the block on a channel of 64 values left three quarters of its
@@ -252,17 +267,17 @@ __device__ void gn_bwd(const T* x, const T* w, const T* b, const T* shift, Drop 
 #define GN_DROP_ARGS const float *mask, unsigned long long drop_key, unsigned int drop_thr, float drop_scale, const unsigned long long *drop_seed_at, unsigned long long drop_site_mix
 #define GN_DROP Drop{mask, drop_seed_at ? mix64(*drop_seed_at ^ drop_site_mix) + drop_key : drop_key, drop_thr, drop_scale}
 // `shift`: null, or one value per image and channel added to x before the norm.
-extern "C" __global__ void gn_fwd_f32(const float* x, const float* w, const float* b, const float* shift, float* y, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s, GN_DROP_ARGS) {
-    gn_fwd<float>(x, w, b, shift, GN_DROP, y, C, HW, G, eps, act, hw_m, hw_s);
+extern "C" __global__ void gn_fwd_f32(const float* x, const float* w, const float* b, const float* shift, float* y, float* saved, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s, GN_DROP_ARGS) {
+    gn_fwd<float>(x, w, b, shift, GN_DROP, y, saved, C, HW, G, eps, act, hw_m, hw_s);
 }
-extern "C" __global__ void gn_fwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const bf16_t* shift, bf16_t* y, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s, GN_DROP_ARGS) {
-    gn_fwd<bf16_t>(x, w, b, shift, GN_DROP, y, C, HW, G, eps, act, hw_m, hw_s);
+extern "C" __global__ void gn_fwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const bf16_t* shift, bf16_t* y, float* saved, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s, GN_DROP_ARGS) {
+    gn_fwd<bf16_t>(x, w, b, shift, GN_DROP, y, saved, C, HW, G, eps, act, hw_m, hw_s);
 }
-extern "C" __global__ void gn_bwd_f32(const float* x, const float* w, const float* b, const float* shift, const float* dy, float* dx, float* aux, int N, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s, GN_DROP_ARGS) {
-    gn_bwd<float>(x, w, b, shift, GN_DROP, dy, dx, aux, N, C, HW, G, eps, act, hw_m, hw_s);
+extern "C" __global__ void gn_bwd_f32(const float* x, const float* w, const float* b, const float* shift, const float* dy, const float* saved, float* dx, float* aux, int N, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s, GN_DROP_ARGS) {
+    gn_bwd<float>(x, w, b, shift, GN_DROP, dy, saved, dx, aux, N, C, HW, G, eps, act, hw_m, hw_s);
 }
-extern "C" __global__ void gn_bwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const bf16_t* shift, const bf16_t* dy, bf16_t* dx, float* aux, int N, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s, GN_DROP_ARGS) {
-    gn_bwd<bf16_t>(x, w, b, shift, GN_DROP, dy, dx, aux, N, C, HW, G, eps, act, hw_m, hw_s);
+extern "C" __global__ void gn_bwd_bf16(const bf16_t* x, const bf16_t* w, const bf16_t* b, const bf16_t* shift, const bf16_t* dy, const float* saved, bf16_t* dx, float* aux, int N, int C, int HW, int G, float eps, int act, unsigned hw_m, unsigned hw_s, GN_DROP_ARGS) {
+    gn_bwd<bf16_t>(x, w, b, shift, GN_DROP, dy, saved, dx, aux, N, C, HW, G, eps, act, hw_m, hw_s);
 }
 
 // y = softmax(scale * x) along rows of `len` values; one block per row.
@@ -335,6 +350,18 @@ __device__ void bias_add(T* y, const T* b, int N, unsigned CHW, unsigned hw_m, u
     }
 }
 
+// out = a + h + b[c] (a ResBlock's skip, its second convolution without bias, and the bias,
+// with the shortcut convolution's when there is one: `conv::residual_add_with_bias`), laid out
+// and launched as bias_add: one pass where the bias add and the residual add made two.
+template <typename T>
+__device__ void residual_bias_add(const T* a, const T* h, const T* b, T* out, int N, unsigned CHW, unsigned hw_m, unsigned hw_s) {
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const long long off = (long long)n * CHW;
+        for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < CHW; i += gridDim.x * blockDim.x)
+            st(out, off + i, ld(a, off + i) + (ld(h, off + i) + ld(b, udiv(i, hw_m, hw_s))));
+    }
+}
+
 // A convolution's bias gradient, out[c] = the sum of dy[n, c, :] over n and the HW positions,
 // in two launches so that the reads spread over the whole card: one warp per (image, channel)
 // row sums its HW values into part[n * C + c] (f32, four running sums a lane so that several
@@ -376,3 +403,5 @@ extern "C" __global__ void channel_partial_f32(const float* dy, float* part, lon
 extern "C" __global__ void channel_partial_bf16(const bf16_t* dy, float* part, long long HW, long long rows) { channel_partial<bf16_t>(dy, part, HW, rows); }
 extern "C" __global__ void channel_finish_f32(const float* part, float* out, int N, int C) { channel_finish<float>(part, out, N, C); }
 extern "C" __global__ void channel_finish_bf16(const float* part, bf16_t* out, int N, int C) { channel_finish<bf16_t>(part, out, N, C); }
+extern "C" __global__ void residual_bias_add_f32(const float* a, const float* h, const float* b, float* out, int N, unsigned CHW, unsigned hw_m, unsigned hw_s) { residual_bias_add<float>(a, h, b, out, N, CHW, hw_m, hw_s); }
+extern "C" __global__ void residual_bias_add_bf16(const bf16_t* a, const bf16_t* h, const bf16_t* b, bf16_t* out, int N, unsigned CHW, unsigned hw_m, unsigned hw_s) { residual_bias_add<bf16_t>(a, h, b, out, N, CHW, hw_m, hw_s); }

@@ -166,8 +166,8 @@ thread_local! {
     static FOLD_FOR_TESTS: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Whether `ResBlock::forward` folds the time embedding and conv1's bias into GroupNorm (CUDA,
-/// `UNET_FOLD_TEMB=1`).
+/// Whether `ResBlock::forward` folds the time embedding and conv1's bias into GroupNorm, and
+/// conv2's (and the shortcut's) bias into the residual sum (CUDA, `UNET_FOLD_TEMB=1`).
 fn fold_temb(x: &Tensor) -> bool {
     #[cfg(test)]
     if FOLD_FOR_TESTS.with(|f| f.get()) {
@@ -316,12 +316,22 @@ impl ResBlock {
             let h = self.conv1.forward(&a)?.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
             masks.apply_after_norm(&self.gn2, &h, self.dropout)?
         };
-        let h = self.conv2.forward(&h)?;
-        let skip = match &self.shortcut {
-            Some(s) => s.forward(x)?,
-            None => x.clone(),
+        let out = if fold_temb(x) {
+            // conv2's bias (and the shortcut's) go into the residual sum: one pass, not three.
+            let h = self.conv2.forward_without_bias(&h)?;
+            let (skip, bias) = match &self.shortcut {
+                Some(s) => (s.forward_without_bias(x)?, self.conv2.bias().add(s.bias())?),
+                None => (x.clone(), self.conv2.bias().clone()),
+            };
+            crate::conv::residual_add_with_bias(&skip, &h, &bias)?
+        } else {
+            let h = self.conv2.forward(&h)?;
+            let skip = match &self.shortcut {
+                Some(s) => s.forward(x)?,
+                None => x.clone(),
+            };
+            skip.add(&h)?
         };
-        let out = skip.add(&h)?;
         match &self.attn {
             Some(a) => a.forward(&out),
             None => Ok(out),

@@ -51,7 +51,7 @@ impl GroupNorm {
 
     fn masked(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         if self.fused(x) && mask.dims() == x.dims() {
-            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: Some(mask.to_dtype(DType::F32)?.contiguous()?), hashed: None };
+            let op = self.op(x, true, Some(mask.to_dtype(DType::F32)?.contiguous()?), None);
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
             self.apply(x, true)?.mul(&mask.to_dtype(x.dtype())?)
@@ -64,7 +64,7 @@ impl GroupNorm {
     pub fn forward_hardswish_dropout(&self, x: &Tensor, d: HashedDropout) -> Result<Tensor> {
         self.check_input(x)?;
         if self.fused(x) && x.device().is_cuda() {
-            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: None, hashed: Some(d) };
+            let op = self.op(x, true, None, Some(d));
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
             self.masked(x, &d.mask(x.shape(), x.device())?)
@@ -84,7 +84,7 @@ impl GroupNorm {
             candle_core::bail!("GroupNorm shift must be [{n}, {c}] (one value per image and channel), got {:?}", shift.dims());
         }
         if self.fused(x) && x.device().is_cuda() && shift.dtype() == x.dtype() {
-            let op = ShiftedGroupNormOp(GroupNormOp { groups: self.groups, eps: self.eps as f32, act: true, mask: None, hashed: d });
+            let op = ShiftedGroupNormOp(self.op(x, true, None, d));
             let wb = Tensor::cat(&[&self.weight, &self.bias], 0)?;
             return x.contiguous()?.apply_op3(&shift.contiguous()?, &wb, op);
         }
@@ -94,6 +94,22 @@ impl GroupNorm {
         match d {
             Some(d) => self.forward_hardswish_dropout(&shifted, d),
             None => self.forward_hardswish(&shifted),
+        }
+    }
+
+    /// The fused op for input `x`; it keeps its statistics for the backward pass when there
+    /// will be one (`x` or the weights are tracked).
+    fn op(&self, x: &Tensor, act: bool, mask: Option<Tensor>, hashed: Option<HashedDropout>) -> GroupNormOp {
+        #[cfg(not(feature = "cuda"))]
+        let _ = x;
+        GroupNormOp {
+            groups: self.groups,
+            eps: self.eps as f32,
+            act,
+            mask,
+            hashed,
+            #[cfg(feature = "cuda")]
+            saved: if x.track_op() || self.weight.track_op() || self.bias.track_op() { Some(Default::default()) } else { None },
         }
     }
 
@@ -128,7 +144,7 @@ impl GroupNorm {
     /// The public forwards check `x` first (`check_input`), once.
     fn apply(&self, x: &Tensor, act: bool) -> Result<Tensor> {
         if self.fused(x) {
-            let op = GroupNormOp { groups: self.groups, eps: self.eps as f32, act, mask: None, hashed: None };
+            let op = self.op(x, act, None, None);
             x.contiguous()?.apply_op3(&self.weight, &self.bias, op)
         } else {
             let y = composite_group_norm(x, &self.weight, &self.bias, self.groups, self.eps)?;
@@ -252,6 +268,10 @@ struct GroupNormOp {
     mask: Option<Tensor>,
     /// Or hashed dropout (CUDA only): no mask at all.
     hashed: Option<HashedDropout>,
+    /// On CUDA, where the forward pass leaves each group's mean and 1/std for the backward
+    /// pass (shared by the op's clones, taken by the backward pass), when one will follow.
+    #[cfg(feature = "cuda")]
+    saved: Option<std::sync::Arc<std::sync::Mutex<Option<CudaStorage>>>>,
 }
 
 /// Runs `f` with the mask's values, if any.
@@ -287,6 +307,24 @@ impl GroupNormOp {
     fn cuda_dims(&self, l: &Layout) -> crate::cuda_ops::Dims {
         let d = self.dims(l);
         crate::cuda_ops::Dims { n: d.n, c: d.c, hw: d.hw, groups: self.groups }
+    }
+
+    /// Keeps the forward pass's statistics, if this op keeps any.
+    #[cfg(feature = "cuda")]
+    fn keep(&self, stats: Option<CudaStorage>) -> Result<()> {
+        if let (Some(slot), Some(stats)) = (&self.saved, stats) {
+            *slot.lock().map_err(|_| candle_core::Error::Msg("group norm: its statistics' lock is poisoned".into()))? = Some(stats);
+        }
+        Ok(())
+    }
+
+    /// The forward pass's statistics, taken (`None`: the backward pass recomputes them).
+    #[cfg(feature = "cuda")]
+    fn take_saved(&self) -> Result<Option<CudaStorage>> {
+        match &self.saved {
+            Some(slot) => Ok(slot.lock().map_err(|_| candle_core::Error::Msg("group norm: its statistics' lock is poisoned".into()))?.take()),
+            None => Ok(None),
+        }
     }
 }
 
@@ -382,7 +420,8 @@ impl candle_core::CustomOp3 for GroupNormOp {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
-        let out = crate::cuda_ops::forward(self.cuda_dims(l1), self.eps, self.act, self.mask.as_ref(), self.hashed, s1, l1, s2, l2, s3, l3, None)?;
+        let (out, stats) = crate::cuda_ops::forward(self.cuda_dims(l1), self.eps, self.act, self.mask.as_ref(), self.hashed, s1, l1, s2, l2, s3, l3, None, self.saved.is_some())?;
+        self.keep(stats)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -431,7 +470,8 @@ impl candle_core::CustomOp3 for ShiftedGroupNormOp {
         }
         let w = Layout::contiguous_with_offset(Shape::from(d.c), l3.start_offset());
         let b = Layout::contiguous_with_offset(Shape::from(d.c), l3.start_offset() + d.c);
-        let out = crate::cuda_ops::forward(d, self.0.eps, self.0.act, None, self.0.hashed, s1, l1, s3, &w, s3, &b, Some((s2, l2)))?;
+        let (out, stats) = crate::cuda_ops::forward(d, self.0.eps, self.0.act, None, self.0.hashed, s1, l1, s3, &w, s3, &b, Some((s2, l2)), self.0.saved.is_some())?;
+        self.0.keep(stats)?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -518,7 +558,8 @@ impl candle_core::CustomOp3 for GroupNormBackward {
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
         let op = &self.op;
         let d = op.cuda_dims(l1);
-        let (dx, sums) = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, s3, l3, self.shifted)?;
+        let saved = op.take_saved()?;
+        let (dx, sums) = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, s3, l3, self.shifted, saved.as_ref())?;
         let shift_len = if self.shifted { d.n * d.c } else { 0 };
         *self.sums.lock().map_err(|_| candle_core::Error::Msg("group norm backward: its sums' lock is poisoned".into()))? = Some((sums, 2 * d.n * d.c + shift_len));
         Ok((dx, l1.shape().clone()))

@@ -150,6 +150,14 @@ fn case(exe: &Path, dir: &Path, n: usize, c: usize, hw: usize, groups: usize, ac
     let dx = read_output(dir, "dx.bin", bf16);
     let aux = read_f32(dir.join("aux.bin"));
     assert_eq!((dx.len(), aux.len()), (len, (2 + shifted as usize) * n * c));
+    // The backward pass given the forward pass's statistics, and recomputing them: the same bits.
+    let (dx_re, aux_re) = (read_output(dir, "dx_recomputed.bin", bf16), read_f32(dir.join("aux_recomputed.bin")));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    assert!(bits(&dx) == bits(&dx_re) && bits(&aux) == bits(&aux_re), "n={n} c={c} hw={hw}: the saved statistics give other gradients than recomputed ones");
+    assert!(bits(&read_output(dir, "dx_off.bin", bf16)) != bits(&dx), "n={n} c={c} hw={hw}: the backward pass ignores the statistics it is given");
+    let saved = read_f32(dir.join("saved.bin"));
+    assert_eq!(saved.len(), 2 * n * groups);
+    assert!(saved.chunks(2).all(|s| s[0].is_finite() && s[1] > 0.0), "the saved statistics are not (mean, 1/std) pairs");
     let sum_images = |part: &[f32]| (0..c).map(|ch| (0..n).map(|i| part[i * c + ch]).sum::<f32>()).collect::<Vec<f32>>();
     let dw = sum_images(&aux[..n * c]);
     let db = sum_images(&aux[n * c..2 * n * c]);
@@ -292,13 +300,22 @@ fn conv_bias_kernels_match_the_cpu_op() {
     // grid 2 high make the add's image loop go round.)
     for (bf16, (n, c, h, w)) in [(false, (3, 5, 6, 7)), (true, (3, 5, 6, 7)), (false, (2, 3, 33, 33)), (true, (2, 3, 33, 33)), (false, (3, 5, 8, 8)), (true, (1, 9, 16, 16))] {
         let total = n * c * h * w;
-        let (mut y, mut b) = (values(total, 21, 2.0, 0.3), values(c, 22, 1.0, 0.0));
-        write_inputs(dir.path(), bf16, &mut [("y.bin", &mut y), ("b.bin", &mut b)]);
+        let (mut y, mut b, mut h2) = (values(total, 21, 2.0, 0.3), values(c, 22, 1.0, 0.0), values(total, 23, 1.5, -0.2));
+        write_inputs(dir.path(), bf16, &mut [("y.bin", &mut y), ("b.bin", &mut b), ("h.bin", &mut h2)]);
         let (hw_m, hw_s) = unet::int_div::magic((h * w) as u32);
         let args = ["bias".to_string(), n.to_string(), c.to_string(), (h * w).to_string(), (bf16 as u8).to_string(), hw_m.to_string(), hw_s.to_string()];
         let out = Command::new(&exe).args(&args).current_dir(dir.path()).output().unwrap();
         assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
-        let (ya, cs) = (read_output(dir.path(), "ya.bin", bf16), read_output(dir.path(), "cs.bin", bf16));
+        let (ya, cs, ra) = (read_output(dir.path(), "ya.bin", bf16), read_output(dir.path(), "cs.bin", bf16), read_output(dir.path(), "ra.bin", bf16));
+        // The residual sum with the bias, against the CPU op (f32) on the same values.
+        let (yt, ht) = (Tensor::from_vec(y.clone(), (n, c, h, w), &Device::Cpu).unwrap(), Tensor::from_vec(h2.clone(), (n, c, h, w), &Device::Cpu).unwrap());
+        let bt = Tensor::from_vec(b.clone(), c, &Device::Cpu).unwrap();
+        let want_ra = unet::conv::residual_add_with_bias(&yt, &ht, &bt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        if bf16 {
+            assert_bf16_rounded("residual add", &ra, &want_ra);
+        } else {
+            assert_eq!(ra, want_ra, "residual add: the same two additions in the same order");
+        }
 
         // The CPU module: the biased convolution's output and its bias gradient, through a 1x1
         // identity convolution (output = input + bias; dbias = per-channel sums of dY).

@@ -1,13 +1,16 @@
 // Driver for kernels.cu under shim.h, reading its inputs from and writing its outputs to the
 // working directory (f32, or bf16 bits where the kernel takes bf16):
 //   main gn N C HW G act drop bf16 hw_m hw_s [key thr scale [seed site_mix]]
-//                                        x, w, b, mask, dy -> y, dx, aux (the backward's f32 sums);
+//                                        x, w, b, mask, dy -> y, saved (the statistics), dx, aux (the
+//                                        backward's f32 sums), dx_recomputed, aux_recomputed (the
+//                                        backward's, recomputing the statistics);
 //                                        (hw_m, hw_s): int_div::magic(HW), as the launches pass;
 //                                        drop: 0 none, 1 mask.bin, 2 hashed (key thr scale),
 //                                        3 hashed with the seed in (device) memory (+ seed site_mix)
 //   main softmax ROWS LEN SCALE bf16     x, dy -> y, dx
 //   main up ROWS W bf16                  x [ROWS, W], g [ROWS, 2, 2W] -> y (x upsampled), dx (g's block sums)
-//   main bias N C HW bf16 hw_m hw_s      y [N, C, HW], b [C] -> ya (y + b, in place), cs (y's sums per channel)
+//   main bias N C HW bf16 hw_m hw_s      y [N, C, HW], b [C], h [N, C, HW] -> ya (y + b, in place),
+//                                        cs (y's sums per channel), ra (y + (h + b), the residual sum)
 #include "kernels.cu"
 #include <cstdio>
 #include <cstdlib>
@@ -38,13 +41,25 @@ void run(int N, int C, int HW, int G, int act, unsigned hw_m, unsigned hw_s, Dro
     auto x = rd<T>("x.bin", len), w = rd<T>("w.bin", C), b = rd<T>("b.bin", C), dy = rd<T>("dy.bin", len);
     std::vector<T> shift = shifted ? rd<T>("shift.bin", (size_t)N * C) : std::vector<T>();
     const T* sp = shifted ? shift.data() : nullptr;
-    std::vector<T> y(len), dx(len);
-    std::vector<float> aux((shifted ? 3 : 2) * (size_t)N * C);
-    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), sp, y.data(), C, HW, G, eps, act, hw_m, hw_s, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
-    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), sp, dy.data(), dx.data(), aux.data(), N, C, HW, G, eps, act, hw_m, hw_s, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    std::vector<T> y(len), dx(len), dx2(len);
+    std::vector<float> aux((shifted ? 3 : 2) * (size_t)N * C), aux2(aux.size()), saved(2 * (size_t)N * G);
+    launch(N * G, 256, [&] { fwd(x.data(), w.data(), b.data(), sp, y.data(), saved.data(), C, HW, G, eps, act, hw_m, hw_s, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), sp, dy.data(), saved.data(), dx.data(), aux.data(), N, C, HW, G, eps, act, hw_m, hw_s, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    // And with the statistics recomputed: the same bits expected.
+    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), sp, dy.data(), nullptr, dx2.data(), aux2.data(), N, C, HW, G, eps, act, hw_m, hw_s, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    // And with wrong statistics (every mean off by one): other gradients, if they are read at all.
+    std::vector<float> off = saved;
+    for (size_t k = 0; k < off.size(); k += 2) off[k] += 1.f;
+    std::vector<T> dx3(len);
+    std::vector<float> aux3(aux.size());
+    launch(N * G, 256, [&] { bwd(x.data(), w.data(), b.data(), sp, dy.data(), off.data(), dx3.data(), aux3.data(), N, C, HW, G, eps, act, hw_m, hw_s, d.m, d.key, d.thr, d.scale, d.seed_at, d.site_mix); });
+    wr("dx_off.bin", dx3);
     wr("y.bin", y);
     wr("dx.bin", dx);
     wr("aux.bin", aux);
+    wr("dx_recomputed.bin", dx2);
+    wr("aux_recomputed.bin", aux2);
+    wr("saved.bin", saved);
 }
 
 template <class T, class Fwd, class Bwd>
@@ -70,11 +85,13 @@ void run_up(int rows, int w, Up up, Sum sum) {
     wr("dx.bin", dx);
 }
 
-template <class T, class Add, class Partial, class Finish>
-void run_bias(int N, int C, long long HW, unsigned hw_m, unsigned hw_s, Add add, Partial partial, Finish finish) {
+template <class T, class Add, class Partial, class Finish, class Resid>
+void run_bias(int N, int C, long long HW, unsigned hw_m, unsigned hw_s, Add add, Partial partial, Finish finish, Resid resid) {
     const long long total = (long long)N * C * HW, rows = (long long)N * C;
-    auto y = rd<T>("y.bin", total), b = rd<T>("b.bin", C);
-    std::vector<T> cs(C);
+    auto y = rd<T>("y.bin", total), b = rd<T>("b.bin", C), h = rd<T>("h.bin", total);
+    std::vector<T> cs(C), ra(total);
+    launch(2, 64, [&] { resid(y.data(), h.data(), b.data(), ra.data(), N, (unsigned)(C * HW), hw_m, hw_s); }, 2);
+    wr("ra.bin", ra);
     std::vector<float> part(N * C);
     // The channel sums read y before the in-place add changes it; launched as cuda_ops.rs does:
     // a warp per (image, channel), 8 to a block, then ceil(C / 256) blocks of 256 threads.
@@ -126,8 +143,8 @@ int main(int argc, char** argv) {
         int N = atoi(argv[2]), C = atoi(argv[3]);
         long long HW = atoll(argv[4]);
         unsigned hw_m = (unsigned)strtoul(argv[6], nullptr, 10), hw_s = (unsigned)strtoul(argv[7], nullptr, 10);
-        if (atoi(argv[5])) run_bias<bf16_t>(N, C, HW, hw_m, hw_s, bias_add_bf16, channel_partial_bf16, channel_finish_bf16);
-        else run_bias<float>(N, C, HW, hw_m, hw_s, bias_add_f32, channel_partial_f32, channel_finish_f32);
+        if (atoi(argv[5])) run_bias<bf16_t>(N, C, HW, hw_m, hw_s, bias_add_bf16, channel_partial_bf16, channel_finish_bf16, residual_bias_add_bf16);
+        else run_bias<float>(N, C, HW, hw_m, hw_s, bias_add_f32, channel_partial_f32, channel_finish_f32, residual_bias_add_f32);
         return 0;
     }
     fprintf(stderr, "usage: main gn N C HW G act drop bf16 hw_m hw_s [key thr scale [seed site_mix]] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16 | main bias N C HW bf16 hw_m hw_s\n");
