@@ -440,6 +440,9 @@ impl candle_core::CustomOp3 for ResidualBiasOp {
         }
         let (a, hv, b) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
         let hw = h * w;
+        if a.is_empty() {
+            return Ok((CpuStorage::F32(Vec::new()), l1.shape().clone()));
+        }
         let mut out = crate::output_buffer(a.len(), 0);
         // Each task writes its whole (image, channel) map.
         out.par_chunks_mut(hw).zip(a.par_chunks(hw).zip(hv.par_chunks(hw))).enumerate().for_each(|(row, (o, (a, h)))| {

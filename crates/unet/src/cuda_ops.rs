@@ -199,9 +199,10 @@ fn rows_config(rows: usize) -> LaunchConfig {
 }
 
 /// The magic numbers of the kernels' divisions by HW (`int_div`), once the kernels' 32-bit
-/// indices are known to hold: `span` (a group, or an image) must have fewer than 2^31 values.
+/// indices are known to hold: `span` (a group, or an image) must leave a block's stride of room
+/// below 2^31, as the loops add it before they compare.
 fn hw_magic(what: &str, hw: usize, span: usize) -> Result<(u32, u32)> {
-    if hw == 0 || span >= 1 << 31 {
+    if hw == 0 || hw >= 1 << 31 || span >= (1 << 31) - THREADS as usize {
         candle_core::bail!("{what} (CUDA): {span} values in one block's range, of maps of {hw} values: the kernels index up to 2^31");
     }
     Ok(crate::int_div::magic(hw as u32))
@@ -440,6 +441,9 @@ pub(crate) fn bias_add_inplace(y: &mut CudaStorage, total: usize, b: &CudaStorag
     }
     let (n, chw) = (total / (c * hw), c * hw);
     let (hw_m, hw_s) = hw_magic("bias add", hw, chw)?;
+    if n > i32::MAX as usize {
+        candle_core::bail!("bias add (CUDA): {n} images, more than a launch indexes");
+    }
     let (n_i, chw_u) = (n as i32, chw as u32);
     // Images along y (the kernel strides over the rest), about four values a thread along x.
     let cfg = LaunchConfig {
@@ -483,6 +487,9 @@ pub(crate) fn residual_bias_add(a: &CudaStorage, la: &Layout, h: &CudaStorage, l
         candle_core::bail!("residual add (CUDA): shapes {:?} + {:?} + bias {:?} do not match", la.shape(), lh.shape(), lb.shape());
     }
     let (hw_m, hw_s) = hw_magic("residual add", hw, c * hw)?;
+    if n > i32::MAX as usize {
+        candle_core::bail!("residual add (CUDA): {n} images, more than a launch indexes");
+    }
     let (n_i, chw_u) = (n as i32, (c * hw) as u32);
     let cfg = LaunchConfig {
         grid_dim: ((c * hw).div_ceil(4 * THREADS as usize).clamp(1, 65_535) as u32, n.clamp(1, 65_535) as u32, 1),
