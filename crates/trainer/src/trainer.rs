@@ -231,8 +231,20 @@ impl StepEngine {
     /// clips if configured, updates with Adam and the EMA.
     /// Waits for the device (reads the loss), so it can be timed as is.
     pub fn train_step(&mut self, x0: &Tensor, rng: &mut NoiseRng) -> Result<StepOutput, TrainError> {
+        let d = self.draw(x0, rng)?;
+        let launched = self.launch(x0, &d)?;
+        self.finish(launched)
+    }
+
+    /// The first half of [`StepEngine::train_step`] with its draws made: the loss and gradients,
+    /// queued on the device (not waited for).
+    pub(crate) fn launch(&self, x0: &Tensor, d: &StepDraws) -> Result<(Tensor, Vec<Tensor>), TrainError> {
+        self.drawn_gradients(x0, d)
+    }
+
+    /// The second half: waits for the loss and the gradient norm, then the optimizer step.
+    pub(crate) fn finish(&mut self, (loss_v, g): (Tensor, Vec<Tensor>)) -> Result<StepOutput, TrainError> {
         let step = self.opt.step_count();
-        let (loss_v, g) = self.step_gradients(x0, rng)?;
         // One wait for the device a step, here: reading the loss before the backward pass would
         // add a second one, leaving a GPU idle while the backward pass is queued. Nothing has
         // been updated yet, so a non-finite loss is still caught before it does harm.
@@ -270,11 +282,16 @@ impl StepEngine {
     /// that follows does). Plain steps otherwise, and after a graph failed.
     pub fn step_gradients(&self, x0: &Tensor, rng: &mut NoiseRng) -> Result<(Tensor, Vec<Tensor>), TrainError> {
         let d = self.draw(x0, rng)?;
+        self.drawn_gradients(x0, &d)
+    }
+
+    /// [`StepEngine::step_gradients`] with its draws made.
+    fn drawn_gradients(&self, x0: &Tensor, d: &StepDraws) -> Result<(Tensor, Vec<Tensor>), TrainError> {
         #[cfg(feature = "cuda")]
         if self.cuda_graph {
             if let Device::Cuda(dev) = &self.device {
                 if self.graph.borrow().failure.is_none() {
-                    match self.graphed(dev, x0, &d) {
+                    match self.graphed(dev, x0, d) {
                         Ok(out) => return Ok(out),
                         Err(e) => self.graph.borrow_mut().fail(e.to_string(), dev),
                     }
@@ -324,7 +341,7 @@ impl StepEngine {
     /// Checks the batch, then draws the timesteps, the noise (on the host) and the dropout seed,
     /// in that order, for the whole batch (so the draws do not depend on the micro-batch), with
     /// the timesteps' `q_sample` factors, all on the device.
-    fn draw(&self, x0: &Tensor, rng: &mut NoiseRng) -> Result<StepDraws, TrainError> {
+    pub(crate) fn draw(&self, x0: &Tensor, rng: &mut NoiseRng) -> Result<StepDraws, TrainError> {
         let u = &self.cfg.unet;
         let want = [u.image_channels, u.image_size, u.image_size];
         match x0.dims() {
@@ -565,7 +582,19 @@ pub struct Trainer {
     fixed_noise: Option<Tensor>,
     pending_loss: PendingLoss,
     data_crc32: u32,
+    /// The next step's batch and draws, made while the device ran the previous step.
+    ahead: Option<Ahead>,
     _lock: checkpoint::RunLock,
+}
+
+/// A step's inputs, drawn ahead (`Trainer::step`).
+struct Ahead {
+    /// The generator before they were drawn: what a checkpoint saves while they wait.
+    rng_before: NoiseRng,
+    /// The epoch position after this step.
+    end: usize,
+    x0: Tensor,
+    draws: StepDraws,
 }
 
 /// `path` itself when it is a file, else `path/packed.safetensors`.
@@ -767,6 +796,7 @@ impl Trainer {
             fixed_noise: None,
             pending_loss,
             data_crc32,
+            ahead: None,
             _lock: lock,
         })
     }
@@ -819,20 +849,35 @@ impl Trainer {
     /// One optimizer step on the next batch of the epoch order (the last batch of an epoch may be
     /// smaller). Does not cross into the next epoch: call [`Trainer::end_epoch`] when
     /// [`Trainer::epoch_done`]. This is what `run` does per step, minus logging and checkpoints.
+    ///
+    /// While the device runs the step, the host draws the next one's batch and noise (within the
+    /// epoch): on a GPU the device then never waits for them, and they come from the same
+    /// stream in the same order as when drawn at the start of their own step, so the run is the
+    /// same to the bit; a checkpoint saves the generator from before them.
     pub fn step(&mut self) -> Result<StepOutput, TrainError> {
         self.ensure_order();
         if self.epoch_done() {
             return Err(TrainError::Invalid("the epoch is over: call end_epoch first".into()));
         }
-        let end = (self.position + self.cfg.train.batch_size).min(self.order.len());
-        let idx = &self.order[self.position..end];
-        let flips: Option<Vec<bool>> = if self.cfg.data.hflip {
-            Some((0..idx.len()).map(|_| self.rng.bernoulli(0.5)).collect::<Result<_, _>>()?)
-        } else {
-            None
+        let ahead = match self.ahead.take() {
+            Some(a) => a,
+            None => {
+                let rng_before = self.rng.clone();
+                self.inputs(self.position, rng_before)?
+            }
         };
-        let x0 = self.data.batch(idx, flips.as_deref())?;
-        let out = self.engine.train_step(&x0, &mut self.rng).map_err(|e| match e {
+        let end = ahead.end;
+        let launched = self.engine.launch(&ahead.x0, &ahead.draws)?;
+        drop(ahead);
+        if end < self.order.len() {
+            let rng_before = self.rng.clone();
+            match self.inputs(end, rng_before.clone()) {
+                Ok(next) => self.ahead = Some(next),
+                // Drawn again, and the error reported, at the next step.
+                Err(_) => self.rng = rng_before,
+            }
+        }
+        let out = self.engine.finish(launched).map_err(|e| match e {
             TrainError::NonFinite(m) => TrainError::NonFinite(format!(
                 "{m} (epoch {}): training diverged and stopped without saving; {}. Lower train.lr or set train.grad_clip",
                 self.epoch + 1,
@@ -848,12 +893,36 @@ impl Trainer {
         Ok(out)
     }
 
+    /// The batch starting at `start` of the epoch order (flips drawn first, when on), and its
+    /// step's draws, from `self.rng`, whose state before them is `rng_before`.
+    fn inputs(&mut self, start: usize, rng_before: NoiseRng) -> Result<Ahead, TrainError> {
+        let end = (start + self.cfg.train.batch_size).min(self.order.len());
+        let idx = &self.order[start..end];
+        let flips: Option<Vec<bool>> = if self.cfg.data.hflip {
+            Some((0..idx.len()).map(|_| self.rng.bernoulli(0.5)).collect::<Result<_, _>>()?)
+        } else {
+            None
+        };
+        let x0 = self.data.batch(idx, flips.as_deref())?;
+        let draws = self.engine.draw(&x0, &mut self.rng)?;
+        Ok(Ahead { rng_before, end, x0, draws })
+    }
+
+    /// The generator as a checkpoint must save it: before any step drawn ahead.
+    fn rng_for_checkpoint(&self) -> &NoiseRng {
+        self.ahead.as_ref().map_or(&self.rng, |a| &a.rng_before)
+    }
+
     pub fn epoch_done(&self) -> bool {
         self.order_epoch == Some(self.epoch) && self.position >= self.order.len()
     }
 
     /// Moves to the next epoch.
     pub fn end_epoch(&mut self) {
+        // Called early, it drops what was drawn ahead, and the generator goes back to before it.
+        if let Some(a) = self.ahead.take() {
+            self.rng = a.rng_before;
+        }
         self.epoch += 1;
         self.position = 0;
     }
@@ -864,7 +933,7 @@ impl Trainer {
             step: self.step,
             epoch: self.epoch,
             position: self.position,
-            rng: self.rng.state(),
+            rng: self.rng_for_checkpoint().state(),
             train_images: self.split.train.len(),
             elapsed_s: self.elapsed_before + session_s,
             reason: reason.into(),
