@@ -466,7 +466,8 @@ fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
     Ok(out)
 }
 
-/// GroupNorm + Hardswish + dropout (a mask, and hashed) at the reference model's 64x64 level, the attention
+/// GroupNorm + Hardswish + dropout (a mask, and hashed) at the reference model's 64x64 level (and
+/// hashed at its 8x8 level, with the weight's gradient), the attention
 /// softmax over 1024-long rows (a 32x32 attention level: longer than the reference's 16x16), and the x2 upsampling from 32x32 to 64x64 (batch 2): output and
 /// input gradient on `dev` in `dtype` against
 /// the CPU ops in f32, relative to the largest CPU value. In bf16 the measure is the relative
@@ -485,7 +486,15 @@ fn fused_ops_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)
     // The CUDA training path's dropout: the device recomputes the mask from the hash, the CPU
     // op takes it built on the host.
     let hashed = unet::norm::HashedDropout::new(999, 3, 0.1);
-    let run = |d: &Device, dt: DType| -> Result<[Tensor; 8]> {
+    // And at the 8x8 level (256 channels): maps shorter than the kernel's block take another
+    // path in its backward pass (a warp per channel); with the weight's gradient, whose
+    // per-image sums come out of the kernel beside dx.
+    let (c8, h8) = (256, 8);
+    let x8 = Tensor::randn(0f32, 1., (n, c8, h8, h8), &cpu)?.affine(2.0, 0.5)?;
+    let w8 = (Tensor::randn(0f32, 0.3, c8, &cpu)? + 1.0)?;
+    let b8 = Tensor::randn(0f32, 0.3, c8, &cpu)?;
+    let r8 = Tensor::randn(0f32, 1., (n, c8, h8, h8), &cpu)?;
+    let run = |d: &Device, dt: DType| -> Result<[Tensor; 11]> {
         let xv = Var::from_tensor(&x.to_device(d)?.to_dtype(dt)?)?;
         let tensors = [("weight".to_string(), w.to_device(d)?.to_dtype(dt)?), ("bias".to_string(), b.to_device(d)?.to_dtype(dt)?)].into();
         let gn = unet::norm::GroupNorm::new(VarBuilder::from_tensors(tensors, dt, d), 32, c, 1e-5)?;
@@ -499,6 +508,12 @@ fn fused_ops_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)
         let uv = Var::from_tensor(&x.narrow(2, 0, h / 2)?.narrow(3, 0, h / 2)?.contiguous()?.to_device(d)?.to_dtype(dt)?)?;
         let u = unet::upsample::upsample2x(uv.as_tensor())?;
         let gu = u.to_dtype(DType::F32)?.mul(&r.to_device(d)?)?.sum_all()?.backward()?;
+        let x8v = Var::from_tensor(&x8.to_device(d)?.to_dtype(dt)?)?;
+        let w8v = Var::from_tensor(&w8.to_device(d)?.to_dtype(dt)?)?;
+        let tensors = [("weight".to_string(), w8v.as_tensor().clone()), ("bias".to_string(), b8.to_device(d)?.to_dtype(dt)?)].into();
+        let gn8 = unet::norm::GroupNorm::new(VarBuilder::from_tensors(tensors, dt, d), 32, c8, 1e-5)?;
+        let y8 = gn8.forward_hardswish_dropout(x8v.as_tensor(), hashed)?;
+        let g8 = y8.to_dtype(DType::F32)?.mul(&r8.to_device(d)?)?.sum_all()?.backward()?;
         Ok([
             y,
             gx.get(xv.as_tensor()).context("no GroupNorm input gradient")?.clone(),
@@ -508,6 +523,9 @@ fn fused_ops_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)
             gs.get(sv.as_tensor()).context("no softmax input gradient")?.clone(),
             u,
             gu.get(uv.as_tensor()).context("no upsampling input gradient")?.clone(),
+            y8,
+            g8.get(x8v.as_tensor()).context("no GroupNorm (8x8) input gradient")?.clone(),
+            g8.get(w8v.as_tensor()).context("no GroupNorm (8x8) weight gradient")?.clone(),
         ])
     };
     let want = run(&cpu, DType::F32)?;
@@ -518,7 +536,10 @@ fn fused_ops_against_cpu(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)
         "group norm+hardswish+mask dx",
         "group norm+hardswish+hashed dropout fwd",
         "group norm+hardswish+hashed dropout dx",
-        "softmax fwd", "softmax dx", "upsample 2x fwd", "upsample 2x dx"];
+        "softmax fwd", "softmax dx", "upsample 2x fwd", "upsample 2x dx",
+        "group norm+hardswish+hashed dropout 8x8 fwd",
+        "group norm+hardswish+hashed dropout 8x8 dx",
+        "group norm+hardswish+hashed dropout 8x8 dweight"];
     for (name, (g, e)) in names.iter().zip(got.iter().zip(&want)) {
         if dtype == DType::F32 {
             let scale: f32 = e.abs()?.flatten_all()?.max(0)?.to_scalar()?;
