@@ -167,7 +167,8 @@ thread_local! {
 }
 
 /// Whether `ResBlock::forward` folds the time embedding and conv1's bias into GroupNorm, and
-/// conv2's (and the shortcut's) bias into the residual sum (CUDA, `UNET_FOLD_TEMB=1`).
+/// conv2's (and the shortcut's) bias into the residual sum, as `AttnBlock` its projection's
+/// (CUDA, `UNET_FOLD_TEMB=1`).
 fn fold_temb(x: &Tensor) -> bool {
     #[cfg(test)]
     if FOLD_FOR_TESTS.with(|f| f.get()) {
@@ -271,6 +272,10 @@ impl Module for AttnBlock {
         let attn = crate::softmax::scaled_softmax_last_dim(&bmm(&q, true, &k, false)?, (c as f64).powf(-0.5))?;
         // out[b, c, i] = sum_j v[b, c, j] attn[b, i, j]
         let out = bmm(&v, false, &attn, true)?.reshape((b, c, h, w))?;
+        if fold_temb(x) {
+            // The projection's bias in the residual sum, as in `ResBlock`.
+            return crate::conv::residual_add_with_bias(x, &self.proj.forward_without_bias(&out)?, self.proj.bias());
+        }
         x.add(&self.proj.forward(&out)?)
     }
 }
