@@ -158,6 +158,27 @@ __device__ void gn_fwd(const T* x, const T* w, const T* b, const T* shift, Drop 
     }
 }
 
+// One thread's part (values first, first + stride, ...) of channel c's sums of dL/dz, dL/dz * xhat
+// and xhat (z: the normalised, affine output before the activation), the channel's values
+// starting at cb and its shift (if any) at `at`.
+template <typename T>
+__device__ __forceinline__ void channel_sums(const T* x, const T* w, const T* b, const T* shift, Drop drop, const T* dy, int act, int c, long at, long cb, int HW, float mean, float rstd, int first, int stride, float* sg, float* sgx, float* sxh) {
+    const float wc = ld(w, c), bc = ld(b, c);
+    const float sc = shift ? ld(shift, at) : 0.f;
+    float g = 0.f, gx = 0.f, xs = 0.f;
+    for (int i = first; i < HW; i += stride) {
+        const float xh = (ld(x, cb + i) + sc - mean) * rstd;
+        float gz = drop.apply(ld(dy, cb + i), cb + i);
+        if (act) gz *= hardswish_grad(xh * wc + bc);
+        g += gz;
+        gx += gz * xh;
+        xs += xh;
+    }
+    *sg = g;
+    *sgx = gx;
+    *sxh = xs;
+}
+
 // dx, in x's dtype, and in `aux` (f32) per (image, channel) partial sums of dL/dz * xhat at aux
 // and of dL/dz at aux + N*C (z: the normalised, affine output before the activation), summed
 // over images by the caller; with a shift, also its gradient (the sum of dx over the channel's
@@ -184,19 +205,8 @@ __device__ void gn_bwd(const T* x, const T* w, const T* b, const T* shift, Drop 
     // threads idle, and paid three block-wide reductions a channel).
     if (HW >= (int)blockDim.x) {
         for (int ci = 0; ci < cpg; ++ci) {
-            const int c = g * cpg + ci;
-            const float wc = ld(w, c), bc = ld(b, c);
-            const float sc = shift ? ld(shift, sbase + ci) : 0.f;
-            const long cb = base + (long)ci * HW;
-            float sg = 0.f, sgx = 0.f, sxh = 0.f;
-            for (int i = threadIdx.x; i < HW; i += blockDim.x) {
-                const float xh = (ld(x, cb + i) + sc - mean) * rstd;
-                float gz = drop.apply(ld(dy, cb + i), cb + i);
-                if (act) gz *= hardswish_grad(xh * wc + bc);
-                sg += gz;
-                sgx += gz * xh;
-                sxh += xh;
-            }
+            float sg, sgx, sxh;
+            channel_sums(x, w, b, shift, drop, dy, act, g * cpg + ci, sbase + ci, base + (long)ci * HW, HW, mean, rstd, threadIdx.x, blockDim.x, &sg, &sgx, &sxh);
             sg = block_sum(sg, sh);
             sgx = block_sum(sgx, sh);
             if (dshift) sxh = block_sum(sxh, sh);
@@ -210,19 +220,8 @@ __device__ void gn_bwd(const T* x, const T* w, const T* b, const T* shift, Drop 
     } else {
         const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
         for (int ci = threadIdx.x >> 5; ci < cpg; ci += warps) {
-            const int c = g * cpg + ci;
-            const float wc = ld(w, c), bc = ld(b, c);
-            const float sc = shift ? ld(shift, sbase + ci) : 0.f;
-            const long cb = base + (long)ci * HW;
-            float sg = 0.f, sgx = 0.f, sxh = 0.f;
-            for (int i = lane; i < HW; i += 32) {
-                const float xh = (ld(x, cb + i) + sc - mean) * rstd;
-                float gz = drop.apply(ld(dy, cb + i), cb + i);
-                if (act) gz *= hardswish_grad(xh * wc + bc);
-                sg += gz;
-                sgx += gz * xh;
-                sxh += xh;
-            }
+            float sg, sgx, sxh;
+            channel_sums(x, w, b, shift, drop, dy, act, g * cpg + ci, sbase + ci, base + (long)ci * HW, HW, mean, rstd, lane, 32, &sg, &sgx, &sxh);
             sg = warp_sum(sg);
             sgx = warp_sum(sgx);
             if (dshift) sxh = warp_sum(sxh);
