@@ -107,7 +107,8 @@ suspects() {
   # Our kernels' errors say "in CUDA op: <name>" (conv, groupnorm, softmax, up2x/blocksum2x, adam).
   # (main.rs prints "error: ..."; candle's own traces say "Error".)
   local err; err=$(sed -n '/^[Ee]rror/,$p' "$f" | head -12)
-  case "$err" in *cudnn*|*CUDNN*|*conv*) s="$s UNET_CUDA_CONV=candle";; esac
+  # (The bias kernels serve our convolutions only: "bias add", "channel sum".)
+  case "$err" in *cudnn*|*CUDNN*|*conv*|*"bias add"*|*"channel sum"*) s="$s UNET_CUDA_CONV=candle";; esac
   case "$err" in *gn_*|*groupnorm*|*"group norm"*) s="$s UNET_CUDA_NORM=candle";; esac
   case "$err" in *softmax*) s="$s UNET_CUDA_SOFTMAX=candle";; esac
   case "$err" in *up2x*|*blocksum*|*upsampl*) s="$s UNET_CUDA_UPSAMPLE=candle";; esac
