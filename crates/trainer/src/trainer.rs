@@ -861,21 +861,14 @@ impl Trainer {
         }
         let ahead = match self.ahead.take() {
             Some(a) => a,
-            None => {
-                let rng_before = self.rng.clone();
-                self.inputs(self.position, rng_before)?
-            }
+            None => self.inputs(self.position)?,
         };
         let end = ahead.end;
         let launched = self.engine.launch(&ahead.x0, &ahead.draws)?;
         drop(ahead);
         if end < self.order.len() {
-            let rng_before = self.rng.clone();
-            match self.inputs(end, rng_before.clone()) {
-                Ok(next) => self.ahead = Some(next),
-                // Drawn again, and the error reported, at the next step.
-                Err(_) => self.rng = rng_before,
-            }
+            // On an error, drawn again (and the error reported) at the next step.
+            self.ahead = self.inputs(end).ok();
         }
         let out = self.engine.finish(launched).map_err(|e| match e {
             TrainError::NonFinite(m) => TrainError::NonFinite(format!(
@@ -894,18 +887,28 @@ impl Trainer {
     }
 
     /// The batch starting at `start` of the epoch order (flips drawn first, when on), and its
-    /// step's draws, from `self.rng`, whose state before them is `rng_before`.
-    fn inputs(&mut self, start: usize, rng_before: NoiseRng) -> Result<Ahead, TrainError> {
+    /// step's draws, from `self.rng`; on an error the generator is left as it was.
+    fn inputs(&mut self, start: usize) -> Result<Ahead, TrainError> {
+        let rng_before = self.rng.clone();
         let end = (start + self.cfg.train.batch_size).min(self.order.len());
-        let idx = &self.order[start..end];
-        let flips: Option<Vec<bool>> = if self.cfg.data.hflip {
-            Some((0..idx.len()).map(|_| self.rng.bernoulli(0.5)).collect::<Result<_, _>>()?)
-        } else {
-            None
-        };
-        let x0 = self.data.batch(idx, flips.as_deref())?;
-        let draws = self.engine.draw(&x0, &mut self.rng)?;
-        Ok(Ahead { rng_before, end, x0, draws })
+        let drawn = (|| {
+            let idx = &self.order[start..end];
+            let flips: Option<Vec<bool>> = if self.cfg.data.hflip {
+                Some((0..idx.len()).map(|_| self.rng.bernoulli(0.5)).collect::<Result<_, _>>()?)
+            } else {
+                None
+            };
+            let x0 = self.data.batch(idx, flips.as_deref())?;
+            let draws = self.engine.draw(&x0, &mut self.rng)?;
+            Ok::<_, TrainError>((x0, draws))
+        })();
+        match drawn {
+            Ok((x0, draws)) => Ok(Ahead { rng_before, end, x0, draws }),
+            Err(e) => {
+                self.rng = rng_before;
+                Err(e)
+            }
+        }
     }
 
     /// The generator as a checkpoint must save it: before any step drawn ahead.
