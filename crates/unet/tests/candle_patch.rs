@@ -152,3 +152,73 @@ fn gradients_of_an_empty_tensor_used_twice_are_summed_without_a_panic() {
         }
     }
 }
+
+#[test]
+fn a_broadcast_input_gets_the_sum_of_its_gradient_over_the_broadcast_dims() {
+    // The patched `Broadcast` arm stores the reduction as the input's gradient (upstream added it
+    // to zeros). Left dims added, size-1 dims widened, both, none; the input also used directly,
+    // before and after the broadcast use, so the stored sum is then added to.
+    let dev = Device::Cpu;
+    let cases: [(&[usize], &[usize]); 5] = [(&[3], &[2, 3]), (&[2, 3, 1, 1], &[2, 3, 4, 5]), (&[3, 1], &[2, 4, 3, 5]), (&[1, 3, 1], &[2, 1, 3, 4]), (&[2, 3], &[2, 3])];
+    for (arg_dims, out_dims) in cases {
+        let n: usize = arg_dims.iter().product();
+        let m: usize = out_dims.iter().product();
+        let a = Var::from_tensor(&ramp_n(n, 0.7, 0.1).reshape(arg_dims).unwrap()).unwrap();
+        let w = ramp_n(m, 0.013, 0.5).reshape(out_dims).unwrap();
+        let v = ramp_n(n, 0.29, 1.3).reshape(arg_dims).unwrap();
+        // d/da sum(broadcast(a) * w) by hand: each output element's weight goes to the input
+        // element it was broadcast from.
+        let wv = values(&w.flatten_all().unwrap());
+        let mut want = vec![0f64; n];
+        let left = out_dims.len() - arg_dims.len();
+        for (flat, wi) in wv.iter().enumerate() {
+            let (mut rem, mut src, mut stride) = (flat, 0, 1);
+            for (d, &size) in out_dims.iter().enumerate().rev() {
+                let i = rem % size;
+                rem /= size;
+                if d >= left && arg_dims[d - left] != 1 {
+                    src += i * stride;
+                }
+                if d >= left {
+                    stride *= arg_dims[d - left];
+                }
+            }
+            want[src] += *wi as f64;
+        }
+        let vv = values(&v.flatten_all().unwrap());
+        for direct in [None, Some(true), Some(false)] {
+            let bterm = || a.broadcast_as(out_dims).unwrap().mul(&w).unwrap().sum_all().unwrap();
+            let f = match direct {
+                None => bterm(),
+                Some(first) => {
+                    let d = a.mul(&v).unwrap().sum_all().unwrap();
+                    if first { (d + bterm()).unwrap() } else { (bterm() + d).unwrap() }
+                }
+            };
+            let g = f.backward().unwrap();
+            let got = g.get(a.as_tensor()).unwrap();
+            assert_eq!(got.dims(), arg_dims, "{arg_dims:?} -> {out_dims:?}");
+            let got = values(&got.flatten_all().unwrap());
+            for i in 0..n {
+                let want = want[i] + if direct.is_some() { vv[i] as f64 } else { 0.0 };
+                assert!((got[i] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{arg_dims:?} -> {out_dims:?} at {i}: {} against {want} (direct use: {direct:?})", got[i]);
+            }
+        }
+    }
+}
+
+#[test]
+fn clamp_and_maximum_gradients_go_to_the_tracked_sides_only() {
+    // The patched `Maximum`/`Minimum` arm skips the constant side (a clamp's bound); the tracked
+    // ones keep upstream's gradient, ties split in half.
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::new(&[-4f32, -3.0, -1.0, 0.0, 2.5, 3.0, 7.0], &dev).unwrap()).unwrap();
+    let w = Tensor::new(&[1f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &dev).unwrap();
+    let g = x.clamp(-3f32, 3f32).unwrap().mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+    // Inside the bounds the slope is 1; at a bound the tie gives half; outside, 0.
+    assert_eq!(values(g.get(x.as_tensor()).unwrap()), [0.0, 1.0, 3.0, 4.0, 5.0, 3.0, 0.0]);
+    let y = Var::from_tensor(&Tensor::new(&[-5f32, -3.0, 0.0, 1.0, 2.5, 4.0, 7.0], &dev).unwrap()).unwrap();
+    let g = x.maximum(y.as_tensor()).unwrap().mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+    assert_eq!(values(g.get(x.as_tensor()).unwrap()), [1.0, 1.0, 0.0, 0.0, 2.5, 0.0, 3.5]);
+    assert_eq!(values(g.get(y.as_tensor()).unwrap()), [0.0, 1.0, 3.0, 4.0, 2.5, 6.0, 3.5]);
+}
