@@ -277,14 +277,15 @@ pub(crate) fn forward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashe
     })
 }
 
-/// From x, dy and [w | b] (with `shifted`, [w | b | shift (n*c)]): dx in x's dtype, and f32
-/// [dw partial sums (n*c) | db partial sums (n*c)], per image, with the shift's gradient (n*c)
-/// appended when `shifted`. `saved`: the forward pass's statistics ([`forward`] with `save`), or
-/// `None` to recompute them.
+/// From x, dy, w, b (and a shift, n*c): dx in x's dtype, and f32 [dw partial sums (n*c) | db
+/// partial sums (n*c)], per image, with the shift's gradient (n*c) appended when there is a
+/// shift. `saved`: the forward pass's statistics ([`forward`] with `save`), or `None` to
+/// recompute them.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, wb: &CudaStorage, lwb: &Layout, shifted: bool, saved: Option<&CudaStorage>) -> Result<(CudaStorage, CudaStorage)> {
+pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hashed: Option<HashedDropout>, x: &CudaStorage, lx: &Layout, dy: &CudaStorage, ldy: &Layout, w: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout), shift: Option<(&CudaStorage, &Layout)>, saved: Option<&CudaStorage>) -> Result<(CudaStorage, CudaStorage)> {
     let dev = x.device.clone();
     let len = d.n * d.c * d.hw;
+    let shifted = shift.is_some();
     let shift_len = if shifted { d.n * d.c } else { 0 };
     let aux_len = 2 * d.n * d.c + shift_len;
     let (n, c, hw, g, act) = (d.n as i32, d.c as i32, d.hw as i32, d.groups as i32, act as i32);
@@ -294,9 +295,12 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hash
     with_mask(mask, len, |mask| {
         macro_rules! run {
             ($t:ty, $name:literal) => {{
-                let (xv, dyv, wbv) = (view::<$t>(x, lx, len)?, view::<$t>(dy, ldy, len)?, view::<$t>(wb, lwb, 2 * d.c + shift_len)?);
-                let (wv, bv) = (wbv.slice(..d.c), wbv.slice(d.c..2 * d.c));
-                let sv = wbv.slice(2 * d.c..);
+                let (xv, dyv) = (view::<$t>(x, lx, len)?, view::<$t>(dy, ldy, len)?);
+                let (wv, bv) = (view::<$t>(w.0, w.1, d.c)?, view::<$t>(b.0, b.1, d.c)?);
+                let sv = match shift {
+                    Some((s, l)) => Some(view::<$t>(s, l, shift_len)?),
+                    None => None,
+                };
                 let stats = match saved {
                     Some(s) => {
                         let v = s.as_cuda_slice::<f32>()?;
@@ -314,11 +318,10 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hash
                 let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
                 let mut args = func.builder();
                 args.arg(&xv).arg(&wv).arg(&bv);
-                if shifted {
-                    args.arg(&sv);
-                } else {
-                    args.arg(&null);
-                }
+                match &sv {
+                    Some(v) => args.arg(v),
+                    None => args.arg(&null),
+                };
                 args.arg(&dyv);
                 match stats {
                     Some(v) => args.arg(v),
@@ -333,10 +336,13 @@ pub(crate) fn backward(d: Dims, eps: f32, act: bool, mask: Option<&Tensor>, hash
                 (CudaStorage::wrap_cuda_slice(dx, dev.clone()), CudaStorage::wrap_cuda_slice(aux, dev.clone()))
             }};
         }
-        Ok(match (&x.slice, &dy.slice, &wb.slice) {
-            (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run!(f32, "gn_bwd_f32"),
-            (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run!(bf16, "gn_bwd_bf16"),
-            _ => candle_core::bail!("group norm backward (CUDA): dtypes {:?}/{:?}/{:?} not supported", x.dtype(), dy.dtype(), wb.dtype()),
+        if [w.0.dtype(), b.0.dtype()].into_iter().chain(shift.map(|(s, _)| s.dtype())).any(|t| t != x.dtype()) {
+            candle_core::bail!("group norm backward (CUDA): w, b and the shift must have the input's dtype {:?}", x.dtype());
+        }
+        Ok(match (&x.slice, &dy.slice) {
+            (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run!(f32, "gn_bwd_f32"),
+            (CudaStorageSlice::BF16(_), CudaStorageSlice::BF16(_)) => run!(bf16, "gn_bwd_bf16"),
+            _ => candle_core::bail!("group norm backward (CUDA): dtypes {:?}/{:?} not supported", x.dtype(), dy.dtype()),
         })
     })
 }

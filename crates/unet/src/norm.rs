@@ -427,11 +427,13 @@ impl candle_core::CustomOp3 for GroupNormOp {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let op = GroupNormBackward::new(self.clone(), false);
+        // The op reads b itself: passing [w | b] as one argument cost a concatenation (two
+        // copies and an allocation) per backward pass.
+        let op = GroupNormBackward::new(self.clone(), Some(b.clone()));
         if x.device().is_cuda() {
             // The kernel gives dx in x's dtype, and f32 [dw per image | db per image], summed
             // over the images here.
-            let dx = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[w, b], 0)?, &op)?;
+            let dx = x.apply_op3_no_bwd(&grad, w, &op)?;
             let sums = op.sums(x)?;
             let (n, c) = (x.dim(0)?, w.elem_count());
             let dw = sums.narrow(0, 0, n * c)?.reshape((n, c))?.sum(0)?.to_dtype(w.dtype())?;
@@ -439,7 +441,7 @@ impl candle_core::CustomOp3 for GroupNormOp {
             return Ok((Some(dx), Some(dw), Some(db)));
         }
         // One op computes all three gradients; it returns them packed as [dx | dw | db].
-        let packed = x.apply_op3_no_bwd(&grad, &Tensor::cat(&[w, b], 0)?, &op)?;
+        let packed = x.apply_op3_no_bwd(&grad, w, &op)?;
         let n = x.elem_count();
         let c = w.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
@@ -477,7 +479,7 @@ impl candle_core::CustomOp3 for ShiftedGroupNormOp {
 
     fn bwd(&self, x: &Tensor, shift: &Tensor, wb: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c) = (x.dim(0)?, x.dim(1)?);
-        let op = GroupNormBackward::new(self.0.clone(), true);
+        let op = GroupNormBackward::new(self.0.clone(), None);
         // dx in x's dtype, then f32 [dw per image | db per image | dshift]; the images' dw and
         // db are summed here.
         let dx = x.apply_op3_no_bwd(&grad.contiguous()?, &Tensor::cat(&[wb, &shift.flatten_all()?], 0)?, &op)?;
@@ -489,23 +491,23 @@ impl candle_core::CustomOp3 for ShiftedGroupNormOp {
     }
 }
 
-/// `(x, dy, [w | b])`, or with a shift `(x, dy, [w | b | shift])`: the gradients. On the CPU,
-/// packed f32 [dx | dw | db]. On CUDA, dx in x's dtype; the kernel's f32 per-image sums (dw,
-/// db, and the shift's gradient) wait in `sums` for [`GroupNormBackward::sums`]: a custom op
-/// has one output, and packing dx with them made it f32, so a bf16 step wrote dx in f32 and
-/// then paid a full-size cast back.
+/// `(x, dy, w)` with `b` held by the op, or with a shift `(x, dy, [w | b | shift])` (`b`
+/// `None`): the gradients. On the CPU, packed f32 [dx | dw | db]. On CUDA, dx in x's dtype; the
+/// kernel's f32 per-image sums (dw, db, and the shift's gradient) wait in `sums` for
+/// [`GroupNormBackward::sums`]: a custom op has one output, and packing dx with them made it
+/// f32, so a bf16 step wrote dx in f32 and then paid a full-size cast back.
 struct GroupNormBackward {
     op: GroupNormOp,
-    shifted: bool,
+    b: Option<Tensor>,
     #[cfg(feature = "cuda")]
     sums: std::sync::Arc<std::sync::Mutex<Option<(CudaStorage, usize)>>>,
 }
 
 impl GroupNormBackward {
-    fn new(op: GroupNormOp, shifted: bool) -> Self {
+    fn new(op: GroupNormOp, b: Option<Tensor>) -> Self {
         Self {
             op,
-            shifted,
+            b,
             #[cfg(feature = "cuda")]
             sums: Default::default(),
         }
@@ -559,23 +561,40 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         let op = &self.op;
         let d = op.cuda_dims(l1);
         let saved = op.take_saved()?;
-        let (dx, sums) = crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, s3, l3, self.shifted, saved.as_ref())?;
-        let shift_len = if self.shifted { d.n * d.c } else { 0 };
+        let (dx, sums) = match &self.b {
+            Some(b) => {
+                let (bs, bl) = b.storage_and_layout();
+                let candle_core::Storage::Cuda(bs) = &*bs else { candle_core::bail!("group norm backward: the bias is not on the input's CUDA device") };
+                crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, (s3, l3), (bs, bl), None, saved.as_ref())?
+            }
+            None => {
+                // [w | b | shift], one buffer: three views of it.
+                if !l3.is_contiguous() {
+                    candle_core::bail!("group norm backward: [w | b | shift] must be contiguous");
+                }
+                let at = |start: usize, len: usize| Layout::contiguous_with_offset(Shape::from(len), l3.start_offset() + start);
+                let (lw, lb, ls) = (at(0, d.c), at(d.c, d.c), at(2 * d.c, d.n * d.c));
+                crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, (s3, &lw), (s3, &lb), Some((s3, &ls)), saved.as_ref())?
+            }
+        };
+        let shift_len = if self.b.is_none() { d.n * d.c } else { 0 };
         *self.sums.lock().map_err(|_| candle_core::Error::Msg("group norm backward: its sums' lock is poisoned".into()))? = Some((sums, 2 * d.n * d.c + shift_len));
         Ok((dx, l1.shape().clone()))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let op = &self.op;
-        if self.shifted {
-            candle_core::bail!("group norm backward: the fused shift is CUDA only");
-        }
+        let Some(b) = &self.b else { candle_core::bail!("group norm backward: the fused shift is CUDA only") };
         if op.hashed.is_some() {
             candle_core::bail!("group norm backward: hashed dropout is fused on CUDA only");
         }
         let d = op.dims(l1);
-        let (x, go, wb) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (w, b) = wb.split_at(d.c);
+        let (b_storage, b_layout) = b.storage_and_layout();
+        let candle_core::Storage::Cpu(b_storage) = &*b_storage else { candle_core::bail!("group norm backward: the bias is not on the CPU") };
+        let (x, go, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, slice(b_storage, b_layout)?);
+        if w.len() != d.c || b.len() != d.c {
+            candle_core::bail!("group norm backward: {} weights and {} biases for {} channels", w.len(), b.len(), d.c);
+        }
         let group_len = d.cpg * d.hw;
         // Room for dw and db, appended below without a reallocation. Each task writes all of its
         // group's dx.

@@ -158,7 +158,6 @@ fn a_broadcast_input_gets_the_sum_of_its_gradient_over_the_broadcast_dims() {
     // The patched `Broadcast` arm stores the reduction as the input's gradient (upstream added it
     // to zeros). Left dims added, size-1 dims widened, both, none; the input also used directly,
     // before and after the broadcast use, so the stored sum is then added to.
-    let dev = Device::Cpu;
     let cases: [(&[usize], &[usize]); 5] = [(&[3], &[2, 3]), (&[2, 3, 1, 1], &[2, 3, 4, 5]), (&[3, 1], &[2, 4, 3, 5]), (&[1, 3, 1], &[2, 1, 3, 4]), (&[2, 3], &[2, 3])];
     for (arg_dims, out_dims) in cases {
         let n: usize = arg_dims.iter().product();
