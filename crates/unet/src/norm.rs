@@ -564,7 +564,7 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         let (dx, sums) = match &self.b {
             Some(b) => {
                 let (bs, bl) = b.storage_and_layout();
-                let candle_core::Storage::Cuda(bs) = &*bs else { candle_core::bail!("group norm backward: the bias is not on the input's CUDA device") };
+                let candle_core::Storage::Cuda(bs) = &*bs else { candle_core::bail!("group norm backward: the bias is not a CUDA tensor, as the input is") };
                 crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, (s3, l3), (bs, bl), None, saved.as_ref())?
             }
             None => {
@@ -590,7 +590,7 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         }
         let d = op.dims(l1);
         let (b_storage, b_layout) = b.storage_and_layout();
-        let candle_core::Storage::Cpu(b_storage) = &*b_storage else { candle_core::bail!("group norm backward: the bias is not on the CPU") };
+        let candle_core::Storage::Cpu(b_storage) = &*b_storage else { candle_core::bail!("group norm backward: the bias is not a CPU tensor, as the input is") };
         let (x, go, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, slice(b_storage, b_layout)?);
         if w.len() != d.c || b.len() != d.c {
             candle_core::bail!("group norm backward: {} weights and {} biases for {} channels", w.len(), b.len(), d.c);
