@@ -306,12 +306,10 @@ impl ResBlock {
         })
     }
 
-    /// `temb_act`: the time embedding after the Hardswish that opens the reference's
-    /// `temb_proj`, made once for all the blocks (the same values; 22 fewer activations and
-    /// their gradients a step).
-    fn forward(&self, x: &Tensor, temb_act: &Tensor, masks: &DropoutMasks) -> Result<Tensor> {
+    /// `t`: this block's `temb_proj` of the time embedding, `[B or 1, cout]`
+    /// ([`UNet::temb_projections`] makes all the blocks' at once).
+    fn forward(&self, x: &Tensor, t: &Tensor, masks: &DropoutMasks) -> Result<Tensor> {
         let a = self.gn1.forward_hardswish(x)?;
-        let t = self.temb_proj.forward(temb_act)?;
         let h = if fold_temb(x) {
             // conv1's bias and the time embedding, one value per image and channel, go into the
             // norm that follows: no full-size sum stored, no reductions for their gradients.
@@ -515,30 +513,68 @@ impl UNet {
         Ok(())
     }
 
+    /// The ResBlocks in the order the forward pass runs them.
+    fn res_blocks(&self) -> impl Iterator<Item = &ResBlock> {
+        fn res(b: &Block) -> Option<&ResBlock> {
+            match b {
+                Block::Res(r) => Some(r),
+                _ => None,
+            }
+        }
+        self.downblocks.iter().filter_map(res).chain(self.middle_blocks.iter()).chain(self.upblocks.iter().filter_map(res))
+    }
+
+    /// Every ResBlock's `temb_proj` (Hardswish, Linear) of `temb`, in [`Self::res_blocks`]'
+    /// order: the Hardswish once, and the 22 Linears of the reference network as one product
+    /// with their weights stacked, each block's output a narrow of it. The same sums as 22
+    /// products (each output is one dot product either way), where those cost 22 GEMM calls
+    /// in the forward pass and 44 in the backward one, with a bias pass and a reduction each:
+    /// on a GPU, per-call host time. The stacking costs a copy of each weight and bias, and
+    /// their gradients a copy back.
+    fn temb_projections(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
+        let blocks: Vec<&ResBlock> = self.res_blocks().collect();
+        let act = hardswish(temb)?;
+        let (mut ws, mut bs) = (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()));
+        for b in &blocks {
+            ws.push(b.temb_proj.weight());
+            bs.push(b.temb_proj.bias().ok_or_else(|| candle_core::Error::Msg("UNet: a temb_proj without its bias".into()))?);
+        }
+        let all = Linear::new(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?)).forward(&act)?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(blocks.len());
+        for w in ws {
+            let n = w.dim(0)?;
+            out.push(all.narrow(1, start, n)?);
+            start += n;
+        }
+        Ok(out)
+    }
+
     pub fn forward_with_intermediates(&self, x: &Tensor, t: &Tensor, mode: Mode) -> Result<(Tensor, Intermediates)> {
         self.check_input(x, t)?;
         let masks = DropoutMasks::new(mode);
         let temb = self.time_embedding.forward(t)?;
-        let temb_act = hardswish(&temb)?;
+        let mut projections = self.temb_projections(&temb)?.into_iter();
+        let mut next_t = || projections.next().ok_or_else(|| candle_core::Error::Msg("UNet: fewer time-embedding projections than ResBlocks".into()));
         let mut h = self.head.forward(x)?;
         let mut skips = vec![h.clone()];
         for blk in &self.downblocks {
             h = match blk {
-                Block::Res(r) => r.forward(&h, &temb_act, &masks)?,
+                Block::Res(r) => r.forward(&h, &next_t()?, &masks)?,
                 Block::Down(d) => d.forward(&h)?,
                 Block::Up(_) => unreachable!("no upsampling on the down path"),
             };
             skips.push(h.clone());
         }
         for blk in &self.middle_blocks {
-            h = blk.forward(&h, &temb_act, &masks)?;
+            h = blk.forward(&h, &next_t()?, &masks)?;
         }
         let mid = h.clone();
         for blk in &self.upblocks {
             h = match blk {
                 Block::Res(r) => {
                     let skip = skips.pop().expect("the skip stack matches the up path");
-                    r.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb_act, &masks)?
+                    r.forward(&Tensor::cat(&[&h, &skip], 1)?, &next_t()?, &masks)?
                 }
                 Block::Up(u) => u.forward(&h)?,
                 Block::Down(_) => unreachable!("no downsampling on the up path"),

@@ -221,3 +221,85 @@ fn clamp_and_maximum_gradients_go_to_the_tracked_sides_only() {
     assert_eq!(values(g.get(x.as_tensor()).unwrap()), [1.0, 1.0, 0.0, 0.0, 2.5, 0.0, 3.5]);
     assert_eq!(values(g.get(y.as_tensor()).unwrap()), [0.0, 1.0, 3.0, 4.0, 2.5, 6.0, 3.5]);
 }
+
+#[test]
+fn narrows_of_one_tensor_add_their_gradients_into_its_slices() {
+    // The patched `Narrow` arm: a first gradient is copied into a cleared buffer, later ones
+    // added into their slice in place. Disjoint and overlapping slices, along dims 0 and 1, the
+    // whole range (upstream's path), and a direct use of the tensor before or after the narrows;
+    // checked against sums made by hand.
+    let (rows, cols) = (6, 10);
+    let a = Var::from_tensor(&ramp_n(rows * cols, 0.37, 0.2).reshape((rows, cols)).unwrap()).unwrap();
+    let slices: [(usize, usize, usize); 6] = [(1, 0, 4), (1, 4, 3), (1, 2, 5), (0, 1, 2), (1, 0, 10), (0, 5, 1)];
+    let ws: Vec<Tensor> = slices
+        .iter()
+        .enumerate()
+        .map(|(i, &(dim, _, len))| {
+            let shape = if dim == 0 { (len, cols) } else { (rows, len) };
+            ramp_n(shape.0 * shape.1, 0.11 + 0.07 * i as f32, 0.3 * i as f32).reshape(shape).unwrap()
+        })
+        .collect();
+    let v = ramp_n(rows * cols, 0.23, 1.7).reshape((rows, cols)).unwrap();
+    let mut want = vec![0f32; rows * cols];
+    for (&(dim, start, _), w) in slices.iter().zip(&ws) {
+        let wv = w.to_vec2::<f32>().unwrap();
+        for (i, row) in wv.iter().enumerate() {
+            for (j, x) in row.iter().enumerate() {
+                let (r, c) = if dim == 0 { (start + i, j) } else { (i, start + j) };
+                want[r * cols + c] += x;
+            }
+        }
+    }
+    let vv = values(&v.flatten_all().unwrap());
+    for direct in [None, Some(true), Some(false)] {
+        let narrows = || {
+            let mut f: Option<Tensor> = None;
+            for (&(dim, start, len), w) in slices.iter().zip(&ws) {
+                let term = a.narrow(dim, start, len).unwrap().mul(w).unwrap().sum_all().unwrap();
+                f = Some(match f {
+                    None => term,
+                    Some(f) => (f + term).unwrap(),
+                });
+            }
+            f.unwrap()
+        };
+        let d = || a.mul(&v).unwrap().sum_all().unwrap();
+        let f = match direct {
+            None => narrows(),
+            Some(true) => (d() + narrows()).unwrap(),
+            Some(false) => (narrows() + d()).unwrap(),
+        };
+        let g = f.backward().unwrap();
+        let got = values(&g.get(a.as_tensor()).unwrap().flatten_all().unwrap());
+        for i in 0..rows * cols {
+            let want = want[i] + if direct.is_some() { vv[i] } else { 0.0 };
+            assert!((got[i] - want).abs() <= 1e-5 * (1.0 + want.abs()), "at {i}: {} against {want} (direct use: {direct:?})", got[i]);
+        }
+    }
+}
+
+#[test]
+fn a_narrow_gradient_never_writes_into_a_gradient_another_entry_holds() {
+    // An addition hands both inputs the same gradient tensor. When `b = a + c` and both `a` and
+    // `b` are narrowed, `a`'s stored sum can be the very tensor `c` also holds: the slice must
+    // not be written into it in place.
+    let n = 8;
+    let a = Var::from_tensor(&ramp_n(n, 0.3, 0.1)).unwrap();
+    let c = Var::from_tensor(&ramp_n(n, 0.5, 0.9)).unwrap();
+    let w = ramp_n(n, 0.7, 0.4);
+    let u = ramp_n(3, 0.9, 0.2);
+    let (wv, uv) = (values(&w), values(&u));
+    // Either order of the terms: the backward pass reaches the addition or the narrow first.
+    for sum_first in [true, false] {
+        let b = (a.as_tensor() + c.as_tensor()).unwrap();
+        let (bt, nt) = (b.mul(&w).unwrap().sum_all().unwrap(), a.narrow(0, 2, 3).unwrap().mul(&u).unwrap().sum_all().unwrap());
+        let f = if sum_first { (bt + nt).unwrap() } else { (nt + bt).unwrap() };
+        let g = f.backward().unwrap();
+        assert_eq!(values(g.get(c.as_tensor()).unwrap()), wv, "c's gradient was written through (sum first: {sum_first})");
+        let ga = values(g.get(a.as_tensor()).unwrap());
+        for i in 0..n {
+            let want = wv[i] + if (2..5).contains(&i) { uv[i - 2] } else { 0.0 };
+            assert_eq!(ga[i], want, "a's gradient at {i} (sum first: {sum_first})");
+        }
+    }
+}

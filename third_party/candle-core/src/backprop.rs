@@ -552,6 +552,9 @@ impl Tensor {
                         let grad = (grad / arg.sqr()?)?;
                         *sum_grad = sum_grad.sub(&grad)?
                     }
+                    &Op::Narrow(ref arg, dim, start_idx, len)
+                        if len < arg.dims()[dim]
+                            && grads.accumulate_into_slice(arg, dim, start_idx, &grad)? => {}
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
                         let arg_dims = arg.dims();
                         let left_pad = if start_idx == 0 {
@@ -869,6 +872,48 @@ impl GradStore {
             }
         }
         Ok(())
+    }
+
+    /// Patched: the gradient of a narrow (`grad`, `tensor`'s shape but along `dim`) added into
+    /// its slice of `tensor`'s gradient. Upstream padded it with two zero tensors to the full
+    /// shape (a concatenation: three copies), then added that whole: per narrow, a
+    /// full-size allocation, clears, copies and an addition, where each of the reference
+    /// network's time-embedding projections is a narrow of one product. Here a first gradient
+    /// is one cleared buffer and one copy into it; a later one an addition of the slice and a
+    /// copy back, in place, only when the store holds the sole handle on a compact sum (else
+    /// `false`: the caller goes upstream's way).
+    fn accumulate_into_slice(&mut self, tensor: &Tensor, dim: usize, start: usize, grad: &Tensor) -> Result<bool> {
+        if !tensor.track_op() {
+            return Ok(true);
+        }
+        if tensor.elem_count() == 0
+            || grad.dtype() != tensor.dtype()
+            || !grad.device().same_device(tensor.device())
+            || grad.rank() != tensor.rank()
+        {
+            return Ok(false);
+        }
+        let grad = grad.contiguous()?;
+        match self.0.entry(tensor.id()) {
+            Entry::Vacant(entry) => {
+                let sum = tensor.zeros_like()?;
+                sum.slice_set(&grad, dim, start)?;
+                entry.insert(sum);
+            }
+            Entry::Occupied(entry) => {
+                let sum = entry.get();
+                if sum.shape() != tensor.shape()
+                    || !sum.is_contiguous()
+                    || sum.layout().start_offset() != 0
+                    || !sum.is_sole_owner()
+                {
+                    return Ok(false);
+                }
+                let part = sum.narrow(dim, start, grad.dim(dim)?)?.add(&grad)?;
+                sum.slice_set(&part, dim, start)?;
+            }
+        }
+        Ok(true)
     }
 
     /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
