@@ -429,7 +429,7 @@ impl candle_core::CustomOp3 for GroupNormOp {
         let grad = grad.contiguous()?;
         // The op reads b itself: passing [w | b] as one argument cost a concatenation (two
         // copies and an allocation) per backward pass.
-        let op = GroupNormBackward::new(self.clone(), Some(b.clone()));
+        let op = GroupNormBackward::new(self.clone(), Held::Bias(b.clone()));
         if x.device().is_cuda() {
             // The kernel gives dx in x's dtype, and f32 [dw per image | db per image], summed
             // over the images here.
@@ -479,35 +479,45 @@ impl candle_core::CustomOp3 for ShiftedGroupNormOp {
 
     fn bwd(&self, x: &Tensor, shift: &Tensor, wb: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c) = (x.dim(0)?, x.dim(1)?);
-        let op = GroupNormBackward::new(self.0.clone(), None);
-        // dx in x's dtype, then f32 [dw per image | db per image | dshift]; the images' dw and
-        // db are summed here.
-        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, &Tensor::cat(&[wb, &shift.flatten_all()?], 0)?, &op)?;
+        // The op reads [w | b] itself, the shift is its argument: no concatenation of the three.
+        let op = GroupNormBackward::new(self.0.clone(), Held::WeightsAndBias(wb.clone()));
+        // dx in x's dtype, then f32 [dw per image | db per image | dshift].
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, &shift.contiguous()?, &op)?;
         let sums = op.sums(x)?;
-        let dw = sums.narrow(0, 0, n * c)?.reshape((n, c))?.sum(0)?;
-        let db = sums.narrow(0, n * c, n * c)?.reshape((n, c))?.sum(0)?;
+        // The first two thirds as (2, n, c), summed over the images: [dw | db], wb's own layout.
+        let dwb = sums.narrow(0, 0, 2 * n * c)?.reshape((2, n, c))?.sum(1)?.flatten_all()?.to_dtype(wb.dtype())?;
         let dshift = sums.narrow(0, 2 * n * c, n * c)?.reshape((n, c))?.to_dtype(shift.dtype())?;
-        Ok((Some(dx), Some(dshift), Some(Tensor::cat(&[&dw, &db], 0)?.to_dtype(wb.dtype())?)))
+        Ok((Some(dx), Some(dshift), Some(dwb)))
     }
 }
 
-/// `(x, dy, w)` with `b` held by the op, or with a shift `(x, dy, [w | b | shift])` (`b`
-/// `None`): the gradients. On the CPU, packed f32 [dx | dw | db]. On CUDA, dx in x's dtype; the
-/// kernel's f32 per-image sums (dw, db, and the shift's gradient) wait in `sums` for
+/// `(x, dy, w)` with `b` held by the op, or with a shift `(x, dy, shift)` with `[w | b]` held:
+/// the gradients. On the CPU (no shift), packed f32 [dx | dw | db]. On CUDA, dx in x's dtype;
+/// the kernel's f32 per-image sums (dw, db, and the shift's gradient) wait in `sums` for
 /// [`GroupNormBackward::sums`]: a custom op has one output, and packing dx with them made it
-/// f32, so a bf16 step wrote dx in f32 and then paid a full-size cast back.
+/// f32, so a bf16 step wrote dx in f32 and then paid a full-size cast back. Held, not passed:
+/// passing them with an argument cost a concatenation (copies and an allocation) per call.
 struct GroupNormBackward {
     op: GroupNormOp,
-    b: Option<Tensor>,
+    held: Held,
     #[cfg(feature = "cuda")]
     sums: std::sync::Arc<std::sync::Mutex<Option<(CudaStorage, usize)>>>,
 }
 
+/// What [`GroupNormBackward`] reads besides its arguments.
+enum Held {
+    /// The bias; w is the third argument.
+    Bias(Tensor),
+    /// `[w | b]` (the fused shift's op, CUDA only); the shift is the third argument.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    WeightsAndBias(Tensor),
+}
+
 impl GroupNormBackward {
-    fn new(op: GroupNormOp, b: Option<Tensor>) -> Self {
+    fn new(op: GroupNormOp, held: Held) -> Self {
         Self {
             op,
-            b,
+            held,
             #[cfg(feature = "cuda")]
             sums: Default::default(),
         }
@@ -561,30 +571,32 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         let op = &self.op;
         let d = op.cuda_dims(l1);
         let saved = op.take_saved()?;
-        let (dx, sums) = match &self.b {
-            Some(b) => {
+        let (dx, sums) = match &self.held {
+            Held::Bias(b) => {
                 let (bs, bl) = b.storage_and_layout();
                 let candle_core::Storage::Cuda(bs) = &*bs else { candle_core::bail!("group norm backward: the bias is not a CUDA tensor, as the input is") };
                 crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, (s3, l3), (bs, bl), None, saved.as_ref())?
             }
-            None => {
-                // [w | b | shift], one buffer: three views of it.
-                if !l3.is_contiguous() {
-                    candle_core::bail!("group norm backward: [w | b | shift] must be contiguous");
+            Held::WeightsAndBias(wb) => {
+                // [w | b], one buffer: two views of it.
+                let (ws, wl) = wb.storage_and_layout();
+                let candle_core::Storage::Cuda(ws) = &*ws else { candle_core::bail!("group norm backward: [w | b] is not a CUDA tensor, as the input is") };
+                if !wl.is_contiguous() || wb.elem_count() != 2 * d.c {
+                    candle_core::bail!("group norm backward: [w | b] must be {} contiguous values, got {:?}", 2 * d.c, wb.shape());
                 }
-                let at = |start: usize, len: usize| Layout::contiguous_with_offset(Shape::from(len), l3.start_offset() + start);
-                let (lw, lb, ls) = (at(0, d.c), at(d.c, d.c), at(2 * d.c, d.n * d.c));
-                crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, (s3, &lw), (s3, &lb), Some((s3, &ls)), saved.as_ref())?
+                let at = |start: usize| Layout::contiguous_with_offset(Shape::from(d.c), wl.start_offset() + start);
+                let (lw, lb) = (at(0), at(d.c));
+                crate::cuda_ops::backward(d, op.eps, op.act, op.mask.as_ref(), op.hashed, s1, l1, s2, l2, (ws, &lw), (ws, &lb), Some((s3, l3)), saved.as_ref())?
             }
         };
-        let shift_len = if self.b.is_none() { d.n * d.c } else { 0 };
+        let shift_len = if matches!(self.held, Held::WeightsAndBias(_)) { d.n * d.c } else { 0 };
         *self.sums.lock().map_err(|_| candle_core::Error::Msg("group norm backward: its sums' lock is poisoned".into()))? = Some((sums, 2 * d.n * d.c + shift_len));
         Ok((dx, l1.shape().clone()))
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let op = &self.op;
-        let Some(b) = &self.b else { candle_core::bail!("group norm backward: the fused shift is CUDA only") };
+        let Held::Bias(b) = &self.held else { candle_core::bail!("group norm backward: the fused shift is CUDA only") };
         if op.hashed.is_some() {
             candle_core::bail!("group norm backward: hashed dropout is fused on CUDA only");
         }
