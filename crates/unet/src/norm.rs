@@ -436,8 +436,11 @@ impl candle_core::CustomOp3 for GroupNormOp {
             let dx = x.apply_op3_no_bwd(&grad, w, &op)?;
             let sums = op.sums(x)?;
             let (n, c) = (x.dim(0)?, w.elem_count());
-            let dw = sums.narrow(0, 0, n * c)?.reshape((n, c))?.sum(0)?.to_dtype(w.dtype())?;
-            let db = sums.narrow(0, n * c, n * c)?.reshape((n, c))?.sum(0)?.to_dtype(b.dtype())?;
+            // One reduction for both, (2, n, c) over the images; dw and db are its rows (views,
+            // which the patched backprop stores as they are: no copies).
+            let dwb = sums.narrow(0, 0, 2 * n * c)?.reshape((2, n, c))?.sum(1)?.to_dtype(w.dtype())?;
+            let dw = dwb.get(0)?.reshape(w.shape())?;
+            let db = dwb.get(1)?.reshape(b.shape())?.to_dtype(b.dtype())?;
             return Ok((Some(dx), Some(dw), Some(db)));
         }
         // One op computes all three gradients; it returns them packed as [dx | dw | db].

@@ -79,9 +79,10 @@ fn buffer_len(t: &Tensor) -> usize {
 #[test]
 fn a_view_gradient_is_stored_as_a_compact_exact_copy() {
     // A concatenation hands each input a narrow of its gradient: strided along dim 1, an offset
-    // slice along dim 0. Each must be stored as its own buffer (not a view keeping the whole
-    // gradient alive), with the same values.
-    for (dim, a_shape, b_shape) in [(0, (2, 4), (3, 4)), (1, (2, 3), (2, 5))] {
+    // slice along dim 0. Strided, or a slice of a large buffer (over 2^22 values: 2^22 + 3 x 4
+    // here), each must be stored as its own buffer (not a view keeping the whole gradient
+    // alive), with the same values.
+    for (dim, a_shape, b_shape) in [(0, (3, 4), (1 << 20, 4)), (1, (2, 3), (2, 5))] {
         let a = Var::from_tensor(&ramp_n(a_shape.0 * a_shape.1, 0.3, 0.1).reshape(a_shape).unwrap()).unwrap();
         let b = Var::from_tensor(&ramp_n(b_shape.0 * b_shape.1, 0.2, 0.7).reshape(b_shape).unwrap()).unwrap();
         let c = Tensor::cat(&[a.as_tensor(), b.as_tensor()], dim).unwrap();
@@ -99,6 +100,37 @@ fn a_view_gradient_is_stored_as_a_compact_exact_copy() {
             assert_eq!(buffer_len(got), got.elem_count(), "dim {dim}: the gradient keeps a larger buffer");
             let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
             assert_eq!(bits(got), bits(&want), "dim {dim}");
+        }
+    }
+}
+
+#[test]
+fn a_contiguous_slice_of_a_small_gradient_is_stored_as_a_view_with_exact_values() {
+    // The time-embedding projections' weights are stacked, and each gets a row range of the
+    // stack's gradient: contiguous slices of a small buffer, stored as they are (a copy each
+    // cost an allocation and a launch). The values are the slices' own, and a second use of
+    // an input still adds to its gradient (a new buffer: the view is not written).
+    let parts: Vec<Var> = (0..3).map(|i| Var::from_tensor(&ramp_n(2 * 5, 0.3 + i as f32, 0.1).reshape((2, 5)).unwrap()).unwrap()).collect();
+    let refs: Vec<&Tensor> = parts.iter().map(|v| v.as_tensor()).collect();
+    let w = ramp_n(6 * 5, 0.13, 0.3).reshape((6, 5)).unwrap();
+    let v = ramp_n(2 * 5, 0.7, 1.1).reshape((2, 5)).unwrap();
+    for second_use in [false, true] {
+        let stacked = Tensor::cat(&refs, 0).unwrap();
+        let mut f = stacked.mul(&w).unwrap().sum_all().unwrap();
+        if second_use {
+            f = (f + parts[1].as_tensor().mul(&v).unwrap().sum_all().unwrap()).unwrap();
+        }
+        let g = f.backward().unwrap();
+        for (i, p) in parts.iter().enumerate() {
+            let got = g.get(p.as_tensor()).unwrap();
+            let mut want = values(&w.narrow(0, 2 * i, 2).unwrap().flatten_all().unwrap());
+            if second_use && i == 1 {
+                want.iter_mut().zip(values(&v.flatten_all().unwrap())).for_each(|(a, b)| *a += b);
+            } else {
+                assert_eq!(buffer_len(got), 6 * 5, "part {i}: the slice was copied (second use: {second_use})");
+                assert_eq!(got.layout().start_offset(), 10 * i, "part {i}");
+            }
+            assert_eq!(values(&got.flatten_all().unwrap()), want, "part {i} (second use: {second_use})");
         }
     }
 }
@@ -274,6 +306,37 @@ fn narrows_of_one_tensor_add_their_gradients_into_its_slices() {
         for i in 0..rows * cols {
             let want = want[i] + if direct.is_some() { vv[i] } else { 0.0 };
             assert!((got[i] - want).abs() <= 1e-5 * (1.0 + want.abs()), "at {i}: {} against {want} (direct use: {direct:?})", got[i]);
+        }
+    }
+}
+
+#[test]
+fn a_narrow_after_another_use_of_its_tensor_adds_into_its_slice() {
+    // Disjoint slices of a gradient made only by narrows are copied in (the rest is still
+    // zeros). Once another use has changed the sum (a subtraction's `or_insert` or an
+    // addition's `accumulate`), a later slice must be added, not copied over it.
+    let n = 9;
+    let a = Var::from_tensor(&ramp_n(n, 0.3, 0.1)).unwrap();
+    let x = ramp_n(n, 0.5, 0.9);
+    let (w1, w2, v) = (ramp_n(3, 0.7, 0.4), ramp_n(3, 0.9, 0.2), ramp_n(n, 0.31, 1.3));
+    let (w1v, w2v, vv) = (values(&w1), values(&w2), values(&v));
+    for subtract in [true, false] {
+        for order in 0..3 {
+            let n1 = a.narrow(0, 0, 3).unwrap().mul(&w1).unwrap().sum_all().unwrap();
+            let n2 = a.narrow(0, 3, 3).unwrap().mul(&w2).unwrap().sum_all().unwrap();
+            let other = if subtract { x.sub(a.as_tensor()).unwrap() } else { x.add(a.as_tensor()).unwrap() };
+            let other = other.mul(&v).unwrap().sum_all().unwrap();
+            let f = match order {
+                0 => ((n1 + other).unwrap() + n2).unwrap(),
+                1 => ((other + n1).unwrap() + n2).unwrap(),
+                _ => ((n1 + n2).unwrap() + other).unwrap(),
+            };
+            let got = values(f.backward().unwrap().get(a.as_tensor()).unwrap());
+            for i in 0..n {
+                let slices = if i < 3 { w1v[i] } else if i < 6 { w2v[i - 3] } else { 0.0 };
+                let want = slices + if subtract { -vv[i] } else { vv[i] };
+                assert!((got[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "at {i}: {} against {want} (subtract: {subtract}, order {order})", got[i]);
+            }
         }
     }
 }

@@ -705,7 +705,18 @@ impl Tensor {
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
-pub struct GradStore(HashMap<TensorId, Tensor>);
+pub struct GradStore(HashMap<TensorId, Tensor>, HashMap<TensorId, SlicedSum>);
+
+/// Patched: a gradient built only from narrows' slices ([`GradStore::accumulate_into_slice`]),
+/// with the parts of `dim` written so far. A slice outside them is still zeros, so it is copied
+/// in, not added: the 22 time-embedding projections are disjoint narrows of one product.
+#[derive(Debug)]
+struct SlicedSum {
+    /// The id of the sum tensor the record describes: a replaced sum is not described.
+    sum: TensorId,
+    dim: usize,
+    written: Vec<(usize, usize)>,
+}
 
 /// Whether `t` is, from its start, the whole of a CPU or CUDA buffer or all of it but a short
 /// tail (at most 1/16 of `t`'s size more: a custom op's packed extra outputs, as GroupNorm's
@@ -717,6 +728,24 @@ fn owns_its_storage(t: &Tensor) -> bool {
     if !t.is_contiguous() || t.layout().start_offset() != 0 {
         return false;
     }
+    let n = t.elem_count();
+    buffer_len(t).is_some_and(|len| len >= n && (len - n) * 16 <= n)
+}
+
+/// Patched: whether `t` is a contiguous view (any offset) of a buffer small enough that
+/// keeping all of it alive with the view costs nothing worth a copy: a weight's gradient
+/// narrowed from a stacked product, or a row of a `[dw; db]` reduction. Stored as they are,
+/// where a compact copy cost an allocation and a launch per gradient. Same devices as
+/// [`owns_its_storage`].
+fn small_contiguous_view(t: &Tensor) -> bool {
+    /// 16 MiB of f32.
+    const SMALL: usize = 1 << 22;
+    t.is_contiguous() && buffer_len(t).is_some_and(|len| len <= SMALL)
+}
+
+/// The element count of `t`'s whole buffer, on the devices whose first gradients may be
+/// stored as they are ([`owns_its_storage`]).
+fn buffer_len(t: &Tensor) -> Option<usize> {
     let (storage, _) = t.storage_and_layout();
     let len = match &*storage {
         crate::Storage::Cpu(crate::CpuStorage::F32(v)) => v.len(),
@@ -729,12 +758,11 @@ fn owns_its_storage(t: &Tensor) -> bool {
             crate::cuda_backend::CudaStorageSlice::F64(v) => v.len(),
             crate::cuda_backend::CudaStorageSlice::BF16(v) => v.len(),
             crate::cuda_backend::CudaStorageSlice::F16(v) => v.len(),
-            _ => return false,
+            _ => return None,
         },
-        _ => return false,
+        _ => return None,
     };
-    let n = t.elem_count();
-    len >= n && (len - n) * 16 <= n
+    Some(len)
 }
 
 /// Whether a first gradient that is not stored as it is gets a compact copy instead of
@@ -828,16 +856,19 @@ impl GradStore {
 
     /// Remove the gradient tensor associated with the given tensor, returning it if it exists
     pub fn remove(&mut self, tensor: &Tensor) -> Option<Tensor> {
+        self.1.remove(&tensor.id());
         self.0.remove(&tensor.id())
     }
 
     /// Insert a gradient tensor associated with the given tensor, returning the previous gradient tensor if it existed
     pub fn insert(&mut self, tensor: &Tensor, grad: Tensor) -> Option<Tensor> {
+        self.1.remove(&tensor.id());
         self.0.insert(tensor.id(), grad)
     }
 
     /// Insert a gradient tensor associated with the given tensor id, returning the previous gradient tensor if it existed
     pub fn insert_id(&mut self, id: TensorId, grad: Tensor) -> Option<Tensor> {
+        self.1.remove(&id);
         self.0.insert(id, grad)
     }
 
@@ -851,6 +882,8 @@ impl GradStore {
         }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => {
+                // The whole sum changes: no part of it is known to be zeros any more.
+                self.1.remove(&tensor.id());
                 let sum = entry.into_mut();
                 if !add_in_place(sum, grad) {
                     *sum = sum.add(grad)?;
@@ -858,7 +891,7 @@ impl GradStore {
             }
             Entry::Vacant(entry) => {
                 let fits = grad.shape() == tensor.shape() && grad.dtype() == tensor.dtype() && grad.device().same_device(tensor.device());
-                if fits && owns_its_storage(grad) {
+                if fits && (owns_its_storage(grad) || small_contiguous_view(grad)) {
                     entry.insert(grad.clone());
                 } else if fits && compacts_views(grad) {
                     // A view (a narrow of a concatenation's gradient, say) would keep its whole
@@ -894,10 +927,12 @@ impl GradStore {
             return Ok(false);
         }
         let grad = grad.contiguous()?;
+        let len = grad.dim(dim)?;
         match self.0.entry(tensor.id()) {
             Entry::Vacant(entry) => {
                 let sum = tensor.zeros_like()?;
                 sum.slice_set(&grad, dim, start)?;
+                self.1.insert(tensor.id(), SlicedSum { sum: sum.id(), dim, written: vec![(start, len)] });
                 entry.insert(sum);
             }
             Entry::Occupied(entry) => {
@@ -909,8 +944,21 @@ impl GradStore {
                 {
                     return Ok(false);
                 }
-                let part = sum.narrow(dim, start, grad.dim(dim)?)?.add(&grad)?;
-                sum.slice_set(&part, dim, start)?;
+                let record = self.1.get_mut(&tensor.id()).filter(|r| r.sum == sum.id() && r.dim == dim);
+                let untouched = record.as_ref().is_some_and(|r| r.written.iter().all(|&(s, l)| start + len <= s || s + l <= start));
+                if untouched {
+                    // Still zeros there: the slice is the gradient itself.
+                    sum.slice_set(&grad, dim, start)?;
+                } else {
+                    let part = sum.narrow(dim, start, len)?.add(&grad)?;
+                    sum.slice_set(&part, dim, start)?;
+                }
+                match record {
+                    Some(r) => r.written.push((start, len)),
+                    None => {
+                        self.1.remove(&tensor.id());
+                    }
+                }
             }
         }
         Ok(true)
@@ -919,6 +967,8 @@ impl GradStore {
     /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
     /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
+        // The caller may change the sum as a whole.
+        self.1.remove(&tensor.id());
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
