@@ -402,6 +402,10 @@ pub struct UNet {
     upblocks: Vec<Block>,
     tail_norm: GroupNorm,
     tail_conv: Conv2d,
+    /// The ResBlocks' `temb_proj` weights and biases stacked once, when none of them is a
+    /// variable (a model for sampling, or a training step's bf16 casts): see
+    /// [`UNet::temb_projections`].
+    temb_stack: Option<(Tensor, Tensor)>,
 }
 
 impl UNet {
@@ -451,7 +455,15 @@ impl UNet {
         debug_assert!(skip_ch.is_empty());
         let tail_norm = GroupNorm::new(vb.pp("tail.0"), GROUPS, c, GN_EPS)?;
         let tail_conv = Conv2d::new(vb.pp("tail.2"), c, cfg.image_channels, 3, 1, 1)?;
-        Ok(Self { config: cfg.clone(), time_embedding, head, downblocks, middle_blocks, upblocks, tail_norm, tail_conv })
+        let mut net = Self { config: cfg.clone(), time_embedding, head, downblocks, middle_blocks, upblocks, tail_norm, tail_conv, temb_stack: None };
+        // Variables change in place at every optimizer step, so a trainable model stacks them
+        // at every forward pass. Other weights are a snapshot: stacked here, once, a model for
+        // sampling saves 44 copies per network call (a UNet built from tensors that are later
+        // changed in place would not see the change in these).
+        let (ws, bs) = net.temb_weights()?;
+        let stack = if ws.iter().chain(&bs).any(|t| t.is_variable()) { None } else { Some((Tensor::cat(&ws, 0)?, Tensor::cat(&bs, 0)?)) };
+        net.temb_stack = stack;
+        Ok(net)
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -532,22 +544,34 @@ impl UNet {
     /// on a GPU, per-call host time. The stacking costs a copy of each weight and bias, and
     /// their gradients a copy back.
     fn temb_projections(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
-        let blocks: Vec<&ResBlock> = self.res_blocks().collect();
         let act = hardswish(temb)?;
-        let (mut ws, mut bs) = (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()));
-        for b in &blocks {
-            ws.push(b.temb_proj.weight());
-            bs.push(b.temb_proj.bias().ok_or_else(|| candle_core::Error::Msg("UNet: a temb_proj without its bias".into()))?);
-        }
-        let all = Linear::new(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?)).forward(&act)?;
+        let (w, b) = match &self.temb_stack {
+            Some((w, b)) => (w.clone(), b.clone()),
+            None => {
+                let (ws, bs) = self.temb_weights()?;
+                (Tensor::cat(&ws, 0)?, Tensor::cat(&bs, 0)?)
+            }
+        };
+        let all = Linear::new(w, Some(b)).forward(&act)?;
         let mut start = 0;
-        let mut out = Vec::with_capacity(blocks.len());
-        for w in ws {
-            let n = w.dim(0)?;
+        let mut out = Vec::new();
+        for blk in self.res_blocks() {
+            let n = blk.temb_proj.weight().dim(0)?;
             out.push(all.narrow(1, start, n)?);
             start += n;
         }
         Ok(out)
+    }
+
+    /// The ResBlocks' `temb_proj` Linear weights and biases, in [`Self::res_blocks`]' order.
+    fn temb_weights(&self) -> Result<(Vec<&Tensor>, Vec<&Tensor>)> {
+        let mut ws = Vec::new();
+        let mut bs = Vec::new();
+        for blk in self.res_blocks() {
+            ws.push(blk.temb_proj.weight());
+            bs.push(blk.temb_proj.bias().ok_or_else(|| candle_core::Error::Msg("UNet: a temb_proj without its bias".into()))?);
+        }
+        Ok((ws, bs))
     }
 
     pub fn forward_with_intermediates(&self, x: &Tensor, t: &Tensor, mode: Mode) -> Result<(Tensor, Intermediates)> {
@@ -739,6 +763,28 @@ mod tests {
             "a training step of the tiny network has {nodes} graph nodes, over its budget of {TINY_STEP_NODES}: \
              ops were added to the step (if on purpose, raise the budget)"
         );
+    }
+
+    #[test]
+    fn a_model_of_plain_weights_stacks_its_time_projections_once_with_the_same_outputs() {
+        // Built from plain tensors (sampling), the model stacks the ResBlocks' temb_proj
+        // weights at construction; from variables (training), at every forward pass, since the
+        // optimizer changes them in place. Both give the same bits.
+        let dev = Device::Cpu;
+        let cfg = UNetConfig::tiny();
+        let (net, vars) = crate::new_trainable(&cfg, &dev, 3).unwrap();
+        assert!(net.temb_stack.is_none(), "a trainable model must not freeze its stacked weights");
+        let mut tensors: std::collections::HashMap<String, Tensor> = vars.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap())).collect();
+        tensors.insert(crate::TIME_TABLE_KEY.to_string(), net.time_table().clone());
+        let plain = UNet::new(VarBuilder::from_tensors(tensors, DType::F32, &dev), &cfg).unwrap();
+        let (w, b) = plain.temb_stack.as_ref().expect("a model of plain weights stacks them at construction");
+        let rows: usize = plain.res_blocks().map(|r| r.temb_proj.weight().dim(0).unwrap()).sum();
+        assert_eq!((w.dims(), b.dims()), (&[rows, cfg.time_dim()][..], &[rows][..]));
+        let s = cfg.image_size;
+        let x = Tensor::arange(0u32, (2 * 3 * s * s) as u32, &dev).unwrap().to_dtype(DType::F32).unwrap().affine(0.17, 0.0).unwrap().sin().unwrap().reshape((2, 3, s, s)).unwrap();
+        let t = Tensor::new(&[4u32, 77], &dev).unwrap();
+        let bits = |m: &UNet| m.forward_t(&x, &t, Mode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&plain), bits(&net));
     }
 
     #[test]
