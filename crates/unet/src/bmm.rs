@@ -16,7 +16,10 @@ use rayon::prelude::*;
 /// over its last two dimensions. `a` and `b` are `[B, r, c]`.
 pub fn bmm(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> Result<Tensor> {
     if a.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
-        a.contiguous()?.apply_op2(&b.contiguous()?, Bmm { a_t, b_t })
+        // Items whose rows are contiguous are read where they are, however far apart (q, k and
+        // v are narrows of one stacked projection).
+        let items = |t: &Tensor| if item_stride(t.layout()).is_some() { Ok(t.clone()) } else { t.contiguous() };
+        items(a)?.apply_op2(&items(b)?, Bmm { a_t, b_t })
     } else {
         let a = if a_t { a.transpose(1, 2)? } else { a.clone() };
         let b = if b_t { b.transpose(1, 2)? } else { b.clone() };
@@ -44,10 +47,27 @@ impl Bmm {
     }
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+/// For a `[B, r, c]` layout whose items each have contiguous rows, the distance between
+/// items (0 for a single item); `None` for any other layout.
+fn item_stride(l: &Layout) -> Option<usize> {
+    let (d, s) = (l.dims(), l.stride());
+    if d.len() != 3 || (d[2] > 1 && s[2] != 1) || (d[1] > 1 && s[1] != d[2]) {
+        return None;
+    }
+    Some(if d[0] > 1 { s[0] } else { 0 })
+}
+
+/// The operand's values from its first element, and the distance between its items.
+fn items<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize)> {
     let data = s.as_slice::<f32>()?;
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("bmm expects contiguous operands".into()))?;
-    Ok(&data[a..b])
+    let stride = item_stride(l).ok_or_else(|| candle_core::Error::Msg("bmm expects operands with contiguous rows".into()))?;
+    let (b, r, c) = l.shape().dims3()?;
+    // The last item must lie in the buffer.
+    let end = l.start_offset() + b.saturating_sub(1) * stride + r * c;
+    if b > 0 && end > data.len() {
+        candle_core::bail!("bmm: an operand's layout runs past its buffer");
+    }
+    Ok((&data[l.start_offset().min(data.len())..], stride))
 }
 
 impl candle_core::CustomOp2 for Bmm {
@@ -57,7 +77,7 @@ impl candle_core::CustomOp2 for Bmm {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (batch, m, k, n) = self.dims(l1, l2)?;
-        let (a, b) = (contiguous(s1, l1)?, contiguous(s2, l2)?);
+        let ((a, sa), (b, sb)) = (items(s1, l1)?, items(s2, l2)?);
         // The GEMM overwrites every element (beta = 0, no accumulation).
         let mut out = crate::output_buffer(batch * m * n, 0);
         if m * n == 0 {
@@ -70,7 +90,7 @@ impl candle_core::CustomOp2 for Bmm {
         // Enough images to share out: one single-threaded GEMM each; otherwise split each GEMM.
         let threads = crate::conv::gemm_threads(batch);
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
-            let (ai, bi) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
+            let (ai, bi) = (&a[i * sa..i * sa + m * k], &b[i * sb..i * sb + k * n]);
             crate::conv::matmul(m, n, k, dst, false, ai, self.a_t, bi, self.b_t, threads);
         });
         Ok((CpuStorage::F32(out), Shape::from((batch, m, n))))
@@ -150,6 +170,31 @@ mod tests {
                     assert!(max_diff(x, y) < 1e-5, "gradient, batch {batch} a_t {a_t} b_t {b_t}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn operands_read_in_place_from_a_stacked_tensor_match_compact_copies() {
+        // Attention's q, k and v are narrows of one [B, 3, r, c] product: each image's rows
+        // contiguous, images 3 r c apart. Read in place, the product and both gradients must
+        // equal those of compact copies.
+        let (batch, r, c) = (3usize, 4usize, 5usize);
+        let stack = Var::from_tensor(&lcg(7, &[batch, 3, r, c])).unwrap();
+        let part = |i: usize| stack.narrow(1, i, 1).unwrap().squeeze(1).unwrap();
+        let (a, b) = (part(0), part(2));
+        assert!(!a.is_contiguous() && item_stride(a.layout()) == Some(3 * r * c));
+        let w = lcg(8, &[batch, r, r]);
+        for (a_t, b_t) in [(false, true), (true, false)] {
+            let (m, n) = if a_t { (c, c) } else { (r, r) };
+            let w = if a_t { lcg(9, &[batch, m, n]) } else { w.clone() };
+            let ours = bmm(&a, a_t, &b, b_t).unwrap();
+            let want = bmm(&a.contiguous().unwrap(), a_t, &b.contiguous().unwrap(), b_t).unwrap();
+            assert_eq!(ours.dims(), &[batch, m, n]);
+            assert_eq!(max_diff(&ours, &want), 0.0, "a_t {a_t} b_t {b_t}");
+            let g_ours = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_want = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (x, y) = (g_ours.get(&stack).unwrap(), g_want.get(&stack).unwrap());
+            assert_eq!(max_diff(x, y), 0.0, "gradient, a_t {a_t} b_t {b_t}");
         }
     }
 

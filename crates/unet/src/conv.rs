@@ -32,6 +32,12 @@ impl Conv2d {
         Ok(Self { weight, bias, stride, padding })
     }
 
+    /// A convolution with the given weight `[O, C, k, k]` and bias `[O]` (attention's q, k and
+    /// v projections stacked into one).
+    pub(crate) fn from_parts(weight: Tensor, bias: Tensor, stride: usize, padding: usize) -> Self {
+        Self { weight, bias, stride, padding }
+    }
+
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }

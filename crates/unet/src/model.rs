@@ -247,27 +247,78 @@ pub struct AttnBlock {
     proj_k: Conv2d,
     proj_v: Conv2d,
     proj: Conv2d,
+    /// q, k and v's projections as one convolution, stacked once when none of their weights
+    /// is a variable (as `UNet`'s time-embedding projections).
+    qkv_stack: Option<Conv2d>,
 }
 
 impl AttnBlock {
     pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
-        Ok(Self {
+        let mut blk = Self {
             norm: GroupNorm::new(vb.pp("norm"), GROUPS, c, GN_EPS)?,
             proj_q: Conv2d::new(vb.pp("proj_q"), c, c, 1, 1, 0)?,
             proj_k: Conv2d::new(vb.pp("proj_k"), c, c, 1, 1, 0)?,
             proj_v: Conv2d::new(vb.pp("proj_v"), c, c, 1, 1, 0)?,
             proj: Conv2d::new(vb.pp("proj"), c, c, 1, 1, 0)?,
-        })
+            qkv_stack: None,
+        };
+        let parts = [&blk.proj_q, &blk.proj_k, &blk.proj_v];
+        if !parts.iter().any(|p| p.weight().is_variable() || p.bias().is_variable()) {
+            blk.qkv_stack = Some(blk.stacked_qkv()?);
+        }
+        Ok(blk)
     }
+
+    /// q, k and v's projections as one 1x1 convolution of 3C outputs: each output is the same
+    /// dot product, where three convolutions cost three calls forward and six backward (and
+    /// two additions of their input gradients), each with a cuDNN call's host time on a GPU.
+    fn stacked_qkv(&self) -> Result<Conv2d> {
+        let parts = [&self.proj_q, &self.proj_k, &self.proj_v];
+        let w = Tensor::cat(&parts.map(|p| p.weight()), 0)?;
+        let b = Tensor::cat(&parts.map(|p| p.bias()), 0)?;
+        Ok(Conv2d::from_parts(w, b, 1, 0))
+    }
+
+    /// q, k, v of the normalised input `n`, each `[B, C, HW]`.
+    fn qkv(&self, n: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, c, h, w) = n.dims4()?;
+        if !fused_qkv() {
+            let part = |p: &Conv2d| p.forward(n)?.reshape((b, c, h * w));
+            return Ok((part(&self.proj_q)?, part(&self.proj_k)?, part(&self.proj_v)?));
+        }
+        let qkv = match &self.qkv_stack {
+            Some(conv) => conv.forward(n)?,
+            None => self.stacked_qkv()?.forward(n)?,
+        };
+        // Views, each image's q (k, v) rows contiguous, 3C x HW apart: bmm reads them so.
+        let qkv = qkv.reshape((b, 3, c, h * w))?;
+        let part = |i: usize| qkv.narrow(1, i, 1)?.squeeze(1);
+        Ok((part(0)?, part(1)?, part(2)?))
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests run the three separate projections too.
+    static SEPARATE_QKV_FOR_TESTS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether attention computes q, k and v with one stacked convolution: by default;
+/// `UNET_FUSED_QKV=0` runs the reference's three (for A/B runs, and a way out on a GPU).
+fn fused_qkv() -> bool {
+    #[cfg(test)]
+    if SEPARATE_QKV_FOR_TESTS.with(|f| f.get()) {
+        return false;
+    }
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_FUSED_QKV").map_or(true, |v| v != "0"))
 }
 
 impl Module for AttnBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = self.norm.forward(x)?;
-        let q = self.proj_q.forward(&n)?.reshape((b, c, h * w))?;
-        let k = self.proj_k.forward(&n)?.reshape((b, c, h * w))?;
-        let v = self.proj_v.forward(&n)?.reshape((b, c, h * w))?;
+        let (q, k, v) = self.qkv(&n)?;
         // scores[b, i, j] = sum_c q[b, c, i] k[b, c, j]
         let attn = crate::softmax::scaled_softmax_last_dim(&bmm(&q, true, &k, false)?, (c as f64).powf(-0.5))?;
         // out[b, c, i] = sum_j v[b, c, j] attn[b, i, j]
@@ -746,8 +797,11 @@ mod tests {
     /// Graph nodes of one training step of the tiny network (8 ResBlocks) at 16x16. On a GPU
     /// the step is host-bound: each node is at least one launch to queue. Counted at stop 28,
     /// after the time embedding's Hardswish went from one per block to one and its 8
-    /// projections to one product; with the per-block versions of both, as before, 372.
-    const TINY_STEP_NODES: usize = 319;
+    /// projections to one product; with the per-block versions of both, as before, 372. Stop 29
+    /// stacked each attention block's q, k and v projections: 4 nodes more per block (two
+    /// concatenations, three narrows and three squeezes, views but the concatenations, for two
+    /// convolutions fewer), 335.
+    const TINY_STEP_NODES: usize = 335;
 
     #[test]
     fn a_training_step_stays_within_its_graph_budget() {
@@ -785,6 +839,45 @@ mod tests {
         let t = Tensor::new(&[4u32, 77], &dev).unwrap();
         let bits = |m: &UNet| m.forward_t(&x, &t, Mode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&plain), bits(&net));
+    }
+
+    #[test]
+    fn stacked_qkv_projections_give_the_reference_outputs_and_gradients() {
+        // One convolution of 3C outputs for q, k and v, against the reference's three: the same
+        // outputs and gradients of every variable, trainable (stacked per pass) and from plain
+        // weights (stacked once).
+        let dev = Device::Cpu;
+        let cfg = UNetConfig::tiny();
+        let (net, vars) = crate::new_trainable(&cfg, &dev, 6).unwrap();
+        let s = cfg.image_size;
+        let x = Tensor::arange(0u32, (2 * 3 * s * s) as u32, &dev).unwrap().to_dtype(DType::F32).unwrap().affine(0.23, 0.0).unwrap().cos().unwrap().reshape((2, 3, s, s)).unwrap();
+        let t = Tensor::new(&[9u32, 410], &dev).unwrap();
+        let run = |m: &UNet, separate: bool| {
+            SEPARATE_QKV_FOR_TESTS.with(|f| f.set(separate));
+            let y = m.forward_t(&x, &t, Mode::Eval);
+            SEPARATE_QKV_FOR_TESTS.with(|f| f.set(false));
+            y.unwrap()
+        };
+        let (fused, separate) = (run(&net, false), run(&net, true));
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff(&fused, &separate) < 1e-5, "outputs differ by {}", diff(&fused, &separate));
+        let (gf, gs) = (fused.sqr().unwrap().sum_all().unwrap().backward().unwrap(), separate.sqr().unwrap().sum_all().unwrap().backward().unwrap());
+        let data = vars.data().lock().unwrap();
+        let mut checked = 0;
+        for (name, v) in data.iter() {
+            let (a, b) = (gf.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")), gs.get(v.as_tensor()).unwrap());
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+            assert!(diff(a, b) <= 1e-4 * scale + 2e-5, "{name}: gradients differ by {} (scale {scale})", diff(a, b));
+            checked += name.contains("proj_q") as usize;
+        }
+        assert!(checked > 0, "the tiny network has no attention to check");
+        let tensors: std::collections::HashMap<String, Tensor> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap())).chain([(crate::TIME_TABLE_KEY.to_string(), net.time_table().clone())]).collect();
+        drop(data);
+        let plain = UNet::new(VarBuilder::from_tensors(tensors, DType::F32, &dev), &cfg).unwrap();
+        assert!(plain.res_blocks().filter_map(|r| r.attn.as_ref()).all(|a| a.qkv_stack.is_some()));
+        assert!(net.res_blocks().filter_map(|r| r.attn.as_ref()).all(|a| a.qkv_stack.is_none()));
+        let p = run(&plain, false);
+        assert!(diff(&p, &separate) < 1e-5, "plain weights: outputs differ by {}", diff(&p, &separate));
     }
 
     #[test]
