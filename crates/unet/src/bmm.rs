@@ -191,6 +191,11 @@ mod tests {
             let want = bmm(&a.contiguous().unwrap(), a_t, &b.contiguous().unwrap(), b_t).unwrap();
             assert_eq!(ours.dims(), &[batch, m, n]);
             assert_eq!(max_diff(&ours, &want), 0.0, "a_t {a_t} b_t {b_t}");
+            // candle's matmul (the GPU's path) on the same strided views: batch stride 3 r c.
+            let s64 = stack.as_tensor().to_dtype(DType::F64).unwrap();
+            let p64 = |i: usize| s64.narrow(1, i, 1).unwrap().squeeze(1).unwrap();
+            let candle_path = bmm(&p64(0), a_t, &p64(2), b_t).unwrap().to_dtype(DType::F32).unwrap();
+            assert!(max_diff(&candle_path, &want) < 1e-5, "candle's matmul, a_t {a_t} b_t {b_t}");
             let g_ours = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let g_want = (want * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let (x, y) = (g_ours.get(&stack).unwrap(), g_want.get(&stack).unwrap());
