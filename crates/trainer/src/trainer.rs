@@ -467,6 +467,9 @@ impl StepEngine {
     }
 
     /// A plain (non-trainable) copy of the network, from the EMA weights when `ema` and EMA is on.
+    /// A snapshot for use now: on CUDA the optimizer updates the EMA in place, which a model
+    /// kept across steps would see only in part (its stacked projections are copies), so build
+    /// a new one after each step.
     pub fn sampling_model(&self, ema: bool) -> Result<UNet, TrainError> {
         let w = self.weights(Default::default())?;
         Ok(w.build(&self.device, ema && self.ema.is_some())?)

@@ -263,7 +263,7 @@ impl AttnBlock {
             qkv_stack: None,
         };
         let parts = [&blk.proj_q, &blk.proj_k, &blk.proj_v];
-        if !parts.iter().any(|p| p.weight().is_variable() || p.bias().is_variable()) {
+        if parts.iter().all(|p| stackable(p.weight()) && stackable(p.bias())) {
             blk.qkv_stack = Some(blk.stacked_qkv()?);
         }
         Ok(blk)
@@ -295,6 +295,13 @@ impl AttnBlock {
         let part = |i: usize| qkv.narrow(1, i, 1)?.squeeze(1);
         Ok((part(0)?, part(1)?, part(2)?))
     }
+}
+
+/// Whether a weight may be stacked with others once, when the model is built: not a variable
+/// (which the optimizer changes in place) and held in memory as it is (not a broadcast
+/// placeholder of the shape recorder).
+fn stackable(t: &Tensor) -> bool {
+    !t.is_variable() && t.is_contiguous()
 }
 
 #[cfg(test)]
@@ -510,9 +517,10 @@ impl UNet {
         // Variables change in place at every optimizer step, so a trainable model stacks them
         // at every forward pass. Other weights are a snapshot: stacked here, once, a model for
         // sampling saves 44 copies per network call (a UNet built from tensors that are later
-        // changed in place would not see the change in these).
+        // changed in place would not see the change in these: build it again). Not for
+        // broadcast placeholders (`weights::expected_shapes`), which stacking would fill in.
         let (ws, bs) = net.temb_weights()?;
-        let stack = if ws.iter().chain(&bs).any(|t| t.is_variable()) { None } else { Some((Tensor::cat(&ws, 0)?, Tensor::cat(&bs, 0)?)) };
+        let stack = if ws.iter().chain(&bs).all(|t| stackable(t)) { Some((Tensor::cat(&ws, 0)?, Tensor::cat(&bs, 0)?)) } else { None };
         net.temb_stack = stack;
         Ok(net)
     }

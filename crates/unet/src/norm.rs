@@ -438,8 +438,9 @@ impl candle_core::CustomOp3 for GroupNormOp {
             let (n, c) = (x.dim(0)?, w.elem_count());
             // One reduction for both, (2, n, c) over the images; dw and db are its rows (views,
             // which the patched backprop stores as they are: no copies).
-            let dwb = sums.narrow(0, 0, 2 * n * c)?.reshape((2, n, c))?.sum(1)?.to_dtype(w.dtype())?;
-            let dw = dwb.get(0)?.reshape(w.shape())?;
+            let dwb = sums.narrow(0, 0, 2 * n * c)?.reshape((2, n, c))?.sum(1)?;
+            let dwb = if w.dtype() == b.dtype() { dwb.to_dtype(w.dtype())? } else { dwb };
+            let dw = dwb.get(0)?.reshape(w.shape())?.to_dtype(w.dtype())?;
             let db = dwb.get(1)?.reshape(b.shape())?.to_dtype(b.dtype())?;
             return Ok((Some(dx), Some(dw), Some(db)));
         }
