@@ -827,6 +827,13 @@ mod tests {
         );
     }
 
+    /// A model of plain tensors (as sampling builds) with copies of `net`'s variables.
+    fn plain_copy(net: &UNet, vars: &candle_nn::VarMap) -> UNet {
+        let mut tensors: std::collections::HashMap<String, Tensor> = vars.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap())).collect();
+        tensors.insert(crate::TIME_TABLE_KEY.to_string(), net.time_table().clone());
+        UNet::new(VarBuilder::from_tensors(tensors, DType::F32, net.time_table().device()), net.config()).unwrap()
+    }
+
     #[test]
     fn a_model_of_plain_weights_stacks_its_time_projections_once_with_the_same_outputs() {
         // Built from plain tensors (sampling), the model stacks the ResBlocks' temb_proj
@@ -836,9 +843,7 @@ mod tests {
         let cfg = UNetConfig::tiny();
         let (net, vars) = crate::new_trainable(&cfg, &dev, 3).unwrap();
         assert!(net.temb_stack.is_none(), "a trainable model must not freeze its stacked weights");
-        let mut tensors: std::collections::HashMap<String, Tensor> = vars.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap())).collect();
-        tensors.insert(crate::TIME_TABLE_KEY.to_string(), net.time_table().clone());
-        let plain = UNet::new(VarBuilder::from_tensors(tensors, DType::F32, &dev), &cfg).unwrap();
+        let plain = plain_copy(&net, &vars);
         let (w, b) = plain.temb_stack.as_ref().expect("a model of plain weights stacks them at construction");
         let rows: usize = plain.res_blocks().map(|r| r.temb_proj.weight().dim(0).unwrap()).sum();
         assert_eq!((w.dims(), b.dims()), (&[rows, cfg.time_dim()][..], &[rows][..]));
@@ -879,9 +884,8 @@ mod tests {
             checked += name.contains("proj_q") as usize;
         }
         assert!(checked > 0, "the tiny network has no attention to check");
-        let tensors: std::collections::HashMap<String, Tensor> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap())).chain([(crate::TIME_TABLE_KEY.to_string(), net.time_table().clone())]).collect();
         drop(data);
-        let plain = UNet::new(VarBuilder::from_tensors(tensors, DType::F32, &dev), &cfg).unwrap();
+        let plain = plain_copy(&net, &vars);
         assert!(plain.res_blocks().filter_map(|r| r.attn.as_ref()).all(|a| a.qkv_stack.is_some()));
         assert!(net.res_blocks().filter_map(|r| r.attn.as_ref()).all(|a| a.qkv_stack.is_none()));
         let p = run(&plain, false);
