@@ -247,8 +247,8 @@ pub struct AttnBlock {
     proj_k: Conv2d,
     proj_v: Conv2d,
     proj: Conv2d,
-    /// q, k and v's projections as one convolution, stacked once when none of their weights
-    /// is a variable (as `UNet`'s time-embedding projections).
+    /// q, k and v's projections as one convolution, stacked once when the weights are
+    /// [`stackable`] (as `UNet`'s time-embedding projections).
     qkv_stack: Option<Conv2d>,
 }
 
@@ -263,7 +263,7 @@ impl AttnBlock {
             qkv_stack: None,
         };
         let parts = [&blk.proj_q, &blk.proj_k, &blk.proj_v];
-        if parts.iter().all(|p| stackable(p.weight()) && stackable(p.bias())) {
+        if fused_qkv() && parts.iter().all(|p| stackable(p.weight()) && stackable(p.bias())) {
             blk.qkv_stack = Some(blk.stacked_qkv()?);
         }
         Ok(blk)
