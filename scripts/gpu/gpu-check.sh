@@ -133,7 +133,7 @@ only_micro_batch_failed() {
   # stopped it before its other checks had run.)
   ! grep -E 'FAIL$' "$f" | grep -qv '^micro-batch' && ! grep -E '^[Ee]rror' "$f" | grep -qv 'check(s) failed on'
 }
-ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_FUSED_QKV=0"
+ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_FUSED_QKV=0 UNET_CUDA_PARAMS=candle"
 selftest > "$OUT/self-test.txt" 2>&1
 rc=$?
 cat "$OUT/self-test.txt"

@@ -28,6 +28,27 @@ type ParamCache = HashMap<(DeviceId, Vec<usize>), Arc<CudaSlice<usize>>>;
 
 static CUDA_PARAM_CACHE: OnceLock<Mutex<ParamCache>> = OnceLock::new();
 
+/// Patched: at most this many shape/stride vectors are kept per thread outside CUDA-graph
+/// capture; past it a new vector is uploaded for its one call, as upstream does for every call.
+/// A model's ops use a few hundred distinct layouts.
+const THREAD_PARAMS_KEPT: usize = 4096;
+
+std::thread_local! {
+    /// Patched: the shape/stride vectors a strided op, a reduction, a gather or a `where`
+    /// passes its kernel, uploaded once per thread and device and kept, where upstream made an
+    /// allocation, a host-to-device copy and a free for every such op (outside CUDA-graph
+    /// capture, which has its own cache above). Per thread, since a device made by
+    /// `Device::new_cuda` issues each thread's work on that thread's own stream: a vector
+    /// uploaded on one thread's stream could be read on another's before it has landed.
+    static THREAD_PARAMS: std::cell::RefCell<ParamCache> = std::cell::RefCell::new(HashMap::new());
+}
+
+/// Patched: `UNET_CUDA_PARAMS=candle` uploads every op's shape/stride vector again, as upstream.
+fn thread_params_kept() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_CUDA_PARAMS").map_or(true, |v| v != "candle"))
+}
+
 pub enum SlicePtrOrNull<T> {
     Ptr(CudaSlice<T>),
     Cached(Arc<CudaSlice<T>>),
@@ -86,6 +107,23 @@ impl SlicePtrOrNull<usize> {
             return Ok(SlicePtrOrNull::Cached(slice));
         }
 
+        if thread_params_kept() {
+            let key = (dev.id(), params);
+            if let Some(slice) = THREAD_PARAMS.with(|c| c.borrow().get(&key).cloned()) {
+                return Ok(SlicePtrOrNull::Cached(slice));
+            }
+            let slice = dev.clone_htod(&key.1)?;
+            return Ok(THREAD_PARAMS.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.len() < THREAD_PARAMS_KEPT {
+                    let slice = Arc::new(slice);
+                    c.insert(key, slice.clone());
+                    SlicePtrOrNull::Cached(slice)
+                } else {
+                    SlicePtrOrNull::Ptr(slice)
+                }
+            }));
+        }
         Ok(SlicePtrOrNull::Ptr(dev.clone_htod(&params)?))
     }
 
