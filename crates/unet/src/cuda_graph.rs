@@ -35,6 +35,9 @@ pub fn capture<T>(dev: &CudaDevice, f: impl FnOnce() -> Result<T>) -> Result<(T,
         }
     }
     ctx.check_err().map_err(w)?;
+    // The callers hold it already (their warm-up filled it); held here too, so that a capture
+    // never reaches the per-thread map of plain ops' uploads, whose entries outlive a graph.
+    let _cache = dev.enable_cuda_graph_htod_cache();
     stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(w)?;
     let out = f();
     // An error recorded during the capture (a free refused by an invalidated capture, say) would

@@ -29,8 +29,8 @@ type ParamCache = HashMap<(DeviceId, Vec<usize>), Arc<CudaSlice<usize>>>;
 static CUDA_PARAM_CACHE: OnceLock<Mutex<ParamCache>> = OnceLock::new();
 
 /// Patched: at most this many shape/stride vectors are kept per thread outside CUDA-graph
-/// capture; past it a new vector is uploaded for its one call, as upstream does for every call.
-/// A model's ops use a few hundred distinct layouts.
+/// capture; a full map is emptied and filled again. A model's ops use a few hundred distinct
+/// layouts.
 const THREAD_PARAMS_KEPT: usize = 4096;
 
 std::thread_local! {
@@ -109,20 +109,31 @@ impl SlicePtrOrNull<usize> {
 
         if thread_params_kept() {
             let key = (dev.id(), params);
-            if let Some(slice) = THREAD_PARAMS.with(|c| c.borrow().get(&key).cloned()) {
+            // `try_with`: during the thread's teardown the map may be gone; upload as upstream.
+            if let Ok(Some(slice)) = THREAD_PARAMS.try_with(|c| c.borrow().get(&key).cloned()) {
                 return Ok(SlicePtrOrNull::Cached(slice));
             }
-            let slice = dev.clone_htod(&key.1)?;
-            return Ok(THREAD_PARAMS.with(|c| {
+            // A capture outside `enable_cuda_graph_htod_cache` would make this upload a graph
+            // allocation, freed at the graph's next launch while the map still hands it out.
+            if matches!(dev.cuda_stream().capture_status(), Ok(status)
+                if status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+            {
+                crate::bail!(
+                    "shape/stride upload during CUDA graph capture: capture inside \
+                     enable_cuda_graph_htod_cache after a warm-up run"
+                );
+            }
+            let slice = Arc::new(dev.clone_htod(&key.1)?);
+            let _ = THREAD_PARAMS.try_with(|c| {
                 let mut c = c.borrow_mut();
-                if c.len() < THREAD_PARAMS_KEPT {
-                    let slice = Arc::new(slice);
-                    c.insert(key, slice.clone());
-                    SlicePtrOrNull::Cached(slice)
-                } else {
-                    SlicePtrOrNull::Ptr(slice)
+                // Full (many shapes, or dropped devices' entries): start again. Each vector is
+                // freed in its stream's order, after the kernels queued to read it.
+                if c.len() >= THREAD_PARAMS_KEPT {
+                    c.clear();
                 }
-            }));
+                c.insert(key, slice.clone());
+            });
+            return Ok(SlicePtrOrNull::Cached(slice));
         }
         Ok(SlicePtrOrNull::Ptr(dev.clone_htod(&params)?))
     }
