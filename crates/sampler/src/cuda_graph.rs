@@ -100,7 +100,10 @@ impl<'a> GraphedModel<'a> {
             Some(i) => i,
             None => {
                 if captured.len() == MAX_CAPTURES {
-                    captured.remove(0);
+                    let oldest = captured.remove(0);
+                    let Device::Cuda(dev) = x_t.device() else { candle_core::bail!("CUDA graphs need a CUDA device") };
+                    drop(oldest);
+                    unet::cuda_graph::trim_graph_memory(dev)?;
                 }
                 captured.push(self.capture(x_t, t)?);
                 captured.len() - 1
@@ -139,9 +142,23 @@ impl NoisePredictor for GraphedModel<'_> {
                 self.captured.borrow_mut().clear();
                 if let Device::Cuda(d) = x_t.device() {
                     let _ = d.cuda_stream().context().check_err();
+                    let _ = unet::cuda_graph::trim_graph_memory(d);
+                    let _ = d.cuda_stream().context().check_err();
                 }
                 self.plain.predict_noise(x_t, t)
             }
         }
+    }
+}
+
+/// The driver keeps a destroyed graph's memory until it is trimmed: a training run's preview
+/// sampler would otherwise leave its graphs' memory beside the training step's.
+impl Drop for GraphedModel<'_> {
+    fn drop(&mut self) {
+        let mut captured = self.captured.borrow_mut();
+        let Some(Device::Cuda(dev)) = captured.first().map(|c| c.x.device().clone()) else { return };
+        captured.clear();
+        let _ = unet::cuda_graph::trim_graph_memory(&dev);
+        let _ = dev.cuda_stream().context().check_err();
     }
 }
