@@ -13,7 +13,8 @@
 //! On an H100 (stop 25) Find's choices made the training step slower, 0.222 s against 0.124 s
 //! in f32, and their convolutions took more GPU time in the step than the heuristics' (e.g. the
 //! weight gradients 65.9 ms against 23.2), so the heuristics stay the default. The choice is
-//! cached per shape once one has run. Should the heuristics fail, or their
+//! cached per shape once one has run, with the call's descriptors and workspace size
+//! (`Prepared`), so that later calls of the shape make the one cuDNN call that runs the pass. Should the heuristics fail, or their
 //! choice be unsupported, want more scratch memory than can be had, or fail to launch, the pass
 //! tries the algorithms every build has (precomputed then plain implicit GEMM forward,
 //! algorithms 1 then 0 backward), as PyTorch goes down its list; a choice that failed only for
@@ -28,9 +29,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::cudnn::safe::{ConvBackwardData, ConvBackwardFilter, ConvForward, Cudnn};
+use candle_core::cuda_backend::cudarc::cudnn::safe::{
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor,
+};
 use candle_core::cuda_backend::cudarc::cudnn::{sys, CudnnDataType};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, Result, WithDType};
@@ -122,6 +125,56 @@ thread_local! {
     static ALGOS: RefCell<HashMap<AlgoKey, (Algo, Option<sys::cudnnMathType_t>)>> = RefCell::new(HashMap::new());
     // Find needs the raw handle and descriptors, which cudarc's safe types keep to themselves.
     static RAW_HANDLES: RefCell<HashMap<DeviceId, find::RawHandle>> = RefCell::new(HashMap::new());
+    // Each cached (pass, shape)'s descriptors and workspace size, a `Prepared<T, C>` (`run_typed`).
+    static PREPARED: RefCell<HashMap<(AlgoKey, DeviceId), Box<dyn std::any::Any>>> = RefCell::new(HashMap::new());
+}
+
+/// What a (pass, shape) needs for its launch once its algorithm is cached: its descriptors and
+/// the algorithm's workspace size. Without them every call made and destroyed four descriptors
+/// and asked cuDNN for the workspace size, about ten cuDNN calls around the one that runs the
+/// pass; cuDNN 9 serves the legacy workspace query through its engine machinery, which the
+/// H100's host profile showed choosing engines per call (stop 25: 16% of the host's samples
+/// in cuDNN, the step host-bound).
+struct Prepared<T: 'static, C: 'static> {
+    conv: ConvDescriptor<C>,
+    x: TensorDescriptor<T>,
+    y: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    algo: Algo,
+    workspace: usize,
+}
+
+impl<T: CudnnDataType + DeviceRepr + WithDType, C: CudnnDataType> Prepared<T, C> {
+    fn workspace_size(&self) -> Result<usize> {
+        let (conv, x, y, w) = (&self.conv, &self.x, &self.y, &self.w);
+        match self.algo {
+            Algo::Forward(a) => ConvForward { conv, x, w, y }.get_workspace_size(a),
+            Algo::InputGrad(a) => ConvBackwardData { conv, dx: x, w, dy: y }.get_workspace_size(a),
+            Algo::WeightGrad(a) => ConvBackwardFilter { conv, x, dw: w, dy: y }.get_workspace_size(a),
+        }
+        .map_err(candle_core::Error::wrap)
+    }
+
+    /// The pass into a new output of `out_len` elements: `a` and `b` as in [`run_typed`].
+    fn launch(&self, pass: Pass, dev: &CudaDevice, a: &CudaView<T>, b: &CudaView<T>, out_len: usize) -> Result<CudaSlice<T>> {
+        let (conv, x, y, w) = (&self.conv, &self.x, &self.y, &self.w);
+        let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
+        // SAFETY: the pass writes every element of the output (beta = 0).
+        let mut out = unsafe { dev.alloc::<T>(out_len)? };
+        let mut ws = workspace(dev, self.workspace)?;
+        // SAFETY: these descriptors were made for this key's shapes and element type (NCHW,
+        // contiguous), and ran this algorithm with this workspace size before.
+        unsafe {
+            match (pass, self.algo) {
+                (Pass::Forward, Algo::Forward(alg)) => ConvForward { conv, x, w, y }.launch(alg, ws.as_mut(), (one, zero), a, b, &mut out),
+                (Pass::InputGrad, Algo::InputGrad(alg)) => ConvBackwardData { conv, dx: x, w, dy: y }.launch(alg, ws.as_mut(), (one, zero), &mut out, b, a),
+                (Pass::WeightGrad, Algo::WeightGrad(alg)) => ConvBackwardFilter { conv, x, dw: w, dy: y }.launch(alg, ws.as_mut(), (one, zero), a, &mut out, b),
+                (p, alg) => candle_core::bail!("cuDNN: {alg:?} cached for the {p:?} pass"),
+            }
+        }
+        .map_err(candle_core::Error::wrap)?;
+        Ok(out)
+    }
 }
 
 fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -162,7 +215,7 @@ pub(crate) fn run(pass: Pass, d: Geometry, a: &CudaStorage, la: &Layout, b: &Cud
 fn run_typed<T, C>(pass: Pass, d: Geometry, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout, dev: &CudaDevice) -> Result<CudaStorage>
 where
     T: CudaDType + DeviceRepr + ValidAsZeroBits + CudnnDataType + WithDType,
-    C: CudnnDataType,
+    C: CudnnDataType + 'static,
 {
     use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
     let w = |e| candle_core::Error::wrap(e);
@@ -200,6 +253,21 @@ where
         if graph::run(key, pass, &geometry, dev, &av, &bv, &mut out)? {
             return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
         }
+    }
+    let prepared_key = (key, dev.id());
+    let prepared = PREPARED.with(|m| {
+        let m = m.borrow();
+        m.get(&prepared_key)
+            .and_then(|p| p.downcast_ref::<Prepared<T, C>>())
+            .map(|p| p.launch(pass, dev, &av, &bv, out_len))
+    });
+    match prepared {
+        Some(Ok(out)) => return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone())),
+        // Short of memory for the workspace, say: the full path below tries the fallbacks.
+        Some(Err(_)) => {
+            PREPARED.with(|m| m.borrow_mut().remove(&prepared_key));
+        }
+        None => {}
     }
     let cudnn = handle(dev)?;
     let mut conv = cudnn.create_conv2d::<C>([p, p], [s, s], [1, 1], sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION).map_err(w)?;
@@ -275,6 +343,15 @@ where
             |op, a, ws, out| op.launch(a, ws.as_mut(), (one, zero), &av, out, &bv)
         ),
     };
+    // Cached (not a choice that memory decided): later calls launch it from `Prepared`, with
+    // these descriptors and their math type as it ran.
+    if let Some((algo, _)) = ALGOS.with(|m| m.borrow().get(&key).copied()) {
+        let mut p = Prepared::<T, C> { conv, x: x_desc, y: y_desc, w: w_desc, algo, workspace: 0 };
+        if let Ok(n) = p.workspace_size() {
+            p.workspace = n;
+            PREPARED.with(|m| m.borrow_mut().insert(prepared_key, Box::new(p)));
+        }
+    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
