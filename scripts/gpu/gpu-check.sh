@@ -140,12 +140,16 @@ cat "$OUT/self-test.txt"
 if [ "$rc" != 0 ] && only_micro_batch_failed "$OUT/self-test.txt" "$rc"; then
   echo "self-test: only the micro-batch checks failed (gradient accumulation, train --micro-batch-size): nothing to switch back; only step 2b's micro-batch run uses it (its time and memory stand, not its result)"
 elif [ "$rc" != 0 ]; then
-  # At most two retries (each under its own limit): the parts the output names, then everything.
+  # At most three retries (each under its own limit): for a failed convolution check the kept cuDNN
+  # descriptors alone, then the parts the output names, then everything.
   # A hang (timeout's 124) names nothing: straight to everything.
   named=""
   [ "$rc" != 124 ] && named=$(suspects "$OUT/self-test.txt")
   [ "$rc" = 124 ] && echo "self-test stopped by its time limit"
   tries=()
+  # A convolution check failed: first only the launches from kept cuDNN descriptors
+  # (UNET_CUDNN_PREPARED=0, new since the last GPU run), then candle's convolutions (40x slower).
+  case "$named" in *UNET_CUDA_CONV=candle*) tries+=("${named//UNET_CUDA_CONV=candle/UNET_CUDNN_PREPARED=0}");; esac
   [ -n "${named// /}" ] && tries+=("$named")
   tries+=("$ALL_SWITCHES")
   for fallback in "${tries[@]}"; do

@@ -129,6 +129,14 @@ thread_local! {
     static PREPARED: RefCell<HashMap<(AlgoKey, DeviceId), Box<dyn std::any::Any>>> = RefCell::new(HashMap::new());
 }
 
+/// Whether cached shapes launch from their kept descriptors ([`Prepared`]); `UNET_CUDNN_PREPARED=0`
+/// makes them again on every call, as before (an A/B switch, and the check script's first
+/// fallback when a convolution check fails).
+fn prepared_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_CUDNN_PREPARED").map_or(true, |v| v != "0"))
+}
+
 /// What a (pass, shape) needs for its launch once its algorithm is cached: its descriptors and
 /// the algorithm's workspace size. Without them every call made and destroyed four descriptors
 /// and asked cuDNN for the workspace size, about ten cuDNN calls around the one that runs the
@@ -255,12 +263,12 @@ where
         }
     }
     let prepared_key = (key, dev.id());
-    let prepared = PREPARED.with(|m| {
+    let prepared = prepared_enabled().then(|| PREPARED.with(|m| {
         let m = m.borrow();
         m.get(&prepared_key)
             .and_then(|p| p.downcast_ref::<Prepared<T, C>>())
             .map(|p| p.launch(pass, dev, &av, &bv, out_len))
-    });
+    })).flatten();
     match prepared {
         Some(Ok(out)) => return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone())),
         // Short of memory for the workspace, say: the full path below tries the fallbacks.
@@ -345,7 +353,7 @@ where
     };
     // Cached (not a choice that memory decided): later calls launch it from `Prepared`, with
     // these descriptors and their math type as it ran.
-    if let Some((algo, _)) = ALGOS.with(|m| m.borrow().get(&key).copied()) {
+    if let Some((algo, _)) = ALGOS.with(|m| m.borrow().get(&key).copied()).filter(|_| prepared_enabled()) {
         let mut p = Prepared::<T, C> { conv, x: x_desc, y: y_desc, w: w_desc, algo, workspace: 0 };
         if let Ok(n) = p.workspace_size() {
             p.workspace = n;
