@@ -19,8 +19,9 @@
 #   CUDA graphs (TRAIN_CUDA_GRAPH=1), bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm), the
 #   time embedding folded into GroupNorm (UNET_FOLD_TEMB=1), all that passed together, sampling
 #   from CUDA graphs (SAMPLER_CUDA_GRAPH=1), cuDNN's graph API (execution plans, UNET_CUDNN_API=graph),
-#   then our per-op GPU times with what passed (plain steps), and with time left the separate
-#   q, k, v projections (UNET_FUSED_QKV=0))
+#   then our per-op GPU times with what passed (plain steps), and with time left stop 30's
+#   kept cuDNN descriptors and uploads undone, then the separate q, k, v projections
+#   (UNET_FUSED_QKV=0))
 #   AB_SWAPS="..." (the A/B runs' switches; default: each of our parts; UNET_CUDNN_ALGO=find adds
 #   cuDNN's Find against its heuristics, both precisions)  AB_MICRO=1 (the micro-batch run)
 # Each step has its own time limit, so that one hang cannot take the whole session, and the whole
@@ -147,9 +148,12 @@ elif [ "$rc" != 0 ]; then
   [ "$rc" != 124 ] && named=$(suspects "$OUT/self-test.txt")
   [ "$rc" = 124 ] && echo "self-test stopped by its time limit"
   tries=()
-  # A convolution check failed: first only the launches from kept cuDNN descriptors
-  # (UNET_CUDNN_PREPARED=0, new since the last GPU run), then candle's convolutions (40x slower).
-  case "$named" in *UNET_CUDA_CONV=candle*) tries+=("${named//UNET_CUDA_CONV=candle/UNET_CUDNN_PREPARED=0}");; esac
+  # A convolution check failed, or cuDNN's error stopped the run: first only the launches from
+  # kept cuDNN descriptors (UNET_CUDNN_PREPARED=0, new since the last GPU run), then candle's
+  # convolutions (40x slower). (Not for our bias kernels' or NVRTC's errors: it cannot help those.)
+  if grep -E 'FAIL$' "$OUT/self-test.txt" | grep -q '^conv ' || sed -n '/^[Ee]rror/,$p' "$OUT/self-test.txt" | head -12 | grep -qi cudnn; then
+    case "$named" in *UNET_CUDA_CONV=candle*) tries+=("${named//UNET_CUDA_CONV=candle/UNET_CUDNN_PREPARED=0}");; esac
+  fi
   [ -n "${named// /}" ] && tries+=("$named")
   tries+=("$ALL_SWITCHES")
   for fallback in "${tries[@]}"; do
@@ -219,7 +223,7 @@ if [ "$AB" = 1 ]; then
         --python none --out "$OUT/ab-unet_cudnn_algo-find-$p.json" || echo "A/B run with cuDNN's Find ($p) failed or ran out of time"
     done
   fi
-  for swap in ${AB_SWAPS:-UNET_CUDA_CONV=candle UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle}; do
+  for swap in ${AB_SWAPS:-UNET_CUDA_CONV=candle UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle}; do
     [ "$swap" = UNET_CUDNN_ALGO=find ] && continue
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
     room 40 "$RESERVE4" "A/B run with $swap" || continue
@@ -239,7 +243,7 @@ fi
 }
 
 want 7 && {
-step "7. never run on a GPU before, each checked then timed: training steps from CUDA graphs (TRAIN_CUDA_GRAPH=1); bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm); the time embedding folded into GroupNorm (UNET_FOLD_TEMB=1); all that passed together; sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1); cuDNN's graph API (UNET_CUDNN_API=graph); our per-op profile with what passed; with time left, the separate q, k, v projections (UNET_FUSED_QKV=0)"
+step "7. never run on a GPU before, each checked then timed: training steps from CUDA graphs (TRAIN_CUDA_GRAPH=1); bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm); the time embedding folded into GroupNorm (UNET_FOLD_TEMB=1); all that passed together; sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1); cuDNN's graph API (UNET_CUDNN_API=graph); our per-op profile with what passed; with time left, stop 30 undone (UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle), then the separate q, k, v projections (UNET_FUSED_QKV=0)"
 # Each use first passes its own checks, and only then is timed, beside step 2's figures; in the
 # order of what they may gain, so that the deadline cuts the least. A use that fails on the
 # card goes back to the plain path and says why (in the bench's JSON and log lines).
@@ -341,8 +345,10 @@ else
     (export $PROFILE_ENV UNET_CUDA_PROFILE=1; timeout "$(cap 90 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 1 --warmup 1 --threads "$THREADS" \
       --python none --out "$OUT/profile-ours-train128-$p.json") || echo "our profile $p failed"
   done
-  # With any time left: stop 29's stacked q, k, v projections (on by default, so in step 2's
-  # figures) switched back to the reference's three, to say what they are worth.
+  # With any time left: stop 30's kept cuDNN descriptors and kept shape uploads (on by default,
+  # so in step 2's figures) both undone, then stop 29's stacked q, k, v projections switched back
+  # to the reference's three, to say what each is worth.
+  UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle timed "the per-call cuDNN descriptors' and uploads' bench" ab-stop30-undone train128 2 $PRECISIONS
   UNET_FUSED_QKV=0 timed "the separate q, k, v projections' bench" ab-unet_fused_qkv-0 train128,forward128 2 $PRECISIONS
 fi
 }

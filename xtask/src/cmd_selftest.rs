@@ -59,6 +59,17 @@ impl Checks {
     }
 }
 
+/// The passes launched from kept cuDNN descriptors, and the shapes whose kept launch failed,
+/// where those are in use (a cuDNN build, neither `UNET_CUDA_CONV=candle` nor
+/// `UNET_CUDNN_PREPARED=0`).
+fn kept_cudnn_launches() -> Option<(usize, usize)> {
+    #[cfg(feature = "cudnn")]
+    if unet::conv_cudnn::enabled() && unet::conv_cudnn::prepared_enabled() {
+        return Some(unet::conv_cudnn::prepared_launches());
+    }
+    None
+}
+
 /// Exact f32 or TF32 for the device's f32 convolutions (cuDNN builds only).
 fn set_tf32(_on: bool) {
     #[cfg(feature = "cudnn")]
@@ -160,6 +171,11 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
         for (name, d) in conv_against_cpu(&dev, dtype)? {
             check(&format!("conv {label} {name}"), d, tol);
         }
+    }
+    if let (false, Some((launches, failed))) = (conv_modes.is_empty(), kept_cudnn_launches()) {
+        // A kept launch that fails goes the full way, so the results above would pass without
+        // the kept path ever running: infinite if none ran, else the shapes whose launch failed.
+        check("conv passes from kept cuDNN descriptors (failed)", if launches > 0 { failed as f32 } else { f32::INFINITY }, 0.0);
     }
     set_tf32(true);
     if !dev.is_cpu() && want("fused") {

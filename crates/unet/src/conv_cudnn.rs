@@ -127,12 +127,22 @@ thread_local! {
     static RAW_HANDLES: RefCell<HashMap<DeviceId, find::RawHandle>> = RefCell::new(HashMap::new());
     // Each cached (pass, shape)'s descriptors and workspace size, a `Prepared<T, C>` (`run_typed`).
     static PREPARED: RefCell<HashMap<(AlgoKey, DeviceId), Box<dyn std::any::Any>>> = RefCell::new(HashMap::new());
+    // Launches from `PREPARED` so far, and the keys whose kept launch failed, with the error:
+    // those go the full way from then on (and say so in `choices`).
+    static PREPARED_LAUNCHES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static PREPARED_FAILED: RefCell<HashMap<(AlgoKey, DeviceId), String>> = RefCell::new(HashMap::new());
+}
+
+/// Passes launched from kept descriptors on this thread so far, and how many (pass, shape)s
+/// went back to the full path after such a launch failed (the self-test checks both).
+pub fn prepared_launches() -> (usize, usize) {
+    (PREPARED_LAUNCHES.with(|n| n.get()), PREPARED_FAILED.with(|f| f.borrow().len()))
 }
 
 /// Whether cached shapes launch from their kept descriptors ([`Prepared`]); `UNET_CUDNN_PREPARED=0`
 /// makes them again on every call, as before (an A/B switch, and the check script's first
 /// fallback when a convolution check fails).
-fn prepared_enabled() -> bool {
+pub fn prepared_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("UNET_CUDNN_PREPARED").map_or(true, |v| v != "0"))
 }
@@ -270,10 +280,14 @@ where
             .map(|p| p.launch(pass, dev, &av, &bv, out_len))
     })).flatten();
     match prepared {
-        Some(Ok(out)) => return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone())),
-        // Short of memory for the workspace, say: the full path below tries the fallbacks.
-        Some(Err(_)) => {
+        Some(Ok(out)) => {
+            PREPARED_LAUNCHES.with(|n| n.set(n.get() + 1));
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+        }
+        // The full path below tries the fallbacks; this shape is not kept again.
+        Some(Err(e)) => {
             PREPARED.with(|m| m.borrow_mut().remove(&prepared_key));
+            PREPARED_FAILED.with(|f| f.borrow_mut().insert(prepared_key, e.to_string()));
         }
         None => {}
     }
@@ -353,7 +367,8 @@ where
     };
     // Cached (not a choice that memory decided): later calls launch it from `Prepared`, with
     // these descriptors and their math type as it ran.
-    if let Some((algo, _)) = ALGOS.with(|m| m.borrow().get(&key).copied()).filter(|_| prepared_enabled()) {
+    let keep = prepared_enabled() && !PREPARED_FAILED.with(|f| f.borrow().contains_key(&prepared_key));
+    if let Some((algo, _)) = ALGOS.with(|m| m.borrow().get(&key).copied()).filter(|_| keep) {
         let mut p = Prepared::<T, C> { conv, x: x_desc, y: y_desc, w: w_desc, algo, workspace: 0 };
         if let Ok(n) = p.workspace_size() {
             p.workspace = n;
@@ -438,6 +453,15 @@ pub fn choices() -> Vec<String> {
     out.sort();
     out.extend(find::FAILURES.with(|f| f.borrow().iter().map(|e| format!("Find failed: {e}")).collect::<Vec<_>>()));
     out.extend(graph::FAILURES.with(|f| f.borrow().iter().map(|e| format!("Graph API failed: {e}")).collect::<Vec<_>>()));
+    out.extend(PREPARED_FAILED.with(|f| {
+        f.borrow()
+            .iter()
+            .map(|(((pass, dt, strict, d), _), e)| {
+                let exact = if *strict { " exact" } else { "" };
+                format!("kept descriptors failed, conv {pass:?} {}->{} {}x{} k{} s{} b{} {dt:?}{exact}: {e}", d.c, d.o, d.h, d.w, d.k, d.stride, d.b)
+            })
+            .collect::<Vec<_>>()
+    }));
     out
 }
 
