@@ -53,7 +53,13 @@ impl Drop for CudaGraphHtodCacheGuard {
 
 pub struct ModuleStore {
     mdls: [Option<Arc<cudarc::driver::CudaModule>>; kernels::ALL_IDS.len()],
+    /// Patched: each module's functions once looked up, by name. Upstream asked the driver
+    /// (`cuModuleGetFunction`, with a `CString` made for the name) at every launch.
+    funcs: [HashMap<String, CudaFunction>; kernels::ALL_IDS.len()],
 }
+
+/// Patched: the custom modules' functions once looked up, by module and function name.
+type CustomFuncs = HashMap<String, HashMap<String, CudaFunction>>;
 
 #[derive(Clone)]
 pub struct CudaDevice {
@@ -61,6 +67,7 @@ pub struct CudaDevice {
     context: Arc<cudarc::driver::CudaContext>,
     modules: Arc<std::sync::RwLock<ModuleStore>>,
     custom_modules: Arc<std::sync::RwLock<HashMap<String, Arc<cudarc::driver::CudaModule>>>>,
+    custom_funcs: Arc<std::sync::RwLock<CustomFuncs>>,
     stream: Arc<cudarc::driver::CudaStream>,
     pub(crate) blas: Arc<cudarc::cublas::CudaBlas>,
     curand: Arc<Mutex<CudaRng>>,
@@ -320,19 +327,32 @@ impl CudaDevice {
         module_name: &str,
         ptx: &str,
     ) -> Result<CudaFunc> {
-        let ms = self.custom_modules.read().unwrap();
-        if let Some(mdl) = ms.get(module_name).as_ref() {
-            let func = mdl.load_function(fn_name).w()?;
+        let known = self.custom_funcs.read().unwrap().get(module_name).and_then(|f| f.get(fn_name)).cloned();
+        if let Some(func) = known {
             return Ok(CudaFunc {
                 func,
                 stream: self.stream.clone(),
             });
         }
+        let ms = self.custom_modules.read().unwrap();
+        let loaded = ms.get(module_name).cloned();
         drop(ms);
-        let mut ms = self.custom_modules.write().unwrap();
-        let cuda_module = self.context.load_module(ptx.into()).w()?;
-        ms.insert(module_name.to_string(), cuda_module.clone());
+        let cuda_module = match loaded {
+            Some(m) => m,
+            None => {
+                let mut ms = self.custom_modules.write().unwrap();
+                let cuda_module = self.context.load_module(ptx.into()).w()?;
+                ms.insert(module_name.to_string(), cuda_module.clone());
+                cuda_module
+            }
+        };
         let func = cuda_module.load_function(fn_name).w()?;
+        self.custom_funcs
+            .write()
+            .unwrap()
+            .entry(module_name.to_string())
+            .or_default()
+            .insert(fn_name.to_string(), func.clone());
         Ok(CudaFunc {
             func,
             stream: self.stream.clone(),
@@ -341,18 +361,25 @@ impl CudaDevice {
 
     pub fn get_or_load_func(&self, fn_name: &str, mdl: &kernels::Module) -> Result<CudaFunc> {
         let ms = self.modules.read().unwrap();
-        if let Some(mdl) = ms.mdls[mdl.index()].as_ref() {
-            let func = mdl.load_function(fn_name).w()?;
+        if let Some(func) = ms.funcs[mdl.index()].get(fn_name) {
             return Ok(CudaFunc {
-                func,
+                func: func.clone(),
                 stream: self.stream.clone(),
             });
         }
+        let loaded = ms.mdls[mdl.index()].clone();
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
-        ms.mdls[mdl.index()] = Some(cuda_module.clone());
+        let cuda_module = match loaded {
+            Some(m) => m,
+            None => {
+                let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
+                ms.mdls[mdl.index()] = Some(cuda_module.clone());
+                cuda_module
+            }
+        };
         let func = cuda_module.load_function(fn_name).w()?;
+        ms.funcs[mdl.index()].insert(fn_name.to_string(), func.clone());
         Ok(CudaFunc {
             func,
             stream: self.stream.clone(),
@@ -379,6 +406,7 @@ impl CudaDevice {
         let curand = cudarc::curand::CudaRng::new(299792458, stream.clone()).w()?;
         let module_store = ModuleStore {
             mdls: [const { None }; kernels::ALL_IDS.len()],
+            funcs: std::array::from_fn(|_| HashMap::new()),
         };
         Ok(Self {
             id: DeviceId::new(),
@@ -388,6 +416,7 @@ impl CudaDevice {
             curand: Arc::new(Mutex::new(CudaRng(curand))),
             modules: Arc::new(std::sync::RwLock::new(module_store)),
             custom_modules: Arc::new(std::sync::RwLock::new(HashMap::new())),
+            custom_funcs: Arc::new(std::sync::RwLock::new(HashMap::new())),
             seed_value: Arc::new(RwLock::new(299792458)),
         })
     }
