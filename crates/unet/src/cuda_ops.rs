@@ -585,7 +585,7 @@ pub mod profile {
     use candle_core::Result;
 
     thread_local! {
-        static SPANS: RefCell<Vec<(String, CudaEvent, CudaEvent)>> = const { RefCell::new(Vec::new()) };
+        static SPANS: RefCell<Vec<(String, CudaEvent, CudaEvent, f64)>> = const { RefCell::new(Vec::new()) };
     }
 
     pub fn enabled() -> bool {
@@ -594,7 +594,8 @@ pub mod profile {
     }
 
     /// Runs `f` (which queues work on `dev`'s stream) and, when profiling, records its GPU span
-    /// under the name `name()` gives.
+    /// under the name `name()` gives, with the host's time in `f` (queueing it: for a cuDNN pass,
+    /// the library's own per-call work).
     /// A failure of `f` gets the op's name as context, so that an error names the kernel.
     pub fn time<R>(dev: &CudaDevice, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<R>) -> Result<R> {
         // Nor while a CUDA graph is being captured (the sampler's): the events would be
@@ -604,12 +605,14 @@ pub mod profile {
         }
         let stream = dev.cuda_stream();
         let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+        let clock = std::time::Instant::now();
         let out = match f() {
             Ok(out) => out,
             Err(e) => return Err(super::in_context(e, format!("in CUDA op: {}", name()))),
         };
+        let host_ms = clock.elapsed().as_secs_f64() * 1e3;
         let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-        SPANS.with(|s| s.borrow_mut().push((name(), start, end)));
+        SPANS.with(|s| s.borrow_mut().push((name(), start, end, host_ms)));
         Ok(out)
     }
 
@@ -623,18 +626,30 @@ pub mod profile {
         SPANS.with(|s| s.borrow_mut().clear());
     }
 
-    /// (name, total milliseconds, calls) per name, largest total first; forgets the spans.
-    pub fn report() -> Result<Vec<(String, f64, usize)>> {
+    /// One name's spans, summed.
+    #[derive(Debug, Clone, Default)]
+    pub struct OpTotal {
+        pub name: String,
+        /// GPU milliseconds between the events around the calls.
+        pub gpu_ms: f64,
+        /// Host milliseconds spent queueing the calls.
+        pub host_ms: f64,
+        pub calls: usize,
+    }
+
+    /// Totals per name, largest GPU time first; forgets the spans.
+    pub fn report() -> Result<Vec<OpTotal>> {
         let spans = SPANS.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-        for (name, start, end) in spans {
+        let mut sums: BTreeMap<String, OpTotal> = BTreeMap::new();
+        for (name, start, end, host_ms) in spans {
             let ms = start.elapsed_ms(&end).w()? as f64;
-            let e = sums.entry(name).or_default();
-            e.0 += ms;
-            e.1 += 1;
+            let e = sums.entry(name.clone()).or_insert_with(|| OpTotal { name, ..OpTotal::default() });
+            e.gpu_ms += ms;
+            e.host_ms += host_ms;
+            e.calls += 1;
         }
-        let mut out: Vec<(String, f64, usize)> = sums.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut out: Vec<OpTotal> = sums.into_values().collect();
+        out.sort_by(|a, b| b.gpu_ms.total_cmp(&a.gpu_ms));
         Ok(out)
     }
 }
