@@ -136,6 +136,73 @@ impl Geometry {
     }
 }
 
+/// The three passes of a 1x1 convolution (stride 1, no padding) as matrix products, on any
+/// backend's storage: with a 1x1 kernel each image already is its column matrix. The GPU path
+/// uses them for bf16/f16 with `UNET_CONV1X1=gemm` (`conv_cudnn`); written against candle's
+/// storage traits so that the CPU tests check the layouts the CUDA matmul is given.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+pub(crate) mod gemm_1x1 {
+    use candle_core::backend::{BackendDevice, BackendStorage};
+    use candle_core::{Layout, Result, Shape};
+
+    use super::Geometry;
+
+    fn check(d: Geometry, ls: &[&Layout]) -> Result<()> {
+        if !d.is_pointwise() {
+            candle_core::bail!("1x1 convolution as a GEMM: {d:?} is not a 1x1 kernel of stride 1 without padding");
+        }
+        if ls.iter().any(|l| !l.is_contiguous()) {
+            candle_core::bail!("1x1 convolution as a GEMM: the operands must be contiguous");
+        }
+        Ok(())
+    }
+
+    /// `y[b] = W x[b]`: W `[O, C]` as the left operand of every image (batch stride 0), `x[b]`
+    /// `[C, HW]` as the right; the product is `y` in NCHW.
+    pub(crate) fn forward<S: BackendStorage>(d: Geometry, x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<S> {
+        check(d, &[lx, lw])?;
+        let hw = d.h * d.w;
+        let wl = Layout::new(Shape::from((d.b, d.o, d.c)), vec![0, d.c, 1], lw.start_offset());
+        let xl = Layout::new(Shape::from((d.b, d.c, hw)), vec![d.c * hw, hw, 1], lx.start_offset());
+        w.matmul(x, (d.b, d.o, hw, d.c), &wl, &xl)
+    }
+
+    /// `dx[b] = W^T dy[b]`: W read transposed `[C, O]` (strides 1 and C, batch stride 0), `dy[b]`
+    /// `[O, HW]`; the product is `dx` in NCHW.
+    pub(crate) fn input_grad<S: BackendStorage>(d: Geometry, dy: &S, ldy: &Layout, w: &S, lw: &Layout) -> Result<S> {
+        check(d, &[ldy, lw])?;
+        let hw = d.h * d.w;
+        let wl = Layout::new(Shape::from((d.b, d.c, d.o)), vec![0, 1, d.c], lw.start_offset());
+        let dyl = Layout::new(Shape::from((d.b, d.o, hw)), vec![d.o * hw, hw, 1], ldy.start_offset());
+        w.matmul(dy, (d.b, d.c, hw, d.o), &wl, &dyl)
+    }
+
+    /// `dW = sum_b dy[b] x[b]^T` as one product over the batch and the pixels together: dy and x
+    /// are first copied channel-major (`[O, B*HW]`, `[C, B*HW]`), so that the whole sum
+    /// accumulates in the GEMM's f32 and is rounded once, as cuDNN's weight gradient is (a
+    /// product per image, summed afterwards, would round each image's part to the storage type).
+    pub(crate) fn weight_grad<S>(d: Geometry, x: &S, lx: &Layout, dy: &S, ldy: &Layout) -> Result<S>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        check(d, &[lx, ldy])?;
+        let (hw, n) = (d.h * d.w, d.b * d.h * d.w);
+        let channel_major = |s: &S, l: &Layout, c: usize| -> Result<S> {
+            let view = Layout::new(Shape::from((c, d.b, hw)), vec![hw, c * hw, 1], l.start_offset());
+            // SAFETY: every element is written by the copy below before anything reads it.
+            let mut out = unsafe { s.device().alloc_uninit(&Shape::from((c, n)), s.dtype())? };
+            s.copy_strided_src(&mut out, 0, &view)?;
+            Ok(out)
+        };
+        let dyt = channel_major(dy, ldy, d.o)?;
+        let xt = channel_major(x, lx, d.c)?;
+        let dyl = Layout::contiguous(Shape::from((1, d.o, n)));
+        let xl = Layout::new(Shape::from((1, n, d.c)), vec![d.c * n, 1, n], 0);
+        dyt.matmul(&xt, (1, d.o, d.c, n), &dyl, &xl)
+    }
+}
+
 /// Winograd for 3x3 convolutions unless `UNET_CONV=im2col` (for A/B benchmarks and tests).
 pub fn winograd_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -787,6 +854,48 @@ mod tests {
         for v in [&x, &w, &b] {
             assert!(max_diff(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()) < 1e-3);
         }
+    }
+
+    /// The GPU's bf16 1x1 passes (`gemm_1x1`, `UNET_CONV1X1=gemm`) run here on CPU storage,
+    /// through the same strided layouts the CUDA matmul gets, against candle's convolution and
+    /// its gradients; operands start past the beginning of their buffers, as views do.
+    #[test]
+    fn pointwise_passes_as_gemms_match_the_convolution_and_its_gradients() {
+        use candle_core::Storage;
+        for (b, c, o, h, w) in [(3, 5, 7, 4, 6), (1, 8, 3, 2, 2), (2, 4, 4, 1, 1)] {
+            let d = Geometry { b, c, h, w, o, k: 1, stride: 1, padding: 0 };
+            // Views at an offset: the second half of a buffer twice the size.
+            let view = |dims: &[usize], seed: u64| {
+                let mut big = dims.to_vec();
+                big[0] *= 2;
+                randn(&big, seed).narrow(0, dims[0], dims[0]).unwrap()
+            };
+            let (xv, wv, dy) = (view(&[b, c, h, w], 31), view(&[o, c, 1, 1], 32), view(&[b, o, h, w], 33));
+            // The reference's variables are copies; the views go to the GEMMs.
+            let (x, wt) = (Var::from_tensor(&xv).unwrap(), Var::from_tensor(&wv).unwrap());
+            let y = x.as_tensor().conv2d(wt.as_tensor(), 0, 1, 1, 1).unwrap();
+            let g = y.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let run = |f: &dyn Fn(&CpuStorage, &Layout, &CpuStorage, &Layout) -> Result<CpuStorage>, a: &Tensor, bt: &Tensor, dims: &[usize]| {
+                let (sa, la) = a.storage_and_layout();
+                let (sb, lb) = bt.storage_and_layout();
+                let (Storage::Cpu(sa), Storage::Cpu(sb)) = (&*sa, &*sb) else { panic!("CPU storage") };
+                assert!(la.start_offset() > 0 && lb.start_offset() > 0, "the operands are views at an offset");
+                let out = f(sa, la, sb, lb).unwrap();
+                Tensor::from_vec(out.as_slice::<f32>().unwrap().to_vec(), dims, &Device::Cpu).unwrap()
+            };
+            let fwd = run(&|sa, la, sb, lb| gemm_1x1::forward(d, sa, la, sb, lb), &xv, &wv, &[b, o, h, w]);
+            assert!(max_diff(&fwd, &y) < 1e-5, "forward {d:?}");
+            let dx = run(&|sa, la, sb, lb| gemm_1x1::input_grad(d, sa, la, sb, lb), &dy, &wv, &[b, c, h, w]);
+            assert!(max_diff(&dx, g.get(x.as_tensor()).unwrap()) < 1e-5, "input gradient {d:?}");
+            let dw = run(&|sa, la, sb, lb| gemm_1x1::weight_grad(d, sa, la, sb, lb), &xv, &dy, &[o, c, 1, 1]);
+            assert!(max_diff(&dw, g.get(wt.as_tensor()).unwrap()) < 1e-4, "weight gradient {d:?}");
+        }
+        // Not a 1x1 kernel of stride 1 without padding: refused, not computed wrong.
+        let x = randn(&[1, 2, 3, 3], 34);
+        let (s, l) = x.storage_and_layout();
+        let Storage::Cpu(s) = &*s else { panic!("CPU storage") };
+        let d = Geometry { b: 1, c: 2, h: 3, w: 3, o: 2, k: 3, stride: 1, padding: 1 };
+        assert!(gemm_1x1::forward(d, s, l, s, l).is_err());
     }
 
     #[test]

@@ -68,33 +68,23 @@ pub fn find_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("UNET_CUDNN_ALGO").is_ok_and(|v| v == "find"))
 }
 
-/// Whether the forward pass of a 1x1 convolution (stride 1, no padding) in bf16 or f16 goes
-/// through cuBLAS instead of cuDNN (`UNET_CONV1X1=gemm`): one batched GEMM, `y[b] = W x[b]`.
-/// On an H100 (stop 25) cuDNN's heuristics took 10.6 ms for the step's 20 bf16 forward passes of
-/// 256->256 at 16x16, where f32 took 0.9 ms; a GEMM of that size is tens of microseconds. The
-/// backward passes stay cuDNN's (their bf16 times were in line). Not yet run on a GPU, so
-/// opt-in: the check's step 7 self-tests and times it.
+/// Whether 1x1 convolutions (stride 1, no padding) in bf16 or f16 go through cuBLAS instead of
+/// cuDNN (`UNET_CONV1X1=gemm`), all three passes (`conv::gemm_1x1`): the forward pass and the
+/// input gradient one batched GEMM each, the weight gradient one GEMM over the batch and the
+/// pixels together after two channel-major copies. On an H100 (stop 25) cuDNN's heuristics took
+/// 10.6 ms for the step's 20 bf16 forward passes of 256->256 at 16x16, where f32 took 0.9 ms; a
+/// GEMM of that size is tens of microseconds. The backward passes' GPU times were in line, but
+/// the bf16 step's host time was 1.7 times the f32 step's, with cuBLASLt (which cuDNN's GEMM
+/// engines call) at 13% of the host's samples against 5%: the backward passes go through cuBLAS
+/// too since stop 30. Not yet run on a GPU, so opt-in: the check's step 7 self-tests and
+/// times it.
 pub fn gemm_1x1_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("UNET_CONV1X1").is_ok_and(|v| v == "gemm"))
 }
 
-fn takes_gemm_1x1(pass: Pass, d: Geometry, dtype: DType) -> bool {
-    pass == Pass::Forward && d.k == 1 && d.stride == 1 && d.padding == 0 && matches!(dtype, DType::BF16 | DType::F16) && gemm_1x1_enabled()
-}
-
-/// `y[b] = W x[b]` for a 1x1 kernel: W `[O, C]` as the left operand of every batch (batch stride
-/// 0), `x[b]` `[C, H*W]` as the right: the product is `y` in NCHW. candle's batched cuBLAS GEMM
-/// (f32 accumulation).
-fn forward_1x1_gemm(d: Geometry, x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout) -> Result<CudaStorage> {
-    use candle_core::backend::BackendStorage;
-    if !lx.is_contiguous() || !lw.is_contiguous() {
-        candle_core::bail!("1x1 convolution as a GEMM: the input and the kernel must be contiguous");
-    }
-    let hw = d.h * d.w;
-    let wl = Layout::new(candle_core::Shape::from((d.b, d.o, d.c)), vec![0, d.c, 1], lw.start_offset());
-    let xl = Layout::new(candle_core::Shape::from((d.b, d.c, hw)), vec![d.c * hw, hw, 1], lx.start_offset());
-    w.matmul(x, (d.b, d.o, hw, d.c), &wl, &xl)
+fn takes_gemm_1x1(d: Geometry, dtype: DType) -> bool {
+    d.k == 1 && d.stride == 1 && d.padding == 0 && matches!(dtype, DType::BF16 | DType::F16) && gemm_1x1_enabled()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -217,9 +207,14 @@ fn contiguous<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> 
 pub(crate) fn run(pass: Pass, d: Geometry, a: &CudaStorage, la: &Layout, b: &CudaStorage, lb: &Layout) -> Result<CudaStorage> {
     let dev = a.device.clone();
     let name = || format!("conv {pass:?} {}->{} {}x{} k{} s{} b{} {:?}", d.c, d.o, d.h, d.w, d.k, d.stride, d.b, a.dtype());
-    if takes_gemm_1x1(pass, d, a.dtype()) && a.dtype() == b.dtype() {
+    if takes_gemm_1x1(d, a.dtype()) && a.dtype() == b.dtype() {
+        use crate::conv::gemm_1x1;
         let name = || format!("{} (GEMM)", name());
-        return crate::cuda_ops::profile::time(&dev, name, || forward_1x1_gemm(d, a, la, b, lb));
+        return crate::cuda_ops::profile::time(&dev, name, || match pass {
+            Pass::Forward => gemm_1x1::forward(d, a, la, b, lb),
+            Pass::InputGrad => gemm_1x1::input_grad(d, a, la, b, lb),
+            Pass::WeightGrad => gemm_1x1::weight_grad(d, a, la, b, lb),
+        });
     }
     crate::cuda_ops::profile::time(&dev, name, || match (&a.slice, &b.slice) {
         (CudaStorageSlice::F32(_), CudaStorageSlice::F32(_)) => run_typed::<f32, f32>(pass, d, a, la, b, lb, &dev),
