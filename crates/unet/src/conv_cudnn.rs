@@ -14,8 +14,8 @@
 //! in f32, and their convolutions took more GPU time in the step than the heuristics' (e.g. the
 //! weight gradients 65.9 ms against 23.2), so the heuristics stay the default. The choice is
 //! cached per shape once one has run, with the call's descriptors and workspace size
-//! (`Prepared`), so that later calls of the shape make the one cuDNN call that runs the pass. Should the heuristics fail, or their
-//! choice be unsupported, want more scratch memory than can be had, or fail to launch, the pass
+//! (`Prepared`), so that later calls of the shape make the one cuDNN call that runs the pass.
+//! Should the heuristics fail, or their choice be unsupported, want more scratch memory than can be had, or fail to launch, the pass
 //! tries the algorithms every build has (precomputed then plain implicit GEMM forward,
 //! algorithms 1 then 0 backward), as PyTorch goes down its list; a choice that failed only for
 //! want of memory is not replaced in the cache. (cudarc gives the heuristics'
@@ -138,9 +138,9 @@ pub fn prepared_enabled() -> bool {
 }
 
 /// What a (pass, shape) needs for its launch once its algorithm is cached: its descriptors and
-/// the algorithm's workspace size. Without them every call made and destroyed four descriptors
-/// and asked cuDNN for the workspace size, about ten cuDNN calls around the one that runs the
-/// pass; cuDNN 9 serves the legacy workspace query through its engine machinery, which the
+/// the algorithm's workspace size. Without them every call made, set and destroyed four
+/// descriptors, set the math type and asked cuDNN for the workspace size: some fifteen cuDNN
+/// calls, the pass included; cuDNN 9 serves the legacy workspace query through its engine machinery, which the
 /// H100's host profile showed choosing engines per call (stop 25: 16% of the host's samples
 /// in cuDNN, the step host-bound).
 struct Prepared<T: 'static, C: 'static> {
