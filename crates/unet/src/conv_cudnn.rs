@@ -15,8 +15,9 @@
 //! weight gradients 65.9 ms against 23.2), so the heuristics stay the default. The choice is
 //! cached per shape once one has run, with the call's descriptors and workspace size
 //! (`Prepared`), so that later calls of the shape make the one cuDNN call that runs the pass.
-//! Should the heuristics fail, or their choice be unsupported, want more scratch memory than can be had, or fail to launch, the pass
-//! tries the algorithms every build has (precomputed then plain implicit GEMM forward,
+//! Should the heuristics fail, or their choice be unsupported, want more scratch memory than
+//! can be had, or fail to launch, the pass tries the algorithms every build has (precomputed
+//! then plain implicit GEMM forward,
 //! algorithms 1 then 0 backward), as PyTorch goes down its list; a choice that failed only for
 //! want of memory is not replaced in the cache. (cudarc gives the heuristics'
 //! first choice only, not its math type: there, our math types are PyTorch's defaults.)
