@@ -673,6 +673,23 @@ mod tests {
     use super::*;
     use candle_core::DType;
 
+    enum Wave {
+        Sin,
+        Cos,
+    }
+
+    /// A deterministic `[n, 3, s, s]` CPU batch: sin or cos of `step` times each element's index.
+    fn wave_batch(n: usize, s: usize, step: f64, wave: Wave) -> Tensor {
+        let i = Tensor::arange(0u32, (n * 3 * s * s) as u32, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().affine(step, 0.0).unwrap();
+        match wave {
+            Wave::Sin => i.sin(),
+            Wave::Cos => i.cos(),
+        }
+        .unwrap()
+        .reshape((n, 3, s, s))
+        .unwrap()
+    }
+
     #[test]
     fn wrong_inputs_are_errors_that_say_what_is_wrong() {
         let dev = Device::Cpu;
@@ -785,7 +802,7 @@ mod tests {
         let (net, _vars) = crate::new_trainable(&cfg, &dev, 1).unwrap();
         let s = cfg.image_size;
         // Deterministic: no generator to seed.
-        let x = Tensor::arange(0u32, (3 * 3 * s * s) as u32, &dev).unwrap().to_dtype(DType::F32).unwrap().affine(0.37, 0.0).unwrap().sin().unwrap().reshape((3, 3, s, s)).unwrap();
+        let x = wave_batch(3, s, 0.37, Wave::Sin);
         let t = Tensor::new(&[5u32, 1, 9], &dev).unwrap();
         let whole = net.forward_t(&x, &t, Mode::Train { seed: 42 }).unwrap();
         let head = net.forward_t(&x.narrow(0, 0, 1).unwrap(), &t.narrow(0, 0, 1).unwrap(), Mode::TrainPart { seed: 42, first_image: 0 }).unwrap();
@@ -848,7 +865,7 @@ mod tests {
         let rows: usize = plain.res_blocks().map(|r| r.temb_proj.weight().dim(0).unwrap()).sum();
         assert_eq!((w.dims(), b.dims()), (&[rows, cfg.time_dim()][..], &[rows][..]));
         let s = cfg.image_size;
-        let x = Tensor::arange(0u32, (2 * 3 * s * s) as u32, &dev).unwrap().to_dtype(DType::F32).unwrap().affine(0.17, 0.0).unwrap().sin().unwrap().reshape((2, 3, s, s)).unwrap();
+        let x = wave_batch(2, s, 0.17, Wave::Sin);
         let t = Tensor::new(&[4u32, 77], &dev).unwrap();
         let bits = |m: &UNet| m.forward_t(&x, &t, Mode::Eval).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&plain), bits(&net));
@@ -863,7 +880,7 @@ mod tests {
         let cfg = UNetConfig::tiny();
         let (net, vars) = crate::new_trainable(&cfg, &dev, 6).unwrap();
         let s = cfg.image_size;
-        let x = Tensor::arange(0u32, (2 * 3 * s * s) as u32, &dev).unwrap().to_dtype(DType::F32).unwrap().affine(0.23, 0.0).unwrap().cos().unwrap().reshape((2, 3, s, s)).unwrap();
+        let x = wave_batch(2, s, 0.23, Wave::Cos);
         let t = Tensor::new(&[9u32, 410], &dev).unwrap();
         let run = |m: &UNet, separate: bool| {
             SEPARATE_QKV_FOR_TESTS.with(|f| f.set(separate));
@@ -898,7 +915,7 @@ mod tests {
         let cfg = UNetConfig::tiny();
         let (net, vars) = crate::new_trainable(&cfg, &dev, 4).unwrap();
         let s = cfg.image_size;
-        let x = Tensor::arange(0u32, (3 * 3 * s * s) as u32, &dev).unwrap().to_dtype(DType::F32).unwrap().affine(0.29, 0.0).unwrap().cos().unwrap().reshape((3, 3, s, s)).unwrap();
+        let x = wave_batch(3, s, 0.29, Wave::Cos);
         // Per image, and one step for the whole batch (a [1, C] shift row, broadcast).
         for t in [Tensor::new(&[5u32, 1, 9], &dev).unwrap(), Tensor::new(&[7u32], &dev).unwrap()] {
             let run = |fold: bool| {
