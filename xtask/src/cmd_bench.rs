@@ -184,6 +184,33 @@ fn frozen(cfg: &UNetConfig, dev: &Device, dtype: DType) -> Result<UNet> {
     Ok(UNet::new(VarBuilder::from_tensors(tensors, dtype, dev), cfg)?)
 }
 
+/// Steps in the timed loop of a training case on a GPU (after one untimed step).
+const LOOP_STEPS: usize = 6;
+
+/// Seconds a step over `steps` steps taken as `Trainer::step` takes them, with the engine's
+/// pipeline: each update queued, the next step launched (when the pipeline allows) before the
+/// last one's loss is read; and how many of the updates were gated on the device.
+fn training_loop(engine: &mut trainer::StepEngine, x0: &Tensor, rng: &mut NoiseRng, steps: usize) -> Result<(f64, usize)> {
+    engine.train_step(x0, rng)?;
+    sync(engine.device())?;
+    let start = Instant::now();
+    let mut launched = Some(engine.launch_step(x0, rng)?);
+    let mut gated = 0;
+    for k in 0..steps {
+        let queued = engine.queue_update(launched.take().expect("a step is launched"))?;
+        gated += queued.gated() as usize;
+        if engine.launches_ahead(&queued) && k + 1 < steps {
+            launched = Some(engine.launch_step(x0, rng)?);
+        }
+        engine.settle(queued)?;
+        if launched.is_none() && k + 1 < steps {
+            launched = Some(engine.launch_step(x0, rng)?);
+        }
+    }
+    sync(engine.device())?;
+    Ok((start.elapsed().as_secs_f64() / steps as f64, gated))
+}
+
 /// Waits for queued GPU work so that timings cover it.
 fn sync(dev: &Device) -> Result<()> {
     dev.synchronize()?;
@@ -250,6 +277,8 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
     let mut host_phases: Option<Value> = None;
     // Training cases with `TRAIN_CUDA_GRAPH=1`: how the step's CUDA graphs served the runs.
     let mut cuda_graph: Option<Value> = None;
+    // Training cases on a GPU: seconds a step in a loop of steps, pipelined and not.
+    let mut training_loop_s: Option<Value> = None;
     let times = match c.kind {
         "forward" => {
             let model = frozen(&c.cfg, &dev, dt)?;
@@ -290,6 +319,21 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
                 "backward": avg(|c| c.0.backward), "gather": avg(|c| c.0.gather), "replay": avg(|c| c.0.replay),
                 "optimizer": avg(|c| c.1),
             }));
+            if dev.is_cuda() {
+                // Steps back to back as `xtask train` takes them (`Trainer::step`): with the
+                // pipeline, the next step is queued before the last one's loss is read, so the
+                // card need not wait for the host between steps; without, each step's loss is read
+                // before the next is queued. (On the CPU both are the timed step.)
+                let mut per_step = serde_json::Map::new();
+                for (label, pipeline) in [("pipelined", engine.pipeline()), ("plain", trainer::StepPipeline::Off)] {
+                    engine.set_pipeline(pipeline);
+                    let (per, gated) = training_loop(&mut engine, &x0, &mut rng, LOOP_STEPS)?;
+                    per_step.insert(label.into(), json!(per));
+                    per_step.insert(format!("{label}_gated"), json!(gated));
+                }
+                engine.set_pipeline(trainer::StepPipeline::from_env());
+                training_loop_s = Some(Value::Object(per_step));
+            }
             let report = engine.cuda_graph_report();
             if report != trainer::CudaGraphReport::default() {
                 cuda_graph = Some(json!({ "launches": report.launches, "captures": report.captures, "failure": report.failure }));
@@ -338,6 +382,9 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
     }
     if let Some(g) = cuda_graph {
         out["train_cuda_graph"] = g;
+    }
+    if let Some(l) = training_loop_s {
+        out["training_loop_s"] = l;
     }
     // How each convolution pass ran (its cuDNN algorithm and how it was chosen, or its graph
     // plan), and what failed.
@@ -540,6 +587,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
             out!(
                 "  our host time by part (ms a run): draws {:.1}, bf16 casts {:.1}, forward {:.1}, backward {:.1}, gradients {:.1}, graph replay {:.1}, optimizer {:.1}",
                 ms("draws"), ms("casts"), ms("forward"), ms("backward"), ms("gather"), ms("replay"), ms("optimizer")
+            );
+        }
+        if let Some(l) = ours.get("training_loop_s") {
+            // What `xtask train` gets a step, the next step queued before the last loss is read or not.
+            let s = |k: &str| l[k].as_f64().map_or("-".into(), |x| format!("{x:.3} s"));
+            out!(
+                "  a step in a loop of {LOOP_STEPS} (as `train` runs): pipelined {} ({} updates gated on the device), plain {}",
+                s("pipelined"),
+                l["pipelined_gated"],
+                s("plain")
             );
         }
         if let Some(g) = ours.get("train_cuda_graph") {

@@ -189,6 +189,9 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
         for (name, d) in adam_against_cpu(&dev)? {
             check(&format!("adam {name}"), d, 1e-4);
         }
+        for (name, d, tol) in pipelined_against_plain(&dev)? {
+            check(&format!("pipelined steps: {name}"), d, tol);
+        }
     }
     if want("cuda-graph") {
         // f32 in two captures (4 images at batch 3: a chunk of 3, then of 1); a bf16 model in one.
@@ -485,6 +488,114 @@ fn adam_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
         // Three runs of three steps (and norms) on the device.
         out.push((format!("multi-tensor kernels ran ({steps} steps, {norms} norms of 9)"), if steps == 9 && norms == 9 { 0.0 } else { f32::INFINITY }));
     }
+    Ok(out)
+}
+
+/// Training steps of the tiny model (dropout, EMA, clipping that scales every step) one by one,
+/// and pipelined as `Trainer::step` takes them on CUDA: each update queued behind the device's
+/// gate, the next step launched before the last one's loss is read. Then, with lr 1e30, a run
+/// that diverges at its second step both ways: the same error, and the pipelined run's weights
+/// and EMA as its first step left them (the gate skipped the update). `(check, difference,
+/// tolerance)`.
+fn pipelined_against_plain(dev: &Device) -> Result<Vec<(String, f32, f32)>> {
+    let mut cfg = trainer::RunConfig::reference();
+    cfg.unet = unet::UNetConfig::tiny();
+    cfg.unet.dropout = 0.3;
+    cfg.train.batch_size = 4;
+    cfg.train.grad_clip = Some(1e-3);
+    cfg.train.ema_decay = Some(0.9);
+    let s = cfg.unet.image_size;
+    let mut images = diffusion::NoiseRng::new(1);
+    let batches = [4, 4, 4, 3].iter().map(|&b| images.randn((b, 3, s, s), &Device::Cpu)?.tanh()?.to_device(dev)).collect::<candle_core::Result<Vec<_>>>()?;
+    let to_cpu = |ts: &[Tensor]| ts.iter().map(|t| t.to_device(&Device::Cpu)).collect::<candle_core::Result<Vec<_>>>();
+    /// What a run left: each step's outcome (up to the first error), its weights and EMA, the
+    /// optimizer's count, the steps gated, and the weights and EMA after the first step.
+    struct Run {
+        outs: Vec<std::result::Result<trainer::StepOutput, String>>,
+        weights: Vec<Tensor>,
+        ema: Vec<Tensor>,
+        count: u64,
+        gated: usize,
+        first: (Vec<Tensor>, Vec<Tensor>),
+    }
+    let run = |cfg: &trainer::RunConfig, pipelined: bool| -> Result<Run> {
+        let mut engine = trainer::StepEngine::new(cfg, dev)?;
+        engine.set_pipeline(if pipelined { trainer::StepPipeline::Device } else { trainer::StepPipeline::Off });
+        let mut rng = diffusion::NoiseRng::new(3);
+        let (mut outs, mut gated, mut first) = (Vec::new(), 0, None);
+        let mut launched = Some(engine.launch_step(&batches[0], &mut rng)?);
+        for k in 0..batches.len() {
+            let queued = engine.queue_update(launched.take().expect("launched"))?;
+            gated += queued.gated() as usize;
+            if engine.launches_ahead(&queued) && k + 1 < batches.len() {
+                launched = Some(engine.launch_step(&batches[k + 1], &mut rng)?);
+            }
+            let out = engine.settle(queued);
+            if k == 0 {
+                let weights: Vec<Tensor> = engine.opt.vars().iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+                first = Some((to_cpu(&weights)?, to_cpu(engine.ema.as_deref().unwrap_or_default())?));
+            }
+            match out {
+                Ok(o) => outs.push(Ok(o)),
+                Err(e) => {
+                    outs.push(Err(e.to_string()));
+                    break;
+                }
+            }
+            if launched.is_none() && k + 1 < batches.len() {
+                launched = Some(engine.launch_step(&batches[k + 1], &mut rng)?);
+            }
+        }
+        let weights: Vec<Tensor> = engine.opt.vars().iter().map(|v| v.as_tensor().clone()).collect();
+        Ok(Run {
+            outs,
+            weights: to_cpu(&weights)?,
+            ema: to_cpu(engine.ema.as_deref().unwrap_or_default())?,
+            count: engine.opt.step_count(),
+            gated,
+            first: first.expect("a first step"),
+        })
+    };
+    let largest = |ts: &[Tensor]| -> Result<f32> { ts.iter().try_fold(f32::MIN_POSITIVE, |m, t| Ok(m.max(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?))) };
+    let rel = |a: &[Tensor], b: &[Tensor]| -> Result<f32> {
+        let worst = a.iter().zip(b).try_fold(0f32, |m, (x, y)| Ok::<_, anyhow::Error>(m.max(max_diff(x, y)?)))?;
+        Ok(if a.len() == b.len() { worst / largest(b)? } else { f32::INFINITY })
+    };
+    // Gated unless the multi-tensor optimizer or the pipeline is switched off.
+    let expect_gated = std::env::var("TRAINER_CUDA_ADAM").map_or(true, |v| v != "candle") && trainer::StepPipeline::from_env() != trainer::StepPipeline::Off;
+    let mut out = Vec::new();
+    let (plain, piped) = (run(&cfg, false)?, run(&cfg, true)?);
+    let ok = |r: &Run| r.outs.iter().filter_map(|o| o.as_ref().ok().copied()).collect::<Vec<_>>();
+    let (a, b) = (ok(&plain), ok(&piped));
+    let all_ok = a.len() == batches.len() && b.len() == batches.len();
+    let loss_d = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x.loss - y.loss).abs() / x.loss.abs().max(f32::MIN_POSITIVE)));
+    let norm_d = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x.grad_norm.unwrap_or(0.0) - y.grad_norm.unwrap_or(f64::NAN)).abs() / x.grad_norm.unwrap_or(1.0)));
+    out.push(("losses".to_string(), if all_ok { loss_d } else { f32::INFINITY }, 1e-4));
+    out.push(("gradient norms".into(), if all_ok { norm_d as f32 } else { f32::INFINITY }, 1e-4));
+    out.push(("weights".into(), rel(&piped.weights, &plain.weights)?, 1e-3));
+    out.push(("EMA".into(), rel(&piped.ema, &plain.ema)?, 1e-3));
+    let want_gated = if expect_gated { batches.len() } else { 0 };
+    out.push((format!("updates gated on the device ({} of {}, {want_gated} expected)", piped.gated, batches.len()), if piped.gated == want_gated { 0.0 } else { f32::INFINITY }, 0.0));
+
+    let mut bad = cfg.clone();
+    bad.train.lr = 1e30;
+    bad.train.grad_clip = None;
+    let (plain, piped) = (run(&bad, false)?, run(&bad, true)?);
+    let err = |r: &Run| r.outs.last().and_then(|o| o.as_ref().err().cloned());
+    let same_error = err(&plain).is_some() && err(&plain) == err(&piped) && plain.outs.len() == 2 && piped.outs.len() == 2;
+    if !same_error {
+        out!("pipelined steps, lr 1e30: plain {:?}, pipelined {:?}", plain.outs, piped.outs);
+    }
+    out.push(("lr 1e30: the same error at the second step".into(), if same_error { 0.0 } else { f32::INFINITY }, 0.0));
+    out.push(("lr 1e30: steps counted".into(), (piped.count as f32 - plain.count as f32).abs() + (piped.count as f32 - 1.0).abs(), 0.0));
+    let bits = |a: &[Tensor], b: &[Tensor]| -> Result<f32> {
+        let flat = |ts: &[Tensor]| ts.iter().map(|t| t.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<Vec<_>>>();
+        let (x, y) = (flat(a)?, flat(b)?);
+        let same = x.len() == y.len() && x.iter().zip(&y).all(|(p, q)| p.len() == q.len() && p.iter().zip(q).all(|(u, v)| u.to_bits() == v.to_bits()));
+        Ok(if same { 0.0 } else { f32::INFINITY })
+    };
+    out.push(("lr 1e30: weights as the first step left them".into(), bits(&piped.weights, &piped.first.0)?, 0.0));
+    out.push(("lr 1e30: EMA as the first step left it".into(), bits(&piped.ema, &piped.first.1)?, 0.0));
     Ok(out)
 }
 

@@ -114,44 +114,21 @@ impl Adam {
     /// `e = decay e + (1 - decay) p`. On CUDA all of it is one pass over each variable, a few
     /// launches for all of them (`adam_cuda`); elsewhere, one variable at a time.
     pub fn step_full(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64, ema: Option<(&mut [Tensor], f64)>) -> Result<(), TrainError> {
-        if grads.len() != self.vars.len() {
-            return Err(TrainError::Invalid(format!("Adam: {} gradients for {} variables", grads.len(), self.vars.len())));
+        self.check_lengths(grads, ema.as_ref().map(|(e, _)| e.len()))?;
+        #[cfg(feature = "cuda")]
+        if self.step_cuda(grads, lr, grad_scale, ema.as_ref().map(|(e, d)| (&**e, *d)), None)? {
+            return Ok(());
         }
-        if let Some((e, _)) = &ema {
-            if e.len() != self.vars.len() {
-                return Err(TrainError::Invalid(format!("Adam: {} EMA copies for {} variables", e.len(), self.vars.len())));
-            }
+        #[cfg(feature = "cuda")]
+        if self.vars.first().and_then(|v| crate::adam_cuda::device_of(v.as_tensor())).is_some() {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!("Adam on CUDA: a tensor is not contiguous f32 on the device; using candle's ops (slower)"));
         }
         let AdamParams { beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled, .. } = self.params;
         let t = (self.step + 1) as i32;
         let bias1 = 1.0 - b1.powi(t);
         let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let step_size = lr / bias1;
-        #[cfg(feature = "cuda")]
-        if let Some(dev) = self.vars.first().and_then(|v| crate::adam_cuda::device_of(v.as_tensor())) {
-            let grads = grads.iter().map(|g| g.detach().to_dtype(DType::F32)?.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
-            let p: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let s = crate::adam_cuda::StepScalars {
-                b1: b1 as f32,
-                r1: (1.0 - b1) as f32,
-                b2: b2 as f32,
-                r2: (1.0 - b2) as f32,
-                step_size: step_size as f32,
-                bias2_sqrt: bias2_sqrt as f32,
-                eps: eps as f32,
-                grad_scale: grad_scale as f32,
-                wd_l2: if decoupled { 0.0 } else { wd as f32 },
-                p_mul: if decoupled { (1.0 - lr * wd) as f32 } else { 1.0 },
-                ema_decay: ema.as_ref().map_or(0.0, |(_, d)| *d as f32),
-                ema_rest: ema.as_ref().map_or(1.0, |(_, d)| (1.0 - *d) as f32),
-            };
-            if crate::adam_cuda::step(&dev, &p, &grads, &self.m, &self.v, ema.as_ref().map(|(e, _)| &**e), &s)? {
-                self.step += 1;
-                return Ok(());
-            }
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| tracing::warn!("Adam on CUDA: a tensor is not contiguous f32 on the device; using candle's ops (slower)"));
-        }
         self.step += 1;
         for (i, grad) in grads.iter().enumerate() {
             // The moments outlive the step: computed from a tracked gradient they would record it
@@ -203,6 +180,69 @@ impl Adam {
             }
         }
         Ok(())
+    }
+
+    fn check_lengths(&self, grads: &[Tensor], ema: Option<usize>) -> Result<(), TrainError> {
+        if grads.len() != self.vars.len() {
+            return Err(TrainError::Invalid(format!("Adam: {} gradients for {} variables", grads.len(), self.vars.len())));
+        }
+        match ema {
+            Some(n) if n != self.vars.len() => Err(TrainError::Invalid(format!("Adam: {n} EMA copies for {} variables", self.vars.len()))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The step on CUDA by the multi-tensor kernels (`adam_cuda`), behind `gate` when given;
+    /// `false`, touching nothing, when they cannot take it (another device, a tensor that is not
+    /// contiguous f32, `TRAINER_CUDA_ADAM=candle`).
+    #[cfg(feature = "cuda")]
+    fn step_cuda(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64, ema: Option<(&[Tensor], f64)>, gate: Option<&crate::adam_cuda::Gate>) -> Result<bool, TrainError> {
+        let Some(dev) = self.vars.first().and_then(|v| crate::adam_cuda::device_of(v.as_tensor())) else { return Ok(false) };
+        let AdamParams { beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled, .. } = self.params;
+        let t = (self.step + 1) as i32;
+        let bias1 = 1.0 - b1.powi(t);
+        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let step_size = lr / bias1;
+        let grads = grads.iter().map(|g| g.detach().to_dtype(DType::F32)?.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+        let p: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let s = crate::adam_cuda::StepScalars {
+            b1: b1 as f32,
+            r1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            r2: (1.0 - b2) as f32,
+            step_size: step_size as f32,
+            bias2_sqrt: bias2_sqrt as f32,
+            eps: eps as f32,
+            grad_scale: grad_scale as f32,
+            wd_l2: if decoupled { 0.0 } else { wd as f32 },
+            p_mul: if decoupled { (1.0 - lr * wd) as f32 } else { 1.0 },
+            ema_decay: ema.map_or(0.0, |(_, d)| d as f32),
+            ema_rest: ema.map_or(1.0, |(_, d)| (1.0 - d) as f32),
+            gate: gate.map_or(0, |g| g.address(&dev)),
+        };
+        if crate::adam_cuda::step(&dev, &p, &grads, &self.m, &self.v, ema.map(|(e, _)| e), &s)? {
+            self.step += 1;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// [`Adam::step_full`] on CUDA, queued behind `gate` ([`crate::adam_cuda::Gate::set`]):
+    /// the device skips the update when the step's loss or gradient norm is not finite and
+    /// applies the clipping scale itself, so the host need not wait for either before the next
+    /// step is queued. `false`, touching nothing, when the CUDA kernels cannot take the step (the
+    /// caller then checks on the host and calls `step_full`). The step is counted:
+    /// [`Adam::uncount_step`] takes it back when the gate turns out to have skipped it.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn step_gated(&mut self, grads: &[Tensor], lr: f64, gate: &crate::adam_cuda::Gate, ema: Option<(&[Tensor], f64)>) -> Result<bool, TrainError> {
+        self.check_lengths(grads, ema.map(|(e, _)| e.len()))?;
+        self.step_cuda(grads, lr, 1.0, ema, Some(gate))
+    }
+
+    /// Takes back the count of a gated step the device skipped ([`Adam::step_gated`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn uncount_step(&mut self) {
+        self.step = self.step.saturating_sub(1);
     }
 
     /// The state as named tensors (`m.<name>`, `v.<name>`), for a safetensors file. They are

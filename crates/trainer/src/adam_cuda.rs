@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::backend::BackendDevice;
 use candle_core::{DType, Result, Storage, Tensor};
@@ -83,8 +83,16 @@ pub fn device_of(t: &Tensor) -> Option<CudaDevice> {
 }
 
 /// `sqrt(sum g^2)` over all of `grads` (contiguous f32 on `dev`), or `None` if one of them is
-/// not. Accumulated in double, in a fixed order.
+/// not. Accumulated in double, in a fixed order. Waits for the device.
 pub fn global_norm(dev: &CudaDevice, grads: &[Tensor]) -> Result<Option<f64>> {
+    let Some(sum) = sum_of_squares(dev, grads)? else { return Ok(None) };
+    let host = dev.clone_dtoh(&sum)?;
+    Ok(Some(host[0].sqrt()))
+}
+
+/// `sum g^2` over all of `grads` (contiguous f32 on `dev`), queued: a one-element device buffer,
+/// or `None` if one of them is not.
+pub fn sum_of_squares(dev: &CudaDevice, grads: &[Tensor]) -> Result<Option<CudaSlice<f64>>> {
     let mut bufs = Vec::with_capacity(grads.len());
     for g in grads {
         let Some((g, n)) = address(g, dev) else { return Ok(None) };
@@ -92,9 +100,10 @@ pub fn global_norm(dev: &CudaDevice, grads: &[Tensor]) -> Result<Option<f64>> {
     }
     let launches = plan(&bufs, CHUNK);
     let total: u32 = launches.iter().map(|(_, b)| b).sum();
+    let mut sum = dev.alloc_zeros::<f64>(1)?;
     if total == 0 {
         NORMS.fetch_add(1, Ordering::Relaxed);
-        return Ok(Some(0.0));
+        return Ok(Some(sum));
     }
     let func = dev.get_or_load_custom_func("sumsq_multi", MODULE, ptx()?).map_err(unet::cuda_ops::load_error("the Adam CUDA kernels", "sumsq_multi"))?;
     // SAFETY: every element is written: block b of a launch writes partial[offset + b].
@@ -112,15 +121,64 @@ pub fn global_norm(dev: &CudaDevice, grads: &[Tensor]) -> Result<Option<f64>> {
         unet::cuda_ops::profile::time(dev, || format!("adam grad sumsq {} tensors", args.count), || unsafe { b.launch(launch_config(*blocks)) }.w())?;
         offset += *blocks as usize;
     }
-    let mut sum = dev.alloc_zeros::<f64>(1)?;
     let func = dev.get_or_load_custom_func("sum_partials", MODULE, ptx()?).map_err(unet::cuda_ops::load_error("the Adam CUDA kernels", "sum_partials"))?;
     let mut b = func.builder();
     b.arg(&partial).arg(&total).arg(&mut sum);
     // SAFETY: argument types and order match `sum_partials`; `partial` holds `total` values.
     unet::cuda_ops::profile::time(dev, || "adam grad sumsq total".into(), || unsafe { b.launch(launch_config(1)) }.w())?;
-    let host = dev.clone_dtoh(&sum)?;
     NORMS.fetch_add(1, Ordering::Relaxed);
-    Ok(Some(host[0].sqrt()))
+    Ok(Some(sum))
+}
+
+/// The device buffers of a step queued before the host checks it (`step_gate` in
+/// `adam_cuda.cu`), kept from step to step, and the pinned host copy of the read-back values.
+pub struct Gate {
+    /// {1 to update else 0, clipping scale}: `adam_multi` reads it.
+    gate: CudaSlice<f32>,
+    /// {loss, sum of squared gradients} on the device, then in `host` once copied.
+    readback: CudaSlice<f64>,
+    host: PinnedHostSlice<f64>,
+}
+
+impl Gate {
+    pub fn new(dev: &CudaDevice) -> Result<Self> {
+        let gate = dev.alloc_zeros::<f32>(2)?;
+        let readback = dev.alloc_zeros::<f64>(2)?;
+        // Plain page-locked memory: the default (write-combined) is slow for the host to read.
+        // SAFETY: nothing is read from it before a copy into it has completed (`Gate::read`).
+        let host = unsafe { dev.cuda_stream().context().alloc_pinned_with_flags::<f64>(2, 0) }.w()?;
+        Ok(Self { gate, readback, host })
+    }
+
+    /// The gate's device address, for [`step`].
+    pub fn address(&self, dev: &CudaDevice) -> u64 {
+        let stream = dev.cuda_stream();
+        let (ptr, _sync) = self.gate.device_ptr(&stream);
+        ptr
+    }
+
+    /// Queues the gate of a step from the sum of squares (`sum_of_squares`) and the loss (an f32
+    /// scalar on `dev`), then the copy of {loss, sum of squares} to the host, which
+    /// [`Gate::read`] waits for. `clip_max` 0: no clipping. `false`, queueing nothing, when the
+    /// loss is not one f32 value on `dev`.
+    pub fn set(&mut self, dev: &CudaDevice, sumsq: &CudaSlice<f64>, loss: &Tensor, clip_max: f64) -> Result<bool> {
+        let Some((loss_addr, 1)) = address(loss, dev) else { return Ok(false) };
+        let func = dev.get_or_load_custom_func("step_gate", MODULE, ptx()?).map_err(unet::cuda_ops::load_error("the Adam CUDA kernels", "step_gate"))?;
+        let mut b = func.builder();
+        b.arg(sumsq).arg(&loss_addr).arg(&clip_max).arg(&mut self.gate).arg(&mut self.readback);
+        // SAFETY: argument types and order match `step_gate`; the loss is a live f32 value
+        // (the caller keeps its tensor until the step is queued), the buffers hold two values.
+        unet::cuda_ops::profile::time(dev, || "adam step gate".into(), || unsafe { b.launch(launch_config(1)) }.w())?;
+        dev.cuda_stream().memcpy_dtoh(&self.readback, &mut self.host).w()?;
+        Ok(true)
+    }
+
+    /// (loss, sum of squared gradients) of the last [`Gate::set`], waiting for them (and only
+    /// for them: work queued after the copy goes on).
+    pub fn read(&self) -> Result<(f32, f64)> {
+        let v = self.host.as_slice().w()?;
+        Ok((v[0] as f32, v[1]))
+    }
 }
 
 /// The scalars of one Adam step (see `adam_multi` in `adam_cuda.cu`).
@@ -138,12 +196,15 @@ pub struct StepScalars {
     pub p_mul: f32,
     pub ema_decay: f32,
     pub ema_rest: f32,
+    /// The device address of a [`Gate`]'s flag and clipping scale ([`Gate::address`]), or 0.
+    pub gate: u64,
 }
 
 /// One Adam step over all variables in place: `p`, `m`, `v` (and `ema`, when given) updated
-/// from `grads`. Returns `false`, touching nothing, when one of the tensors is not a
-/// contiguous f32 tensor on `dev` (the caller then takes the composite path). A failed launch
-/// leaves the earlier launches' variables updated: the caller treats it as fatal.
+/// from `grads`, when the gate (`s.gate`, if given) lets it, with its clipping scale. Returns `false`,
+/// touching nothing, when one of the tensors is not a contiguous f32 tensor on `dev` (the
+/// caller then takes the composite path). A failed launch leaves the earlier launches'
+/// variables updated: the caller treats it as fatal.
 pub fn step(dev: &CudaDevice, p: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], ema: Option<&[Tensor]>, s: &StepScalars) -> Result<bool> {
     let mut bufs = Vec::with_capacity(p.len());
     for i in 0..p.len() {
@@ -170,9 +231,9 @@ pub fn step(dev: &CudaDevice, p: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &
         }
         let mut b = func.builder();
         b.arg(&args).arg(&s.b1).arg(&s.r1).arg(&s.b2).arg(&s.r2).arg(&s.step_size).arg(&s.bias2_sqrt).arg(&s.eps);
-        b.arg(&s.grad_scale).arg(&s.wd_l2).arg(&s.p_mul).arg(&s.ema_decay).arg(&s.ema_rest);
+        b.arg(&s.grad_scale).arg(&s.wd_l2).arg(&s.p_mul).arg(&s.ema_decay).arg(&s.ema_rest).arg(&s.gate);
         // SAFETY: argument types and order match `adam_multi`; every address is a live,
-        // contiguous f32 buffer of its tensor's size. The kernel writes p, m, v and e in place:
+        // contiguous f32 buffer of its tensor's size, and the gate's (when not 0) two f32s. The kernel writes p, m, v and e in place:
         // the optimizer owns m, v and e, and p is a variable, which candle updates in place too.
         unet::cuda_ops::profile::time(dev, || format!("adam step {} tensors", args.count), || unsafe { b.launch(launch_config(blocks)) }.w())?;
     }
@@ -188,7 +249,7 @@ mod tests {
     fn the_adam_kernels_compile_with_nvrtc() {
         let ptx = super::ptx().unwrap();
         let asked: Vec<&str> = include_str!("adam_cuda.rs").split("get_or_load_custom_func(\"").skip(1).filter_map(|s| s.split('"').next()).collect();
-        assert_eq!(asked, ["sumsq_multi", "sum_partials", "adam_multi"]);
+        assert_eq!(asked, ["sumsq_multi", "sum_partials", "step_gate", "adam_multi"]);
         for name in asked {
             assert!(ptx.contains(&format!(".entry {name}(")), "the PTX has no entry {name}");
         }

@@ -30,7 +30,8 @@ use std::path::Path;
 pub use adam::{Adam, AdamParams};
 pub use config::{CheckpointConfig, DataConfig, LogConfig, Precision, RunConfig, TrainConfig};
 pub use trainer::{
-    read_tensors, resolve_config, CudaGraphReport, HostPhases, StepCallback, StepEngine, StepMetrics, StepOutput, StopReason, TrainOptions, TrainSummary, Trainer,
+    read_tensors, resolve_config, CudaGraphReport, HostPhases, LaunchedStep, QueuedStep, StepCallback, StepEngine, StepMetrics, StepOutput, StepPipeline, StopReason, TrainOptions, TrainSummary,
+    Trainer,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -57,6 +57,73 @@ pub struct StepOutput {
     pub lr: f64,
 }
 
+/// A step's loss and gradients, queued ([`StepEngine::launch_step`]).
+pub struct LaunchedStep {
+    loss: Tensor,
+    grads: Vec<Tensor>,
+}
+
+/// A step whose update is queued ([`StepEngine::queue_update`]), for [`StepEngine::settle`].
+pub struct QueuedStep(Queued);
+
+enum Queued {
+    /// Checked on the host before the update was queued: the outcome.
+    Host(Result<StepOutput, TrainError>),
+    /// Behind the device's gate: read and checked by `settle`. `step`: the count before it.
+    #[cfg(feature = "cuda")]
+    Gated { lr: f64, step: u64 },
+}
+
+impl QueuedStep {
+    /// Whether the step's loss is still to be read, its update queued behind the device's gate
+    /// (else the host checked it first).
+    pub fn gated(&self) -> bool {
+        !matches!(self.0, Queued::Host(_))
+    }
+}
+
+/// When [`Trainer::step`] queues the next step's forward and backward passes before reading
+/// the current step's loss, so that the device goes on while the host reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPipeline {
+    /// Never: each step waits for its loss before the next is queued (`TRAIN_PIPELINE=0`).
+    Off,
+    /// When the update was queued behind the device's gate ([`StepEngine::queue_update`]: CUDA
+    /// with the multi-tensor optimizer). The default.
+    Device,
+    /// Always. Where the host checks each step before its update (the CPU), the next step is
+    /// then computed before this one's outcome is returned: no gain, the same results; tests
+    /// use it to check the order of things.
+    Always,
+}
+
+impl StepPipeline {
+    /// `Off` when `TRAIN_PIPELINE=0`, else `Device`.
+    pub fn from_env() -> Self {
+        match std::env::var("TRAIN_PIPELINE").as_deref() {
+            Ok("0") => StepPipeline::Off,
+            _ => StepPipeline::Device,
+        }
+    }
+}
+
+/// A non-finite loss or gradient norm: the step must not update anything.
+fn check_finite(loss: f32, norm: f64, step: u64) -> Result<(), TrainError> {
+    if !loss.is_finite() {
+        return Err(TrainError::NonFinite(format!("loss is {loss} at step {}", step + 1)));
+    }
+    if !norm.is_finite() {
+        return Err(TrainError::NonFinite(format!("gradient norm is {norm} at step {}", step + 1)));
+    }
+    Ok(())
+}
+
+/// The EMA decay of update `step` (counted from 0): early on the average follows the weights
+/// closely.
+fn ema_decay(decay: f64, step: u64) -> f64 {
+    decay.min((1.0 + step as f64) / (10.0 + step as f64))
+}
+
 /// The model, its optimizer and EMA: everything a training step changes except the data
 /// position and the noise stream.
 pub struct StepEngine {
@@ -71,6 +138,10 @@ pub struct StepEngine {
     host: std::cell::Cell<HostPhases>,
     /// Whether [`StepEngine::step_gradients`] replays from CUDA graphs (CUDA builds and devices).
     cuda_graph: bool,
+    pipeline: StepPipeline,
+    /// The device's gate of queued updates, made at the first ([`StepEngine::queue_update`]).
+    #[cfg(feature = "cuda")]
+    gate: Option<crate::adam_cuda::Gate>,
     #[cfg(feature = "cuda")]
     graph: std::cell::RefCell<crate::step_graph::GraphState>,
 }
@@ -189,6 +260,9 @@ impl StepEngine {
             device: device.clone(),
             host: Default::default(),
             cuda_graph,
+            pipeline: StepPipeline::from_env(),
+            #[cfg(feature = "cuda")]
+            gate: None,
             #[cfg(feature = "cuda")]
             graph: Default::default(),
         })
@@ -229,42 +303,137 @@ impl StepEngine {
     /// the noise and the dropout seed from `rng` (in that order), computes the MSE loss on the
     /// predicted noise, back-propagates (in parts of `train.micro_batch_size` images, when set),
     /// clips if configured, updates with Adam and the EMA.
-    /// Waits for the device (reads the loss), so it can be timed as is.
+    /// Waits for the device (reads the loss), so it can be timed as is. The same as
+    /// [`StepEngine::launch_step`], [`StepEngine::queue_update`] and [`StepEngine::settle`] in turn.
     pub fn train_step(&mut self, x0: &Tensor, rng: &mut NoiseRng) -> Result<StepOutput, TrainError> {
+        let launched = self.launch_step(x0, rng)?;
+        let queued = self.queue_update(launched)?;
+        self.settle(queued)
+    }
+
+    /// The first part of [`StepEngine::train_step`]: the draws, then the loss and gradients,
+    /// queued on the device (not waited for). Nothing is updated until the step is passed to
+    /// [`StepEngine::queue_update`]; an engine changed in between (weights loaded) must not be
+    /// given it.
+    pub fn launch_step(&self, x0: &Tensor, rng: &mut NoiseRng) -> Result<LaunchedStep, TrainError> {
         let d = self.draw(x0, rng)?;
-        let launched = self.launch(x0, &d)?;
-        self.finish(launched)
+        self.launch(x0, &d)
     }
 
-    /// The first half of [`StepEngine::train_step`] with its draws made: the loss and gradients,
-    /// queued on the device (not waited for).
-    pub(crate) fn launch(&self, x0: &Tensor, d: &StepDraws) -> Result<(Tensor, Vec<Tensor>), TrainError> {
-        self.drawn_gradients(x0, d)
+    /// [`StepEngine::launch_step`] with its draws made.
+    pub(crate) fn launch(&self, x0: &Tensor, d: &StepDraws) -> Result<LaunchedStep, TrainError> {
+        let (loss, grads) = self.drawn_gradients(x0, d)?;
+        Ok(LaunchedStep { loss, grads })
     }
 
-    /// The second half: waits for the loss and the gradient norm, then the optimizer step.
-    pub(crate) fn finish(&mut self, (loss_v, g): (Tensor, Vec<Tensor>)) -> Result<StepOutput, TrainError> {
+    /// The second part: the optimizer step and the EMA. On CUDA (unless the pipeline is
+    /// [`StepPipeline::Off`]) they are queued behind a gate the device computes from the loss and
+    /// the gradient norm, which skips the update when either is not finite and applies the
+    /// clipping scale, so the host does not wait: the next step can be queued before this one's
+    /// loss is read by [`StepEngine::settle`] (what [`Trainer::step`] does), and the device does
+    /// not wait for the host between steps. Elsewhere the host reads and checks them first, and
+    /// `settle` hands the outcome back.
+    pub fn queue_update(&mut self, launched: LaunchedStep) -> Result<QueuedStep, TrainError> {
+        #[cfg(feature = "cuda")]
+        if self.pipeline != StepPipeline::Off {
+            if let Some(q) = self.queue_gated(&launched)? {
+                return Ok(q);
+            }
+        }
+        Ok(QueuedStep(Queued::Host(self.finish(launched))))
+    }
+
+    /// The last part: the step's outcome, waiting for its loss and gradient norm (and for nothing
+    /// queued after them). A non-finite loss or norm is an error, and the step changed nothing
+    /// (its update was skipped) and is not counted.
+    pub fn settle(&mut self, queued: QueuedStep) -> Result<StepOutput, TrainError> {
+        match queued.0 {
+            Queued::Host(out) => out,
+            #[cfg(feature = "cuda")]
+            Queued::Gated { lr, step } => {
+                let gate = self.gate.as_ref().expect("a gated step has its engine's gate");
+                let (loss, sumsq) = gate.read()?;
+                let norm = sumsq.sqrt();
+                if let Err(e) = check_finite(loss, norm, step) {
+                    // The gate kept the device from updating anything.
+                    self.opt.uncount_step();
+                    return Err(e);
+                }
+                Ok(StepOutput { loss, grad_norm: Some(norm), lr })
+            }
+        }
+    }
+
+    /// The update queued behind the device's gate, or `None` (nothing done) where the CUDA
+    /// kernels cannot take it.
+    #[cfg(feature = "cuda")]
+    fn queue_gated(&mut self, l: &LaunchedStep) -> Result<Option<QueuedStep>, TrainError> {
+        let Device::Cuda(dev) = &self.device else { return Ok(None) };
+        if crate::adam_cuda::device_of(&l.loss).is_none() {
+            return Ok(None);
+        }
+        // (A copy only for a gradient that is not contiguous: the kernels read flat buffers.)
+        let grads = l.grads.iter().map(|g| g.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+        let Some(sumsq) = crate::adam_cuda::sum_of_squares(dev, &grads)? else { return Ok(None) };
+        let mut gate = match self.gate.take() {
+            Some(g) => g,
+            None => crate::adam_cuda::Gate::new(dev)?,
+        };
+        let set = gate.set(dev, &sumsq, &l.loss, self.cfg.train.clip().unwrap_or(0.0));
+        let step = self.opt.step_count();
+        let lr = warmup_lr(self.cfg.train.lr, step, self.cfg.train.warmup_steps);
+        let ema = match (self.ema.as_ref(), self.cfg.train.ema()) {
+            (Some(e), Some(decay)) => Some((e.as_slice(), ema_decay(decay, step))),
+            _ => None,
+        };
+        let gated = match set {
+            Ok(true) => self.opt.step_gated(&grads, lr, &gate, ema)?,
+            Ok(false) => false,
+            Err(e) => {
+                self.gate = Some(gate);
+                return Err(e.into());
+            }
+        };
+        self.gate = Some(gate);
+        Ok(gated.then_some(QueuedStep(Queued::Gated { lr, step })))
+    }
+
+    /// The update checked on the host: waits for the loss and the gradient norm, then queues the
+    /// optimizer step.
+    fn finish(&mut self, LaunchedStep { loss: loss_v, grads: g }: LaunchedStep) -> Result<StepOutput, TrainError> {
         let step = self.opt.step_count();
         // One wait for the device a step, here: reading the loss before the backward pass would
         // add a second one, leaving a GPU idle while the backward pass is queued. Nothing has
         // been updated yet, so a non-finite loss is still caught before it does harm.
         let norm = global_norm(&g)?;
         let loss_v = loss_v.to_scalar::<f32>()?;
-        if !loss_v.is_finite() {
-            return Err(TrainError::NonFinite(format!("loss is {loss_v} at step {}", step + 1)));
-        }
-        if !norm.is_finite() {
-            return Err(TrainError::NonFinite(format!("gradient norm is {norm} at step {}", step + 1)));
-        }
+        check_finite(loss_v, norm, step)?;
         let grad_scale = self.cfg.train.clip().map_or(1.0, |max| clip_scale(norm, max));
         let lr = warmup_lr(self.cfg.train.lr, step, self.cfg.train.warmup_steps);
-        // Warm-up: early on the average follows the weights closely.
         let ema = match (self.ema.as_mut(), self.cfg.train.ema()) {
-            (Some(e), Some(decay)) => Some((e.as_mut_slice(), decay.min((1.0 + step as f64) / (10.0 + step as f64)))),
+            (Some(e), Some(decay)) => Some((e.as_mut_slice(), ema_decay(decay, step))),
             _ => None,
         };
         self.opt.step_full(&g, lr, grad_scale, ema)?;
         Ok(StepOutput { loss: loss_v, grad_norm: Some(norm), lr })
+    }
+
+    /// Whether the next step is to be launched before `queued` is settled, by the pipeline.
+    pub fn launches_ahead(&self, queued: &QueuedStep) -> bool {
+        match self.pipeline {
+            StepPipeline::Off => false,
+            StepPipeline::Device => queued.gated(),
+            StepPipeline::Always => true,
+        }
+    }
+
+    /// When [`Trainer::step`] queues the next step before reading this one's loss.
+    pub fn pipeline(&self) -> StepPipeline {
+        self.pipeline
+    }
+
+    pub fn set_pipeline(&mut self, p: StepPipeline) {
+        self.pipeline = p;
     }
 
     /// The batch's loss (an f32 scalar on the device, not yet read) and its gradients in the
@@ -598,6 +767,8 @@ struct Ahead {
     end: usize,
     x0: Tensor,
     draws: StepDraws,
+    /// Its loss and gradients, when queued ahead too.
+    launched: Option<LaunchedStep>,
 }
 
 /// `path` itself when it is a file, else `path/packed.safetensors`.
@@ -811,6 +982,10 @@ impl Trainer {
         &self.engine
     }
     pub fn engine_mut(&mut self) -> &mut StepEngine {
+        // A step queued ahead was computed from the engine as it is now.
+        if let Some(a) = self.ahead.as_mut() {
+            a.launched = None;
+        }
         &mut self.engine
     }
     pub fn run_dir(&self) -> &Path {
@@ -838,6 +1013,21 @@ impl Trainer {
         self.last_saved.as_ref().map(|(s, d)| (*s, d.as_path()))
     }
 
+    /// A step's error, with what a diverged run should do next.
+    fn diverged(&self, e: TrainError) -> TrainError {
+        match e {
+            TrainError::NonFinite(m) => TrainError::NonFinite(format!(
+                "{m} (epoch {}): training diverged and stopped without saving; {}. Lower train.lr or set train.grad_clip",
+                self.epoch + 1,
+                match &self.last_saved {
+                    Some((s, d)) => format!("the last good checkpoint (step {s}) is kept in {}", d.display()),
+                    None => "no checkpoint had been written yet".into(),
+                }
+            )),
+            other => other,
+        }
+    }
+
     fn ensure_order(&mut self) {
         if self.order_epoch != Some(self.epoch) {
             self.order = anime_data::epoch_order(&self.split.train, self.cfg.train.seed, self.epoch);
@@ -856,34 +1046,39 @@ impl Trainer {
     /// While the device runs the step, the host draws the next one's batch and noise (within the
     /// epoch): on a GPU the device then never waits for them, and they come from the same
     /// stream in the same order as when drawn at the start of their own step, so the run is the
-    /// same to the bit; a checkpoint saves the generator from before them.
+    /// same to the bit; a checkpoint saves the generator from before them. When the engine's
+    /// update is gated on the device ([`StepPipeline`]), the next step's forward and backward
+    /// passes are queued too, before this step's loss is read: the device then goes from one
+    /// step to the next without waiting for the host.
     pub fn step(&mut self) -> Result<StepOutput, TrainError> {
         self.ensure_order();
         if self.epoch_done() {
             return Err(TrainError::Invalid("the epoch is over: call end_epoch first".into()));
         }
-        let ahead = match self.ahead.take() {
+        let mut ahead = match self.ahead.take() {
             Some(a) => a,
             None => self.inputs(self.position)?,
         };
         let end = ahead.end;
-        let launched = self.engine.launch(&ahead.x0, &ahead.draws)?;
+        let launched = match ahead.launched.take() {
+            Some(l) => l,
+            None => self.engine.launch(&ahead.x0, &ahead.draws)?,
+        };
         drop(ahead);
+        let queued = self.engine.queue_update(launched).map_err(|e| self.diverged(e))?;
         if end < self.order.len() {
             // On an error, drawn again (and the error reported) at the next step.
             self.ahead = self.inputs(end).ok();
-        }
-        let out = self.engine.finish(launched).map_err(|e| match e {
-            TrainError::NonFinite(m) => TrainError::NonFinite(format!(
-                "{m} (epoch {}): training diverged and stopped without saving; {}. Lower train.lr or set train.grad_clip",
-                self.epoch + 1,
-                match &self.last_saved {
-                    Some((s, d)) => format!("the last good checkpoint (step {s}) is kept in {}", d.display()),
-                    None => "no checkpoint had been written yet".into(),
+            if self.engine.launches_ahead(&queued) {
+                if let Some(a) = self.ahead.as_mut() {
+                    // Queued behind this step's update, so from the weights it makes (or, if its
+                    // gate skips it, the weights as they are); on an error, launched again at the
+                    // next step.
+                    a.launched = self.engine.launch(&a.x0, &a.draws).ok();
                 }
-            )),
-            other => other,
-        })?;
+            }
+        }
+        let out = self.engine.settle(queued).map_err(|e| self.diverged(e))?;
         self.position = end;
         self.step += 1;
         Ok(out)
@@ -906,7 +1101,7 @@ impl Trainer {
             Ok::<_, TrainError>((x0, draws))
         })();
         match drawn {
-            Ok((x0, draws)) => Ok(Ahead { rng_before, end, x0, draws }),
+            Ok((x0, draws)) => Ok(Ahead { rng_before, end, x0, draws, launched: None }),
             Err(e) => {
                 self.rng = rng_before;
                 Err(e)

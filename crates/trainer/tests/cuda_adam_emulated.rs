@@ -3,7 +3,10 @@
 //! `trainer::multi_tensor::plan` (the same bytes the GPU gets), against `trainer::Adam` and
 //! `trainer::adam::global_norm` on the CPU: two steps over more variables than one launch takes,
 //! with chunks smaller than the variables, for Adam with clipping and EMA, AdamW, and Adam's L2
-//! term. The launches themselves are checked on a GPU by `cargo xtask-cuda self-test --device cuda`.
+//! term; and behind `step_gate` (the update queued before the host has read the loss): the
+//! clipping scale computed on the device, and a step with a non-finite loss or gradient that must
+//! change nothing. The launches themselves are checked on a GPU by
+//! `cargo xtask-cuda self-test --device cuda`.
 //!
 //! Needs a C++20 compiler (`$CXX`, else `g++`): without one the test says so and skips.
 
@@ -11,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, Tensor, Var};
-use trainer::adam::global_norm;
+use trainer::adam::{clip_scale, global_norm};
 use trainer::multi_tensor::{plan, Buffers, MtArgs};
 use trainer::{Adam, AdamParams};
 
@@ -29,13 +32,17 @@ static std::vector<char> rd(const char* p) {
     fclose(f);
     return v;
 }
-// adam_main b1 r1 b2 r2 eps wd_l2 p_mul step_size bias2_sqrt gscale ema_d ema_r: one step. The plan's
-// addresses are byte offsets into arena.bin (0: absent). Writes arena_out.bin, and the norm of
-// the gradients (before the step) to norm.txt.
+// adam_main b1 r1 b2 r2 eps wd_l2 p_mul step_size bias2_sqrt gscale ema_d ema_r [clip_max loss]: one
+// step, behind step_gate when clip_max and loss are given. The plan's addresses are byte offsets
+// into arena.bin (0: absent). Writes arena_out.bin, the norm of the gradients (before the step)
+// to norm.txt, and with the gate, its read-back values {loss, sum of squares} to readback.txt.
 int main(int argc, char** argv) {
-    if (argc != 13) { fprintf(stderr, "usage: adam_main b1 r1 b2 r2 eps wd_l2 p_mul step_size bias2_sqrt gscale ema_d ema_r\n"); return 2; }
+    if (argc != 13 && argc != 15) { fprintf(stderr, "usage: adam_main b1 r1 b2 r2 eps wd_l2 p_mul step_size bias2_sqrt gscale ema_d ema_r [clip_max loss]\n"); return 2; }
     float x[12];
     for (int i = 0; i < 12; ++i) x[i] = atof(argv[i + 1]);
+    const bool gated = argc == 15;
+    const double clip_max = gated ? strtod(argv[13], nullptr) : 0.0;
+    const float loss = gated ? strtof(argv[14], nullptr) : 0.f;
     std::vector<char> arena = rd("arena.bin"), raw = rd("plan.bin");
     const size_t rec = sizeof(MtArgs) + 4;
     if (raw.size() % rec) { fprintf(stderr, "plan.bin is not a list of MtArgs + u32\n"); return 2; }
@@ -59,11 +66,21 @@ int main(int argc, char** argv) {
         off += blocks[k];
     }
     launch(1, 32, [&] { sum_partials(partial.data(), total, &sum); });
+    // Poisoned: what the gate does not write shows.
+    float gate[2] = {-7.f, -7.f};
+    double readback[2] = {-7.0, -7.0};
+    if (gated) launch(1, 32, [&] { step_gate(&sum, (unsigned long long)&loss, clip_max, gate, readback); });
+    const unsigned long long gate_addr = gated ? (unsigned long long)gate : 0ull;
     for (size_t k = 0; k < args.size(); ++k)
-        launch(blocks[k], 32, [&] { adam_multi(args[k], x[0], x[1], x[2], x[3], x[7], x[8], x[4], x[9], x[5], x[6], x[10], x[11]); });
+        launch(blocks[k], 32, [&] { adam_multi(args[k], x[0], x[1], x[2], x[3], x[7], x[8], x[4], x[9], x[5], x[6], x[10], x[11], gate_addr); });
     FILE* f = fopen("norm.txt", "w");
     fprintf(f, "%.17g\n", sqrt(sum));
     fclose(f);
+    if (gated) {
+        f = fopen("readback.txt", "w");
+        fprintf(f, "%.17g %.17g\n", readback[0], readback[1]);
+        fclose(f);
+    }
     f = fopen("arena_out.bin", "wb");
     fwrite(arena.data(), 1, arena.size(), f);
     fclose(f);
@@ -121,10 +138,21 @@ fn rel(got: &[f32], want: &[f32]) -> f32 {
 struct Case {
     name: &'static str,
     params: AdamParams,
-    /// Per step: the clipping scale.
+    /// Per step: the clipping scale (with a gate: 1, the gate clips).
     grad_scale: [f64; 2],
     /// Per step: the EMA decay, when EMA is on.
     ema: Option<[f64; 2]>,
+    /// The update behind `step_gate`, when given.
+    gate: Option<GateCase>,
+}
+
+/// What the gate is given: the clipping threshold (0: none) and, per step, the loss and a
+/// gradient value to replace (variable, index, value), if any.
+#[derive(Clone, Copy)]
+struct GateCase {
+    clip_max: f64,
+    loss: [f32; 2],
+    poison: [Option<(usize, usize, f32)>; 2],
 }
 
 fn run_case(exe: &Path, dir: &Path, case: &Case) {
@@ -173,30 +201,50 @@ fn run_case(exe: &Path, dir: &Path, case: &Case) {
     let AdamParams { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled } = case.params;
     let (wd_l2, p_mul) = if decoupled { (0.0, 1.0 - lr * wd) } else { (wd, 1.0) };
     for t in 0..2 {
-        let grads: Vec<Vec<f32>> = (0..sizes.len()).map(|k| grad(k, t)).collect();
+        let mut grads: Vec<Vec<f32>> = (0..sizes.len()).map(|k| grad(k, t)).collect();
+        if let Some((k, i, v)) = case.gate.and_then(|g| g.poison[t]) {
+            grads[k][i] = v;
+        }
         for (b, g) in bufs.iter().zip(&grads) {
             let at = b.g as usize / 4;
             arena[at..at + g.len()].copy_from_slice(g);
         }
         std::fs::write(dir.join("arena.bin"), bytes(&arena)).unwrap();
-        let step = (t + 1) as i32;
+        let step = opt.step_count() as i32 + 1;
         let step_size = lr / (1.0 - b1.powi(step));
         let bias2_sqrt = (1.0 - b2.powi(step)).sqrt();
         let ema_d = case.ema.map_or(0.0, |d| d[t]);
-        let out = Command::new(exe)
-            .args([b1, 1.0 - b1, b2, 1.0 - b2, eps, wd_l2, p_mul, step_size, bias2_sqrt, case.grad_scale[t], ema_d, 1.0 - ema_d].map(|v| format!("{:e}", v as f32)))
-            .current_dir(dir)
-            .output()
-            .unwrap();
+        let mut args: Vec<String> =
+            [b1, 1.0 - b1, b2, 1.0 - b2, eps, wd_l2, p_mul, step_size, bias2_sqrt, case.grad_scale[t], ema_d, 1.0 - ema_d].map(|v| format!("{:e}", v as f32)).to_vec();
+        if let Some(g) = &case.gate {
+            args.push(format!("{:e}", g.clip_max));
+            args.push(format!("{:e}", g.loss[t]));
+        }
+        let out = Command::new(exe).args(&args).current_dir(dir).output().unwrap();
         assert!(out.status.success(), "{}: emulator failed: {}", case.name, String::from_utf8_lossy(&out.stderr));
-        arena = floats(&std::fs::read(dir.join("arena_out.bin")).unwrap());
+        let before = std::mem::replace(&mut arena, floats(&std::fs::read(dir.join("arena_out.bin")).unwrap()));
 
         let gt: Vec<Tensor> = grads.iter().map(|g| Tensor::new(g.as_slice(), &cpu).unwrap()).collect();
         let norm: f64 = std::fs::read_to_string(dir.join("norm.txt")).unwrap().trim().parse().unwrap();
         let want = global_norm(&gt).unwrap();
+        let mut grad_scale = case.grad_scale[t];
+        if let Some(g) = &case.gate {
+            let rb: Vec<f64> = std::fs::read_to_string(dir.join("readback.txt")).unwrap().split_whitespace().map(|v| v.parse().unwrap()).collect();
+            assert_eq!(rb[0].to_bits(), (g.loss[t] as f64).to_bits(), "{}: step {}: the loss read back", case.name, t + 1);
+            assert!(rb[1].sqrt().to_bits() == norm.to_bits(), "{}: step {}: the sum of squares read back", case.name, t + 1);
+            if !(g.loss[t].is_finite() && want.is_finite()) {
+                // The host would have stopped here: nothing may change, to the bit.
+                assert!(!norm.is_finite() || !g.loss[t].is_finite(), "{}: step {}: the emulator's norm {norm} is finite", case.name, t + 1);
+                assert!(before.iter().zip(&arena).all(|(a, b)| a.to_bits() == b.to_bits()), "{}: step {}: a skipped step changed the state", case.name, t + 1);
+                continue;
+            }
+            if g.clip_max > 0.0 {
+                grad_scale = clip_scale(want, g.clip_max);
+            }
+        }
         assert!((norm - want).abs() <= 1e-6 * want, "{}: step {}: gradient norm {norm} against {want}", case.name, t + 1);
         let e = case.ema.map(|d| (ema.as_mut_slice(), d[t]));
-        opt.step_full(&gt, lr, case.grad_scale[t], e).unwrap();
+        opt.step_full(&gt, lr, grad_scale, e).unwrap();
     }
 
     let state = opt.state_tensors().unwrap();
@@ -226,10 +274,23 @@ fn optimizer_kernels_match_the_cpu_optimizer() {
     let dir = tempfile::tempdir().unwrap();
     let Some(exe) = build_driver(dir.path()) else { return };
     let base = AdamParams { lr: 1e-3, ..Default::default() };
+    let no = [None, None];
     let cases = [
-        Case { name: "Adam, clipping, EMA", params: base, grad_scale: [1.0, 0.25], ema: Some([0.5, 0.9]) },
-        Case { name: "AdamW", params: AdamParams { weight_decay: 0.1, decoupled: true, ..base }, grad_scale: [1.0, 1.0], ema: None },
-        Case { name: "Adam, L2", params: AdamParams { weight_decay: 0.1, ..base }, grad_scale: [0.5, 1.0], ema: None },
+        Case { name: "Adam, clipping, EMA", params: base, grad_scale: [1.0, 0.25], ema: Some([0.5, 0.9]), gate: None },
+        Case { name: "AdamW", params: AdamParams { weight_decay: 0.1, decoupled: true, ..base }, grad_scale: [1.0, 1.0], ema: None, gate: None },
+        Case { name: "Adam, L2", params: AdamParams { weight_decay: 0.1, ..base }, grad_scale: [0.5, 1.0], ema: None, gate: None },
+        // The gradients' norm is about 7.67 at both steps: scaled by about a half at 4, not at 100.
+        Case { name: "gated, clipping on the device, EMA", params: base, grad_scale: [1.0; 2], ema: Some([0.5, 0.9]), gate: Some(GateCase { clip_max: 4.0, loss: [0.25, 0.5], poison: no }) },
+        Case { name: "gated, a threshold above the norm", params: base, grad_scale: [1.0; 2], ema: None, gate: Some(GateCase { clip_max: 100.0, loss: [0.25, 0.5], poison: no }) },
+        Case { name: "gated, a NaN loss", params: base, grad_scale: [1.0; 2], ema: Some([0.5, 0.9]), gate: Some(GateCase { clip_max: 0.7, loss: [0.25, f32::NAN], poison: no }) },
+        Case { name: "gated, an infinite loss first", params: base, grad_scale: [1.0; 2], ema: None, gate: Some(GateCase { clip_max: 0.0, loss: [f32::INFINITY, 0.5], poison: no }) },
+        Case {
+            name: "gated, an infinite gradient",
+            params: base,
+            grad_scale: [1.0; 2],
+            ema: Some([0.5, 0.9]),
+            gate: Some(GateCase { clip_max: 0.0, loss: [0.25, 0.5], poison: [None, Some((40, 3, f32::INFINITY))] }),
+        },
     ];
     for case in &cases {
         run_case(&exe, dir.path(), case);

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use anime_data::PackedDataset;
 use candle_core::{Device, Tensor};
 use trainer::checkpoint::{self, MODEL_FILE, OPTIMIZER_FILE};
-use trainer::{RunConfig, StopReason, TrainError, TrainOptions, Trainer};
+use trainer::{RunConfig, StepPipeline, StopReason, TrainError, TrainOptions, Trainer};
 
 /// `n` generated `size`x`size` faces packed into `dir/packed.safetensors`.
 fn dataset(dir: &Path, n: usize, size: usize) -> PathBuf {
@@ -540,4 +540,92 @@ fn a_run_resumes_with_another_micro_batch_without_a_warning() {
     assert_eq!(s.steps, 3);
     let saved = std::fs::read_to_string(dir.join("config.toml")).unwrap();
     assert!(saved.contains("micro_batch_size = 1"), "{saved}");
+}
+
+/// Queueing the next step before reading this one's loss (what a CUDA run does by default) is
+/// the same run to the bit: on the CPU, `StepPipeline::Always` computes the next step's loss and
+/// gradients before a step returns, across an epoch's last (smaller) batch, a stop and resume,
+/// weights loaded between steps, and a step that diverges.
+#[test]
+fn a_pipelined_run_is_the_same_run_to_the_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(&tmp.path().join("data"), 24, 8);
+    let cfg = small_cfg(&data);
+    let trainer = |cfg: &RunConfig, dir: &Path, pipeline: StepPipeline, opts: TrainOptions| {
+        let mut t = Trainer::new(cfg.clone(), dir, &Device::Cpu, opts).unwrap();
+        t.engine_mut().set_pipeline(pipeline);
+        t
+    };
+    let recorder = || {
+        let losses = Arc::new(Mutex::new(Vec::new()));
+        let l = losses.clone();
+        (losses, TrainOptions { on_step: Some(Box::new(move |m| l.lock().unwrap().push(m.loss.to_bits()))), ..Default::default() })
+    };
+
+    // Whole runs (10 steps, two epochs): plain, then pipelined and stopped after step 3, then
+    // resumed pipelined.
+    let (plain_losses, opts) = recorder();
+    let plain = tmp.path().join("plain");
+    trainer(&cfg, &plain, StepPipeline::Off, opts).run(Arc::new(AtomicBool::new(false))).unwrap();
+    let piped = tmp.path().join("piped");
+    let (losses, mut opts) = recorder();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flag, l) = (stop.clone(), losses.clone());
+    opts.on_step = Some(Box::new(move |m| {
+        l.lock().unwrap().push(m.loss.to_bits());
+        if m.step == 3 {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }));
+    let s = trainer(&cfg, &piped, StepPipeline::Always, opts).run(stop).unwrap();
+    assert_eq!((s.reason, s.steps), (StopReason::Interrupted, 3));
+    let (more, opts) = recorder();
+    trainer(&cfg, &piped, StepPipeline::Always, opts).run(Arc::new(AtomicBool::new(false))).unwrap();
+    losses.lock().unwrap().extend(more.lock().unwrap().iter());
+    assert_eq!(*losses.lock().unwrap(), *plain_losses.lock().unwrap());
+    for file in [MODEL_FILE, OPTIMIZER_FILE] {
+        assert_bit_equal(&checkpoint::checkpoint_dir(&plain, 10).join(file), &checkpoint::checkpoint_dir(&piped, 10).join(file));
+    }
+
+    // Step by step, with the weights of step 1 loaded after step 2: the step queued ahead was
+    // computed from the weights before the load, and must not be used.
+    let by_steps = |pipeline: StepPipeline, dir: &Path| {
+        let mut t = trainer(&cfg, dir, pipeline, TrainOptions::default());
+        let mut losses = vec![t.step().unwrap().loss];
+        let mut w1 = t.engine().weights(Default::default()).unwrap();
+        // Copies: these are the variables themselves.
+        w1.tensors = w1.tensors.iter().map(|(k, v)| (k.clone(), v.copy().unwrap())).collect();
+        losses.push(t.step().unwrap().loss);
+        t.engine_mut().load_weights(&w1).unwrap();
+        losses.push(t.step().unwrap().loss);
+        losses.push(t.step().unwrap().loss);
+        (losses, t.engine().opt.vars().iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect::<Vec<_>>())
+    };
+    let (l_plain, w_plain) = by_steps(StepPipeline::Off, &tmp.path().join("steps-plain"));
+    let (l_piped, w_piped) = by_steps(StepPipeline::Always, &tmp.path().join("steps-piped"));
+    assert_eq!(l_plain, l_piped);
+    assert!(w_plain == w_piped, "the weights differ after a load between pipelined steps");
+
+    // lr = 1e30 diverges at the second step: the same error, at the same step, with the step
+    // queued ahead already computed; nothing of the diverged step was saved.
+    let mut bad = cfg.clone();
+    bad.train.lr = 1e30;
+    bad.train.grad_clip = None;
+    bad.train.warmup_steps = 0;
+    bad.checkpoint.every_steps = 1;
+    let diverge = |pipeline: StepPipeline, dir: &Path| {
+        let err = trainer(&bad, dir, pipeline, TrainOptions::default()).run(Arc::new(AtomicBool::new(false))).unwrap_err();
+        assert!(matches!(err, TrainError::NonFinite(_)), "{err}");
+        (err.to_string(), checkpoint::list(dir).last().map(|c| c.0))
+    };
+    let (plain_bad, piped_bad) = (tmp.path().join("bad-plain"), tmp.path().join("bad-piped"));
+    let (e_plain, last_plain) = diverge(StepPipeline::Off, &plain_bad);
+    let (e_piped, last_piped) = diverge(StepPipeline::Always, &piped_bad);
+    assert_eq!(e_plain.replace("bad-plain", "bad-piped"), e_piped);
+    assert!(e_plain.contains("diverged"), "{e_plain}");
+    assert_eq!(last_plain, last_piped);
+    let last = last_plain.expect("a step before the divergence was checkpointed");
+    for file in [MODEL_FILE, OPTIMIZER_FILE] {
+        assert_bit_equal(&checkpoint::checkpoint_dir(&plain_bad, last).join(file), &checkpoint::checkpoint_dir(&piped_bad, last).join(file));
+    }
 }

@@ -24,6 +24,8 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   float r = warp_buf[(threadIdx.x & ~31u) | ((threadIdx.x & 31u) ^ (unsigned)o)];
   b.arrive_and_wait(); return r;
 }
+// CUDA has isfinite for float and double at global scope.
+using std::isfinite;
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
