@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::backend::BackendDevice;
 use candle_core::{DType, Result, Storage, Tensor};
@@ -138,6 +138,17 @@ pub struct Gate {
     /// {loss, sum of squared gradients} on the device, then in `host` once copied.
     readback: CudaSlice<f64>,
     host: PinnedHostSlice<f64>,
+    /// Recorded after the copy to `host`. (The pinned slice's own event is recorded only when
+    /// cudarc manages synchronization between streams, which these devices do not use: on one
+    /// stream without event tracking, waiting on it would return at once.)
+    copied: CudaEvent,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        // The pinned memory must outlive a copy into it still in flight.
+        let _ = self.copied.synchronize();
+    }
 }
 
 impl Gate {
@@ -146,8 +157,10 @@ impl Gate {
         let readback = dev.alloc_zeros::<f64>(2)?;
         // Plain page-locked memory: the default (write-combined) is slow for the host to read.
         // SAFETY: nothing is read from it before a copy into it has completed (`Gate::read`).
-        let host = unsafe { dev.cuda_stream().context().alloc_pinned_with_flags::<f64>(2, 0) }.w()?;
-        Ok(Self { gate, readback, host })
+        let ctx = dev.cuda_stream().context().clone();
+        let host = unsafe { ctx.alloc_pinned_with_flags::<f64>(2, 0) }.w()?;
+        let copied = ctx.new_event(None).w()?;
+        Ok(Self { gate, readback, host, copied })
     }
 
     /// The gate's device address, for [`step`].
@@ -169,13 +182,16 @@ impl Gate {
         // SAFETY: argument types and order match `step_gate`; the loss is a live f32 value
         // (the caller keeps its tensor until the step is queued), the buffers hold two values.
         unet::cuda_ops::profile::time(dev, || "adam step gate".into(), || unsafe { b.launch(launch_config(1)) }.w())?;
-        dev.cuda_stream().memcpy_dtoh(&self.readback, &mut self.host).w()?;
+        let stream = dev.cuda_stream();
+        stream.memcpy_dtoh(&self.readback, &mut self.host).w()?;
+        self.copied.record(&stream).w()?;
         Ok(true)
     }
 
     /// (loss, sum of squared gradients) of the last [`Gate::set`], waiting for them (and only
     /// for them: work queued after the copy goes on).
     pub fn read(&self) -> Result<(f32, f64)> {
+        self.copied.synchronize().w()?;
         let v = self.host.as_slice().w()?;
         Ok((v[0] as f32, v[1]))
     }

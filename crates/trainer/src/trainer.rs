@@ -142,6 +142,9 @@ pub struct StepEngine {
     /// The device's gate of queued updates, made at the first ([`StepEngine::queue_update`]).
     #[cfg(feature = "cuda")]
     gate: Option<crate::adam_cuda::Gate>,
+    /// Whether a step queued behind the gate is still to be settled.
+    #[cfg(feature = "cuda")]
+    gate_pending: bool,
     #[cfg(feature = "cuda")]
     graph: std::cell::RefCell<crate::step_graph::GraphState>,
 }
@@ -264,6 +267,8 @@ impl StepEngine {
             #[cfg(feature = "cuda")]
             gate: None,
             #[cfg(feature = "cuda")]
+            gate_pending: false,
+            #[cfg(feature = "cuda")]
             graph: Default::default(),
         })
     }
@@ -351,6 +356,7 @@ impl StepEngine {
             Queued::Host(out) => out,
             #[cfg(feature = "cuda")]
             Queued::Gated { lr, step } => {
+                self.gate_pending = false;
                 let gate = self.gate.as_ref().expect("a gated step has its engine's gate");
                 let (loss, sumsq) = gate.read()?;
                 let norm = sumsq.sqrt();
@@ -375,6 +381,10 @@ impl StepEngine {
         // (A copy only for a gradient that is not contiguous: the kernels read flat buffers.)
         let grads = l.grads.iter().map(|g| g.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
         let Some(sumsq) = crate::adam_cuda::sum_of_squares(dev, &grads)? else { return Ok(None) };
+        if self.gate_pending {
+            // The gate holds one step's values: a second would overwrite the first's.
+            return Err(TrainError::Invalid("a queued step must be settled before the next is queued".into()));
+        }
         let mut gate = match self.gate.take() {
             Some(g) => g,
             None => crate::adam_cuda::Gate::new(dev)?,
@@ -395,6 +405,7 @@ impl StepEngine {
             }
         };
         self.gate = Some(gate);
+        self.gate_pending = gated;
         Ok(gated.then_some(QueuedStep(Queued::Gated { lr, step })))
     }
 
@@ -978,6 +989,8 @@ impl Trainer {
     pub fn config(&self) -> &RunConfig {
         &self.cfg
     }
+    /// The engine, to read. Its weights are changed through [`Trainer::engine_mut`] only (not
+    /// `Var::set` from here): that drops the step queued ahead, computed from them.
     pub fn engine(&self) -> &StepEngine {
         &self.engine
     }
@@ -1065,17 +1078,18 @@ impl Trainer {
             None => self.engine.launch(&ahead.x0, &ahead.draws)?,
         };
         drop(ahead);
-        let queued = self.engine.queue_update(launched).map_err(|e| self.diverged(e))?;
         if end < self.order.len() {
-            // On an error, drawn again (and the error reported) at the next step.
+            // Before the update is queued: where the host checks the step first, it waits for
+            // the device there. On an error, drawn again (and the error reported) at the next step.
             self.ahead = self.inputs(end).ok();
-            if self.engine.launches_ahead(&queued) {
-                if let Some(a) = self.ahead.as_mut() {
-                    // Queued behind this step's update, so from the weights it makes (or, if its
-                    // gate skips it, the weights as they are); on an error, launched again at the
-                    // next step.
-                    a.launched = self.engine.launch(&a.x0, &a.draws).ok();
-                }
+        }
+        let queued = self.engine.queue_update(launched).map_err(|e| self.diverged(e))?;
+        if self.engine.launches_ahead(&queued) {
+            if let Some(a) = self.ahead.as_mut() {
+                // Queued behind this step's update, so from the weights it makes (or, if its
+                // gate skips it, the weights as they are); on an error, launched again at the
+                // next step.
+                a.launched = self.engine.launch(&a.x0, &a.draws).ok();
             }
         }
         let out = self.engine.settle(queued).map_err(|e| self.diverged(e))?;
