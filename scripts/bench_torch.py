@@ -25,6 +25,9 @@ import statistics
 import sys
 import time
 
+# Steps in the timed training loops on CUDA (the same as ours: LOOP_STEPS in xtask's bench).
+LOOP_STEPS = 6
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -101,6 +104,7 @@ def main():
     # The host's part of each timed run: until fn returned with the run's work queued, before
     # the wait for the device (ours reports the same, queued_s).
     queued = []
+    training_loop_s = None
 
     def timed(fn, warmup, runs):
         for _ in range(warmup):
@@ -145,8 +149,26 @@ def main():
                     loss = torch.nn.functional.mse_loss(model(xt[i:i + n], t[i:i + n]).float(), noise[i:i + n])
                 (loss * (n / bs) if n < bs else loss).backward()
             opt.step()
+            # (The last part's: reading it waits for the step as reading the whole loss would.)
+            return loss
         ts = timed(step, a.warmup, a.runs)
         profiled = step
+        if cuda:
+            # Steps back to back, as a training loop takes them (beside ours, `training_loop_s`):
+            # reading each step's loss before the next, as Lightning's progress bar does every
+            # step, and not reading it at all (the card then never waits for the host).
+            loop = {}
+            for label, read in (("loss_read", True), ("unread", False)):
+                step()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(LOOP_STEPS):
+                    loss = step()
+                    if read:
+                        loss.item()
+                sync()
+                loop[label] = (time.perf_counter() - t0) / LOOP_STEPS
+            training_loop_s = loop
     else:
         model.eval()
         acp = sched["alphas_cumprod"]
@@ -199,6 +221,8 @@ def main():
         out["compile_s"] = compile_s
     if queued:
         out["queued_s"] = statistics.median(queued)
+    if training_loop_s is not None:
+        out["training_loop_s"] = training_loop_s
     if cuda:
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
