@@ -188,27 +188,15 @@ fn frozen(cfg: &UNetConfig, dev: &Device, dtype: DType) -> Result<UNet> {
 const LOOP_STEPS: usize = 6;
 
 /// Seconds a step over `steps` steps taken as `Trainer::step` takes them, with the engine's
-/// pipeline: each update queued, the next step launched (when the pipeline allows) before the
-/// last one's loss is read; and how many of the updates were gated on the device.
-fn training_loop(engine: &mut trainer::StepEngine, x0: &Tensor, rng: &mut NoiseRng, steps: usize) -> Result<(f64, usize)> {
+/// pipeline (`StepEngine::train_steps`), and how many of the updates were gated on the device.
+fn training_loop(engine: &mut trainer::StepEngine, x0: &Tensor, rng: &mut NoiseRng, steps: usize) -> Result<(f64, u64)> {
     engine.train_step(x0, rng)?;
     sync(engine.device())?;
+    let gated_before = engine.gated_updates();
     let start = Instant::now();
-    let mut launched = Some(engine.launch_step(x0, rng)?);
-    let mut gated = 0;
-    for k in 0..steps {
-        let queued = engine.queue_update(launched.take().expect("a step is launched"))?;
-        gated += queued.gated() as usize;
-        if engine.launches_ahead(&queued) && k + 1 < steps {
-            launched = Some(engine.launch_step(x0, rng)?);
-        }
-        engine.settle(queued)?;
-        if launched.is_none() && k + 1 < steps {
-            launched = Some(engine.launch_step(x0, rng)?);
-        }
-    }
+    engine.train_steps(std::iter::repeat_n(x0, steps), rng, |_, _| Ok(()))?;
     sync(engine.device())?;
-    Ok((start.elapsed().as_secs_f64() / steps as f64, gated))
+    Ok((start.elapsed().as_secs_f64() / steps as f64, engine.gated_updates() - gated_before))
 }
 
 /// Waits for queued GPU work so that timings cover it.

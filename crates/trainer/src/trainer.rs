@@ -139,6 +139,7 @@ pub struct StepEngine {
     /// Whether [`StepEngine::step_gradients`] replays from CUDA graphs (CUDA builds and devices).
     cuda_graph: bool,
     pipeline: StepPipeline,
+    gated_updates: u64,
     /// The device's gate of queued updates, made at the first ([`StepEngine::queue_update`]).
     #[cfg(feature = "cuda")]
     gate: Option<crate::adam_cuda::Gate>,
@@ -264,6 +265,7 @@ impl StepEngine {
             host: Default::default(),
             cuda_graph,
             pipeline: StepPipeline::from_env(),
+            gated_updates: 0,
             #[cfg(feature = "cuda")]
             gate: None,
             #[cfg(feature = "cuda")]
@@ -357,6 +359,7 @@ impl StepEngine {
             #[cfg(feature = "cuda")]
             Queued::Gated { lr, step } => {
                 self.gate_pending = false;
+                self.gated_updates += 1;
                 let gate = self.gate.as_ref().expect("a gated step has its engine's gate");
                 let (loss, sumsq) = gate.read()?;
                 let norm = sumsq.sqrt();
@@ -427,6 +430,39 @@ impl StepEngine {
         };
         self.opt.step_full(&g, lr, grad_scale, ema)?;
         Ok(StepOutput { loss: loss_v, grad_norm: Some(norm), lr })
+    }
+
+    /// Steps on `batches` in turn, taken as [`Trainer::step`] takes them: each update queued,
+    /// then (when the pipeline allows) the next step launched before the last one's outcome is
+    /// read. `after` sees the engine and each outcome once it is read. Stops at the first error.
+    pub fn train_steps<'a>(
+        &mut self,
+        batches: impl IntoIterator<Item = &'a Tensor>,
+        rng: &mut NoiseRng,
+        mut after: impl FnMut(&StepEngine, &StepOutput) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        let mut batches = batches.into_iter().fuse();
+        let mut launched = match batches.next() {
+            Some(x0) => Some(self.launch_step(x0, rng)?),
+            None => return Ok(()),
+        };
+        while let Some(step) = launched.take() {
+            let queued = self.queue_update(step)?;
+            if self.launches_ahead(&queued) {
+                launched = batches.next().map(|x0| self.launch_step(x0, rng)).transpose()?;
+            }
+            let out = self.settle(queued)?;
+            after(self, &out)?;
+            if launched.is_none() {
+                launched = batches.next().map(|x0| self.launch_step(x0, rng)).transpose()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Updates queued behind the device's gate and settled so far ([`StepEngine::queue_update`]).
+    pub fn gated_updates(&self) -> u64 {
+        self.gated_updates
     }
 
     /// Whether the next step is to be launched before `queued` is settled, by the pipeline.

@@ -629,3 +629,57 @@ fn a_pipelined_run_is_the_same_run_to_the_bit() {
         assert_bit_equal(&checkpoint::checkpoint_dir(&plain_bad, last).join(file), &checkpoint::checkpoint_dir(&piped_bad, last).join(file));
     }
 }
+
+/// `StepEngine::train_steps` (what the bench's loop and the GPU self-test run) takes the same
+/// steps as `train_step` one by one, pipelined or not, and stops at a diverging step with the
+/// same error and the same state.
+#[test]
+fn engine_train_steps_are_train_step_in_turn() {
+    let cfg = small_cfg(Path::new("unused"));
+    let mut images = diffusion::NoiseRng::new(1);
+    let batches: Vec<Tensor> = [4, 4, 2, 4].iter().map(|&b| images.randn((b, 3, 8, 8), &Device::Cpu).unwrap().tanh().unwrap()).collect();
+    type Outcome = (Vec<u32>, Option<String>, Vec<Vec<f32>>, u64);
+    let one_by_one = |cfg: &RunConfig| -> Outcome {
+        let mut e = trainer::StepEngine::new(cfg, &Device::Cpu).unwrap();
+        let mut rng = diffusion::NoiseRng::new(3);
+        let mut losses = Vec::new();
+        let mut err = None;
+        for x0 in &batches {
+            match e.train_step(x0, &mut rng) {
+                Ok(o) => losses.push(o.loss.to_bits()),
+                Err(x) => {
+                    err = Some(x.to_string());
+                    break;
+                }
+            }
+        }
+        let w = e.opt.vars().iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+        (losses, err, w, e.opt.step_count())
+    };
+    let in_turn = |cfg: &RunConfig, pipeline: StepPipeline| -> Outcome {
+        let mut e = trainer::StepEngine::new(cfg, &Device::Cpu).unwrap();
+        e.set_pipeline(pipeline);
+        let mut rng = diffusion::NoiseRng::new(3);
+        let mut losses = Vec::new();
+        let err = e
+            .train_steps(&batches, &mut rng, |_, o| {
+                losses.push(o.loss.to_bits());
+                Ok(())
+            })
+            .err()
+            .map(|x| x.to_string());
+        let w = e.opt.vars().iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+        (losses, err, w, e.opt.step_count())
+    };
+    let mut bad = cfg.clone();
+    bad.train.lr = 1e30;
+    bad.train.grad_clip = None;
+    bad.train.warmup_steps = 0;
+    for c in [&cfg, &bad] {
+        let want = one_by_one(c);
+        assert_eq!(want.1.is_some(), c.train.lr > 1.0, "{:?}", want.1);
+        for p in [StepPipeline::Off, StepPipeline::Device, StepPipeline::Always] {
+            assert!(in_turn(c, p) == want, "lr {}, {p:?}", c.train.lr);
+        }
+    }
+}
