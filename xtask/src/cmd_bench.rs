@@ -579,7 +579,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if let Some(l) = ours.get("training_loop_s") {
             // What `xtask train` gets a step, the next step queued before the last loss is read or not.
-            let s = |v: &Value, k: &str| v[k].as_f64().map_or("-".into(), |x| format!("{x:.3} s"));
+            let s = |v: &Value, k: &str| v[k].as_f64().map_or("-".into(), |x| format!("{:.1} ms", 1e3 * x));
             let t = torch.as_ref().map(|r| &r["training_loop_s"]).filter(|v| v.is_object());
             out!(
                 "  a step in a loop of {LOOP_STEPS} (as `train` runs): ours pipelined {} ({} updates gated on the device), plain {}; PyTorch reading each loss (as Lightning's progress bar) {}, never reading it {}",

@@ -572,8 +572,18 @@ fn pipelined_against_plain(dev: &Device) -> Result<Vec<(String, f32, f32)>> {
         Ok(if a.len() == b.len() { worst / largest(b)? } else { f32::INFINITY })
     };
     // Gated unless the multi-tensor optimizer or the pipeline is switched off.
-    let expect_gated = std::env::var("TRAINER_CUDA_ADAM").map_or(true, |v| v != "candle") && trainer::StepPipeline::from_env() != trainer::StepPipeline::Off;
+    let expect_gated = dev.is_cuda() && std::env::var("TRAINER_CUDA_ADAM").map_or(true, |v| v != "candle") && trainer::StepPipeline::from_env() != trainer::StepPipeline::Off;
     let mut out = Vec::new();
+    if expect_gated {
+        // The runs below are host-bound: their copies would have landed before a read that did
+        // not wait. Here the second read is asked for well before its copy can happen.
+        let got = trainer::adam::cuda_gate_read_waits(dev)?;
+        let want = Some([(0.5f32, 25f64), (0.25, 100.0)]);
+        if got != want {
+            out!("pipelined steps: the gate's reads gave {got:?}, expected {want:?}");
+        }
+        out.push(("the loss read back waits for its copy".to_string(), if got == want { 0.0 } else { f32::INFINITY }, 0.0));
+    }
     let (plain, piped) = (run(&cfg, false)?, run(&cfg, true)?);
     let ok = |r: &Run| r.outs.iter().filter_map(|o| o.as_ref().ok().copied()).collect::<Vec<_>>();
     let (a, b) = (ok(&plain), ok(&piped));

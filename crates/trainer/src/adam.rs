@@ -312,6 +312,17 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64, TrainError> {
     })
 }
 
+/// For the GPU self-test: what two reads of the device's update gate gave, the second queued
+/// behind long work (`adam_cuda::gate_read_waits`); `None` without CUDA.
+pub fn cuda_gate_read_waits(dev: &candle_core::Device) -> Result<Option<[(f32, f64); 2]>, TrainError> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = dev {
+        return Ok(Some(crate::adam_cuda::gate_read_waits(d)?));
+    }
+    let _ = dev;
+    Ok(None)
+}
+
 /// (optimizer steps, gradient norms) done by the CUDA multi-tensor kernels in this process
 /// (always 0 without the `cuda` feature): a CUDA run can check it did not fall back.
 pub fn cuda_kernel_use() -> (u64, u64) {

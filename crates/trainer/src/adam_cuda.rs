@@ -197,6 +197,32 @@ impl Gate {
     }
 }
 
+/// For the GPU self-test: two gates in turn on one [`Gate`], each read at once; the second's loss
+/// is computed after ~30 large matmuls, so its copy comes well after the host asks. Returns what
+/// each read gave: {(0.5, 25), (0.25, 100)} when a read waits for its copy; a read that did not
+/// would give the first's values (or junk) for the second.
+pub fn gate_read_waits(dev: &CudaDevice) -> Result<[(f32, f64); 2]> {
+    let device = candle_core::Device::Cuda(dev.clone());
+    let mut gate = Gate::new(dev)?;
+    let mut read = |loss: &Tensor, grads: &[Tensor]| -> Result<(f32, f64)> {
+        let sum = sum_of_squares(dev, grads)?.ok_or_else(|| candle_core::Error::Msg("gate check: gradients not contiguous f32".into()))?;
+        if !gate.set(dev, &sum, loss, 0.0)? {
+            candle_core::bail!("gate check: the loss is not one f32 value on the device");
+        }
+        gate.read()
+    };
+    let first = read(&Tensor::new(0.5f32, &device)?, &[Tensor::new(&[3f32, 4.0], &device)?])?;
+    // Small values, so that the products stay finite (and shrink to zero).
+    let a = Tensor::full(1e-4f32, (4096, 4096), &device)?;
+    let mut x = a.clone();
+    for _ in 0..30 {
+        x = x.matmul(&a)?;
+    }
+    let loss = x.sum_all()?.affine(0.0, 0.25)?;
+    let second = read(&loss, &[Tensor::new(&[6f32, 8.0], &device)?])?;
+    Ok([first, second])
+}
+
 /// The scalars of one Adam step (see `adam_multi` in `adam_cuda.cu`).
 pub struct StepScalars {
     pub b1: f32,

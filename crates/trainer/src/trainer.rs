@@ -381,13 +381,13 @@ impl StepEngine {
         if crate::adam_cuda::device_of(&l.loss).is_none() {
             return Ok(None);
         }
-        // (A copy only for a gradient that is not contiguous: the kernels read flat buffers.)
-        let grads = l.grads.iter().map(|g| g.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
-        let Some(sumsq) = crate::adam_cuda::sum_of_squares(dev, &grads)? else { return Ok(None) };
         if self.gate_pending {
             // The gate holds one step's values: a second would overwrite the first's.
             return Err(TrainError::Invalid("a queued step must be settled before the next is queued".into()));
         }
+        // (A copy only for a gradient that is not contiguous: the kernels read flat buffers.)
+        let grads = l.grads.iter().map(|g| g.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+        let Some(sumsq) = crate::adam_cuda::sum_of_squares(dev, &grads)? else { return Ok(None) };
         let mut gate = match self.gate.take() {
             Some(g) => g,
             None => crate::adam_cuda::Gate::new(dev)?,
@@ -400,14 +400,12 @@ impl StepEngine {
             _ => None,
         };
         let gated = match set {
-            Ok(true) => self.opt.step_gated(&grads, lr, &gate, ema)?,
-            Ok(false) => false,
-            Err(e) => {
-                self.gate = Some(gate);
-                return Err(e.into());
-            }
+            Ok(true) => self.opt.step_gated(&grads, lr, &gate, ema),
+            Ok(false) => Ok(false),
+            Err(e) => Err(e.into()),
         };
         self.gate = Some(gate);
+        let gated = gated?;
         self.gate_pending = gated;
         Ok(gated.then_some(QueuedStep(Queued::Gated { lr, step })))
     }
@@ -448,10 +446,11 @@ impl StepEngine {
         };
         while let Some(step) = launched.take() {
             let queued = self.queue_update(step)?;
-            if self.launches_ahead(&queued) {
-                launched = batches.next().map(|x0| self.launch_step(x0, rng)).transpose()?;
-            }
+            let ahead = if self.launches_ahead(&queued) { batches.next().map(|x0| self.launch_step(x0, rng)).transpose() } else { Ok(None) };
+            // Settled even when the launch ahead failed: a queued step left unsettled would keep
+            // the engine from queueing another.
             let out = self.settle(queued)?;
+            launched = ahead?;
             after(self, &out)?;
             if launched.is_none() {
                 launched = batches.next().map(|x0| self.launch_step(x0, rng)).transpose()?;
