@@ -243,9 +243,9 @@ pub struct StepScalars {
 }
 
 /// One Adam step over all variables in place: `p`, `m`, `v` (and `ema`, when given) updated
-/// from `grads`, when the gate (`s.gate`, if given) lets it, with its clipping scale. Returns `false`,
-/// touching nothing, when one of the tensors is not a contiguous f32 tensor on `dev` (the
-/// caller then takes the composite path). A failed launch leaves the earlier launches'
+/// from `grads`, when the gate (`s.gate`, if given) lets it, with its clipping scale. Returns
+/// `false`, touching nothing, when one of the tensors is not a contiguous f32 tensor on `dev`
+/// (the caller then takes the composite path). A failed launch leaves the earlier launches'
 /// variables updated: the caller treats it as fatal.
 pub fn step(dev: &CudaDevice, p: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor], ema: Option<&[Tensor]>, s: &StepScalars) -> Result<bool> {
     let mut bufs = Vec::with_capacity(p.len());
@@ -275,8 +275,9 @@ pub fn step(dev: &CudaDevice, p: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &
         b.arg(&args).arg(&s.b1).arg(&s.r1).arg(&s.b2).arg(&s.r2).arg(&s.step_size).arg(&s.bias2_sqrt).arg(&s.eps);
         b.arg(&s.grad_scale).arg(&s.wd_l2).arg(&s.p_mul).arg(&s.ema_decay).arg(&s.ema_rest).arg(&s.gate);
         // SAFETY: argument types and order match `adam_multi`; every address is a live,
-        // contiguous f32 buffer of its tensor's size, and the gate's (when not 0) two f32s. The kernel writes p, m, v and e in place:
-        // the optimizer owns m, v and e, and p is a variable, which candle updates in place too.
+        // contiguous f32 buffer of its tensor's size, and the gate's (when not 0) two f32s. The
+        // kernel writes p, m, v and e in place: the optimizer owns m, v and e, and p is a
+        // variable, which candle updates in place too.
         unet::cuda_ops::profile::time(dev, || format!("adam step {} tensors", args.count), || unsafe { b.launch(launch_config(blocks)) }.w())?;
     }
     STEPS.fetch_add(1, Ordering::Relaxed);
