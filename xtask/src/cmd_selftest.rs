@@ -238,7 +238,8 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
 /// Four training steps of the tiny model (dropout 0.3, so that a seed the graph did not see
 /// change would show) on new images each time, three batches of 4 then one of 3, at
 /// `precision`, in parts of `micro`, plain and replayed from CUDA graphs from the same start and
-/// draws (the graphs' steps pipelined as training takes them, when the pipeline is on): `Ok((losses, weights))`, each the largest difference relative to the largest value, or
+/// draws (the graphs' steps pipelined as training takes them, when the pipeline is on):
+/// `Ok((losses, weights))`, each the largest difference relative to the largest value, or
 /// `Err(why)` when the graphs did not serve every step.
 fn cuda_graph_training(dev: &Device, precision: trainer::Precision, micro: Option<usize>) -> Result<std::result::Result<(f32, f32), String>> {
     #[cfg(feature = "cuda")]

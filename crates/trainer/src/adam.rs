@@ -125,10 +125,7 @@ impl Adam {
             WARNED.call_once(|| tracing::warn!("Adam on CUDA: a tensor is not contiguous f32 on the device; using candle's ops (slower)"));
         }
         let AdamParams { beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled, .. } = self.params;
-        let t = (self.step + 1) as i32;
-        let bias1 = 1.0 - b1.powi(t);
-        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
-        let step_size = lr / bias1;
+        let (step_size, bias2_sqrt) = self.bias_corrections(lr);
         self.step += 1;
         for (i, grad) in grads.iter().enumerate() {
             // The moments outlive the step: computed from a tracked gradient they would record it
@@ -182,6 +179,12 @@ impl Adam {
         Ok(())
     }
 
+    /// The next update's step size `lr / (1 - b1^t)` and `sqrt(1 - b2^t)`, as PyTorch's Adam.
+    fn bias_corrections(&self, lr: f64) -> (f64, f64) {
+        let t = (self.step + 1) as i32;
+        (lr / (1.0 - self.params.beta1.powi(t)), (1.0 - self.params.beta2.powi(t)).sqrt())
+    }
+
     fn check_lengths(&self, grads: &[Tensor], ema: Option<usize>) -> Result<(), TrainError> {
         if grads.len() != self.vars.len() {
             return Err(TrainError::Invalid(format!("Adam: {} gradients for {} variables", grads.len(), self.vars.len())));
@@ -199,10 +202,7 @@ impl Adam {
     fn step_cuda(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64, ema: Option<(&[Tensor], f64)>, gate: Option<&crate::adam_cuda::Gate>) -> Result<bool, TrainError> {
         let Some(dev) = self.vars.first().and_then(|v| crate::adam_cuda::device_of(v.as_tensor())) else { return Ok(false) };
         let AdamParams { beta1: b1, beta2: b2, eps, weight_decay: wd, decoupled, .. } = self.params;
-        let t = (self.step + 1) as i32;
-        let bias1 = 1.0 - b1.powi(t);
-        let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
-        let step_size = lr / bias1;
+        let (step_size, bias2_sqrt) = self.bias_corrections(lr);
         let grads = grads.iter().map(|g| g.detach().to_dtype(DType::F32)?.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
         let p: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
         let s = crate::adam_cuda::StepScalars {

@@ -141,9 +141,9 @@ pub fn prepared_enabled() -> bool {
 /// What a (pass, shape) needs for its launch once its algorithm is cached: its descriptors and
 /// the algorithm's workspace size. Without them every call made, set and destroyed four
 /// descriptors, set the math type and asked cuDNN for the workspace size: some fifteen cuDNN
-/// calls, the pass included; cuDNN 9 serves the legacy workspace query through its engine machinery, which the
-/// H100's host profile showed choosing engines per call (stop 25: 16% of the host's samples
-/// in cuDNN, the step host-bound).
+/// calls, the pass included; cuDNN 9 serves the legacy workspace query through its engine
+/// machinery, which the H100's host profile showed choosing engines per call (stop 25: 16% of
+/// the host's samples in cuDNN, the step host-bound).
 struct Prepared<T: 'static, C: 'static> {
     conv: ConvDescriptor<C>,
     x: TensorDescriptor<T>,
