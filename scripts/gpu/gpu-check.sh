@@ -106,6 +106,8 @@ suspects() {
   grep -E 'FAIL$' "$f" | grep -q '^adam' && s="$s TRAINER_CUDA_ADAM=candle"
   # The next step queued before the last one's loss is read, its update gated on the device.
   grep -E 'FAIL$' "$f" | grep -q '^pipelined' && s="$s TRAIN_PIPELINE=0"
+  # The host's draws copied to the device through kept page-locked buffers.
+  grep -E 'FAIL$' "$f" | grep -q '^upload' && s="$s DIFFUSION_UPLOAD=pageable"
   # The fixture's gradients alone wrong: the first gradients stored as they are (candle patch).
   grep -E 'FAIL$' "$f" | grep -q '^grad ' && s="$s UNET_CUDA_GRADS=candle"
   # Our kernels' errors say "in CUDA op: <name>" (conv, groupnorm, softmax, up2x/blocksum2x, adam).
@@ -117,6 +119,7 @@ suspects() {
   case "$err" in *softmax*) s="$s UNET_CUDA_SOFTMAX=candle";; esac
   case "$err" in *up2x*|*blocksum*|*upsampl*) s="$s UNET_CUDA_UPSAMPLE=candle";; esac
   case "$err" in *adam*|*Adam*) s="$s TRAINER_CUDA_ADAM=candle";; esac
+  case "$err" in *"pinned upload"*) s="$s DIFFUSION_UPLOAD=pageable";; esac
   # Attention's stacked q, k, v projections are read through strided views (candle's matmul).
   case "$err" in *MatMulNonContiguous*|*matmul*|*"strided"*) s="$s UNET_FUSED_QKV=0";; esac
   # NVRTC could not build unet's kernels: every part they serve goes back.
@@ -136,7 +139,7 @@ only_micro_batch_failed() {
   # stopped it before its other checks had run.)
   ! grep -E 'FAIL$' "$f" | grep -qv '^micro-batch' && ! grep -E '^[Ee]rror' "$f" | grep -qv 'check(s) failed on'
 }
-ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_FUSED_QKV=0 UNET_CUDA_PARAMS=candle TRAIN_PIPELINE=0"
+ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_FUSED_QKV=0 UNET_CUDA_PARAMS=candle TRAIN_PIPELINE=0 DIFFUSION_UPLOAD=pageable"
 selftest > "$OUT/self-test.txt" 2>&1
 rc=$?
 cat "$OUT/self-test.txt"
@@ -245,7 +248,7 @@ fi
 }
 
 want 7 && {
-step "7. never run on a GPU before, each checked then timed: training steps from CUDA graphs (TRAIN_CUDA_GRAPH=1); bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm); the time embedding folded into GroupNorm (UNET_FOLD_TEMB=1); all that passed together; sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1); cuDNN's graph API (UNET_CUDNN_API=graph); our per-op profile with what passed; with time left, stop 30 undone (UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle), then the separate q, k, v projections (UNET_FUSED_QKV=0)"
+step "7. never run on a GPU before, each checked then timed: training steps from CUDA graphs (TRAIN_CUDA_GRAPH=1); bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm); the time embedding folded into GroupNorm (UNET_FOLD_TEMB=1); all that passed together; sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1); cuDNN's graph API (UNET_CUDNN_API=graph); our per-op profile with what passed; with time left, the host's draws through pageable copies (DIFFUSION_UPLOAD=pageable), stop 30 undone (UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle), then the separate q, k, v projections (UNET_FUSED_QKV=0)"
 # Each use first passes its own checks, and only then is timed, beside step 2's figures; in the
 # order of what they may gain, so that the deadline cuts the least. A use that fails on the
 # card goes back to the plain path and says why (in the bench's JSON and log lines).
@@ -347,9 +350,12 @@ else
     (export $PROFILE_ENV UNET_CUDA_PROFILE=1; timeout "$(cap 90 "$RESERVE4")" "$BIN" bench --device "$DEVICE" --precision "$p" --cases train128 --runs 1 --warmup 1 --threads "$THREADS" \
       --python none --out "$OUT/profile-ours-train128-$p.json") || echo "our profile $p failed"
   done
-  # With any time left: stop 30's kept cuDNN descriptors and kept shape uploads (on by default,
+  # With any time left: the host's draws (noise, timesteps) copied from pageable memory again
+  # (stop 32's kept page-locked buffers undone; the training loop's time says what they gain),
+  # then stop 30's kept cuDNN descriptors and kept shape uploads (on by default,
   # so in step 2's figures) both undone, then stop 29's stacked q, k, v projections switched back
   # to the reference's three, to say what each is worth.
+  DIFFUSION_UPLOAD=pageable timed "the driver's copies of the host's draws' bench" ab-upload-pageable train128 2 $PRECISIONS
   UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle timed "the per-call cuDNN descriptors' and uploads' bench" ab-stop30-undone train128 2 $PRECISIONS
   UNET_FUSED_QKV=0 timed "the separate q, k, v projections' bench" ab-unet_fused_qkv-0 train128,forward128 2 $PRECISIONS
 fi

@@ -4,8 +4,10 @@
 //! then each convolution pass of the device (cuDNN with the `cudnn` feature) against the CPU
 //! kernels, shape by shape, in exact f32, TF32 and bf16, GroupNorm (+Hardswish, +mask) and the
 //! attention softmax and the x2 upsampling in f32 and bf16, and three Adam steps (with the
-//! gradient norm, clipping and EMA) against the CPU's. `--only` picks groups of checks; one,
-//! `cuda-graph` (sampling and training steps replayed from CUDA graphs), runs only when named.
+//! gradient norm, clipping and EMA) against the CPU's, and the host's draws copied to the
+//! device each step, bit for bit and without waiting for queued work. `--only` picks groups of
+//! checks; one, `cuda-graph` (sampling and training steps replayed from CUDA graphs), runs only
+//! when named.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,10 +31,10 @@ pub struct SelfTestArgs {
     /// leaves room for reduction order).
     #[arg(long, default_value_t = 1e-3, value_parser = tolerance)]
     tol: f32,
-    /// Only these groups of checks, comma-separated: fixtures, micro-batch, conv, fused, adam
-    /// (the default: all of those), cuda-graph (sampling and training steps replayed from CUDA
+    /// Only these groups of checks, comma-separated: fixtures, micro-batch, conv, fused, adam,
+    /// upload (the default: all of those), cuda-graph (sampling and training steps replayed from CUDA
     /// graphs against plain calls; only when named: it is new and untried on a GPU).
-    #[arg(long, value_delimiter = ',', value_parser = ["fixtures", "micro-batch", "conv", "fused", "adam", "cuda-graph"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["fixtures", "micro-batch", "conv", "fused", "adam", "upload", "cuda-graph"])]
     only: Vec<String>,
 }
 
@@ -193,6 +195,11 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
             check(&format!("pipelined steps: {name}"), d, tol);
         }
     }
+    if !dev.is_cpu() && want("upload") {
+        for (name, d) in uploads_against_cpu(&dev)? {
+            check(&format!("upload {name}"), d, 0.0);
+        }
+    }
     if want("cuda-graph") {
         // f32 in two captures (4 images at batch 3: a chunk of 3, then of 1); a bf16 model in one.
         let half: HashMap<String, Tensor> = weights.select(false).into_iter().map(|(k, v)| Ok((k, v.to_device(&dev)?.to_dtype(DType::BF16)?))).collect::<Result<_>>()?;
@@ -322,6 +329,57 @@ fn cuda_graph_sampling(model: &UNet, schedule: &Schedule, dev: &Device, batch: u
     }
     let _ = (model, schedule, batch);
     Ok(Err(format!("CUDA graphs need a CUDA build and device; this is {dev:?}")))
+}
+
+/// The values drawn on the host and uploaded every step (training noise and timesteps, the
+/// sampler's per-image noise) against the same draws on the CPU, bit for bit. Then, on CUDA,
+/// twelve noise uploads queued behind ~100 large matmuls: the first must return while that work
+/// still runs (with `DIFFUSION_UPLOAD=pageable`, the driver's copies, whether it did is only
+/// printed), and each must hold its own draws: a kept page-locked buffer written again before
+/// its copy ran would not.
+fn uploads_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
+    let cpu = Device::Cpu;
+    let noise = |seed: u64, d: &Device| diffusion::NoiseRng::new(seed).randn((128, 3, 64, 64), d);
+    let small = |d: &Device| diffusion::NoiseRng::new(2).randn(7, d);
+    let steps = |d: &Device| -> candle_core::Result<Tensor> { diffusion::NoiseRng::new(3).timesteps(128, 1000, d)?.1.to_dtype(DType::F32) };
+    let streams = |d: &Device| sampler::noise::ImageStreams::new(4, 0..5).randn(&[3, 16, 16], d);
+    let mut out = vec![
+        ("noise [128, 3, 64, 64]".to_string(), max_diff(&noise(1, dev)?, &noise(1, &cpu)?)?),
+        ("noise [7]".to_string(), max_diff(&small(dev)?, &small(&cpu)?)?),
+        ("timesteps [128]".to_string(), max_diff(&steps(dev)?, &steps(&cpu)?)?),
+        ("per-image noise [5, 3, 16, 16]".to_string(), max_diff(&streams(dev)?, &streams(&cpu)?)?),
+    ];
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cd) = dev {
+        use candle_core::cuda_backend::WrapErr;
+        let stream = cd.cuda_stream();
+        let queued = stream.context().new_event(None).w()?;
+        // Small values, so that the products stay finite (and shrink to zero); ~14 TFLOP.
+        let a = Tensor::full(1e-4f32, (4096, 4096), dev)?;
+        let mut x = a.clone();
+        for _ in 0..100 {
+            x = x.matmul(&a)?;
+        }
+        queued.record(&stream).w()?;
+        let clock = std::time::Instant::now();
+        let first = noise(100, dev)?;
+        let returned_ms = clock.elapsed().as_secs_f64() * 1e3;
+        let busy = !queued.is_complete();
+        let rest = (101..112).map(|seed| noise(seed, dev)).collect::<candle_core::Result<Vec<_>>>()?;
+        let waited_ms = clock.elapsed().as_secs_f64() * 1e3;
+        out!("upload behind queued work: the first returned after {returned_ms:.1} ms with the work {}, twelve after {waited_ms:.1} ms ({})",
+            if busy { "still running" } else { "done" },
+            if diffusion::upload::pinned_uploads() { "kept page-locked buffers" } else { "DIFFUSION_UPLOAD=pageable: the driver's copies" });
+        if diffusion::upload::pinned_uploads() {
+            out.push(("queued behind work without waiting (0 = yes)".to_string(), if busy { 0.0 } else { 1.0 }));
+        }
+        let mut worst = 0f32;
+        for (seed, got) in (100..).zip(std::iter::once(&first).chain(&rest)) {
+            worst = worst.max(max_diff(got, &noise(seed, &cpu)?)?);
+        }
+        out.push(("twelve noise uploads behind queued work".to_string(), worst));
+    }
+    Ok(out)
 }
 
 /// A training step's loss and gradients in micro-batches of 2 and 1 against the whole batch of 5

@@ -83,6 +83,14 @@ impl DeviceImages {
 
     /// `[B, 3, S, S]` f32 in [-1, 1] on the device, images `idx` in that order; `flip[i]` mirrors image i horizontally.
     pub fn batch(&self, idx: &[usize], flip: Option<&[bool]>) -> Result<Tensor, DataError> {
+        let device = self.images.device();
+        self.batch_with(idx, flip, |values: &[u32], len: usize| Tensor::from_slice(values, len, device))
+    }
+
+    /// [`DeviceImages::batch`], with the batch's image ids and flip mask (u32 `[B]` each) copied
+    /// to the device by `upload(values, B)`: a trainer that queues work ahead passes a copy that
+    /// does not wait for the device (this crate knows nothing of how).
+    pub fn batch_with(&self, idx: &[usize], flip: Option<&[bool]>, upload: impl Fn(&[u32], usize) -> candle_core::Result<Tensor>) -> Result<Tensor, DataError> {
         let (b, s) = (idx.len(), self.size);
         if let Some(&bad) = idx.iter().find(|&&i| i >= self.len) {
             return Err(DataError::Invalid(format!("image index {bad} out of range for {} images", self.len)));
@@ -96,15 +104,15 @@ impl DeviceImages {
         if b == 0 {
             return Ok(Tensor::zeros((0, 3, s, s), DType::F32, device)?);
         }
-        let ids = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<u32>>(), b, device)?;
+        let ids = upload(&idx.iter().map(|&i| i as u32).collect::<Vec<u32>>(), b)?;
         let mut x = self.images.index_select(&ids, 0)?; // [B,S,S,3] u8
         let flips = flip.map_or(0, |f| f.iter().filter(|&&v| v).count());
         if flips == b {
             x = x.index_select(&self.reversed, 2)?;
         } else if flips > 0 {
             let flipped = x.index_select(&self.reversed, 2)?;
-            let mask: Vec<u8> = flip.expect("flips > 0").iter().map(|&v| u8::from(v)).collect();
-            let mask = Tensor::from_vec(mask, (b, 1, 1, 1), device)?.broadcast_as(x.shape())?;
+            let mask: Vec<u32> = flip.expect("flips > 0").iter().map(|&v| u32::from(v)).collect();
+            let mask = upload(&mask, b)?.reshape((b, 1, 1, 1))?.broadcast_as(x.shape())?;
             x = mask.where_cond(&flipped, &x)?;
         }
         // NCHW and u8 -> u32 in one strided cast (u32 ids: candle's index_select treats the
@@ -186,6 +194,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn batch_with_copies_ids_and_mask_through_the_callers_upload() {
+        let ds = dataset();
+        let dev = DeviceImages::new(&ds, &Device::Cpu).unwrap();
+        let seen = std::cell::RefCell::new(Vec::new());
+        let upload = |v: &[u32], len: usize| {
+            seen.borrow_mut().push(v.to_vec());
+            Tensor::from_slice(v, len, &Device::Cpu)
+        };
+        let flip = [false, true, false];
+        let got = dev.batch_with(&[2, 0, 1], Some(&flip), upload).unwrap();
+        assert_eq!(*seen.borrow(), vec![vec![2, 0, 1], vec![0, 1, 0]], "the ids, then the flip mask");
+        let plain = dev.batch(&[2, 0, 1], Some(&flip)).unwrap();
+        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), plain.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
 
     #[test]

@@ -46,6 +46,7 @@
 
 pub mod rng;
 pub mod schedule;
+pub mod upload;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -150,7 +151,7 @@ impl DdimCoefficients {
 
 fn per_sample(values: Vec<f32>, device: &Device) -> candle_core::Result<Tensor> {
     let n = values.len();
-    Tensor::from_vec(values, (n, 1, 1, 1), device)
+    upload::tensor_from_slice(&values, (n, 1, 1, 1), device)
 }
 
 impl Schedule {
@@ -205,7 +206,7 @@ impl Schedule {
     /// The training objective: MSE between `noise` and the network's prediction from `x_t`.
     pub fn loss(&self, model: &dyn NoisePredictor, x0: &Tensor, t: &[u32], noise: &Tensor) -> Result<Tensor> {
         let x_t = self.q_sample(x0, t, noise)?;
-        let t_tensor = Tensor::from_slice(t, t.len(), x0.device())?;
+        let t_tensor = upload::tensor_from_slice(t, t.len(), x0.device())?;
         let eps = model.predict_noise(&x_t, &t_tensor)?;
         Ok(mse(&eps, noise)?)
     }

@@ -80,17 +80,27 @@ impl NoiseRng {
         Ok(self.inner.random_bool(p))
     }
 
-    /// `n` standard normal values. Up to [`NORMAL_CHUNK`] they come straight from this stream;
-    /// above, one `u64` drawn from it seeds a stream per chunk of `NORMAL_CHUNK` values, filled
-    /// in parallel. The values depend on the stream's position and `n` only, not on the thread
-    /// count. Why: a training batch of 128 is 1.5 M values, ~11 ms on one core, and on a GPU the
-    /// device waits for them at the start of every step.
+    /// `n` standard normal values (see [`NoiseRng::fill_normal`]).
     pub fn normal_vec(&mut self, n: usize) -> Vec<f32> {
-        if n <= NORMAL_CHUNK {
-            return (0..n).map(|_| self.inner.sample::<f32, _>(StandardNormal)).collect();
+        let mut out = vec![0f32; n];
+        self.fill_normal(&mut out);
+        out
+    }
+
+    /// `out.len()` standard normal values into `out`. Up to [`NORMAL_CHUNK`] they come straight
+    /// from this stream; above, one `u64` drawn from it seeds a stream per chunk of
+    /// `NORMAL_CHUNK` values, filled in parallel. The values depend on the stream's position
+    /// and the length only, not on the thread count. Why: a training batch of 128 is 1.5 M
+    /// values, ~11 ms on one core, and on a GPU the device waits for them at the start of every
+    /// step.
+    pub fn fill_normal(&mut self, out: &mut [f32]) {
+        if out.len() <= NORMAL_CHUNK {
+            for v in out {
+                *v = self.inner.sample(StandardNormal);
+            }
+            return;
         }
         let seed = self.next_u64();
-        let mut out = vec![0f32; n];
         out.par_chunks_mut(NORMAL_CHUNK).enumerate().for_each(|(i, chunk)| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(i as u64);
@@ -98,14 +108,12 @@ impl NoiseRng {
                 *v = rng.sample(StandardNormal);
             }
         });
-        out
     }
 
-    /// Standard normal f32 tensor, drawn on the host and moved to `device`.
+    /// Standard normal f32 tensor, drawn on the host and copied to `device` without waiting
+    /// for the work queued there ([`crate::upload`]).
     pub fn randn<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> candle_core::Result<Tensor> {
-        let shape = shape.into();
-        let data = self.normal_vec(shape.elem_count());
-        Tensor::from_vec(data, shape, device)
+        crate::upload::tensor_from_fn(shape, device, |out: &mut [f32]| self.fill_normal(out))
     }
 
     /// Uniform timesteps in `0..num_steps`, as a u32 tensor, and the same values on the host.
@@ -114,7 +122,7 @@ impl NoiseRng {
             candle_core::bail!("timesteps: num_steps must be in 1..={}, got {num_steps}", u32::MAX);
         }
         let ts: Vec<u32> = (0..batch).map(|_| self.inner.random_range(0..num_steps) as u32).collect();
-        let t = Tensor::from_vec(ts.clone(), batch, device)?;
+        let t = crate::upload::tensor_from_slice(&ts, batch, device)?;
         Ok((ts, t))
     }
 

@@ -31,15 +31,15 @@ impl ImageStreams {
     }
 
     /// `[B, dims...]` standard normal noise, image `b`'s slice from stream `b` (drawn in
-    /// parallel on the host, then moved to `device`).
+    /// parallel on the host, then copied to `device` without waiting for the work queued
+    /// there: `diffusion::upload`).
     pub fn randn(&mut self, dims: &[usize], device: &Device) -> candle_core::Result<Tensor> {
         let per: usize = dims.iter().product();
-        let mut data = vec![0f32; per * self.rngs.len()];
-        data.par_chunks_mut(per.max(1)).zip(self.rngs.par_iter_mut()).for_each(|(dst, rng)| {
-            dst.copy_from_slice(&rng.normal_vec(per));
-        });
         let mut shape = vec![self.rngs.len()];
         shape.extend_from_slice(dims);
-        Tensor::from_vec(data, shape, device)
+        let rngs = &mut self.rngs;
+        diffusion::upload::tensor_from_fn(shape, device, |data: &mut [f32]| {
+            data.par_chunks_mut(per.max(1)).zip(rngs.par_iter_mut()).for_each(|(dst, rng)| rng.fill_normal(dst));
+        })
     }
 }

@@ -574,8 +574,8 @@ impl StepEngine {
         let noise = rng.randn(x0.shape().clone(), &self.device)?;
         let seed = rng.next_u64();
         let (a, s) = self.schedule.q_coefficients(&ts)?;
-        let a = Tensor::from_vec(a, (b, 1, 1, 1), &self.device)?;
-        let s = Tensor::from_vec(s, (b, 1, 1, 1), &self.device)?;
+        let a = diffusion::upload::tensor_from_slice(&a, (b, 1, 1, 1), &self.device)?;
+        let s = diffusion::upload::tensor_from_slice(&s, (b, 1, 1, 1), &self.device)?;
         let mut host = self.host.get();
         host.draws += clock.elapsed().as_secs_f64();
         self.host.set(host);
@@ -1145,7 +1145,9 @@ impl Trainer {
             } else {
                 None
             };
-            let x0 = self.data.batch(idx, flips.as_deref())?;
+            let device = self.data.device().clone();
+            let upload = |values: &[u32], len: usize| diffusion::upload::tensor_from_slice(values, len, &device);
+            let x0 = self.data.batch_with(idx, flips.as_deref(), upload)?;
             let draws = self.engine.draw(&x0, &mut self.rng)?;
             Ok::<_, TrainError>((x0, draws))
         })();
