@@ -343,6 +343,7 @@ fn uploads_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
     let small = |d: &Device| diffusion::NoiseRng::new(2).randn(7, d);
     let steps = |d: &Device| -> candle_core::Result<Tensor> { diffusion::NoiseRng::new(3).timesteps(128, 1000, d)?.1.to_dtype(DType::F32) };
     let streams = |d: &Device| sampler::noise::ImageStreams::new(4, 0..5).randn(&[3, 16, 16], d);
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut out = vec![
         ("noise [128, 3, 64, 64]".to_string(), max_diff(&noise(1, dev)?, &noise(1, &cpu)?)?),
         ("noise [7]".to_string(), max_diff(&small(dev)?, &small(&cpu)?)?),
