@@ -355,7 +355,11 @@ else
   # then stop 30's kept cuDNN descriptors and kept shape uploads (on by default,
   # so in step 2's figures) both undone, then stop 29's stacked q, k, v projections switched back
   # to the reference's three, to say what each is worth.
-  DIFFUSION_UPLOAD=pageable timed "the driver's copies of the host's draws' bench" ab-upload-pageable train128 2 $PRECISIONS
+  if [ "${DIFFUSION_UPLOAD:-}" = pageable ]; then
+    echo "the host's draws already go through pageable copies (the self-test's fallback): no A/B of them"
+  else
+    DIFFUSION_UPLOAD=pageable timed "the driver's copies of the host's draws' bench" ab-upload-pageable train128 2 $PRECISIONS
+  fi
   UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle timed "the per-call cuDNN descriptors' and uploads' bench" ab-stop30-undone train128 2 $PRECISIONS
   UNET_FUSED_QKV=0 timed "the separate q, k, v projections' bench" ab-unet_fused_qkv-0 train128,forward128 2 $PRECISIONS
 fi

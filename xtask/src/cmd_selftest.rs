@@ -333,10 +333,11 @@ fn cuda_graph_sampling(model: &UNet, schedule: &Schedule, dev: &Device, batch: u
 
 /// The values drawn on the host and uploaded every step (training noise and timesteps, the
 /// sampler's per-image noise) against the same draws on the CPU, bit for bit. Then, on CUDA,
-/// twelve noise uploads queued behind ~100 large matmuls: the first must return while that work
-/// still runs (with `DIFFUSION_UPLOAD=pageable`, the driver's copies, whether it did is only
-/// printed), and each must hold its own draws: a kept page-locked buffer written again before
-/// its copy ran would not.
+/// more noise uploads than there are kept buffers, queued behind ~200 large matmuls: every one
+/// through the kept buffers, the first returning while that work still runs, a later one waiting
+/// for a copy still queued behind it (with `DIFFUSION_UPLOAD=pageable`, the driver's copies, only
+/// printed), and each holding its own draws: a kept page-locked buffer written again before its
+/// copy ran would not.
 fn uploads_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
     let cpu = Device::Cpu;
     let noise = |seed: u64, d: &Device| diffusion::NoiseRng::new(seed).randn((128, 3, 64, 64), d);
@@ -353,12 +354,20 @@ fn uploads_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cd) = dev {
         use candle_core::cuda_backend::WrapErr;
+        use diffusion::upload::{pinned_counts, pinned_uploads, KEPT_BUFFERS};
+        // Large buffers first, their copies done, so that the uploads behind the work below find
+        // buffers that fit and never grow one.
+        let warm = (0..KEPT_BUFFERS as u64).map(|i| noise(1000 + i, dev)).collect::<candle_core::Result<Vec<_>>>()?;
+        dev.synchronize()?;
+        drop(warm);
+        let (uploads_before, waits_before) = pinned_counts();
         let stream = cd.cuda_stream();
         let queued = stream.context().new_event(None).w()?;
-        // Small values, so that the products stay finite (and shrink to zero); ~14 TFLOP.
+        // Small values, so that the products stay finite (and shrink to zero): ~27 TFLOP, about
+        // 0.4 s in plain f32 on an H200.
         let a = Tensor::full(1e-4f32, (4096, 4096), dev)?;
         let mut x = a.clone();
-        for _ in 0..100 {
+        for _ in 0..200 {
             x = x.matmul(&a)?;
         }
         queued.record(&stream).w()?;
@@ -366,19 +375,36 @@ fn uploads_against_cpu(dev: &Device) -> Result<Vec<(String, f32)>> {
         let first = noise(100, dev)?;
         let returned_ms = clock.elapsed().as_secs_f64() * 1e3;
         let busy = !queued.is_complete();
-        let rest = (101..112).map(|seed| noise(seed, dev)).collect::<candle_core::Result<Vec<_>>>()?;
-        let waited_ms = clock.elapsed().as_secs_f64() * 1e3;
-        out!("upload behind queued work: the first returned after {returned_ms:.1} ms with the work {}, twelve after {waited_ms:.1} ms ({})",
+        // More uploads than kept buffers: the later ones must wait for a copy still queued
+        // behind the work (counted), and then find their buffer's old values gone.
+        let mut drawn = vec![first];
+        let mut waited_while_busy = false;
+        for seed in 101..(101 + KEPT_BUFFERS as u64 + 4) {
+            let running = !queued.is_complete();
+            let (_, waits) = pinned_counts();
+            drawn.push(noise(seed, dev)?);
+            waited_while_busy |= running && pinned_counts().1 > waits;
+        }
+        let all_ms = clock.elapsed().as_secs_f64() * 1e3;
+        let (uploads, waits) = pinned_counts();
+        out!("upload behind queued work: the first returned after {returned_ms:.1} ms with the work {}; {} after {all_ms:.1} ms, {} of them waiting for a copy ({})",
             if busy { "still running" } else { "done" },
-            if diffusion::upload::pinned_uploads() { "kept page-locked buffers" } else { "DIFFUSION_UPLOAD=pageable: the driver's copies" });
-        if diffusion::upload::pinned_uploads() {
+            drawn.len(),
+            waits - waits_before,
+            if pinned_uploads() { "kept page-locked buffers" } else { "DIFFUSION_UPLOAD=pageable: the driver's copies" });
+        if let Some(why) = diffusion::upload::pinned_failure() {
+            out!("upload: the kept page-locked buffers were given up: {why}");
+        }
+        if pinned_uploads() {
+            out.push(("uploads not through the kept buffers".to_string(), (drawn.len() as u64).saturating_sub(uploads - uploads_before) as f32));
             out.push(("queued behind work without waiting (0 = yes)".to_string(), if busy { 0.0 } else { 1.0 }));
+            out.push(("a running copy waited for, not overwritten (0 = yes)".to_string(), if waited_while_busy { 0.0 } else { 1.0 }));
         }
         let mut worst = 0f32;
-        for (seed, got) in (100..).zip(std::iter::once(&first).chain(&rest)) {
+        for (seed, got) in (100..).zip(&drawn) {
             worst = worst.max(max_diff(got, &noise(seed, &cpu)?)?);
         }
-        out.push(("twelve noise uploads behind queued work".to_string(), worst));
+        out.push((format!("{} noise uploads behind queued work", drawn.len()), worst));
     }
     Ok(out)
 }

@@ -55,28 +55,59 @@ pub fn tensor_from_slice<T: Upload, S: Into<Shape>>(values: &[T], shape: S, devi
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Choice {
     /// That one, its copy done: the smallest that fits, so that small arrays leave the large
-    /// buffers to the noise; else, with `max` made, any done one (made again larger).
+    /// buffers to the noise; else, with `max` made and none that fits, any done one (made again
+    /// larger).
     Take(usize),
     /// A new one.
     Make,
-    /// The oldest, once its copy is done (made again larger if it is too small).
-    WaitOldest,
+    /// That one once its copy is done: the oldest that fits, or with none that fits the oldest
+    /// (made again larger). Freeing page-locked memory to grow a buffer may itself wait for the
+    /// device, so a buffer that fits is waited for first.
+    WaitFor(usize),
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn choose(free: &[(usize, bool)], made: usize, max: usize, bytes: usize) -> Choice {
+    let fits = |j: &usize| free[*j].0 >= bytes;
     let done = |j: &usize| free[*j].1;
-    if let Some(j) = (0..free.len()).filter(done).filter(|&j| free[j].0 >= bytes).min_by_key(|&j| free[j].0) {
+    if let Some(j) = (0..free.len()).filter(done).filter(fits).min_by_key(|&j| free[j].0) {
         return Choice::Take(j);
     }
     // (With nothing free, every buffer is being written by another thread: one more.)
     if made < max || free.is_empty() {
         return Choice::Make;
     }
+    if let Some(j) = (0..free.len()).find(fits) {
+        return Choice::WaitFor(j);
+    }
     match (0..free.len()).find(done) {
         Some(j) => Choice::Take(j),
-        None => Choice::WaitOldest,
+        None => Choice::WaitFor(0),
     }
+}
+
+/// Page-locked buffers kept per CUDA context before an upload waits for a copy instead of
+/// making one: a training step uploads six arrays (ids, flip mask, timesteps, noise, and the
+/// two factors), and the device runs at most a step or two behind the host.
+pub const KEPT_BUFFERS: usize = 16;
+
+static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static WAITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Uploads made through the kept page-locked buffers so far, and how many of them waited for a
+/// copy still running out of their buffer (for the GPU self-test).
+pub fn pinned_counts() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (UPLOADS.load(Relaxed), WAITS.load(Relaxed))
+}
+
+/// Why the kept page-locked buffers are no longer used in this process (page-locked memory
+/// could not be had), if so: candle's copies serve since.
+pub fn pinned_failure() -> Option<String> {
+    #[cfg(feature = "cuda")]
+    return pinned::failure();
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// Whether CUDA uploads go through the kept page-locked buffers: yes unless the environment has
@@ -98,9 +129,11 @@ mod pinned {
 
     use super::Upload;
 
-    /// Buffers per context before an upload waits for the oldest copy instead of making one:
-    /// each step uploads four arrays, and the device is at most a step or two behind.
-    const MAX_BUFFERS: usize = 8;
+    use super::KEPT_BUFFERS;
+
+    /// The smallest buffer made: page-locked memory comes in pages, and the few small arrays of
+    /// a step (ids, flip mask, timesteps, factors) then never make a buffer grow.
+    const MIN_BYTES: usize = 64 << 10;
 
     struct Staging {
         host: PinnedHostSlice<u8>,
@@ -121,9 +154,16 @@ mod pinned {
     /// Never dropped: the buffers live as long as the process, as does the CUDA context.
     static POOLS: Mutex<Vec<Pool>> = Mutex::new(Vec::new());
 
+    /// Why the kept buffers are not used any more (see [`upload`]).
+    static FAILED: Mutex<Option<String>> = Mutex::new(None);
+
+    pub(super) fn failure() -> Option<String> {
+        FAILED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     enum Taken {
         Ready(Staging),
-        /// The oldest buffer, whose copy may still be running.
+        /// A buffer whose copy may still be running.
         Wait(Staging),
         New,
     }
@@ -132,14 +172,22 @@ mod pinned {
     pub(super) fn upload<T: Upload, F: FnOnce(&mut [T])>(dev: &CudaDevice, shape: &Shape, fill: F) -> candle_core::Result<Result<Tensor, F>> {
         let n = shape.elem_count();
         let stream = dev.cuda_stream();
-        if !super::pinned_uploads() || n == 0 || capturing(&stream) {
+        if !super::pinned_uploads() || n == 0 || capturing(&stream) || failure().is_some() {
             return Ok(Err(fill));
         }
         let bytes = n * std::mem::size_of::<T>();
         let ctx = stream.context().clone();
         // Named, so that the check script can tell these errors from others.
         let named = |e: candle_core::Error| candle_core::Error::Msg(format!("pinned upload of {bytes} bytes: {e}"));
-        let mut staging = take(&ctx, bytes).map_err(named)?;
+        let mut staging = match take(&ctx, bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                // No page-locked memory to be had (a container's limit, say): candle's copies
+                // from here on, rather than a failed run.
+                *FAILED.lock().unwrap_or_else(|e| e.into_inner()) = Some(named(e).to_string());
+                return Ok(Err(fill));
+            }
+        };
         let queued = (|| {
             // SAFETY: `take` gives page-locked memory of at least `bytes` bytes that no copy
             // reads any more, aligned to a page (cuMemHostAlloc), and T is a plain number type
@@ -159,6 +207,9 @@ mod pinned {
             let _ = stream.synchronize();
         }
         give_back(&ctx, staging);
+        if queued.is_ok() {
+            super::UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let storage = CudaStorage::wrap_cuda_slice(queued.map_err(named)?, dev.clone());
         Ok(Ok(Tensor::from_storage(Storage::Cuda(storage), shape.clone(), BackpropOp::none(), false)))
     }
@@ -182,18 +233,21 @@ mod pinned {
             };
             let pool = &mut pools[i];
             let state: Vec<(usize, bool)> = pool.free.iter().map(|b| (b.host.len(), b.copied.is_complete())).collect();
-            match super::choose(&state, pool.made, MAX_BUFFERS, bytes) {
+            match super::choose(&state, pool.made, KEPT_BUFFERS, bytes) {
                 super::Choice::Take(j) => Taken::Ready(pool.free.remove(j).expect("index in range")),
                 super::Choice::Make => {
                     pool.made += 1;
                     Taken::New
                 }
-                super::Choice::WaitOldest => Taken::Wait(pool.free.pop_front().expect("not empty")),
+                super::Choice::WaitFor(j) => Taken::Wait(pool.free.remove(j).expect("index in range")),
             }
         };
         let staging = match taken {
             Taken::Ready(s) => s,
             Taken::Wait(s) => {
+                if !s.copied.is_complete() {
+                    super::WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 s.copied.synchronize().w().inspect_err(|_| forget_one(ctx))?;
                 s
             }
@@ -211,8 +265,10 @@ mod pinned {
         // Plain page-locked memory (flags 0): write-combined memory is slow for anything but
         // sequential writes, and `fill` is the caller's.
         // SAFETY: its contents are written (`upload`) before any copy reads them.
-        let host = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }.w()?;
-        let copied = ctx.new_event(None).w()?;
+        let host = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes.max(MIN_BYTES), 0) }.w()?;
+        // A blocking wait (the host only waits here when it is a pool's worth of uploads ahead);
+        // cudarc takes one flag, so timing stays on.
+        let copied = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC)).w()?;
         Ok(Staging { host, copied })
     }
 
@@ -267,10 +323,14 @@ mod tests {
         assert_eq!(choose(&free, 4, 8, 10), Take(1));
         assert_eq!(choose(&free, 4, 8, 60), Take(0), "a buffer whose copy runs is never taken");
         assert_eq!(choose(&free, 4, 8, 200), Make, "none fits: another, while under the limit");
-        assert_eq!(choose(&free, 8, 8, 200), Take(0), "at the limit: the first done one, made again larger");
-        let busy = [(100, false), (10, false)];
-        assert_eq!(choose(&busy, 2, 8, 5), Make);
-        assert_eq!(choose(&busy, 8, 8, 5), WaitOldest, "at the limit with every copy running: the oldest");
+        assert_eq!(choose(&free, 8, 8, 200), Take(0), "at the limit, none fits: the first done one, made again larger");
+        let some_busy = [(10, true), (50, false), (100, false), (30, true)];
+        assert_eq!(choose(&some_busy, 8, 8, 40), WaitFor(1), "at the limit: the oldest that fits, waited for, before growing a done one");
+        assert_eq!(choose(&some_busy, 8, 8, 20), Take(3));
+        let busy = [(10, false), (100, false), (100, false)];
+        assert_eq!(choose(&busy, 3, 8, 5), Make);
+        assert_eq!(choose(&busy, 8, 8, 50), WaitFor(1), "at the limit with every copy running: the oldest that fits");
+        assert_eq!(choose(&busy, 8, 8, 500), WaitFor(0), "and with none that fits, the oldest");
         assert_eq!(choose(&[], 8, 8, 5), Make, "all being written elsewhere");
         assert_eq!(choose(&[], 0, 8, 5), Make);
     }
