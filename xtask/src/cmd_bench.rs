@@ -189,14 +189,18 @@ const LOOP_STEPS: usize = 6;
 
 /// Seconds a step over `steps` steps taken as `Trainer::step` takes them, with the engine's
 /// pipeline (`StepEngine::train_steps`), and how many of the updates were gated on the device.
-fn training_loop(engine: &mut trainer::StepEngine, x0: &Tensor, rng: &mut NoiseRng, steps: usize) -> Result<(f64, u64)> {
+/// Also the host's time a step drawing the next inputs (copies to the device included) and
+/// reading the outcomes (the wait for the device), which say where the host waited.
+fn training_loop(engine: &mut trainer::StepEngine, x0: &Tensor, rng: &mut NoiseRng, steps: usize) -> Result<(f64, u64, trainer::HostPhases)> {
     engine.train_step(x0, rng)?;
     sync(engine.device())?;
     let gated_before = engine.gated_updates();
+    let host_before = engine.host_phases();
     let start = Instant::now();
     engine.train_steps(std::iter::repeat_n(x0, steps), rng, |_, _| Ok(()))?;
     sync(engine.device())?;
-    Ok((start.elapsed().as_secs_f64() / steps as f64, engine.gated_updates() - gated_before))
+    let host = engine.host_phases().since(&host_before);
+    Ok((start.elapsed().as_secs_f64() / steps as f64, engine.gated_updates() - gated_before, host))
 }
 
 /// Waits for queued GPU work so that timings cover it.
@@ -315,9 +319,11 @@ fn run_child(name: &str, warmup: usize, runs: usize, device: &str, precision: &s
                 let mut per_step = serde_json::Map::new();
                 for (label, pipeline) in [("pipelined", engine.pipeline()), ("plain", trainer::StepPipeline::Off)] {
                     engine.set_pipeline(pipeline);
-                    let (per, gated) = training_loop(&mut engine, &x0, &mut rng, LOOP_STEPS)?;
+                    let (per, gated, host) = training_loop(&mut engine, &x0, &mut rng, LOOP_STEPS)?;
                     per_step.insert(label.into(), json!(per));
                     per_step.insert(format!("{label}_gated"), json!(gated));
+                    per_step.insert(format!("{label}_draws_ms"), json!(1e3 * host.draws / LOOP_STEPS as f64));
+                    per_step.insert(format!("{label}_outcome_ms"), json!(1e3 * host.outcome / LOOP_STEPS as f64));
                 }
                 engine.set_pipeline(trainer::StepPipeline::from_env());
                 training_loop_s = Some(Value::Object(per_step));
@@ -580,12 +586,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if let Some(l) = ours.get("training_loop_s") {
             // What `xtask train` gets a step, the next step queued before the last loss is read or not.
             let s = |v: &Value, k: &str| v[k].as_f64().map_or("-".into(), |x| format!("{:.1} ms", 1e3 * x));
+            // The host's time a step drawing the next inputs and reading the outcome.
+            let waits = |label: &str| {
+                let ms = |k: &str| l[format!("{label}_{k}_ms")].as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+                format!("draws {} ms, outcome {} ms", ms("draws"), ms("outcome"))
+            };
             let t = torch.as_ref().map(|r| &r["training_loop_s"]).filter(|v| v.is_object());
             out!(
-                "  a step in a loop of {LOOP_STEPS} (as `train` runs): ours pipelined {} ({} updates gated on the device), plain {}; PyTorch reading each loss (as Lightning's progress bar) {}, never reading it {}",
+                "  a step in a loop of {LOOP_STEPS} (as `train` runs): ours pipelined {} ({} updates gated on the device; {}), plain {} ({}); PyTorch reading each loss (as Lightning's progress bar) {}, never reading it {}",
                 s(l, "pipelined"),
                 l["pipelined_gated"],
+                waits("pipelined"),
                 s(l, "plain"),
+                waits("plain"),
                 t.map_or("-".into(), |v| s(v, "loss_read")),
                 t.map_or("-".into(), |v| s(v, "unread"))
             );

@@ -206,6 +206,9 @@ pub struct HostPhases {
     /// A step replayed from a CUDA graph: loading its inputs and the launch (all of the above
     /// but the draws, for such a step).
     pub replay: f64,
+    /// Reading a step's loss and gradient norm back (`train_step`, `settle`): on a GPU, mostly
+    /// the wait for the device.
+    pub outcome: f64,
 }
 
 impl HostPhases {
@@ -218,6 +221,7 @@ impl HostPhases {
             backward: self.backward - before.backward,
             gather: self.gather - before.gather,
             replay: self.replay - before.replay,
+            outcome: self.outcome - before.outcome,
         }
     }
 }
@@ -301,9 +305,17 @@ impl StepEngine {
         &self.device
     }
 
-    /// Host time spent so far in each part of [`Self::loss_and_gradients`] and [`Self::step_gradients`].
+    /// Host time spent so far in each part of [`Self::loss_and_gradients`] and
+    /// [`Self::step_gradients`], and in reading the steps' outcomes.
     pub fn host_phases(&self) -> HostPhases {
         self.host.get()
+    }
+
+    /// Adds the time since `clock` to the part `part` picks.
+    fn add_host_time(&self, clock: Instant, part: impl FnOnce(&mut HostPhases) -> &mut f64) {
+        let mut host = self.host.get();
+        *part(&mut host) += clock.elapsed().as_secs_f64();
+        self.host.set(host);
     }
 
     /// One optimizer step on the batch `x0` (`[B, 3, S, S]` in [-1, 1]): draws the timesteps,
@@ -361,7 +373,9 @@ impl StepEngine {
                 self.gate_pending = false;
                 self.gated_updates += 1;
                 let gate = self.gate.as_ref().expect("a gated step has its engine's gate");
+                let clock = Instant::now();
                 let (loss, sumsq) = gate.read()?;
+                self.add_host_time(clock, |h| &mut h.outcome);
                 let norm = sumsq.sqrt();
                 if let Err(e) = check_finite(loss, norm, step) {
                     // The gate kept the device from updating anything.
@@ -417,8 +431,10 @@ impl StepEngine {
         // One wait for the device a step, here: reading the loss before the backward pass would
         // add a second one, leaving a GPU idle while the backward pass is queued. Nothing has
         // been updated yet, so a non-finite loss is still caught before it does harm.
+        let clock = Instant::now();
         let norm = global_norm(&g)?;
         let loss_v = loss_v.to_scalar::<f32>()?;
+        self.add_host_time(clock, |h| &mut h.outcome);
         check_finite(loss_v, norm, step)?;
         let grad_scale = self.cfg.train.clip().map_or(1.0, |max| clip_scale(norm, max));
         let lr = warmup_lr(self.cfg.train.lr, step, self.cfg.train.warmup_steps);
@@ -529,9 +545,7 @@ impl StepEngine {
             let out = c.replay(x0, d)?;
             state.launches += 1;
             drop(state);
-            let mut host = self.host.get();
-            host.replay += clock.elapsed().as_secs_f64();
-            self.host.set(host);
+            self.add_host_time(clock, |h| &mut h.replay);
             return Ok(out);
         }
         state.make_room(dev)?;
@@ -576,9 +590,7 @@ impl StepEngine {
         let (a, s) = self.schedule.q_coefficients(&ts)?;
         let a = diffusion::upload::tensor_from_slice(&a, (b, 1, 1, 1), &self.device)?;
         let s = diffusion::upload::tensor_from_slice(&s, (b, 1, 1, 1), &self.device)?;
-        let mut host = self.host.get();
-        host.draws += clock.elapsed().as_secs_f64();
-        self.host.set(host);
+        self.add_host_time(clock, |h| &mut h.draws);
         Ok(StepDraws { t, a, s, noise, seed })
     }
 

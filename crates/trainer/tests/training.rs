@@ -668,6 +668,9 @@ fn engine_train_steps_are_train_step_in_turn() {
             })
             .err()
             .map(|x| x.to_string());
+        // The bench's loop reports these: where the host waited.
+        let h = e.host_phases();
+        assert!(h.draws > 0.0 && h.outcome > 0.0, "{h:?}");
         let w = e.opt.vars().iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
         (losses, err, w, e.opt.step_count())
     };
