@@ -711,7 +711,9 @@ impl StepEngine {
         let mut rng = NoiseRng::with_stream(seed, VAL_STREAM);
         let model = &self.model;
         let predict = move |x: &Tensor, t: &Tensor| model.forward_t(&x.detach(), t, Mode::Eval).map(|y| y.detach());
-        let mut total = 0.0;
+        // Each part's loss stays on the device until the end: read one by one, every read would
+        // wait for the device, which would then idle while the next part is queued.
+        let mut losses = Vec::new();
         for chunk in images.chunks(batch.max(1)) {
             let x0 = data.batch(chunk, None)?;
             let (ts, _) = rng.timesteps(chunk.len(), self.schedule.num_steps(), &self.device)?;
@@ -720,9 +722,15 @@ impl StepEngine {
             for first in (0..chunk.len()).step_by(micro) {
                 let n = micro.min(chunk.len() - first);
                 let l = self.schedule.loss(&predict, &x0.narrow(0, first, n)?, &ts[first..first + n], &noise.narrow(0, first, n)?)?;
-                total += l.to_scalar::<f32>()? as f64 * n as f64;
+                losses.push((l.reshape(1)?, n));
             }
         }
+        if losses.is_empty() {
+            return Ok(0.0);
+        }
+        let parts = Tensor::cat(&losses.iter().map(|(l, _)| l).collect::<Vec<_>>(), 0)?.to_vec1::<f32>()?;
+        // Summed in f64 in the parts' order, as when each was read at once.
+        let total: f64 = parts.iter().zip(&losses).map(|(&l, &(_, n))| l as f64 * n as f64).sum();
         Ok(total / images.len().max(1) as f64)
     }
 }
