@@ -1,5 +1,5 @@
-//! Host-to-device copies of the values drawn on the host every step (noise, timesteps and
-//! their factors) that do not wait for the device.
+//! Host-to-device copies of the values made on the host every step (noise, timesteps and
+//! their factors, a batch's image ids) that do not wait for the device.
 //!
 //! A copy from pageable host memory to a CUDA device may wait until the stream has run all the
 //! work queued before it: the driver stages such copies through pinned memory of its own, and
