@@ -19,9 +19,9 @@
 #   CUDA graphs (TRAIN_CUDA_GRAPH=1), bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm), the
 #   time embedding folded into GroupNorm (UNET_FOLD_TEMB=1), all that passed together, sampling
 #   from CUDA graphs (SAMPLER_CUDA_GRAPH=1), cuDNN's graph API (execution plans, UNET_CUDNN_API=graph),
-#   then our per-op GPU times with what passed (plain steps), and with time left stop 30's
-#   kept cuDNN descriptors and uploads undone, then the separate q, k, v projections
-#   (UNET_FUSED_QKV=0))
+#   then our per-op GPU times with what passed (plain steps), and with time left the host's
+#   draws through pageable copies (DIFFUSION_UPLOAD=pageable), stop 30's kept cuDNN descriptors
+#   and uploads undone, then the separate q, k, v projections (UNET_FUSED_QKV=0))
 #   AB_SWAPS="..." (the A/B runs' switches; default: each of our parts; UNET_CUDNN_ALGO=find adds
 #   cuDNN's Find against its heuristics, both precisions)  AB_MICRO=1 (the micro-batch run)
 # Each step has its own time limit, so that one hang cannot take the whole session, and the whole
@@ -228,7 +228,7 @@ if [ "$AB" = 1 ]; then
         --python none --out "$OUT/ab-unet_cudnn_algo-find-$p.json" || echo "A/B run with cuDNN's Find ($p) failed or ran out of time"
     done
   fi
-  for swap in ${AB_SWAPS:-UNET_CUDA_CONV=candle UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle}; do
+  for swap in ${AB_SWAPS:-UNET_CUDA_CONV=candle UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle DIFFUSION_UPLOAD=pageable}; do
     [ "$swap" = UNET_CUDNN_ALGO=find ] && continue
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
     room 40 "$RESERVE4" "A/B run with $swap" || continue
