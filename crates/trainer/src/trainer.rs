@@ -715,7 +715,9 @@ impl StepEngine {
         // wait for the device, which would then idle while the next part is queued.
         let mut losses = Vec::new();
         for chunk in images.chunks(batch.max(1)) {
-            let x0 = data.batch(chunk, None)?;
+            // Its ids copied as a training batch's are: a copy that waited for the device would
+            // undo not reading each loss.
+            let x0 = data.batch_with(chunk, None, |v: &[u32], n: usize| diffusion::upload::tensor_from_slice(v, n, &self.device))?;
             let (ts, _) = rng.timesteps(chunk.len(), self.schedule.num_steps(), &self.device)?;
             let noise = rng.randn(x0.shape().clone(), &self.device)?;
             let micro = self.cfg.train.micro_batch(chunk.len());
