@@ -187,6 +187,22 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
             }
         }
     }
+    if !dev.is_cpu() && want("fused") {
+        let before = unet::conv::in_place_sums();
+        // Not 0 in f32: cuDNN's weight-gradient algorithms may sum in another order each call.
+        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 2e-2)] {
+            for (name, d) in sums_into_conv_outputs(&dev, dtype)? {
+                check(&format!("{name} {dtype:?}"), d, tol);
+            }
+        }
+        if unet::conv::in_place_sums_enabled() {
+            // Falling back to `add` gives the same results: the counts say which path ran.
+            let after = unet::conv::in_place_sums();
+            let (done, elsewhere) = (after.0 - before.0, after.1 - before.1);
+            out!("sums into convolution outputs: {done} in place, {elsewhere} through add");
+            check("sums into convolution outputs not in place", if done > 0 { elsewhere as f32 } else { f32::INFINITY }, 0.0);
+        }
+    }
     if !dev.is_cpu() && want("adam") {
         for (name, d) in adam_against_cpu(&dev)? {
             check(&format!("adam {name}"), d, 1e-4);
@@ -703,6 +719,55 @@ fn pipelined_against_plain(dev: &Device) -> Result<Vec<(String, f32, f32)>> {
     out.push(("lr 1e30: weights as the first step left them".into(), bits(&piped.weights, &piped.first.0)?, 0.0));
     out.push(("lr 1e30: EMA as the first step left it".into(), bits(&piped.ema, &piped.first.1)?, 0.0));
     Ok(out)
+}
+
+/// `Conv2d::forward_plus` (the sum written into the convolution's output buffer) against the
+/// convolution followed by `broadcast_add`, on the device: a residual, a value per image and
+/// channel from a narrow of a wider product (the time embedding), and one per channel. Outputs
+/// and the gradients of the input, the weight, the bias and the addend, relative to the largest
+/// value.
+fn sums_into_conv_outputs(dev: &Device, dtype: DType) -> Result<Vec<(String, f32)>> {
+    let cpu = Device::Cpu;
+    let (n, c, o, h) = (3, 64, 128, 16);
+    let on = |t: Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_device(dev)?.to_dtype(dtype)?)?) };
+    let x = on(Tensor::randn(0f32, 1., (n, c, h, h), &cpu)?)?;
+    let w = on(Tensor::randn(0f32, 0.05, (o, c, 3, 3), &cpu)?)?;
+    let b = on(Tensor::randn(0f32, 0.3, o, &cpu)?)?;
+    let skip = on(Tensor::randn(0f32, 1., (n, o, h, h), &cpu)?)?;
+    let wide = on(Tensor::randn(0f32, 1., (n, 3 * o), &cpu)?)?;
+    let row = on(Tensor::randn(0f32, 1., (1, o), &cpu)?)?;
+    let dy = Tensor::randn(0f32, 1., (n, o, h, h), &cpu)?.to_device(dev)?;
+    let conv = unet::conv::Conv2d::new(
+        VarBuilder::from_tensors([("weight".to_string(), w.as_tensor().clone()), ("bias".to_string(), b.as_tensor().clone())].into(), dtype, dev),
+        c,
+        o,
+        3,
+        1,
+        1,
+    )?;
+    let per_image = wide.narrow(1, o, o)?.unsqueeze(2)?.unsqueeze(3)?;
+    let per_channel = row.unsqueeze(2)?.unsqueeze(3)?;
+    let mut out = Vec::new();
+    for (name, addend, leaf) in [("residual", skip.as_tensor().clone(), &skip), ("time embedding", per_image, &wide), ("per channel", per_channel, &row)] {
+        let got = conv.forward_plus(x.as_tensor(), &addend)?;
+        let want = candle_core::Module::forward(&conv, x.as_tensor())?.broadcast_add(&addend)?;
+        out.push((format!("sum into conv output: {name} fwd"), rel_diff(&got, &want)?));
+        let gg = got.to_dtype(DType::F32)?.mul(&dy)?.sum_all()?.backward()?;
+        let gw = want.to_dtype(DType::F32)?.mul(&dy)?.sum_all()?.backward()?;
+        for (what, v) in [("dx", &x), ("dw", &w), ("db", &b), ("d addend", leaf)] {
+            let (a, e) = (gg.get(v.as_tensor()).context("no gradient")?, gw.get(v.as_tensor()).context("no gradient")?);
+            out.push((format!("sum into conv output: {name} {what}"), rel_diff(a, e)?));
+        }
+    }
+    Ok(out)
+}
+
+/// Largest difference over the largest reference value, in f32.
+fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let d: f32 = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_device(&Device::Cpu)?.to_scalar()?;
+    let s: f32 = b.abs()?.flatten_all()?.max(0)?.to_device(&Device::Cpu)?.to_scalar()?;
+    Ok(if d == 0.0 { 0.0 } else { d / s })
 }
 
 /// GroupNorm + Hardswish + dropout (a mask, and hashed) at the reference model's 64x64 level (and

@@ -8,6 +8,8 @@
 //! On CUDA with the `cudnn` feature the same ops run all three passes through cuDNN
 //! (`crate::conv_cudnn`). Other devices and dtypes use candle's own conv2d.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
@@ -50,6 +52,172 @@ impl Conv2d {
     /// another op.
     pub fn forward_without_bias(&self, x: &Tensor) -> Result<Tensor> {
         conv2d(x, &self.weight, self.stride, self.padding)
+    }
+
+    /// `self.forward(x) + addend`, the addend of the output's shape (a residual) or one value
+    /// per image and channel, `[B or 1, O, 1, 1]` (a time embedding). The sum is written into
+    /// the convolution's own output buffer, as PyTorch's graph would only keep the sum: candle's
+    /// `add` keeps both of its inputs alive until the backward pass, though the addition's
+    /// backward pass never reads them, nor does the convolution's read its output. That is a
+    /// full-size activation fewer per ResBlock sum and per attention block (stop 33). The same
+    /// bits as `broadcast_add`.
+    pub fn forward_plus(&self, x: &Tensor, addend: &Tensor) -> Result<Tensor> {
+        add_to_output(self.forward(x)?, addend)
+    }
+}
+
+/// `y + addend` written into `y`'s buffer (see [`Conv2d::forward_plus`]): `y` must be an output
+/// whose producer's backward pass does not read it, passed by value. Falls back to
+/// `broadcast_add` where that cannot be done: a shared buffer, another layout of the addend, a
+/// dtype or device the in-place kernels do not take.
+fn add_to_output(y: Tensor, addend: &Tensor) -> Result<Tensor> {
+    let kind = if addend.dims() == y.dims() {
+        Some(AddInto::Same)
+    } else {
+        match (y.dims(), addend.dims()) {
+            // Rows one per image must not overlap (a broadcast's stride 0): the CUDA kernel
+            // reads them from one span of the buffer.
+            (&[b, c, _, _], &[ab, ac, 1, 1]) if ac == c && (ab == 1 || (ab == b && addend.stride()[0] >= c)) && addend.stride()[1] == 1 => Some(AddInto::PerImageChannel),
+            _ => None,
+        }
+    };
+    let supported = in_place_sums_enabled()
+        && match y.device() {
+            candle_core::Device::Cpu => matches!(y.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16),
+            // The kernels write `y`'s buffer from its start.
+            candle_core::Device::Cuda(_) => matches!(y.dtype(), DType::F32 | DType::BF16) && y.layout().start_offset() == 0,
+            _ => false,
+        };
+    let Some(kind) = kind.filter(|_| supported) else {
+        SUMS_ELSEWHERE.fetch_add(1, Ordering::Relaxed);
+        return y.broadcast_add(addend);
+    };
+    let addend = match kind {
+        AddInto::Same => addend.contiguous()?,
+        AddInto::PerImageChannel => addend.clone(),
+    };
+    match y.add_in_own_buffer(&addend, &kind)? {
+        Ok(sum) => {
+            SUMS_IN_PLACE.fetch_add(1, Ordering::Relaxed);
+            Ok(sum)
+        }
+        Err(y) => {
+            SUMS_ELSEWHERE.fetch_add(1, Ordering::Relaxed);
+            y.broadcast_add(&addend)
+        }
+    }
+}
+
+static SUMS_IN_PLACE: AtomicUsize = AtomicUsize::new(0);
+static SUMS_ELSEWHERE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many [`Conv2d::forward_plus`] sums this process wrote into the convolution's buffer, and
+/// how many went through `broadcast_add` instead: the GPU self-test's proof that the in-place
+/// path ran (its results alone would pass either way).
+pub fn in_place_sums() -> (usize, usize) {
+    (SUMS_IN_PLACE.load(Ordering::Relaxed), SUMS_ELSEWHERE.load(Ordering::Relaxed))
+}
+
+/// Whether sums go into the convolution's buffer: `UNET_INPLACE_SUMS=0` turns it off (for A/B
+/// runs, and a way out should the in-place kernels fail on a card).
+pub fn in_place_sums_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("UNET_INPLACE_SUMS").map_or(true, |v| v != "0"))
+}
+
+/// The in-place addition of [`add_to_output`]: `Same`, an addend of `y`'s shape (compact);
+/// `PerImageChannel`, `[B or 1, C, 1, 1]` with its channels consecutive, added to each
+/// (image, channel) map.
+#[derive(Debug, Clone, Copy)]
+enum AddInto {
+    Same,
+    PerImageChannel,
+}
+
+impl AddInto {
+    /// For `PerImageChannel`: (images, channels, values per map, the addend's rows and their stride).
+    fn channel_rows(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize, usize, usize)> {
+        let (b, c, h, w) = l1.shape().dims4()?;
+        let (rows, ac, _, _) = l2.shape().dims4()?;
+        if ac != c || (rows != 1 && rows != b) || l2.stride()[1] != 1 {
+            candle_core::bail!("add into output: {:?} (strides {:?}) is not one value per image and channel of {:?}", l2.shape(), l2.stride(), l1.shape());
+        }
+        Ok((b, c, h * w, rows, if rows == 1 { 0 } else { l2.stride()[0] }))
+    }
+}
+
+impl candle_core::InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        "add-into-output"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let total = l1.shape().elem_count();
+        if !l1.is_contiguous() {
+            candle_core::bail!("add into output: the output is not compact");
+        }
+        let (o1, o2) = (l1.start_offset(), l2.start_offset());
+        // Chunks large enough that a task is worth its scheduling.
+        const CHUNK: usize = 1 << 14;
+        macro_rules! add {
+            ($y:expr, $a:expr) => {{
+                let y = &mut $y[o1..o1 + total];
+                match self {
+                    AddInto::Same => {
+                        if !l2.is_contiguous() || l2.shape() != l1.shape() {
+                            candle_core::bail!("add into output: the addend {:?} is not compact or not {:?}", l2.shape(), l1.shape());
+                        }
+                        let a = &$a[o2..o2 + total];
+                        y.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(y, a)| {
+                            for (y, a) in y.iter_mut().zip(a) {
+                                *y += *a;
+                            }
+                        });
+                    }
+                    AddInto::PerImageChannel => {
+                        let (_, c, hw, rows, stride) = Self::channel_rows(l1, l2)?;
+                        if hw > 0 {
+                            let a = &$a[..];
+                            y.par_chunks_mut(hw).enumerate().for_each(|(row, y)| {
+                                let image = if rows == 1 { 0 } else { row / c };
+                                let v = a[o2 + image * stride + row % c];
+                                for y in y.iter_mut() {
+                                    *y += v;
+                                }
+                            });
+                        }
+                    }
+                }
+            }};
+        }
+        match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(a)) => add!(y, a),
+            (CpuStorage::F64(y), CpuStorage::F64(a)) => add!(y, a),
+            (CpuStorage::BF16(y), CpuStorage::BF16(a)) => add!(y, a),
+            (CpuStorage::F16(y), CpuStorage::F16(a)) => add!(y, a),
+            (y, a) => candle_core::bail!("add into output: dtypes {:?}/{:?} not supported", candle_core::backend::BackendStorage::dtype(y), candle_core::backend::BackendStorage::dtype(a)),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut candle_core::cuda_backend::CudaStorage, l1: &Layout, s2: &candle_core::cuda_backend::CudaStorage, l2: &Layout) -> Result<()> {
+        let total = l1.shape().elem_count();
+        if !l1.is_contiguous() || l1.start_offset() != 0 {
+            candle_core::bail!("add into output (CUDA): the output is not compact from its buffer's start");
+        }
+        match self {
+            AddInto::Same => {
+                if l2.shape() != l1.shape() {
+                    candle_core::bail!("add into output (CUDA): the addend {:?} is not {:?}", l2.shape(), l1.shape());
+                }
+                crate::cuda_ops::add_inplace(s1, total, s2, l2)
+            }
+            AddInto::PerImageChannel => {
+                let (_, c, hw, rows, stride) = Self::channel_rows(l1, l2)?;
+                crate::cuda_ops::channel_add_inplace("time embedding add", s1, total, s2, crate::cuda_ops::ChannelRows { offset: l2.start_offset(), rows, stride }, c, hw)
+            }
+        }
     }
 }
 

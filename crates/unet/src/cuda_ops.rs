@@ -441,14 +441,41 @@ pub(crate) fn upsample2x(x: &CudaStorage, lx: &Layout, up: bool) -> Result<CudaS
 /// `y[n, c, :] += b[c]` in place, `y` being [n, c, hw...] (contiguous, as a convolution's fresh
 /// output is) and `b` [c], both f32 or both bf16.
 pub(crate) fn bias_add_inplace(y: &mut CudaStorage, total: usize, b: &CudaStorage, lb: &Layout, c: usize, hw: usize) -> Result<()> {
+    if !lb.is_contiguous() || lb.shape().elem_count() != c {
+        candle_core::bail!("bias add (CUDA): the bias {:?} is not {c} compact values", lb.shape());
+    }
+    channel_add_inplace("bias add", y, total, b, ChannelRows { offset: lb.start_offset(), rows: 1, stride: 0 }, c, hw)
+}
+
+/// Where the values a [`channel_add_inplace`] adds are: `rows` rows of `c` consecutive values
+/// from `offset` in the buffer, `stride` apart (1 row: the same for every image; else one per image).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChannelRows {
+    pub offset: usize,
+    pub rows: usize,
+    pub stride: usize,
+}
+
+/// `y[n, c, :] += b[row(n), c]` in place, `y` being [n, c, hw...] from the start of its buffer,
+/// row(n) 0 when `b` has one row and n when it has one per image; both f32 or both bf16.
+/// `what` names it in errors and profiles: the check script sends a failing "time embedding
+/// add" to `UNET_INPLACE_SUMS=0`, a failing "bias add" to candle's convolutions.
+pub(crate) fn channel_add_inplace(what: &'static str, y: &mut CudaStorage, total: usize, b: &CudaStorage, rows: ChannelRows, c: usize, hw: usize) -> Result<()> {
     let dev = y.device.clone();
-    if c == 0 || hw == 0 || !total.is_multiple_of(c * hw) || lb.shape().elem_count() != c {
-        candle_core::bail!("bias add (CUDA): {total} values do not split into channels of {c} x {hw}, or the bias has not {c} values");
+    let per_image = rows.rows != 1;
+    if c == 0 || hw == 0 || !total.is_multiple_of(c * hw) {
+        candle_core::bail!("{what} (CUDA): {total} values do not split into channels of {c} x {hw}");
     }
     let (n, chw) = (total / (c * hw), c * hw);
-    let (hw_m, hw_s) = hw_magic("bias add", hw, chw)?;
+    if per_image && (rows.rows != n || rows.stride < c) {
+        candle_core::bail!("{what} (CUDA): {} rows {} apart to add to {n} images of {c} channels", rows.rows, rows.stride);
+    }
+    // The span the kernel reads: the last row's end.
+    let b_len = (rows.rows - 1) * rows.stride + c;
+    let b_stride = if per_image { rows.stride as i64 } else { 0i64 };
+    let (hw_m, hw_s) = hw_magic(what, hw, chw)?;
     if n > i32::MAX as usize {
-        candle_core::bail!("bias add (CUDA): {n} images, more than a launch indexes");
+        candle_core::bail!("{what} (CUDA): {n} images, more than a launch indexes");
     }
     let (n_i, chw_u) = (n as i32, chw as u32);
     // Images along y (the kernel strides over the rest), about four values a thread along x.
@@ -458,26 +485,67 @@ pub(crate) fn bias_add_inplace(y: &mut CudaStorage, total: usize, b: &CudaStorag
         shared_mem_bytes: 0,
     };
     let dtype = y.dtype();
-    let name = || format!("conv bias add {c}ch {hw}px {dtype:?}");
+    // The bias add keeps the name stop 25's profile gave it.
+    let label = if what == "bias add" { "conv bias add" } else { what };
+    let name = || format!("{label} {c}ch {hw}px {dtype:?}");
     macro_rules! run {
         ($t:ty, $name:literal) => {{
-            let bv = view::<$t>(b, lb, c)?;
+            let bs = b.as_cuda_slice::<$t>()?;
+            if bs.len() < rows.offset + b_len {
+                candle_core::bail!("{what} (CUDA): the values to add end at {}, past their buffer's {}", rows.offset + b_len, bs.len());
+            }
+            let bv = bs.slice(rows.offset..rows.offset + b_len);
             let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
             let ys = y.as_cuda_slice_mut::<$t>()?;
             if ys.len() < total {
-                candle_core::bail!("bias add (CUDA): the output holds {} values, not {total}", ys.len());
+                candle_core::bail!("{what} (CUDA): the output holds {} values, not {total}", ys.len());
             }
             let mut args = func.builder();
-            args.arg(ys).arg(&bv).arg(&n_i).arg(&chw_u).arg(&hw_m).arg(&hw_s);
+            args.arg(ys).arg(&bv).arg(&n_i).arg(&chw_u).arg(&hw_m).arg(&hw_s).arg(&b_stride);
             // SAFETY: argument types and order match `bias_add_*` in kernels.cu; `y` holds
-            // `total` values and `b` `c`.
+            // `total` values, and `b` the `b_len` read at `n * b_stride + c` for n < N, c < C.
             profile::time(&dev, name, || unsafe { args.launch(cfg) }.w())?;
         }};
     }
     match (dtype, b.dtype()) {
         (candle_core::DType::F32, candle_core::DType::F32) => run!(f32, "bias_add_f32"),
         (candle_core::DType::BF16, candle_core::DType::BF16) => run!(bf16, "bias_add_bf16"),
-        (a, bd) => candle_core::bail!("bias add (CUDA): dtypes {a:?}/{bd:?} not supported"),
+        (a, bd) => candle_core::bail!("{what} (CUDA): dtypes {a:?}/{bd:?} not supported"),
+    }
+    Ok(())
+}
+
+/// `y += a` in place over `total` values from the start of `y`'s buffer (`a` compact), both f32
+/// or both bf16: a sum written into the buffer of the convolution output it adds to.
+pub(crate) fn add_inplace(y: &mut CudaStorage, total: usize, a: &CudaStorage, la: &Layout) -> Result<()> {
+    let dev = y.device.clone();
+    let n = total as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (total.div_ceil(4 * THREADS as usize).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let dtype = y.dtype();
+    let name = || format!("residual add in place {:?} {dtype:?}", la.dims());
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            let av = view::<$t>(a, la, total)?;
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx()?).map_err(load_error("unet's CUDA kernels", $name))?;
+            let ys = y.as_cuda_slice_mut::<$t>()?;
+            if ys.len() < total {
+                candle_core::bail!("residual add in place (CUDA): the output holds {} values, not {total}", ys.len());
+            }
+            let mut args = func.builder();
+            args.arg(ys).arg(&av).arg(&n);
+            // SAFETY: argument types and order match `add_into_*` in kernels.cu; `y` and `a`
+            // hold `total` values.
+            profile::time(&dev, name, || unsafe { args.launch(cfg) }.w())?;
+        }};
+    }
+    match (dtype, a.dtype()) {
+        (candle_core::DType::F32, candle_core::DType::F32) => run!(f32, "add_into_f32"),
+        (candle_core::DType::BF16, candle_core::DType::BF16) => run!(bf16, "add_into_bf16"),
+        (yd, ad) => candle_core::bail!("residual add in place (CUDA): dtypes {yd:?}/{ad:?} not supported"),
     }
     Ok(())
 }
@@ -682,7 +750,7 @@ mod tests {
     fn the_kernels_compile_with_nvrtc_and_have_every_entry_point_asked_for() {
         let ptx = super::ptx().unwrap();
         let asked = names_asked_for(include_str!("cuda_ops.rs"), &["_f32", "_bf16"]);
-        assert_eq!(asked.len(), 20, "{asked:?}");
+        assert_eq!(asked.len(), 22, "{asked:?}");
         for name in &asked {
             assert!(ptx.contains(&format!(".entry {name}(")), "the PTX has no entry {name}");
         }

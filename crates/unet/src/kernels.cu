@@ -338,15 +338,27 @@ extern "C" __global__ void up2x_bf16(const bf16_t* x, bf16_t* y, long long n, in
 extern "C" __global__ void blocksum2x_f32(const float* g, float* out, long long n, int w) { blocksum2x<float>(g, out, n, w); }
 extern "C" __global__ void blocksum2x_bf16(const bf16_t* g, bf16_t* out, long long n, int w) { blocksum2x<bf16_t>(g, out, n, w); }
 
-// y[n, c, :] += b[c] in place, y being N images of CHW = C * HW values: images along the
-// grid's y (strided), each image's values along its x, the channel by the magic numbers for HW.
+// y[n, c, :] += b[n * b_stride + c] in place, y being N images of CHW = C * HW values: images
+// along the grid's y (strided), each image's values along its x, the channel by the magic
+// numbers for HW. b_stride 0: a convolution's bias, the same for every image; C: a value per
+// image and channel (a ResBlock's time embedding, added to its first convolution's output).
 template <typename T>
-__device__ void bias_add(T* y, const T* b, int N, unsigned CHW, unsigned hw_m, unsigned hw_s) {
+__device__ void bias_add(T* y, const T* b, int N, unsigned CHW, unsigned hw_m, unsigned hw_s, long long b_stride) {
     for (int n = blockIdx.y; n < N; n += gridDim.y) {
         T* yn = y + (long long)n * CHW;
+        const T* bn = b + n * b_stride;
         for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < CHW; i += gridDim.x * blockDim.x)
-            st(yn, i, ld(yn, i) + ld(b, udiv(i, hw_m, hw_s)));
+            st(yn, i, ld(yn, i) + ld(bn, udiv(i, hw_m, hw_s)));
     }
+}
+
+// y += a in place, over n values: a residual sum written into the buffer of the convolution
+// output it adds to (`conv::add_to_output`), so that buffer is not kept for a backward pass
+// that never reads it. Each thread reads its own element before it writes it.
+template <typename T>
+__device__ void add_into(T* y, const T* a, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        st(y, i, ld(y, i) + ld(a, i));
 }
 
 // out = a + h + b[c] (a ResBlock's skip, its second convolution without bias, and the bias,
@@ -396,8 +408,10 @@ __device__ void channel_finish(const float* part, T* out, int N, int C) {
     st(out, c, s);
 }
 
-extern "C" __global__ void bias_add_f32(float* y, const float* b, int N, unsigned CHW, unsigned hw_m, unsigned hw_s) { bias_add<float>(y, b, N, CHW, hw_m, hw_s); }
-extern "C" __global__ void bias_add_bf16(bf16_t* y, const bf16_t* b, int N, unsigned CHW, unsigned hw_m, unsigned hw_s) { bias_add<bf16_t>(y, b, N, CHW, hw_m, hw_s); }
+extern "C" __global__ void bias_add_f32(float* y, const float* b, int N, unsigned CHW, unsigned hw_m, unsigned hw_s, long long b_stride) { bias_add<float>(y, b, N, CHW, hw_m, hw_s, b_stride); }
+extern "C" __global__ void bias_add_bf16(bf16_t* y, const bf16_t* b, int N, unsigned CHW, unsigned hw_m, unsigned hw_s, long long b_stride) { bias_add<bf16_t>(y, b, N, CHW, hw_m, hw_s, b_stride); }
+extern "C" __global__ void add_into_f32(float* y, const float* a, long long n) { add_into<float>(y, a, n); }
+extern "C" __global__ void add_into_bf16(bf16_t* y, const bf16_t* a, long long n) { add_into<bf16_t>(y, a, n); }
 extern "C" __global__ void channel_partial_f32(const float* dy, float* part, long long HW, long long rows) { channel_partial<float>(dy, part, HW, rows); }
 extern "C" __global__ void channel_partial_bf16(const bf16_t* dy, float* part, long long HW, long long rows) { channel_partial<bf16_t>(dy, part, HW, rows); }
 extern "C" __global__ void channel_finish_f32(const float* part, float* out, int N, int C) { channel_finish<float>(part, out, N, C); }

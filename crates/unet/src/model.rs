@@ -334,7 +334,7 @@ impl Module for AttnBlock {
             // The projection's bias in the residual sum, as in `ResBlock`.
             return crate::conv::residual_add_with_bias(x, &self.proj.forward_without_bias(&out)?, self.proj.bias());
         }
-        x.add(&self.proj.forward(&out)?)
+        self.proj.forward_plus(&out, x)
     }
 }
 
@@ -377,7 +377,7 @@ impl ResBlock {
             let shift = t.broadcast_add(self.conv1.bias())?.broadcast_as((n, c))?.contiguous()?;
             masks.apply_after_norm_shifted(&self.gn2, &h, &shift, self.dropout)?
         } else {
-            let h = self.conv1.forward(&a)?.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+            let h = self.conv1.forward_plus(&a, &t.unsqueeze(2)?.unsqueeze(3)?)?;
             masks.apply_after_norm(&self.gn2, &h, self.dropout)?
         };
         let out = if fold_temb(x) {
@@ -389,12 +389,11 @@ impl ResBlock {
             };
             crate::conv::residual_add_with_bias(&skip, &h, &bias)?
         } else {
-            let h = self.conv2.forward(&h)?;
             let skip = match &self.shortcut {
                 Some(s) => s.forward(x)?,
                 None => x.clone(),
             };
-            skip.add(&h)?
+            self.conv2.forward_plus(&h, &skip)?
         };
         match &self.attn {
             Some(a) => a.forward(&out),

@@ -366,3 +366,113 @@ fn a_narrow_gradient_never_writes_into_a_gradient_another_entry_holds() {
         }
     }
 }
+
+/// The address of `t`'s buffer: equal for tensors that share it.
+fn buffer_id(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    &*storage as *const candle_core::Storage as usize
+}
+
+/// The distinct buffers a graph holds until its backward pass: every node's.
+fn buffers_held(root: &Tensor) -> usize {
+    root.sorted_nodes().into_iter().map(buffer_id).collect::<std::collections::HashSet<_>>().len()
+}
+
+/// A same-shape f32 addition on the CPU, for `Tensor::add_in_own_buffer`.
+struct AddSame;
+
+impl candle_core::InplaceOp2 for AddSame {
+    fn name(&self) -> &'static str {
+        "test-add"
+    }
+    fn cpu_fwd(&self, s1: &mut candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout) -> candle_core::Result<()> {
+        match (s1, s2) {
+            (candle_core::CpuStorage::F32(y), candle_core::CpuStorage::F32(a)) => {
+                let (o1, o2, n) = (l1.start_offset(), l2.start_offset(), l1.shape().elem_count());
+                for (y, a) in y[o1..o1 + n].iter_mut().zip(&a[o2..o2 + n]) {
+                    *y += *a;
+                }
+                Ok(())
+            }
+            _ => candle_core::bail!("f32 only"),
+        }
+    }
+}
+
+#[test]
+fn a_sum_into_its_own_buffer_keeps_one_buffer_and_the_same_values_and_gradients() {
+    let x = Var::from_tensor(&ramp_n(SMALL, 0.01, 0.3)).unwrap();
+    let r = Var::from_tensor(&ramp_n(SMALL, 0.02, 0.7)).unwrap();
+    let w = ramp_n(SMALL, 0.05, 1.1);
+    // An affine map's backward pass reads neither its output nor its input's values.
+    let plain = x.affine(2.0, 1.0).unwrap().add(r.as_tensor()).unwrap();
+    let y = x.affine(2.0, 1.0).unwrap();
+    let y_buffer = buffer_id(&y);
+    let sum = y.add_in_own_buffer(r.as_tensor(), &AddSame).unwrap().expect("a fresh output's own buffer");
+    assert_eq!(buffer_id(&sum), y_buffer, "the sum is written into the affine map's buffer");
+    assert_eq!(values(&sum), values(&plain));
+    // x, r, w, the sum and the losses' buffers; `add` also holds the affine map's output.
+    let (f, f_plain) = (sum.mul(&w).unwrap().sum_all().unwrap(), plain.mul(&w).unwrap().sum_all().unwrap());
+    assert_eq!(buffers_held(&f) + 1, buffers_held(&f_plain), "one buffer fewer held for the backward pass");
+    let (g, gp) = (f.backward().unwrap(), f_plain.backward().unwrap());
+    for v in [&x, &r] {
+        assert_eq!(values(g.get(v.as_tensor()).unwrap()), values(gp.get(v.as_tensor()).unwrap()));
+    }
+}
+
+#[test]
+fn a_sum_into_a_buffer_someone_else_holds_is_refused_and_changes_nothing() {
+    let x = Var::from_tensor(&ramp_n(SMALL, 0.01, 0.3)).unwrap();
+    let r = ramp_n(SMALL, 0.02, 0.7);
+    let y = x.affine(2.0, 1.0).unwrap();
+    let seen = y.clone();
+    let before = values(&seen);
+    let back = y.add_in_own_buffer(&r, &AddSame).unwrap().expect_err("another handle reads the buffer");
+    assert_eq!(values(&back), before);
+    assert_eq!(values(&seen), before);
+    // A variable's buffer, another dtype, a view: refused too.
+    assert!(x.as_tensor().clone().add_in_own_buffer(&r, &AddSame).unwrap().is_err(), "a variable");
+    assert!(x.affine(2.0, 1.0).unwrap().add_in_own_buffer(&r.to_dtype(candle_core::DType::F64).unwrap(), &AddSame).unwrap().is_err(), "another dtype");
+    let m = ramp_n(2 * SMALL, 0.01, 0.0).reshape((SMALL, 2)).unwrap();
+    let r2 = ramp_n(2 * SMALL, 0.03, 0.2).reshape((2, SMALL)).unwrap();
+    assert!(m.t().unwrap().contiguous().unwrap().add_in_own_buffer(&r2, &AddSame).unwrap().is_ok(), "a compact copy");
+    // Its own buffer's only handle, but strided.
+    let strided = ramp_n(2 * SMALL, 0.01, 0.0).reshape((SMALL, 2)).unwrap().t().unwrap();
+    assert!(strided.add_in_own_buffer(&r2, &AddSame).unwrap().is_err(), "a strided view");
+    // A shape that does not broadcast is an error, with the buffer untouched.
+    let z = x.affine(2.0, 1.0).unwrap();
+    assert!(z.add_in_own_buffer(&ramp_n(3, 0.1, 0.0), &AddSame).is_err());
+}
+
+#[test]
+fn a_convolution_plus_an_addend_is_the_sum_add_gives_with_its_gradients() {
+    use candle_core::{DType, Module};
+    let dev = Device::Cpu;
+    let (b, c, o, h, w) = (3, 4, 6, 5, 7);
+    let vals = |n: usize, s: f32, off: f32| (0..n).map(|i| ((i as f32) * s + off).sin()).collect::<Vec<f32>>();
+    let wv = Var::from_tensor(&Tensor::from_vec(vals(o * c * 9, 0.37, 0.1), (o, c, 3, 3), &dev).unwrap()).unwrap();
+    let bv = Var::from_tensor(&Tensor::from_vec(vals(o, 0.7, 0.2), o, &dev).unwrap()).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors([("weight".to_string(), wv.as_tensor().clone()), ("bias".to_string(), bv.as_tensor().clone())].into(), DType::F32, &dev);
+    let conv = unet::conv::Conv2d::new(vb, c, o, 3, 1, 1).unwrap();
+    let x = Var::from_tensor(&Tensor::from_vec(vals(b * c * h * w, 0.11, 0.3), (b, c, h, w), &dev).unwrap()).unwrap();
+    let dy = Tensor::from_vec(vals(b * o * h * w, 0.23, 0.9), (b, o, h, w), &dev).unwrap();
+    // A residual; one value per image and channel, as a narrow of a wider product (rows 2*o
+    // apart, as the stacked time-embedding projections give); one value per channel.
+    let skip = Var::from_tensor(&Tensor::from_vec(vals(b * o * h * w, 0.05, 1.3), (b, o, h, w), &dev).unwrap()).unwrap();
+    let wide = Var::from_tensor(&Tensor::from_vec(vals(b * 2 * o, 0.3, 0.4), (b, 2 * o), &dev).unwrap()).unwrap();
+    let row = Var::from_tensor(&Tensor::from_vec(vals(o, 0.9, 0.6), (1, o), &dev).unwrap()).unwrap();
+    let per_image = wide.narrow(1, o, o).unwrap().unsqueeze(2).unwrap().unsqueeze(3).unwrap();
+    let per_channel = row.unsqueeze(2).unwrap().unsqueeze(3).unwrap();
+    for (name, addend, leaf) in [("residual", skip.as_tensor().clone(), &skip), ("per image", per_image, &wide), ("per channel", per_channel, &row)] {
+        let got = conv.forward_plus(x.as_tensor(), &addend).unwrap();
+        let want = conv.forward(x.as_tensor()).unwrap().broadcast_add(&addend).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&got), flat(&want), "{name}: the same additions");
+        let (fg, fw) = (got.mul(&dy).unwrap().sum_all().unwrap(), want.mul(&dy).unwrap().sum_all().unwrap());
+        assert_eq!(buffers_held(&fg) + 1, buffers_held(&fw), "{name}: the convolution's output is not held besides the sum");
+        let (g, gw) = (fg.backward().unwrap(), fw.backward().unwrap());
+        for (what, v) in [("x", &x), ("weight", &wv), ("bias", &bv), ("addend", leaf)] {
+            assert_eq!(flat(g.get(v.as_tensor()).unwrap()), flat(gw.get(v.as_tensor()).unwrap()), "{name}: {what}'s gradient");
+        }
+    }
+}

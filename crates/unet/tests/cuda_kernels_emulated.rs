@@ -301,12 +301,26 @@ fn conv_bias_kernels_match_the_cpu_op() {
     for (bf16, (n, c, h, w)) in [(false, (3, 5, 6, 7)), (true, (3, 5, 6, 7)), (false, (2, 3, 33, 33)), (true, (2, 3, 33, 33)), (false, (3, 5, 8, 8)), (true, (1, 9, 16, 16))] {
         let total = n * c * h * w;
         let (mut y, mut b, mut h2) = (values(total, 21, 2.0, 0.3), values(c, 22, 1.0, 0.0), values(total, 23, 1.5, -0.2));
-        write_inputs(dir.path(), bf16, &mut [("y.bin", &mut y), ("b.bin", &mut b), ("h.bin", &mut h2)]);
+        let mut e = values(n * (c + 3), 24, 1.0, 0.1);
+        write_inputs(dir.path(), bf16, &mut [("y.bin", &mut y), ("b.bin", &mut b), ("h.bin", &mut h2), ("e.bin", &mut e)]);
         let (hw_m, hw_s) = unet::int_div::magic((h * w) as u32);
         let args = ["bias".to_string(), n.to_string(), c.to_string(), (h * w).to_string(), (bf16 as u8).to_string(), hw_m.to_string(), hw_s.to_string()];
         let out = Command::new(&exe).args(&args).current_dir(dir.path()).output().unwrap();
         assert!(out.status.success(), "emulator failed: {}", String::from_utf8_lossy(&out.stderr));
         let (ya, cs, ra) = (read_output(dir.path(), "ya.bin", bf16), read_output(dir.path(), "cs.bin", bf16), read_output(dir.path(), "ra.bin", bf16));
+        // The in-place sums of `Conv2d::forward_plus`: a value per image and channel from rows
+        // c + 3 apart, and a residual. One addition each: exact in f32, one rounding in bf16.
+        let (he, hy) = (read_output(dir.path(), "he.bin", bf16), read_output(dir.path(), "hy.bin", bf16));
+        let hw = h * w;
+        let want_he: Vec<f32> = (0..total).map(|i| h2[i] + e[(i / (c * hw)) * (c + 3) + (i / hw) % c]).collect();
+        let want_hy: Vec<f32> = (0..total).map(|i| h2[i] + y[i]).collect();
+        if bf16 {
+            assert_bf16_rounded("time embedding add", &he, &want_he);
+            assert_bf16_rounded("residual add in place", &hy, &want_hy);
+        } else {
+            assert_eq!(he, want_he, "time embedding add");
+            assert_eq!(hy, want_hy, "residual add in place");
+        }
         // The residual sum with the bias, against the CPU op (f32) on the same values.
         let (yt, ht) = (Tensor::from_vec(y.clone(), (n, c, h, w), &Device::Cpu).unwrap(), Tensor::from_vec(h2.clone(), (n, c, h, w), &Device::Cpu).unwrap());
         let bt = Tensor::from_vec(b.clone(), c, &Device::Cpu).unwrap();

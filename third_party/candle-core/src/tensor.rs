@@ -2463,6 +2463,45 @@ impl Tensor {
         Ok(Tensor(Arc::new(tensor_)))
     }
 
+    /// Patched (stop 33, see third_party/README.md): `self + rhs` (`rhs` broadcast to `self`'s
+    /// shape), written by `kernel` into `self`'s own buffer, when nothing else can read that
+    /// buffer: `self` is passed by value and is its storage's only handle, compact, and not a
+    /// variable. The sum's graph node names `self` as its input, as `add` would, so the gradient
+    /// reaches `self`'s producer, but holds no buffer besides the sum: `add` would keep `self`'s
+    /// values alive until the backward pass, though an addition's backward pass never reads them.
+    ///
+    /// The caller must know that no backward pass reads `self`'s values as its producer's
+    /// output (a convolution's does not; a softmax's or an `exp`'s would): afterwards they hold
+    /// the sum. `Ok(Err(self))`, untouched, when the buffer is shared or the dtypes or devices
+    /// differ: the caller adds as usual.
+    pub fn add_in_own_buffer<C: crate::InplaceOp2>(
+        self,
+        rhs: &Tensor,
+        kernel: &C,
+    ) -> Result<std::result::Result<Tensor, Tensor>> {
+        if !self.is_sole_owner()
+            || self.is_variable
+            || !self.layout.is_contiguous()
+            || self.dtype != rhs.dtype
+            || !self.device.same_device(&rhs.device)
+        {
+            return Ok(Err(self));
+        }
+        // Checked before the buffer changes: a shape that does not broadcast is an error.
+        let rhs_b = if rhs.shape() == self.shape() { rhs.clone() } else { rhs.broadcast_as(self.shape())? };
+        self.inplace_op2(rhs, kernel)?;
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op: BackpropOp::new2(&self, &rhs_b, |a, b| Op::Binary(a, b, BinaryOp::Add)),
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Ok(Ok(Tensor(Arc::new(tensor_))))
+    }
+
     /// An alias for broadcast_as.
     pub fn expand<S: Into<Shape>>(&self, shape: S) -> Result<Self> {
         self.broadcast_as(shape)

@@ -9,8 +9,9 @@
 //                                        3 hashed with the seed in (device) memory (+ seed site_mix)
 //   main softmax ROWS LEN SCALE bf16     x, dy -> y, dx
 //   main up ROWS W bf16                  x [ROWS, W], g [ROWS, 2, 2W] -> y (x upsampled), dx (g's block sums)
-//   main bias N C HW bf16 hw_m hw_s      y [N, C, HW], b [C], h [N, C, HW] -> ya (y + b, in place),
-//                                        cs (y's sums per channel), ra (y + (h + b), the residual sum)
+//   main bias N C HW bf16 hw_m hw_s      y [N, C, HW], b [C], h [N, C, HW], e [N, C + 3] -> ya (y + b,
+//                                        in place), cs (y's sums per channel), ra (y + (h + b), the
+//                                        residual sum), he (h + e[n, c], in place), hy (h + y, in place)
 #include "kernels.cu"
 #include <cstdio>
 #include <cstdlib>
@@ -85,20 +86,29 @@ void run_up(int rows, int w, Up up, Sum sum) {
     wr("dx.bin", dx);
 }
 
-template <class T, class Add, class Partial, class Finish, class Resid>
-void run_bias(int N, int C, long long HW, unsigned hw_m, unsigned hw_s, Add add, Partial partial, Finish finish, Resid resid) {
+template <class T, class Add, class Partial, class Finish, class Resid, class Into>
+void run_bias(int N, int C, long long HW, unsigned hw_m, unsigned hw_s, Add add, Partial partial, Finish finish, Resid resid, Into into) {
     const long long total = (long long)N * C * HW, rows = (long long)N * C;
-    auto y = rd<T>("y.bin", total), b = rd<T>("b.bin", C), h = rd<T>("h.bin", total);
+    // e: a value per image and channel, its rows C + 3 apart (a narrow of a wider product).
+    const long long es = C + 3;
+    auto y = rd<T>("y.bin", total), b = rd<T>("b.bin", C), h = rd<T>("h.bin", total), e = rd<T>("e.bin", N * es);
     std::vector<T> cs(C), ra(total);
     launch(2, 64, [&] { resid(y.data(), h.data(), b.data(), ra.data(), N, (unsigned)(C * HW), hw_m, hw_s); }, 2);
     wr("ra.bin", ra);
+    // In place, as `conv::Conv2d::forward_plus` adds into a convolution's output: he = h + e
+    // per image and channel, hy = h + y.
+    std::vector<T> he(h), hy(h);
+    launch(2, 64, [&] { add(he.data(), e.data(), N, (unsigned)(C * HW), hw_m, hw_s, es); }, 2);
+    launch(3, 64, [&] { into(hy.data(), y.data(), total); });
+    wr("he.bin", he);
+    wr("hy.bin", hy);
     std::vector<float> part(N * C);
     // The channel sums read y before the in-place add changes it; launched as cuda_ops.rs does:
     // a warp per (image, channel), 8 to a block, then ceil(C / 256) blocks of 256 threads.
     launch((unsigned)((rows + 7) / 8), 256, [&] { partial(y.data(), part.data(), HW, rows); });
     launch((C + 255) / 256, 256, [&] { finish(part.data(), cs.data(), N, C); });
     // A grid much smaller than the data, 2 x 2 blocks: both grid-stride loops go round.
-    launch(2, 64, [&] { add(y.data(), b.data(), N, (unsigned)(C * HW), hw_m, hw_s); }, 2);
+    launch(2, 64, [&] { add(y.data(), b.data(), N, (unsigned)(C * HW), hw_m, hw_s, 0); }, 2);
     wr("ya.bin", y);
     wr("cs.bin", cs);
 }
@@ -143,8 +153,8 @@ int main(int argc, char** argv) {
         int N = atoi(argv[2]), C = atoi(argv[3]);
         long long HW = atoll(argv[4]);
         unsigned hw_m = (unsigned)strtoul(argv[6], nullptr, 10), hw_s = (unsigned)strtoul(argv[7], nullptr, 10);
-        if (atoi(argv[5])) run_bias<bf16_t>(N, C, HW, hw_m, hw_s, bias_add_bf16, channel_partial_bf16, channel_finish_bf16, residual_bias_add_bf16);
-        else run_bias<float>(N, C, HW, hw_m, hw_s, bias_add_f32, channel_partial_f32, channel_finish_f32, residual_bias_add_f32);
+        if (atoi(argv[5])) run_bias<bf16_t>(N, C, HW, hw_m, hw_s, bias_add_bf16, channel_partial_bf16, channel_finish_bf16, residual_bias_add_bf16, add_into_bf16);
+        else run_bias<float>(N, C, HW, hw_m, hw_s, bias_add_f32, channel_partial_f32, channel_finish_f32, residual_bias_add_f32, add_into_f32);
         return 0;
     }
     fprintf(stderr, "usage: main gn N C HW G act drop bf16 hw_m hw_s [key thr scale [seed site_mix]] | main softmax ROWS LEN SCALE bf16 | main up ROWS W bf16 | main bias N C HW bf16 hw_m hw_s\n");
