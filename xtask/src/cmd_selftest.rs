@@ -762,12 +762,10 @@ fn sums_into_conv_outputs(dev: &Device, dtype: DType) -> Result<Vec<(String, f32
     Ok(out)
 }
 
-/// Largest difference over the largest reference value, in f32.
+/// [`max_diff`] over the largest reference value, as `conv_against_cpu` measures.
 fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-    let d: f32 = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_device(&Device::Cpu)?.to_scalar()?;
-    let s: f32 = b.abs()?.flatten_all()?.max(0)?.to_device(&Device::Cpu)?.to_scalar()?;
-    Ok(if d == 0.0 { 0.0 } else { d / s })
+    let scale: f32 = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+    Ok(max_diff(a, b)? / scale.max(1e-12))
 }
 
 /// GroupNorm + Hardswish + dropout (a mask, and hashed) at the reference model's 64x64 level (and
