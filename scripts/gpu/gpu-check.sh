@@ -21,7 +21,8 @@
 #   from CUDA graphs (SAMPLER_CUDA_GRAPH=1), cuDNN's graph API (execution plans, UNET_CUDNN_API=graph),
 #   then our per-op GPU times with what passed (plain steps), and with time left the host's
 #   draws through pageable copies (DIFFUSION_UPLOAD=pageable), the sums through candle's add
-#   (UNET_INPLACE_SUMS=0), stop 30's kept cuDNN descriptors
+#   (UNET_INPLACE_SUMS=0), the saved values kept to the backward pass's end (UNET_RELEASE_SAVED=0),
+#   stop 30's kept cuDNN descriptors
 #   and uploads undone, then the separate q, k, v projections (UNET_FUSED_QKV=0))
 #   AB_SWAPS="..." (the A/B runs' switches; default: each of our parts; UNET_CUDNN_ALGO=find adds
 #   cuDNN's Find against its heuristics, both precisions)  AB_MICRO=1 (the micro-batch run)
@@ -112,7 +113,9 @@ suspects() {
   # Sums written into the convolution's output buffer (Conv2d::forward_plus).
   grep -E 'FAIL$' "$f" | grep -qE '^sums? into conv' && s="$s UNET_INPLACE_SUMS=0"
   # The fixture's gradients alone wrong: the first gradients stored as they are (candle patch).
-  grep -E 'FAIL$' "$f" | grep -q '^grad ' && s="$s UNET_CUDA_GRADS=candle"
+  grep -E 'FAIL$' "$f" | grep -q '^grad ' && s="$s UNET_CUDA_GRADS=candle UNET_RELEASE_SAVED=0"
+  # The backward pass released nothing, or read what it had released (candle patch, stop 34).
+  grep -E 'FAIL$' "$f" | grep -q '^saved values released' && s="$s UNET_RELEASE_SAVED=0"
   # Our kernels' errors say "in CUDA op: <name>" (conv, groupnorm, softmax, up2x/blocksum2x, adam).
   # (main.rs prints "error: ..."; candle's own traces say "Error".)
   local err; err=$(sed -n '/^[Ee]rror/,$p' "$f" | head -12)
@@ -124,6 +127,7 @@ suspects() {
   case "$err" in *adam*|*Adam*) s="$s TRAINER_CUDA_ADAM=candle";; esac
   case "$err" in *"pinned upload"*) s="$s DIFFUSION_UPLOAD=pageable";; esac
   case "$err" in *"time embedding add"*|*"residual add in place"*|*"add into output"*|*"add-into-output"*) s="$s UNET_INPLACE_SUMS=0";; esac
+  case "$err" in *"saved values"*|*"released"*) s="$s UNET_RELEASE_SAVED=0";; esac
   # Attention's stacked q, k, v projections are read through strided views (candle's matmul).
   case "$err" in *MatMulNonContiguous*|*matmul*|*"strided"*) s="$s UNET_FUSED_QKV=0";; esac
   # NVRTC could not build unet's kernels: every part they serve goes back.
@@ -143,7 +147,7 @@ only_micro_batch_failed() {
   # stopped it before its other checks had run.)
   ! grep -E 'FAIL$' "$f" | grep -qv '^micro-batch' && ! grep -E '^[Ee]rror' "$f" | grep -qv 'check(s) failed on'
 }
-ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_FUSED_QKV=0 UNET_CUDA_PARAMS=candle TRAIN_PIPELINE=0 DIFFUSION_UPLOAD=pageable UNET_INPLACE_SUMS=0"
+ALL_SWITCHES="UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle UNET_CUDA_CONV=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_FUSED_QKV=0 UNET_CUDA_PARAMS=candle TRAIN_PIPELINE=0 DIFFUSION_UPLOAD=pageable UNET_INPLACE_SUMS=0 UNET_RELEASE_SAVED=0"
 selftest > "$OUT/self-test.txt" 2>&1
 rc=$?
 cat "$OUT/self-test.txt"
@@ -232,7 +236,7 @@ if [ "$AB" = 1 ]; then
         --python none --out "$OUT/ab-unet_cudnn_algo-find-$p.json" || echo "A/B run with cuDNN's Find ($p) failed or ran out of time"
     done
   fi
-  for swap in ${AB_SWAPS:-UNET_CUDA_CONV=candle UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle DIFFUSION_UPLOAD=pageable UNET_INPLACE_SUMS=0}; do
+  for swap in ${AB_SWAPS:-UNET_CUDA_CONV=candle UNET_CUDA_NORM=candle UNET_CUDA_SOFTMAX=candle UNET_CUDA_UPSAMPLE=candle TRAINER_CUDA_ADAM=candle UNET_CUDA_POOL=candle UNET_CUDA_GRADS=candle UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle DIFFUSION_UPLOAD=pageable UNET_INPLACE_SUMS=0 UNET_RELEASE_SAVED=0}; do
     [ "$swap" = UNET_CUDNN_ALGO=find ] && continue
     tag=$(echo "$swap" | tr 'A-Z=' 'a-z-')
     room 40 "$RESERVE4" "A/B run with $swap" || continue
@@ -252,7 +256,7 @@ fi
 }
 
 want 7 && {
-step "7. never run on a GPU before, each checked then timed: training steps from CUDA graphs (TRAIN_CUDA_GRAPH=1); bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm); the time embedding folded into GroupNorm (UNET_FOLD_TEMB=1); all that passed together; sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1); cuDNN's graph API (UNET_CUDNN_API=graph); our per-op profile with what passed; with time left, the host's draws through pageable copies (DIFFUSION_UPLOAD=pageable), the sums through candle's add (UNET_INPLACE_SUMS=0), stop 30 undone (UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle), then the separate q, k, v projections (UNET_FUSED_QKV=0)"
+step "7. never run on a GPU before, each checked then timed: training steps from CUDA graphs (TRAIN_CUDA_GRAPH=1); bf16 1x1 convolutions as GEMMs (UNET_CONV1X1=gemm); the time embedding folded into GroupNorm (UNET_FOLD_TEMB=1); all that passed together; sampling from CUDA graphs (SAMPLER_CUDA_GRAPH=1); cuDNN's graph API (UNET_CUDNN_API=graph); our per-op profile with what passed; with time left, the host's draws through pageable copies (DIFFUSION_UPLOAD=pageable), the sums through candle's add (UNET_INPLACE_SUMS=0), the saved values kept to the backward pass's end (UNET_RELEASE_SAVED=0), stop 30 undone (UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle), then the separate q, k, v projections (UNET_FUSED_QKV=0)"
 # Each use first passes its own checks, and only then is timed, beside step 2's figures; in the
 # order of what they may gain, so that the deadline cuts the least. A use that fails on the
 # card goes back to the plain path and says why (in the bench's JSON and log lines).
@@ -369,6 +373,12 @@ else
     echo "the sums already go through candle's add (the self-test's fallback): no A/B of them"
   else
     UNET_INPLACE_SUMS=0 timed "the sums through candle's add's bench" ab-inplace-sums-off train128 2 $PRECISIONS
+  fi
+  # Stop 34's release of saved values during the backward pass undone: the peak memory beside step 2's.
+  if [ "${UNET_RELEASE_SAVED:-}" = 0 ]; then
+    echo "the saved values are already kept (the self-test's fallback): no A/B of them"
+  else
+    UNET_RELEASE_SAVED=0 timed "the saved values kept to the end's bench" ab-release-saved-off train128 2 $PRECISIONS
   fi
   UNET_CUDNN_PREPARED=0 UNET_CUDA_PARAMS=candle timed "the per-call cuDNN descriptors' and uploads' bench" ab-stop30-undone train128 2 $PRECISIONS
   UNET_FUSED_QKV=0 timed "the separate q, k, v projections' bench" ab-unet_fused_qkv-0 train128,forward128 2 $PRECISIONS

@@ -137,7 +137,15 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
         let pred = |x: &Tensor, t: &Tensor| model.forward_t(x, t, Mode::Eval);
         let loss = schedule.loss(&pred, &io["x"], &ts, &io["q_noise"])?;
         check("loss", max_diff(&loss.reshape(1)?, &io["loss_eval"].flatten_all()?)?, a.tol);
+        let released_before = candle_core::backprop::released_saved().0;
         let grads = loss.backward()?;
+        if candle_core::backprop::releases_saved_values() {
+            // The gradients below pass either way: the count says the pass released what it had
+            // read (the vendored candle's `SavedRelease`; `UNET_RELEASE_SAVED=0` keeps it all).
+            let released = candle_core::backprop::released_saved().0 - released_before;
+            out!("saved values released by the fixture's backward pass: {released} buffers");
+            check("saved values released by the backward pass (none)", if released > 0 { 0.0 } else { f32::INFINITY }, 0.0);
+        }
         for key in ["head.weight", "tail.2.weight", "time_embedding.time_embedding.1.weight", "middle_blocks.0.attn.proj_q.weight"] {
             let g = grads.get(vars[key].as_tensor()).with_context(|| format!("no gradient for {key}"))?;
             let expect = &io[&format!("grad.{key}")];

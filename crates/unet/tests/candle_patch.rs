@@ -476,3 +476,147 @@ fn a_convolution_plus_an_addend_is_the_sum_add_gives_with_its_gradients() {
         }
     }
 }
+
+// The backward pass's release of saved values (stop 34, `SavedRelease` in backprop.rs). Each
+// test sets the thread's switch, so that `UNET_RELEASE_SAVED` in the environment changes nothing.
+
+use candle_core::backprop::set_release_saved_on_this_thread;
+use candle_core::op::Op;
+
+/// The first argument of `t`'s op: the way back through a graph the caller holds no handle in.
+fn first_arg(t: &Tensor) -> &Tensor {
+    match t.op().as_ref().expect("a node with an op") {
+        Op::Binary(a, _, _) | Op::Unary(a, _) | Op::Reduce(a, _, _) | Op::Affine { arg: a, .. } | Op::Reshape(a) => a,
+        _ => panic!("an op these tests do not build"),
+    }
+}
+
+/// `t`, its op's first argument, that one's, and so on to a leaf, skipping what is not
+/// `N` elements (the losses' reductions); variables excluded.
+fn chain_back(t: &Tensor) -> Vec<&Tensor> {
+    let mut out = Vec::new();
+    let mut at = t;
+    loop {
+        if at.elem_count() == N && !at.is_variable() {
+            out.push(at);
+        }
+        if at.op().is_none() {
+            return out;
+        }
+        at = first_arg(at);
+    }
+}
+
+/// The elements `t`'s buffer holds now: zero once the backward pass has released it.
+fn held(t: &Tensor) -> usize {
+    match &*t.storage_and_layout().0 {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.len(),
+        _ => panic!("f32 CPU tensors only"),
+    }
+}
+
+/// `loss = sum(exp(sin(x)) * w)`: `exp` reads its own output, `sin` and `mul` their inputs.
+fn chain(x: &Var, w: &Tensor) -> Tensor {
+    x.sin().unwrap().exp().unwrap().mul(w).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn saved_values_are_released_by_the_backward_pass_with_the_same_gradients() {
+    let x = Var::from_tensor(&ramp(0.01, 0.3)).unwrap();
+    let w = ramp(0.02, 0.7);
+    set_release_saved_on_this_thread(Some(false));
+    let kept = chain(&x, &w);
+    let want = values(kept.backward().unwrap().get(x.as_tensor()).unwrap());
+    set_release_saved_on_this_thread(Some(true));
+    let loss = chain(&x, &w);
+    let grads = loss.backward().unwrap();
+    assert_eq!(values(grads.get(x.as_tensor()).unwrap()).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    // The gradient is a plain tensor: the pass recorded no ops of its own.
+    assert!(grads.get(x.as_tensor()).unwrap().op().is_none());
+    let nodes = chain_back(&loss);
+    assert_eq!(nodes.len(), 3, "the product, the exponential and the sine");
+    for t in nodes {
+        assert_eq!(held(t), 0, "released");
+    }
+    assert_eq!(held(x.as_tensor()), N, "a variable keeps its values");
+    assert_eq!(held(&w), N, "a constant the caller holds keeps its values");
+    assert_eq!(loss.to_scalar::<f32>().unwrap(), kept.to_scalar::<f32>().unwrap(), "the root keeps its value");
+    // Without the release, upstream's graph: every buffer kept, and the pass's ops recorded.
+    assert!(chain_back(&kept).into_iter().all(|t| held(t) == N));
+    set_release_saved_on_this_thread(None);
+}
+
+#[test]
+fn values_someone_else_can_reach_are_kept() {
+    set_release_saved_on_this_thread(Some(true));
+    let x = Var::from_tensor(&ramp(0.01, 0.3)).unwrap();
+    let w = ramp(0.02, 0.7);
+    // A handle on a node, a view of a node off the graph, a detached copy of a node.
+    let e1 = x.sin().unwrap().exp().unwrap();
+    let e1_before = values(&e1);
+    let loss1 = e1.mul(&w).unwrap().sum_all().unwrap();
+    let e2 = x.cos().unwrap().exp().unwrap();
+    let view = e2.reshape((N / 100, 100)).unwrap();
+    let view_before = view.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let loss2 = e2.mul(&w).unwrap().sum_all().unwrap();
+    drop(e2);
+    let e3 = x.affine(3.0, 1.0).unwrap().exp().unwrap();
+    let detached = e3.detach();
+    let detached_before = values(&detached);
+    let loss3 = e3.mul(&w).unwrap().sum_all().unwrap();
+    drop(e3);
+    for loss in [&loss1, &loss2, &loss3] {
+        loss.backward().unwrap();
+    }
+    assert_eq!(values(&e1), e1_before, "a node the caller holds");
+    assert_eq!(view.flatten_all().unwrap().to_vec1::<f32>().unwrap(), view_before, "a view off the graph");
+    assert_eq!(values(&detached), detached_before, "a detached copy");
+    // What only the graphs held went: the sine and the cosine behind the exponentials.
+    for loss in [&loss1, &loss2] {
+        let [prod, exp, trig] = chain_back(loss)[..] else { panic!("three nodes") };
+        assert_eq!((held(prod), held(exp), held(trig)), (0, N, 0));
+    }
+    set_release_saved_on_this_thread(None);
+}
+
+#[test]
+fn a_sum_in_its_own_buffer_is_released_after_both_of_its_nodes() {
+    set_release_saved_on_this_thread(Some(true));
+    let x = Var::from_tensor(&ramp(0.01, 0.3)).unwrap();
+    let r = Var::from_tensor(&ramp(0.02, 0.7)).unwrap();
+    let w = ramp(0.05, 1.1);
+    let plain = x.affine(2.0, 1.0).unwrap().add(r.as_tensor()).unwrap().exp().unwrap().mul(&w).unwrap().sum_all().unwrap();
+    let sum = x.affine(2.0, 1.0).unwrap().add_in_own_buffer(r.as_tensor(), &AddSame).unwrap().expect("its own buffer");
+    let loss = sum.exp().unwrap().mul(&w).unwrap().sum_all().unwrap();
+    drop(sum);
+    let (g, gp) = (loss.backward().unwrap(), plain.backward().unwrap());
+    for v in [&x, &r] {
+        assert_eq!(values(g.get(v.as_tensor()).unwrap()), values(gp.get(v.as_tensor()).unwrap()));
+    }
+    let [_, _, sum, affine] = chain_back(&loss)[..] else { panic!("the product, the exponential, the sum and the affine map") };
+    assert_eq!((held(sum), held(affine)), (0, 0), "one buffer, released once the affine map is done");
+    set_release_saved_on_this_thread(None);
+}
+
+#[test]
+fn a_second_backward_pass_through_a_released_graph_is_an_error() {
+    let x = Var::from_tensor(&ramp(0.01, 0.3)).unwrap();
+    let w = ramp(0.02, 0.7);
+    set_release_saved_on_this_thread(Some(true));
+    let loss = chain(&x, &w);
+    loss.backward().unwrap();
+    let err = loss.backward().expect_err("its saved values are gone").to_string();
+    assert!(err.contains("released"), "{err}");
+    // Two losses of one prediction: the second pass needs what the first released.
+    let pred = x.sin().unwrap().exp().unwrap();
+    let (l1, l2) = (pred.mul(&w).unwrap().sum_all().unwrap(), pred.sqr().unwrap().sum_all().unwrap());
+    drop(pred);
+    l1.backward().unwrap();
+    assert!(l2.backward().is_err());
+    // Kept, both work, as upstream.
+    set_release_saved_on_this_thread(Some(false));
+    let loss = chain(&x, &w);
+    let (a, b) = (loss.backward().unwrap(), loss.backward().unwrap());
+    assert_eq!(values(a.get(x.as_tensor()).unwrap()), values(b.get(x.as_tensor()).unwrap()));
+    set_release_saved_on_this_thread(None);
+}

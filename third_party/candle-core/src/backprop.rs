@@ -164,6 +164,14 @@ impl Tensor {
 
     pub fn backward(&self) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
+        // Patched (stop 34): see `SavedRelease`. Second-order gradients need both the graph
+        // and the backward pass's own ops: nothing changes under CANDLE_GRAD_DO_NOT_DETACH.
+        let mut release = if releases_saved_values() && !CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) {
+            Some(SavedRelease::new(&sorted_nodes)?)
+        } else {
+            None
+        };
+        let _not_recording = release.as_ref().map(|_| NotRecording::start());
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
@@ -698,8 +706,226 @@ impl Tensor {
                     }
                 };
             }
+            if let Some(release) = release.as_mut() {
+                release.done(node)?;
+            }
         }
         Ok(grads)
+    }
+}
+
+/// Patched (stop 34): whether backward passes on this thread release the saved values they are
+/// done with (see `SavedRelease`). `UNET_RELEASE_SAVED=0` keeps every one until the graph is
+/// dropped and records the backward pass's ops, as upstream; [`set_release_saved_on_this_thread`]
+/// overrides it for the calling thread.
+pub fn releases_saved_values() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    RELEASE_OVERRIDE.with(|o| o.get()).unwrap_or_else(|| *ON.get_or_init(|| std::env::var("UNET_RELEASE_SAVED").map_or(true, |v| v != "0")))
+}
+
+thread_local! {
+    static RELEASE_OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    static RECORDING_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Patched (stop 34): whether backward passes on this thread release saved values
+/// (`Some(true)`), keep them (`Some(false)`) or follow `UNET_RELEASE_SAVED` (`None`), for tests
+/// and A/B runs in one process.
+pub fn set_release_saved_on_this_thread(on: Option<bool>) {
+    RELEASE_OVERRIDE.with(|o| o.set(on));
+}
+
+/// Patched (stop 34): how many buffers backward passes have released, and their bytes, since
+/// the process began (all threads).
+pub fn released_saved() -> (usize, usize) {
+    (RELEASED_BUFFERS.load(std::sync::atomic::Ordering::Relaxed), RELEASED_BYTES.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+static RELEASED_BUFFERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static RELEASED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether new tensors record the op that made them (see [`NotRecording`]).
+pub(crate) fn recording_ops() -> bool {
+    !RECORDING_OFF.with(|r| r.get())
+}
+
+/// Patched (stop 34): while a backward pass runs (outside CANDLE_GRAD_DO_NOT_DETACH), the
+/// tensors it makes record no op, as under PyTorch's `no_grad`. Upstream recorded them and
+/// then detached every gradient before its use, so the records were never read; but each
+/// stored gradient's record held its inputs (a weight's gradient held the layer's input and
+/// output gradient) until the pass ended, and would have kept the buffers [`SavedRelease`]
+/// frees alive.
+struct NotRecording(bool);
+
+impl NotRecording {
+    fn start() -> Self {
+        Self(RECORDING_OFF.with(|r| r.replace(true)))
+    }
+}
+
+impl Drop for NotRecording {
+    fn drop(&mut self) {
+        RECORDING_OFF.with(|r| r.set(self.0));
+    }
+}
+
+/// Patched (stop 34): frees the values a graph saved for its backward pass once nothing in the
+/// pass will read them, as PyTorch does; upstream kept every one until the graph was dropped,
+/// so the pass's peak was all the saved values plus the gradients in flight.
+///
+/// The loop visits a node only after every node that reads it (topological order), and a
+/// node's own arm is the last to read its value. So once the loop has done every node that
+/// shares a buffer (views, and in-place sums, share their input's), the buffer is dead to the
+/// pass. It is released then, if nothing outside the graph can reach it: each sharer's handles
+/// must all be held by the graph's ops (none by the caller, a custom op's state, or an op
+/// outside the pass), and the buffer's by those sharers alone (no detached copy, no view off
+/// the graph). Variables and the root are never released: the loop skips variables, and the
+/// caller holds the root. Small buffers are kept: the stand-in costs a (tiny) allocation on
+/// CUDA, and they are not where the memory is.
+struct SavedRelease<'a> {
+    /// Per storage: the nodes on it, and how many of them the loop has yet to do.
+    storages: HashMap<usize, (Vec<&'a Tensor>, usize)>,
+    /// Per node: the handles the graph's ops hold on it.
+    graph_handles: HashMap<TensorId, usize>,
+}
+
+/// 64 KiB: a `[B, 512]` time embedding is kept, a feature map is released.
+const RELEASE_MIN_BYTES: usize = 1 << 16;
+
+impl<'a> SavedRelease<'a> {
+    fn new(nodes: &[&'a Tensor]) -> Result<Self> {
+        let mut storages: HashMap<usize, (Vec<&'a Tensor>, usize)> = HashMap::with_capacity(nodes.len());
+        let mut graph_handles: HashMap<TensorId, usize> = HashMap::with_capacity(nodes.len());
+        for node in nodes {
+            if is_released(node) {
+                return Err(Error::Msg(
+                    "backward pass through a graph whose saved values an earlier backward pass released \
+                     (run one backward pass per graph, or set UNET_RELEASE_SAVED=0)"
+                        .into(),
+                ));
+            }
+            let e = storages.entry(node.storage_key()).or_default();
+            e.0.push(node);
+            e.1 += 1;
+            if let Some(op) = node.op() {
+                for_each_arg(op, &mut |arg| *graph_handles.entry(arg.id()).or_default() += 1);
+            }
+        }
+        Ok(Self { storages, graph_handles })
+    }
+
+    /// After `node`'s arm: releases its buffer if that was the last node on it.
+    fn done(&mut self, node: &Tensor) -> Result<()> {
+        let key = node.storage_key();
+        let Some((sharers, left)) = self.storages.get_mut(&key) else {
+            return Ok(());
+        };
+        *left -= 1;
+        if *left > 0 {
+            return Ok(());
+        }
+        let sharers = std::mem::take(sharers);
+        self.storages.remove(&key);
+        let only_the_graph = sharers.iter().all(|t| {
+            let (handles, on_storage) = t.handle_counts();
+            handles == self.graph_handles.get(&t.id()).copied().unwrap_or(0) && on_storage == sharers.len()
+        });
+        if !only_the_graph || !node.dtype().is_float() {
+            return Ok(());
+        }
+        let Some(elems) = buffer_elems(node) else {
+            return Ok(());
+        };
+        let bytes = elems * node.dtype().size_in_bytes();
+        if bytes < RELEASE_MIN_BYTES {
+            return Ok(());
+        }
+        // CUDA gets one element: cudarc's zero-byte allocations are not defined.
+        let stand_in_len = if node.device().is_cpu() { 0 } else { 1 };
+        let stand_in = unsafe { node.device().alloc_uninit(&crate::Shape::from(stand_in_len), node.dtype())? };
+        node.replace_storage(stand_in);
+        RELEASED_BUFFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        RELEASED_BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The element count of a float CPU or CUDA buffer (other devices: `None`, never released).
+fn buffer_elems(t: &Tensor) -> Option<usize> {
+    let (storage, _) = t.storage_and_layout();
+    Some(match &*storage {
+        crate::Storage::Cpu(crate::CpuStorage::F32(v)) => v.len(),
+        crate::Storage::Cpu(crate::CpuStorage::F64(v)) => v.len(),
+        crate::Storage::Cpu(crate::CpuStorage::BF16(v)) => v.len(),
+        crate::Storage::Cpu(crate::CpuStorage::F16(v)) => v.len(),
+        #[cfg(feature = "cuda")]
+        crate::Storage::Cuda(s) => match &s.slice {
+            crate::cuda_backend::CudaStorageSlice::F32(v) => v.len(),
+            crate::cuda_backend::CudaStorageSlice::F64(v) => v.len(),
+            crate::cuda_backend::CudaStorageSlice::BF16(v) => v.len(),
+            crate::cuda_backend::CudaStorageSlice::F16(v) => v.len(),
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
+/// Whether `t`'s buffer is a released one's stand-in: shorter than `t`'s layout reaches.
+fn is_released(t: &Tensor) -> bool {
+    let l = t.layout();
+    if t.elem_count() == 0 || !t.dtype().is_float() {
+        return false;
+    }
+    let reach = l.start_offset() + l.dims().iter().zip(l.stride()).map(|(&d, &s)| (d - 1) * s).sum::<usize>() + 1;
+    buffer_elems(t).is_some_and(|len| len < reach)
+}
+
+/// Calls `f` on every tensor `op` holds.
+fn for_each_arg(op: &Op, f: &mut impl FnMut(&Tensor)) {
+    match op {
+        Op::IndexAdd(t1, t2, t3, _)
+        | Op::Scatter(t1, t2, t3, _)
+        | Op::ScatterAdd(t1, t2, t3, _)
+        | Op::CustomOp3(t1, t2, t3, _)
+        | Op::WhereCond(t1, t2, t3) => {
+            f(t1);
+            f(t2);
+            f(t3);
+        }
+        Op::Conv1D { arg: lhs, kernel: rhs, .. }
+        | Op::ConvTranspose1D { arg: lhs, kernel: rhs, .. }
+        | Op::Conv2D { arg: lhs, kernel: rhs, .. }
+        | Op::ConvTranspose2D { arg: lhs, kernel: rhs, .. }
+        | Op::CustomOp2(lhs, rhs, _)
+        | Op::Binary(lhs, rhs, _)
+        | Op::Gather(lhs, rhs, _)
+        | Op::IndexSelect(lhs, rhs, _)
+        | Op::Matmul(lhs, rhs)
+        | Op::SliceScatter0(lhs, rhs, _) => {
+            f(lhs);
+            f(rhs);
+        }
+        Op::Cat(args, _) => args.iter().for_each(f),
+        Op::Affine { arg, .. }
+        | Op::Reshape(arg)
+        | Op::UpsampleNearest1D { arg, .. }
+        | Op::UpsampleNearest2D { arg, .. }
+        | Op::UpsampleBilinear2D { arg, .. }
+        | Op::AvgPool2D { arg, .. }
+        | Op::MaxPool2D { arg, .. }
+        | Op::Copy(arg)
+        | Op::Broadcast(arg)
+        | Op::Cmp(arg, _)
+        | Op::Reduce(arg, _, _)
+        | Op::ToDevice(arg)
+        | Op::ToDType(arg)
+        | Op::Transpose(arg, _, _)
+        | Op::Permute(arg, _)
+        | Op::Narrow(arg, _, _, _)
+        | Op::Unary(arg, _)
+        | Op::Elu(arg, _)
+        | Op::Powf(arg, _)
+        | Op::CustomOp1(arg, _) => f(arg),
     }
 }
 

@@ -2108,7 +2108,8 @@ impl Tensor {
         self.is_variable
     }
 
-    pub(crate) fn op(&self) -> &Option<Op> {
+    /// Patched (stop 34): public, so that tests can walk a graph they hold no handle in.
+    pub fn op(&self) -> &Option<Op> {
         &self.op
     }
 
@@ -2825,6 +2826,19 @@ impl Tensor {
     pub fn storage_and_layout(&self) -> (StorageRef<'_>, &Layout) {
         let storage = self.storage.read();
         (storage, &self.layout)
+    }
+
+    /// Patched (stop 34, see third_party/README.md): how many handles there are on this tensor,
+    /// and how many tensors share its storage; the backward pass releases a buffer only when
+    /// every one of them is its graph's own.
+    pub(crate) fn handle_counts(&self) -> (usize, usize) {
+        (Arc::strong_count(&self.0), Arc::strong_count(&self.storage))
+    }
+
+    /// Patched (stop 34): swaps this tensor's storage, shared by every tensor on it, for
+    /// `stand_in`, dropping the buffer. Only for buffers nothing will read again.
+    pub(crate) fn replace_storage(&self, stand_in: Storage) {
+        *self.storage.write() = stand_in;
     }
 
     /// Unique key for this tensor's storage. Equal keys mean the tensors share the same allocation.
