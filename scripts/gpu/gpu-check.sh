@@ -127,7 +127,7 @@ suspects() {
   case "$err" in *adam*|*Adam*) s="$s TRAINER_CUDA_ADAM=candle";; esac
   case "$err" in *"pinned upload"*) s="$s DIFFUSION_UPLOAD=pageable";; esac
   case "$err" in *"time embedding add"*|*"residual add in place"*|*"add into output"*|*"add-into-output"*) s="$s UNET_INPLACE_SUMS=0";; esac
-  case "$err" in *"saved values"*|*"released"*) s="$s UNET_RELEASE_SAVED=0";; esac
+  case "$err" in *"earlier backward pass released"*) s="$s UNET_RELEASE_SAVED=0";; esac
   # Attention's stacked q, k, v projections are read through strided views (candle's matmul).
   case "$err" in *MatMulNonContiguous*|*matmul*|*"strided"*) s="$s UNET_FUSED_QKV=0";; esac
   # NVRTC could not build unet's kernels: every part they serve goes back.

@@ -144,7 +144,7 @@ pub fn run(a: SelfTestArgs) -> Result<()> {
             // read (the vendored candle's `SavedRelease`; `UNET_RELEASE_SAVED=0` keeps it all).
             let released = candle_core::backprop::released_saved().0 - released_before;
             out!("saved values released by the fixture's backward pass: {released} buffers");
-            check("saved values released by the backward pass (none)", if released > 0 { 0.0 } else { f32::INFINITY }, 0.0);
+            check("saved values released by the backward pass", if released > 0 { 0.0 } else { f32::INFINITY }, 0.0);
         }
         for key in ["head.weight", "tail.2.weight", "time_embedding.time_embedding.1.weight", "middle_blocks.0.attn.proj_q.weight"] {
             let g = grads.get(vars[key].as_tensor()).with_context(|| format!("no gradient for {key}"))?;

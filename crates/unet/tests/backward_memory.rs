@@ -68,7 +68,8 @@ fn the_backward_pass_peaks_lower_when_it_releases_saved_values_with_the_same_gra
     let (held, peak, g) = step(&model, &vm, &x, &noise, &t);
     set_release_saved_on_this_thread(None);
     println!("graph after the loss: {held} bytes ({held_kept} kept); backward peak: {peak} bytes released, {peak_kept} kept");
-    assert_eq!(held, held_kept, "the forward pass is the same");
+    // The same forward pass; a convolution's per-thread scratch may grow by a buffer in either.
+    assert!(held.abs_diff(held_kept) < held / 50, "the forward passes held {held} and {held_kept} bytes");
     assert_eq!(g, g_kept, "the same gradients, bit for bit");
     // Kept, the peak is the whole graph plus the gradients in flight; released, the graph
     // shrinks as the gradients grow.

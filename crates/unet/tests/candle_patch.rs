@@ -481,30 +481,10 @@ fn a_convolution_plus_an_addend_is_the_sum_add_gives_with_its_gradients() {
 // test sets the thread's switch, so that `UNET_RELEASE_SAVED` in the environment changes nothing.
 
 use candle_core::backprop::set_release_saved_on_this_thread;
-use candle_core::op::Op;
-
-/// The first argument of `t`'s op: the way back through a graph the caller holds no handle in.
-fn first_arg(t: &Tensor) -> &Tensor {
-    match t.op().as_ref().expect("a node with an op") {
-        Op::Binary(a, _, _) | Op::Unary(a, _) | Op::Reduce(a, _, _) | Op::Affine { arg: a, .. } | Op::Reshape(a) => a,
-        _ => panic!("an op these tests do not build"),
-    }
-}
-
-/// `t`, its op's first argument, that one's, and so on to a leaf, skipping what is not
-/// `N` elements (the losses' reductions); variables excluded.
+/// The graph's nodes of `N` elements, from the root down (`sorted_nodes`' order: a chain's
+/// nodes last op first), variables excluded: the way to a node the caller holds no handle on.
 fn chain_back(t: &Tensor) -> Vec<&Tensor> {
-    let mut out = Vec::new();
-    let mut at = t;
-    loop {
-        if at.elem_count() == N && !at.is_variable() {
-            out.push(at);
-        }
-        if at.op().is_none() {
-            return out;
-        }
-        at = first_arg(at);
-    }
+    t.sorted_nodes().into_iter().filter(|t| t.elem_count() == N && !t.is_variable()).collect()
 }
 
 /// The elements `t`'s buffer holds now: zero once the backward pass has released it.
@@ -532,7 +512,7 @@ fn saved_values_are_released_by_the_backward_pass_with_the_same_gradients() {
     let grads = loss.backward().unwrap();
     assert_eq!(values(grads.get(x.as_tensor()).unwrap()).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     // The gradient is a plain tensor: the pass recorded no ops of its own.
-    assert!(grads.get(x.as_tensor()).unwrap().op().is_none());
+    assert!(!grads.get(x.as_tensor()).unwrap().track_op());
     let nodes = chain_back(&loss);
     assert_eq!(nodes.len(), 3, "the product, the exponential and the sine");
     for t in nodes {
@@ -595,6 +575,36 @@ fn a_sum_in_its_own_buffer_is_released_after_both_of_its_nodes() {
     }
     let [_, _, sum, affine] = chain_back(&loss)[..] else { panic!("the product, the exponential, the sum and the affine map") };
     assert_eq!((held(sum), held(affine)), (0, 0), "one buffer, released once the affine map is done");
+    set_release_saved_on_this_thread(None);
+}
+
+#[test]
+fn a_view_s_buffer_is_released_only_after_its_source_has_read_it() {
+    // `exp` reads its own output, through the buffer its reshape shares: the loop does the view
+    // first, the exponential last. Released after the first sharer, the exponential's arm
+    // would read an empty buffer.
+    let x = Var::from_tensor(&ramp(0.01, 0.3)).unwrap();
+    let w = ramp(0.02, 0.7).reshape((N / 100, 100)).unwrap();
+    let f = |x: &Var| x.exp().unwrap().reshape((N / 100, 100)).unwrap().mul(&w).unwrap().sum_all().unwrap();
+    set_release_saved_on_this_thread(Some(false));
+    let want = values(f(&x).backward().unwrap().get(x.as_tensor()).unwrap());
+    set_release_saved_on_this_thread(Some(true));
+    let loss = f(&x);
+    let got = values(loss.backward().unwrap().get(x.as_tensor()).unwrap());
+    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    let [prod, view, exp] = chain_back(&loss)[..] else { panic!("the product, the view and the exponential") };
+    assert_eq!((held(prod), held(view), held(exp)), (0, 0, 0));
+    set_release_saved_on_this_thread(None);
+}
+
+#[test]
+fn a_failed_backward_pass_leaves_ops_recorded_again() {
+    set_release_saved_on_this_thread(Some(true));
+    let x = Var::from_tensor(&ramp(0.01, 0.3).reshape((1, 1, N / 400, 400)).unwrap()).unwrap();
+    // candle has no backward pass for bilinear upsampling: an error midway through the pass.
+    let loss = x.exp().unwrap().upsample_bilinear2d(N / 200, 800, false).unwrap().sum_all().unwrap();
+    assert!(loss.backward().is_err());
+    assert!(x.exp().unwrap().track_op(), "ops are recorded after the failed pass");
     set_release_saved_on_this_thread(None);
 }
 

@@ -32,6 +32,9 @@ impl Tensor {
     /// elements having dependencies on the latter ones, e.g. the first element if any is the
     /// argument.
     /// This assumes that the op graph is a DAG.
+    ///
+    /// Patched (stop 34): after a backward pass, nodes the caller held no handle on may have
+    /// had their buffers released (`SavedRelease`); their values must not be read.
     pub fn sorted_nodes(&self) -> Vec<&Tensor> {
         // The vec of sorted nodes is passed as an owned value rather than a mutable reference
         // to get around some lifetime limitations.
@@ -842,7 +845,10 @@ impl<'a> SavedRelease<'a> {
         }
         // CUDA gets one element: cudarc's zero-byte allocations are not defined.
         let stand_in_len = if node.device().is_cpu() { 0 } else { 1 };
-        let stand_in = unsafe { node.device().alloc_uninit(&crate::Shape::from(stand_in_len), node.dtype())? };
+        // Should even that fail (memory exhausted), the buffer is kept: the pass goes on.
+        let Ok(stand_in) = (unsafe { node.device().alloc_uninit(&crate::Shape::from(stand_in_len), node.dtype()) }) else {
+            return Ok(());
+        };
         node.replace_storage(stand_in);
         RELEASED_BUFFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         RELEASED_BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);

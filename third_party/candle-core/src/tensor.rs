@@ -2108,8 +2108,7 @@ impl Tensor {
         self.is_variable
     }
 
-    /// Patched (stop 34): public, so that tests can walk a graph they hold no handle in.
-    pub fn op(&self) -> &Option<Op> {
+    pub(crate) fn op(&self) -> &Option<Op> {
         &self.op
     }
 
