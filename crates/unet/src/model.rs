@@ -430,10 +430,37 @@ impl UpSample {
     }
 }
 
+impl UpSample {
+    /// The convolution, given the upsampled input.
+    fn forward_upsampled(&self, up: &Tensor) -> Result<Tensor> {
+        self.net.forward(up)
+    }
+}
+
 impl Module for UpSample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.net.forward(&crate::upsample::upsample2x(x)?)
+        self.forward_upsampled(&crate::upsample::upsample2x(x)?)
     }
+}
+
+/// Frees `h`'s buffer once `reader`, a concatenation or an upsampling of it and its only reader,
+/// is made: the graph would otherwise hold it until the backward pass, which never reads it
+/// (about 8 MB an image for the reference network's up path). Kept when anything else holds
+/// `h` (the middle activations `forward_with_intermediates` returns) or with
+/// `UNET_RELEASE_SAVED=0`.
+fn release_read_by(h: Tensor, reader: &Tensor) {
+    if !candle_core::backprop::releases_saved_values() {
+        return;
+    }
+    // The op that made `reader` holds `h` when it was recorded (candle records an op whenever
+    // an input is tracked).
+    let holders = usize::from(reader.track_op());
+    // SAFETY: nothing reads `h`'s values after this. In the forward pass its one reader has run.
+    // In the backward pass: a concatenation's and our upsampling's arms read only shapes and the
+    // output's gradient; `h` is made by a block whose last op's arm reads no output value (an
+    // addition, in place into a convolution's output or not; `residual_add_with_bias`; a
+    // convolution, ours or candle's), and a convolution's arm reads its input and weight only.
+    unsafe { h.release_unread(holders) };
 }
 
 /// One index of `downblocks` / `upblocks`.
@@ -656,9 +683,15 @@ impl UNet {
             h = match blk {
                 Block::Res(r) => {
                     let skip = skips.pop().expect("the skip stack matches the up path");
-                    r.forward(&Tensor::cat(&[&h, &skip], 1)?, &next_t()?, &masks)?
+                    let x = Tensor::cat(&[&h, &skip], 1)?;
+                    release_read_by(h, &x);
+                    r.forward(&x, &next_t()?, &masks)?
                 }
-                Block::Up(u) => u.forward(&h)?,
+                Block::Up(u) => {
+                    let up = crate::upsample::upsample2x(&h)?;
+                    release_read_by(h, &up);
+                    u.forward_upsampled(&up)?
+                }
                 Block::Down(_) => unreachable!("no downsampling on the up path"),
             };
         }

@@ -1,6 +1,7 @@
-//! The backward pass's peak memory, counted by this binary's allocator: with the vendored
-//! candle's release of saved values (stop 34), a training step's backward pass must peak well
-//! below what it peaks at when every saved value is kept to the end. Its own test binary, so
+//! A training step's memory, counted by this binary's allocator: with the vendored candle's
+//! release of saved values (stop 34), the graph must hold less after the forward pass (the up
+//! path's inputs freed there) and the backward pass peak well below what it peaks at when every
+//! saved value is kept to the end. Its own test binary, so
 //! that no other test allocates while it counts.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -68,11 +69,13 @@ fn the_backward_pass_peaks_lower_when_it_releases_saved_values_with_the_same_gra
     let (held, peak, g) = step(&model, &vm, &x, &noise, &t);
     set_release_saved_on_this_thread(None);
     println!("graph after the loss: {held} bytes ({held_kept} kept); backward peak: {peak} bytes released, {peak_kept} kept");
-    // The same forward pass; a convolution's per-thread scratch may grow by a buffer in either.
-    assert!(held.abs_diff(held_kept) < held / 50, "the forward passes held {held} and {held_kept} bytes");
+    // The up path's concatenated and upsampled inputs are freed in the forward pass
+    // (`release_read_by`): the graph holds less. (A convolution's per-thread scratch may grow by
+    // a buffer, ~0.3 MB, in either pass.)
+    assert!(held + held_kept / 50 < held_kept, "the forward passes held {held} bytes released and {held_kept} kept");
     assert_eq!(g, g_kept, "the same gradients, bit for bit");
     // Kept, the peak is the whole graph plus the gradients in flight; released, the graph
     // shrinks as the gradients grow.
-    assert!(peak_kept > held + held / 4, "the peak when kept ({peak_kept}) is not above the graph ({held}): nothing to compare");
+    assert!(peak_kept > held_kept + held_kept / 4, "the peak when kept ({peak_kept}) is not above the graph ({held_kept}): nothing to compare");
     assert!(peak * 10 < peak_kept * 9, "the backward peak: {peak} bytes released, {peak_kept} kept");
 }

@@ -630,3 +630,54 @@ fn a_second_backward_pass_through_a_released_graph_is_an_error() {
     assert_eq!(values(a.get(x.as_tensor()).unwrap()), values(b.get(x.as_tensor()).unwrap()));
     set_release_saved_on_this_thread(None);
 }
+
+#[test]
+fn a_concatenation_s_input_released_in_the_forward_pass_gives_the_same_gradients() {
+    set_release_saved_on_this_thread(Some(true));
+    let x = Var::from_tensor(&ramp(0.01, 0.3)).unwrap();
+    let r = Var::from_tensor(&ramp(0.02, 0.7)).unwrap();
+    let w = ramp_n(2 * N, 0.03, 0.1);
+    // h = 2x + 1 + r, in the affine map's own buffer; then cat([h, r]) * w.
+    let f = |release: bool| {
+        let h = x.affine(2.0, 1.0).unwrap().add_in_own_buffer(r.as_tensor(), &AddSame).unwrap().expect("its own buffer");
+        let cat = Tensor::cat(&[&h, r.as_tensor()], 0).unwrap();
+        if release {
+            assert!(unsafe { h.release_unread(1) }, "only the concatenation holds it");
+        }
+        cat.exp().unwrap().mul(&w).unwrap().sum_all().unwrap()
+    };
+    let want = f(false).backward().unwrap();
+    let loss = f(true);
+    // The sum and the affine map share the released buffer; a backward pass is no second one.
+    let [_, _, _, sum, affine] = loss.sorted_nodes().into_iter().filter(|t| !t.is_variable() && t.elem_count() >= N).collect::<Vec<_>>()[..] else {
+        panic!("the product, the exponential, the concatenation, the sum and the affine map")
+    };
+    assert_eq!((held(sum), held(affine)), (0, 0));
+    let got = loss.backward().unwrap();
+    for v in [&x, &r] {
+        assert_eq!(values(got.get(v.as_tensor()).unwrap()), values(want.get(v.as_tensor()).unwrap()));
+    }
+    set_release_saved_on_this_thread(None);
+}
+
+#[test]
+fn a_buffer_someone_else_can_reach_is_not_released_in_the_forward_pass() {
+    let x = Var::from_tensor(&ramp(0.01, 0.3)).unwrap();
+    let h = x.affine(2.0, 1.0).unwrap();
+    let _cat = Tensor::cat(&[&h, x.as_tensor()], 0).unwrap();
+    // Another handle; the wrong count of the graph's holders; a view sharing the buffer.
+    let other = h.clone();
+    assert!(!unsafe { h.release_unread(1) });
+    assert_eq!(held(&other), N);
+    assert!(!unsafe { other.clone().release_unread(0) }, "the concatenation holds it too");
+    let view = other.reshape((N / 100, 100)).unwrap();
+    assert!(!unsafe { other.release_unread(1) }, "a view shares its buffer");
+    assert_eq!(view.flatten_all().unwrap().to_vec1::<f32>().unwrap(), values(&x.affine(2.0, 1.0).unwrap()));
+    // A variable, and a plain tensor with no graph: its one handle.
+    assert!(!unsafe { x.as_tensor().clone().release_unread(0) });
+    let plain = ramp(0.05, 0.0);
+    let _copy = Tensor::cat(&[&plain, &plain], 0).unwrap();
+    let key = plain.clone();
+    drop(key);
+    assert!(unsafe { plain.release_unread(0) }, "nothing recorded: the caller's handle is the only one");
+}

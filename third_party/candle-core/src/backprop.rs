@@ -800,7 +800,7 @@ impl<'a> SavedRelease<'a> {
         let mut storages: HashMap<usize, (Vec<&'a Tensor>, usize)> = HashMap::with_capacity(nodes.len());
         let mut graph_handles: HashMap<TensorId, usize> = HashMap::with_capacity(nodes.len());
         for node in nodes {
-            if is_released(node) {
+            if is_released(node) && !released_in_forward(node) {
                 return Err(Error::Msg(
                     "backward pass through a graph whose saved values an earlier backward pass released \
                      (run one backward pass per graph, or set UNET_RELEASE_SAVED=0)"
@@ -874,6 +874,33 @@ fn buffer_elems(t: &Tensor) -> Option<usize> {
         },
         _ => return None,
     })
+}
+
+/// Buffers freed in the forward pass by `Tensor::release_unread`: a graph holding them is not
+/// one an earlier backward pass went through. Weak handles, so that a dropped graph's entries
+/// die with it; those are pruned at each insertion.
+static RELEASED_IN_FORWARD: std::sync::Mutex<Vec<std::sync::Weak<crate::tensor::StorageLock>>> = std::sync::Mutex::new(Vec::new());
+
+/// Swaps `t`'s buffer for a stand-in and records it as freed in the forward pass: false if the
+/// stand-in cannot be had (the buffer is kept) or the device is not the CPU or CUDA.
+pub(crate) fn release_in_forward(t: &Tensor) -> bool {
+    if buffer_elems(t).is_none() {
+        return false;
+    }
+    let stand_in_len = if t.device().is_cpu() { 0 } else { 1 };
+    let Ok(stand_in) = (unsafe { t.device().alloc_uninit(&crate::Shape::from(stand_in_len), t.dtype()) }) else {
+        return false;
+    };
+    t.replace_storage(stand_in);
+    let mut list = RELEASED_IN_FORWARD.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|w| w.strong_count() > 0);
+    list.push(std::sync::Arc::downgrade(t.storage_arc()));
+    true
+}
+
+fn released_in_forward(t: &Tensor) -> bool {
+    let list = RELEASED_IN_FORWARD.lock().unwrap_or_else(|e| e.into_inner());
+    list.iter().any(|w| w.upgrade().is_some_and(|a| std::sync::Arc::ptr_eq(&a, t.storage_arc())))
 }
 
 /// Whether `t`'s buffer is a released one's stand-in: shorter than `t`'s layout reaches.

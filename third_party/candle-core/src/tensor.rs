@@ -9,6 +9,10 @@ use crate::{bail, storage::Storage, DType, Device, Error, Layout, Result, Shape}
 use parking_lot::RwLock;
 use std::sync::Arc;
 
+/// Patched (stop 34): the lock a tensor's storage sits in (`backprop`'s registry of buffers
+/// released in the forward pass holds weak handles on it).
+pub(crate) type StorageLock = RwLock<Storage>;
+
 /// Unique identifier for tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorId(usize);
@@ -2838,6 +2842,42 @@ impl Tensor {
     /// `stand_in`, dropping the buffer. Only for buffers nothing will read again.
     pub(crate) fn replace_storage(&self, stand_in: Storage) {
         *self.storage.write() = stand_in;
+    }
+
+    /// Patched (stop 34): frees this tensor's buffer during the forward pass, once the ops that
+    /// read it (`graph_holders` of them hold `self` in the graph, none if no op was recorded)
+    /// have run, when its value will never be read again. Candle's graph holds an op's inputs
+    /// until the backward pass even when that pass reads none of their values: a concatenation's
+    /// inputs beside the concatenation. Returns whether it freed the buffer; it does only when
+    /// `self` (taken by value) and the graph's `graph_holders` ops are all the handles on it, and
+    /// the buffer is `self`'s alone, or shared with the left operand of the addition that made
+    /// `self` in place (`add_in_own_buffer`), which only that addition holds. The backward pass
+    /// then treats the buffer as released on purpose (see `backprop::SavedRelease`).
+    ///
+    /// # Safety
+    /// No backward arm may read the freed values: neither those of the `graph_holders` ops
+    /// (a concatenation's reads only shapes), nor `self`'s producer's, nor, for an in-place sum,
+    /// its left operand's producer's (a convolution's reads its input and weight, not its
+    /// output). On CUDA a read would go past the one-element stand-in.
+    pub unsafe fn release_unread(self, graph_holders: usize) -> bool {
+        let (handles, on_storage) = self.handle_counts();
+        if self.is_variable || !self.dtype.is_float() || handles != 1 + graph_holders {
+            return false;
+        }
+        let shared_with_sum_operand = || match self.op.as_ref() {
+            Some(Op::Binary(lhs, _, BinaryOp::Add)) => lhs.storage_key() == self.storage_key() && lhs.handle_counts().0 == 1,
+            _ => false,
+        };
+        if on_storage != 1 && !(on_storage == 2 && shared_with_sum_operand()) {
+            return false;
+        }
+        crate::backprop::release_in_forward(&self)
+    }
+
+    /// Patched (stop 34): the storage's shared handle, for the registry of buffers released in
+    /// the forward pass (`backprop::release_in_forward`).
+    pub(crate) fn storage_arc(&self) -> &Arc<RwLock<Storage>> {
+        &self.storage
     }
 
     /// Unique key for this tensor's storage. Equal keys mean the tensors share the same allocation.
