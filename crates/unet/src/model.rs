@@ -452,15 +452,12 @@ fn release_read_by(h: Tensor, reader: &Tensor) {
     if !candle_core::backprop::releases_saved_values() {
         return;
     }
-    // The op that made `reader` holds `h` when it was recorded (candle records an op whenever
-    // an input is tracked).
-    let holders = usize::from(reader.track_op());
     // SAFETY: nothing reads `h`'s values after this. In the forward pass its one reader has run.
     // In the backward pass: a concatenation's and our upsampling's arms read only shapes and the
     // output's gradient; `h` is made by a block whose last op's arm reads no output value (an
     // addition, in place into a convolution's output or not; `residual_add_with_bias`; a
     // convolution, ours or candle's), and a convolution's arm reads its input and weight only.
-    unsafe { h.release_unread(holders) };
+    unsafe { h.release_unread(reader) };
 }
 
 /// One index of `downblocks` / `upblocks`.

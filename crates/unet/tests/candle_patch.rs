@@ -642,7 +642,7 @@ fn a_concatenation_s_input_released_in_the_forward_pass_gives_the_same_gradients
         let h = x.affine(2.0, 1.0).unwrap().add_in_own_buffer(r.as_tensor(), &AddSame).unwrap().expect("its own buffer");
         let cat = Tensor::cat(&[&h, r.as_tensor()], 0).unwrap();
         if release {
-            assert!(unsafe { h.release_unread(1) }, "only the concatenation holds it");
+            assert!(unsafe { h.release_unread(&cat) }, "only the concatenation holds it");
         }
         cat.exp().unwrap().mul(&w).unwrap().sum_all().unwrap()
     };
@@ -663,21 +663,30 @@ fn a_concatenation_s_input_released_in_the_forward_pass_gives_the_same_gradients
 #[test]
 fn a_buffer_someone_else_can_reach_is_not_released_in_the_forward_pass() {
     let x = Var::from_tensor(&ramp(0.01, 0.3)).unwrap();
+    let want = values(&x.affine(2.0, 1.0).unwrap());
+    // Another handle on the tensor.
     let h = x.affine(2.0, 1.0).unwrap();
-    let _cat = Tensor::cat(&[&h, x.as_tensor()], 0).unwrap();
-    // Another handle; the wrong count of the graph's holders; a view sharing the buffer.
+    let cat = Tensor::cat(&[&h, x.as_tensor()], 0).unwrap();
     let other = h.clone();
-    assert!(!unsafe { h.release_unread(1) });
-    assert_eq!(held(&other), N);
-    assert!(!unsafe { other.clone().release_unread(0) }, "the concatenation holds it too");
-    let view = other.reshape((N / 100, 100)).unwrap();
-    assert!(!unsafe { other.release_unread(1) }, "a view shares its buffer");
-    assert_eq!(view.flatten_all().unwrap().to_vec1::<f32>().unwrap(), values(&x.affine(2.0, 1.0).unwrap()));
-    // A variable, and a plain tensor with no graph: its one handle.
-    assert!(!unsafe { x.as_tensor().clone().release_unread(0) });
+    assert!(!unsafe { h.release_unread(&cat) });
+    assert_eq!(values(&other), want);
+    // A reader that does not hold it.
+    let unrelated = x.sin().unwrap();
+    assert!(!unsafe { other.clone().release_unread(&unrelated) });
+    // A detached copy sharing the buffer: the handles on the tensor are right, the buffer's not.
+    let detached = other.detach();
+    assert!(!unsafe { other.release_unread(&cat) }, "a detached copy shares its buffer");
+    assert_eq!(values(&detached), want);
+    // An in-place sum whose left operand someone else holds too.
+    let r = ramp(0.02, 0.7);
+    let sum = x.affine(2.0, 1.0).unwrap().add_in_own_buffer(&r, &AddSame).unwrap().expect("its own buffer");
+    let operand = sum.sorted_nodes().into_iter().find(|t| t.id() != sum.id() && !t.is_variable()).expect("the affine map").clone();
+    let cat2 = Tensor::cat(&[&sum, x.as_tensor()], 0).unwrap();
+    assert!(!unsafe { sum.release_unread(&cat2) }, "the operand has another handle");
+    assert_eq!(held(&operand), N);
+    // A variable; and with no graph recorded, nothing to do: dropping frees it.
+    assert!(!unsafe { x.as_tensor().clone().release_unread(&cat) });
     let plain = ramp(0.05, 0.0);
-    let _copy = Tensor::cat(&[&plain, &plain], 0).unwrap();
-    let key = plain.clone();
-    drop(key);
-    assert!(unsafe { plain.release_unread(0) }, "nothing recorded: the caller's handle is the only one");
+    let copy = Tensor::cat(&[&plain, &plain], 0).unwrap();
+    assert!(!unsafe { plain.release_unread(&copy) });
 }

@@ -900,7 +900,8 @@ pub(crate) fn release_in_forward(t: &Tensor) -> bool {
 
 fn released_in_forward(t: &Tensor) -> bool {
     let list = RELEASED_IN_FORWARD.lock().unwrap_or_else(|e| e.into_inner());
-    list.iter().any(|w| w.upgrade().is_some_and(|a| std::sync::Arc::ptr_eq(&a, t.storage_arc())))
+    // A weak handle keeps its allocation's address from being reused, dead or not.
+    list.iter().any(|w| std::ptr::eq(w.as_ptr(), std::sync::Arc::as_ptr(t.storage_arc())))
 }
 
 /// Whether `t`'s buffer is a released one's stand-in: shorter than `t`'s layout reaches.
@@ -914,7 +915,7 @@ fn is_released(t: &Tensor) -> bool {
 }
 
 /// Calls `f` on every tensor `op` holds.
-fn for_each_arg(op: &Op, f: &mut impl FnMut(&Tensor)) {
+pub(crate) fn for_each_arg(op: &Op, f: &mut impl FnMut(&Tensor)) {
     match op {
         Op::IndexAdd(t1, t2, t3, _)
         | Op::Scatter(t1, t2, t3, _)

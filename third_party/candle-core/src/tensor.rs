@@ -2844,24 +2844,29 @@ impl Tensor {
         *self.storage.write() = stand_in;
     }
 
-    /// Patched (stop 34): frees this tensor's buffer during the forward pass, once the ops that
-    /// read it (`graph_holders` of them hold `self` in the graph, none if no op was recorded)
-    /// have run, when its value will never be read again. Candle's graph holds an op's inputs
-    /// until the backward pass even when that pass reads none of their values: a concatenation's
-    /// inputs beside the concatenation. Returns whether it freed the buffer; it does only when
-    /// `self` (taken by value) and the graph's `graph_holders` ops are all the handles on it, and
-    /// the buffer is `self`'s alone, or shared with the left operand of the addition that made
-    /// `self` in place (`add_in_own_buffer`), which only that addition holds. The backward pass
-    /// then treats the buffer as released on purpose (see `backprop::SavedRelease`).
+    /// Patched (stop 34): frees this tensor's buffer during the forward pass, once `reader`, the
+    /// op that read it, has run, when its value will never be read again. Candle's graph holds
+    /// an op's inputs until the backward pass even when that pass reads none of their values: a
+    /// concatenation's inputs beside the concatenation. Returns whether it freed the buffer; it
+    /// does only when `self` (taken by value) and `reader`'s recorded op are all the handles on
+    /// it, and the buffer is `self`'s alone, or shared with the left operand of the addition
+    /// that made `self` in place (`add_in_own_buffer`), which only that addition holds. With no
+    /// op recorded (no graph: sampling) it does nothing: dropping `self` frees the buffer. The
+    /// backward pass treats the buffer as released on purpose (see `backprop::SavedRelease`).
     ///
     /// # Safety
-    /// No backward arm may read the freed values: neither those of the `graph_holders` ops
-    /// (a concatenation's reads only shapes), nor `self`'s producer's, nor, for an in-place sum,
-    /// its left operand's producer's (a convolution's reads its input and weight, not its
-    /// output). On CUDA a read would go past the one-element stand-in.
-    pub unsafe fn release_unread(self, graph_holders: usize) -> bool {
+    /// No backward arm may read the freed values: neither `reader`'s (a concatenation's reads
+    /// only shapes), nor `self`'s producer's, nor, for an in-place sum, its left operand's
+    /// producer's (a convolution's reads its input and weight, not its output). On CUDA a read
+    /// would go past the one-element stand-in.
+    pub unsafe fn release_unread(self, reader: &Tensor) -> bool {
+        let Some(op) = reader.op.as_ref() else {
+            return false;
+        };
+        let mut holders = 0;
+        crate::backprop::for_each_arg(op, &mut |arg| holders += usize::from(Arc::ptr_eq(&arg.0, &self.0)));
         let (handles, on_storage) = self.handle_counts();
-        if self.is_variable || !self.dtype.is_float() || handles != 1 + graph_holders {
+        if holders == 0 || self.is_variable || !self.dtype.is_float() || handles != 1 + holders {
             return false;
         }
         let shared_with_sum_operand = || match self.op.as_ref() {
