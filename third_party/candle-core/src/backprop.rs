@@ -843,13 +843,10 @@ impl<'a> SavedRelease<'a> {
         if bytes < RELEASE_MIN_BYTES {
             return Ok(());
         }
-        // CUDA gets one element: cudarc's zero-byte allocations are not defined.
-        let stand_in_len = if node.device().is_cpu() { 0 } else { 1 };
-        // Should even that fail (memory exhausted), the buffer is kept: the pass goes on.
-        let Ok(stand_in) = (unsafe { node.device().alloc_uninit(&crate::Shape::from(stand_in_len), node.dtype()) }) else {
+        // Should the stand-in fail (memory exhausted), the buffer is kept: the pass goes on.
+        if !swap_for_stand_in(node) {
             return Ok(());
-        };
-        node.replace_storage(stand_in);
+        }
         RELEASED_BUFFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         RELEASED_BYTES.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -887,15 +884,27 @@ pub(crate) fn release_in_forward(t: &Tensor) -> bool {
     if buffer_elems(t).is_none() {
         return false;
     }
-    let stand_in_len = if t.device().is_cpu() { 0 } else { 1 };
-    let Ok(stand_in) = (unsafe { t.device().alloc_uninit(&crate::Shape::from(stand_in_len), t.dtype()) }) else {
+    if !swap_for_stand_in(t) {
         return false;
-    };
-    t.replace_storage(stand_in);
+    }
     let mut list = RELEASED_IN_FORWARD.lock().unwrap_or_else(|e| e.into_inner());
     list.retain(|w| w.strong_count() > 0);
     list.push(std::sync::Arc::downgrade(t.storage_arc()));
     true
+}
+
+/// Swaps `t`'s buffer, for every tensor on it, for an empty one of its dtype and device; false,
+/// with the buffer kept, if that cannot be allocated.
+fn swap_for_stand_in(t: &Tensor) -> bool {
+    // CUDA gets one element: cudarc's zero-byte allocations are not defined.
+    let len = if t.device().is_cpu() { 0 } else { 1 };
+    match unsafe { t.device().alloc_uninit(&crate::Shape::from(len), t.dtype()) } {
+        Ok(stand_in) => {
+            t.replace_storage(stand_in);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 fn released_in_forward(t: &Tensor) -> bool {
